@@ -1,0 +1,225 @@
+//! `focusdpo masks`: the masks of one item as safetensors (and optional PNG views).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use focusdpo::dip::dataset::read_binary_mask;
+use focusdpo::dip::{DipDataset, LoadedItem, bundled_dataset_dir};
+use focusdpo::masks::{ComplexityConfig, FusionParams, Grid, MaskInputs, MaskVariant, PriorConfig, fuse};
+use focusdpo::pipeline::{ItemMasks, MaskSettings, item_masks, subject_prior};
+use focusdpo::store::{NamedTensor, grid_to_grey, overlay_red, safetensors_bytes, write_atomic};
+
+#[derive(Debug, Args)]
+pub struct MasksArgs {
+    /// Dataset folder. Default: the bundled dataset.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Item id. Default: the first item.
+    #[arg(long)]
+    item: Option<String>,
+    /// Focus coverage threshold τ of Eq. 9 / 11.
+    #[arg(long, default_value_t = 0.1)]
+    tau: f32,
+    /// Fusion coefficient γ of Eq. 9 / 11.
+    #[arg(long, default_value_t = 0.3)]
+    gamma: f32,
+    /// Mask variant: focus, uniform, prior, complexity, unconstrained, no-ms, no-md.
+    #[arg(long, default_value = "focus")]
+    variant: MaskVariant,
+    /// Output safetensors file.
+    #[arg(long)]
+    out: PathBuf,
+    /// Also write PNG views of every map (and the fused map over the winner) into this folder.
+    #[arg(long)]
+    png: Option<PathBuf>,
+    /// Token side in pixels (4 for the tiny model, 16 for FLUX).
+    #[arg(long, default_value_t = 4)]
+    stride: usize,
+    /// Minimum fraction of a token's pixels inside a subject mask for the token to be in M_prior.
+    #[arg(long, default_value_t = 0.5)]
+    coverage: f32,
+    /// Entropy window side in pixels (odd) for M_d and --raw-entropy.
+    #[arg(long, default_value_t = 9)]
+    window: usize,
+    /// Also write `c_raw` [H_px, W_px]: the unnormalised per-pixel entropy in bits (Eq. 7).
+    #[arg(long)]
+    raw_entropy: bool,
+    /// Timesteps T (integers in 0..=1000, t = T/1000) for which m_s.t{T}, m.t{T}, a_focus.t{T} are written.
+    #[arg(long, value_delimiter = ',', default_value = "500")]
+    timesteps: Vec<u32>,
+    /// A binary PNG at the winner's size used as M_s (intersected with M_prior, as Eq. 6 implies) instead of
+    /// the backbone's attention field.
+    #[arg(long)]
+    ms_mask: Option<PathBuf>,
+}
+
+pub fn run(args: &MasksArgs) -> anyhow::Result<()> {
+    if let Some(&bad) = args.timesteps.iter().find(|&&t| t > 1000) {
+        bail!("--timesteps: {bad} is outside 0..=1000");
+    }
+    let params = FusionParams {
+        variant: args.variant,
+        tau: args.tau,
+        gamma: args.gamma,
+    };
+    params.validate().context("--tau/--gamma")?;
+    let settings = MaskSettings {
+        prior: PriorConfig {
+            stride: args.stride,
+            coverage_threshold: args.coverage,
+        },
+        complexity: ComplexityConfig {
+            window_px: args.window,
+            ..ComplexityConfig::default()
+        },
+    };
+    let dir = args.data.clone().unwrap_or_else(bundled_dataset_dir);
+    let dataset = DipDataset::open(&dir)?;
+    let item = match &args.item {
+        Some(id) => dataset.load_by_id(id)?,
+        None if dataset.is_empty() => bail!("{}: the dataset has no valid item", dir.display()),
+        None => dataset.load_item(0)?,
+    };
+    let masks = item_masks(&item, &settings).context("computing masks")?;
+    let m_s = match &args.ms_mask {
+        Some(path) => Some(attention_field_from_file(path, &item, &settings, &masks.m_prior)?),
+        None => None,
+    };
+    if m_s.is_none() && args.variant.needs_attention_field() {
+        bail!(
+            "variant `{}` needs the attention field M_s (Eq. 3–6), which comes from the backbone; this build has \
+             no backbone yet. Pass --ms-mask FILE.png to supply M_s, or choose a variant without M_s \
+             (uniform, prior, complexity, no-ms)",
+            args.variant
+        );
+    }
+    let fused = fuse(
+        &params,
+        &MaskInputs {
+            m_prior: &masks.m_prior,
+            m_d: &masks.m_d,
+            m_s: m_s.as_ref(),
+        },
+    )?;
+
+    let mut tensors = vec![
+        NamedTensor::Grid("m_prior".into(), &masks.m_prior),
+        NamedTensor::Grid("m_d".into(), &masks.m_d),
+    ];
+    for (j, p) in masks.subject_priors.iter().enumerate() {
+        tensors.push(NamedTensor::Grid(format!("m_prior.s{j}"), p));
+    }
+    for t in &args.timesteps {
+        if let Some(ms) = &m_s {
+            tensors.push(NamedTensor::Grid(format!("m_s.t{t}"), ms));
+        }
+        if let Some(a) = fused.a_focus {
+            tensors.push(NamedTensor::Scalar(format!("a_focus.t{t}"), a));
+        }
+        tensors.push(NamedTensor::Grid(format!("m.t{t}"), &fused.mask));
+    }
+    if args.raw_entropy {
+        tensors.push(NamedTensor::Grid("c_raw".into(), &masks.c_raw));
+    }
+    let metadata = HashMap::from([
+        ("item".to_string(), item.record.id.clone()),
+        ("dataset".to_string(), dir.display().to_string()),
+        ("variant".to_string(), args.variant.to_string()),
+        ("tau".to_string(), args.tau.to_string()),
+        ("gamma".to_string(), args.gamma.to_string()),
+        ("stride".to_string(), args.stride.to_string()),
+        ("coverage_threshold".to_string(), args.coverage.to_string()),
+        ("entropy_window".to_string(), args.window.to_string()),
+        ("branch".to_string(), fused.branch.name().to_string()),
+        (
+            "m_s_source".to_string(),
+            match &args.ms_mask {
+                Some(p) => format!("file:{} (same for every timestep)", p.display()),
+                None => "none".to_string(),
+            },
+        ),
+    ]);
+    let bytes = safetensors_bytes(&tensors, metadata).context("serialising safetensors")?;
+    write_atomic(&args.out, &bytes).with_context(|| format!("writing {}", args.out.display()))?;
+
+    let a_focus = fused.a_focus.map_or("n/a (no M_s)".to_string(), |a| format!("{a:.4}"));
+    println!(
+        "item {} ({} subject(s)): token grid {}×{}, ‖M_prior‖₁ = {}, A_focus = {a_focus}, variant {} → branch {}, ‖M‖₁ = {:.3}",
+        item.record.id,
+        item.subject_count(),
+        masks.m_prior.height(),
+        masks.m_prior.width(),
+        masks.m_prior.l1_norm(),
+        args.variant,
+        fused.branch.name(),
+        fused.mask.l1_norm()
+    );
+    println!("wrote {}", args.out.display());
+    if let Some(png_dir) = &args.png {
+        write_pngs(png_dir, &item, &masks, m_s.as_ref(), &fused.mask, args)?;
+        println!("wrote PNG views to {}", png_dir.display());
+    }
+    Ok(())
+}
+
+/// M_s supplied as a pixel mask: pooled like M_prior, then restricted to M_prior (M_s ⊆ M_prior by Eq. 6).
+fn attention_field_from_file(
+    path: &Path,
+    item: &LoadedItem,
+    settings: &MaskSettings,
+    m_prior: &Grid,
+) -> anyhow::Result<Grid> {
+    let mask = read_binary_mask(path)?;
+    if mask.dimensions() != item.winner.dimensions() {
+        bail!(
+            "{}: --ms-mask is {}×{} but the winner is {}×{}",
+            path.display(),
+            mask.width(),
+            mask.height(),
+            item.winner.width(),
+            item.winner.height()
+        );
+    }
+    Ok(subject_prior(&mask, &settings.prior)?.hadamard(m_prior)?)
+}
+
+fn write_pngs(
+    dir: &Path,
+    item: &LoadedItem,
+    masks: &ItemMasks,
+    m_s: Option<&Grid>,
+    m: &Grid,
+    args: &MasksArgs,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let save_grey = |name: &str, grid: &Grid, stride: usize, hi: f32| -> anyhow::Result<()> {
+        let path = dir.join(name);
+        grid_to_grey(grid, stride, 0.0, hi)
+            .save(&path)
+            .with_context(|| format!("writing {}", path.display()))
+    };
+    let s = args.stride;
+    save_grey("m_prior.png", &masks.m_prior, s, 1.0)?;
+    save_grey("m_d.png", &masks.m_d, s, 1.0)?;
+    save_grey("m.png", m, s, 1.0)?;
+    if let Some(ms) = m_s {
+        save_grey("m_s.png", ms, s, 1.0)?;
+    }
+    for (j, p) in masks.subject_priors.iter().enumerate() {
+        save_grey(&format!("m_prior.s{j}.png"), p, s, 1.0)?;
+    }
+    if args.raw_entropy {
+        let hi = masks.c_raw.min_max().map_or(1.0, |(_, hi)| hi);
+        save_grey("c_raw.png", &masks.c_raw, 1, hi)?;
+    }
+    let save_rgb = |name: &str, img: &image::RgbImage| -> anyhow::Result<()> {
+        let path = dir.join(name);
+        img.save(&path).with_context(|| format!("writing {}", path.display()))
+    };
+    save_rgb("winner.png", &item.winner)?;
+    save_rgb("loser.png", &item.loser)?;
+    save_rgb("m_over_winner.png", &overlay_red(&item.winner, m, s, 0.6))?;
+    Ok(())
+}

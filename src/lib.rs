@@ -1,0 +1,12 @@
+//! FocusDPO Studio: a workbench for FocusDPO (spatially-weighted Diffusion-DPO) on multi-subject personalized
+//! image generators.
+//!
+//! - [`masks`]: the math core — `M_prior`, `M_d` (Eq. 7–8), fusion (Eq. 9, 11) — with no I/O.
+//! - [`dip`]: Disrupted-Instance Pair datasets — manifest, loading, validation, synthetic generator.
+//! - [`pipeline`]: glue from a loaded dataset item to its token-grid masks.
+//! - [`store`]: atomic writes, safetensors and PNG export.
+
+pub mod dip;
+pub mod masks;
+pub mod pipeline;
+pub mod store;

@@ -233,7 +233,7 @@ fn structural_problems(
 }
 
 /// A dataset must be relocatable: paths are relative, non-empty and never climb out with `..`.
-fn is_inside_relative(path: &str) -> bool {
+pub(crate) fn is_inside_relative(path: &str) -> bool {
     let p = Path::new(path);
     !path.trim().is_empty()
         && p.components()

@@ -20,13 +20,13 @@ mod identity;
 mod scene;
 
 use std::fs;
-use std::io::Write;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use image::codecs::png::PngEncoder;
 use image::{ExtendedColorType, GrayImage, ImageEncoder, RgbImage};
 use rayon::prelude::*;
 
+use super::dataset::is_inside_relative;
 use super::manifest::{manifest_text, resolve};
 use super::{DipError, ItemRecord, MANIFEST_FILE};
 
@@ -182,7 +182,7 @@ pub fn write_dataset(dir: &Path, items: &[SynthItem]) -> Result<(), DipError> {
     let records: Vec<ItemRecord> = items.iter().map(|i| i.record.clone()).collect();
     let manifest = dir.join(MANIFEST_FILE);
     let text = manifest_text(&records).map_err(|e| DipError::io(&manifest, std::io::Error::other(e)))?;
-    write_atomically(dir, &manifest, text.as_bytes())
+    crate::store::write_atomic(&manifest, text.as_bytes()).map_err(|e| DipError::io(&manifest, e))
 }
 
 fn invalid_input(path: PathBuf, message: String) -> DipError {
@@ -227,8 +227,7 @@ fn write_png(
     colour: ExtendedColorType,
 ) -> Result<(), DipError> {
     let path = resolve(dir, rel);
-    let inside = !rel.is_empty() && Path::new(rel).components().all(|c| matches!(c, Component::Normal(_)));
-    if !inside {
+    if !is_inside_relative(rel) {
         return Err(invalid_input(
             path,
             format!("\"{rel}\" must be a relative path inside the dataset folder"),
@@ -245,29 +244,6 @@ fn write_png(
             message: e.to_string(),
         })?;
     fs::write(&path, encoded).map_err(|e| DipError::io(&path, e))
-}
-
-/// Writes `bytes` to `target` via a synced temporary file in `dir` and a rename.
-fn write_atomically(dir: &Path, target: &Path, bytes: &[u8]) -> Result<(), DipError> {
-    let tmp = dir.join(format!(".{MANIFEST_FILE}.tmp-{}", std::process::id()));
-    let written = (|| {
-        let mut file = fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()
-    })();
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(DipError::io(&tmp, e));
-    }
-    if let Err(e) = fs::rename(&tmp, target) {
-        let _ = fs::remove_file(&tmp);
-        return Err(DipError::io(target, e));
-    }
-    // Best effort: persist the rename (not supported on every platform).
-    if let Ok(d) = fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
 }
 
 /// SplitMix64 finalizer: a cheap, well-mixed 64-bit hash.

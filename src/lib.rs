@@ -8,5 +8,7 @@
 
 pub mod dip;
 pub mod masks;
+pub mod model;
 pub mod pipeline;
 pub mod store;
+pub mod train;

@@ -1,3 +1,4 @@
-//! Training: objectives (Eq. 1, Eq. 10, SFT).
+//! Training: objectives (Eq. 1, Eq. 10, SFT) and run directories.
 
 pub mod objective;
+pub mod run_store;

@@ -1,0 +1,371 @@
+//! Run directories: append-only logs plus atomically written checkpoints, so that a cancelled, diverged or crashed
+//! run keeps everything up to its last logged step and can resume.
+//!
+//! ```text
+//! runs/<name>/
+//!   config.toml                  the run's configuration (written once, atomically)
+//!   metrics.jsonl                one JSON object per line, appended and flushed every step
+//!   checkpoints/step-<N>/…       one folder per checkpoint, made complete in a temp folder and renamed into place
+//! ```
+//!
+//! **Resume.** A checkpoint folder exists only once all its files are written and synced (the rename is the commit
+//! point), so [`RunStore::latest_checkpoint`] never sees a torn checkpoint. Metrics logged after the last checkpoint
+//! are kept (append-only); on resume a `{"event":"resume","from_step":K}` line is appended and the steps after `K`
+//! are logged again. Readers ([`read_metrics`]) keep the **last** record of each step, and ignore a torn final line
+//! left by a crash mid-write.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::store::write_atomic;
+
+/// Configuration file of a run.
+pub const CONFIG_FILE: &str = "config.toml";
+/// Metrics log of a run.
+pub const METRICS_FILE: &str = "metrics.jsonl";
+/// Folder of checkpoints.
+pub const CHECKPOINT_DIR: &str = "checkpoints";
+
+/// Errors of the run store; each names the file (and line, for logs).
+#[derive(Debug, thiserror::Error)]
+pub enum RunStoreError {
+    /// A file or folder could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// `config.toml` cannot be parsed or does not match the expected structure.
+    #[error("{}: {message}", path.display())]
+    Config {
+        /// The config file.
+        path: PathBuf,
+        /// What the parser said (with line and column).
+        message: String,
+    },
+    /// A metrics line that is not the torn last line cannot be parsed.
+    #[error("{}:{line}: malformed metrics record: {message}", path.display())]
+    Metrics {
+        /// The metrics file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// What the parser said.
+        message: String,
+    },
+    /// A new run would overwrite an existing one.
+    #[error("{}: a run already exists here (use resume, or choose another name)", dir.display())]
+    AlreadyExists {
+        /// The run folder.
+        dir: PathBuf,
+    },
+    /// Resume was asked for a folder that holds no run.
+    #[error("{}: no run to resume (no {CONFIG_FILE})", dir.display())]
+    NoRun {
+        /// The run folder.
+        dir: PathBuf,
+    },
+    /// A checkpoint file name that is not a plain file name.
+    #[error("checkpoint file name \"{0}\" must be a plain file name")]
+    BadFileName(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RunStoreError + '_ {
+    move |source| RunStoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// An open run directory with its metrics log.
+#[derive(Debug)]
+pub struct RunStore {
+    dir: PathBuf,
+    metrics: BufWriter<File>,
+}
+
+/// A complete checkpoint on disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// Training step it was taken after.
+    pub step: u64,
+    /// Its folder.
+    pub dir: PathBuf,
+}
+
+impl RunStore {
+    /// Creates a new run: the folder, `config.toml` (atomically) and an empty metrics log. Refuses to reuse a folder
+    /// that already holds a run.
+    pub fn create<C: Serialize>(dir: impl AsRef<Path>, config: &C) -> Result<Self, RunStoreError> {
+        let dir = dir.as_ref().to_path_buf();
+        let config_path = dir.join(CONFIG_FILE);
+        if config_path.exists() {
+            return Err(RunStoreError::AlreadyExists { dir });
+        }
+        fs::create_dir_all(dir.join(CHECKPOINT_DIR)).map_err(io_err(&dir))?;
+        let text = toml::to_string_pretty(config).map_err(|e| RunStoreError::Config {
+            path: config_path.clone(),
+            message: e.to_string(),
+        })?;
+        write_atomic(&config_path, text.as_bytes()).map_err(io_err(&config_path))?;
+        Self::open_log(dir)
+    }
+
+    /// Opens an existing run for resuming: reads its config and latest checkpoint, and appends a resume marker to
+    /// the metrics log.
+    pub fn resume<C: DeserializeOwned>(dir: impl AsRef<Path>) -> Result<(Self, C, Option<Checkpoint>), RunStoreError> {
+        let dir = dir.as_ref().to_path_buf();
+        if !dir.join(CONFIG_FILE).is_file() {
+            return Err(RunStoreError::NoRun { dir });
+        }
+        let config = read_config(&dir)?;
+        let checkpoint = latest_checkpoint(&dir)?;
+        let mut store = Self::open_log(dir)?;
+        let from_step = checkpoint.as_ref().map_or(0, |c| c.step);
+        store.append(&serde_json::json!({"event": "resume", "from_step": from_step}))?;
+        Ok((store, config, checkpoint))
+    }
+
+    fn open_log(dir: PathBuf) -> Result<Self, RunStoreError> {
+        let path = dir.join(METRICS_FILE);
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        Ok(Self {
+            dir,
+            metrics: BufWriter::new(file),
+        })
+    }
+
+    /// The run folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Appends one record to `metrics.jsonl` and flushes it to the OS, so a crash of this process loses nothing
+    /// that was logged.
+    pub fn append<R: Serialize>(&mut self, record: &R) -> Result<(), RunStoreError> {
+        let path = self.dir.join(METRICS_FILE);
+        let line = serde_json::to_string(record).map_err(|e| RunStoreError::Metrics {
+            path: path.clone(),
+            line: 0,
+            message: e.to_string(),
+        })?;
+        writeln!(self.metrics, "{line}")
+            .and_then(|()| self.metrics.flush())
+            .map_err(io_err(&path))
+    }
+
+    /// Writes a checkpoint for `step`: every `(file name, bytes)` into a temporary folder, each file synced, then
+    /// the folder renamed to `checkpoints/step-<step>` (replacing an older checkpoint of the same step).
+    pub fn write_checkpoint(&self, step: u64, files: &[(&str, &[u8])]) -> Result<Checkpoint, RunStoreError> {
+        let root = self.dir.join(CHECKPOINT_DIR);
+        let tmp = root.join(format!(".tmp-step-{step}-{}", std::process::id()));
+        let final_dir = root.join(format!("step-{step}"));
+        let _ = fs::remove_dir_all(&tmp);
+        fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+        for (name, bytes) in files {
+            if name.is_empty() || name.contains(['/', '\\']) || *name == "." || *name == ".." {
+                let _ = fs::remove_dir_all(&tmp);
+                return Err(RunStoreError::BadFileName((*name).to_string()));
+            }
+            let path = tmp.join(name);
+            let written = File::create(&path).and_then(|mut f| {
+                f.write_all(bytes)?;
+                f.sync_all()
+            });
+            if let Err(e) = written {
+                let _ = fs::remove_dir_all(&tmp);
+                return Err(io_err(&path)(e));
+            }
+        }
+        if final_dir.exists() {
+            fs::remove_dir_all(&final_dir).map_err(io_err(&final_dir))?;
+        }
+        fs::rename(&tmp, &final_dir).map_err(io_err(&final_dir))?;
+        if let Ok(d) = File::open(&root) {
+            let _ = d.sync_all();
+        }
+        Ok(Checkpoint { step, dir: final_dir })
+    }
+
+    /// The newest complete checkpoint of this run.
+    pub fn latest_checkpoint(&self) -> Result<Option<Checkpoint>, RunStoreError> {
+        latest_checkpoint(&self.dir)
+    }
+}
+
+/// Reads and parses a run's `config.toml`.
+pub fn read_config<C: DeserializeOwned>(dir: &Path) -> Result<C, RunStoreError> {
+    let path = dir.join(CONFIG_FILE);
+    let text = fs::read_to_string(&path).map_err(io_err(&path))?;
+    toml::from_str(&text).map_err(|e| RunStoreError::Config {
+        path,
+        message: e.to_string(),
+    })
+}
+
+/// The newest complete checkpoint under `dir/checkpoints` (folders named `step-<N>`; temporary folders ignored).
+pub fn latest_checkpoint(dir: &Path) -> Result<Option<Checkpoint>, RunStoreError> {
+    let root = dir.join(CHECKPOINT_DIR);
+    if !root.is_dir() {
+        return Ok(None);
+    }
+    let mut best: Option<Checkpoint> = None;
+    for entry in fs::read_dir(&root).map_err(io_err(&root))? {
+        let entry = entry.map_err(io_err(&root))?;
+        let name = entry.file_name();
+        let Some(step) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("step-"))
+            .and_then(|s| s.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if entry.path().is_dir() && best.as_ref().is_none_or(|b| step > b.step) {
+            best = Some(Checkpoint {
+                step,
+                dir: entry.path(),
+            });
+        }
+    }
+    Ok(best)
+}
+
+/// Reads `metrics.jsonl`: step records (objects with a numeric `step`), the last record of each step kept, in step
+/// order, plus event records in file order. A torn final line (crash mid-write) is ignored; any other malformed
+/// line is an error naming its line.
+pub fn read_metrics(dir: &Path) -> Result<(Vec<Value>, Vec<Value>), RunStoreError> {
+    let path = dir.join(METRICS_FILE);
+    let bytes = fs::read(&path).map_err(io_err(&path))?;
+    let text = String::from_utf8_lossy(&bytes);
+    let complete = text.ends_with('\n');
+    let lines: Vec<&str> = text.lines().collect();
+    let mut by_step = std::collections::BTreeMap::new();
+    let mut events = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let value: Value = match serde_json::from_str(line) {
+            Ok(v) => v,
+            Err(_) if i + 1 == lines.len() && !complete => break,
+            Err(e) => {
+                return Err(RunStoreError::Metrics {
+                    path,
+                    line: i + 1,
+                    message: e.to_string(),
+                });
+            }
+        };
+        match value.get("step").and_then(Value::as_u64) {
+            Some(step) => {
+                by_step.insert(step, value);
+            }
+            None => events.push(value),
+        }
+    }
+    Ok((by_step.into_values().collect(), events))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Cfg {
+        steps: u64,
+        beta: f32,
+        name: String,
+    }
+
+    fn cfg() -> Cfg {
+        Cfg {
+            steps: 10,
+            beta: 2500.0,
+            name: "t".into(),
+        }
+    }
+
+    #[test]
+    fn create_log_checkpoint_resume() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("run");
+        let mut store = RunStore::create(&dir, &cfg()).unwrap();
+        for step in 1..=3u64 {
+            store
+                .append(&serde_json::json!({"step": step, "loss": 1.0 / step as f64}))
+                .unwrap();
+        }
+        store.write_checkpoint(2, &[("lora.safetensors", b"two")]).unwrap();
+        store
+            .write_checkpoint(3, &[("lora.safetensors", b"three"), ("state.json", b"{}")])
+            .unwrap();
+        drop(store);
+        assert!(matches!(
+            RunStore::create(&dir, &cfg()),
+            Err(RunStoreError::AlreadyExists { .. })
+        ));
+
+        let (mut store, config, ckpt): (RunStore, Cfg, _) = RunStore::resume(&dir).unwrap();
+        assert_eq!(config, cfg());
+        let ckpt = ckpt.unwrap();
+        assert_eq!(ckpt.step, 3);
+        assert_eq!(fs::read(ckpt.dir.join("lora.safetensors")).unwrap(), b"three");
+        store.append(&serde_json::json!({"step": 3, "loss": 0.25})).unwrap();
+        let (steps, events) = read_metrics(&dir).unwrap();
+        assert_eq!(steps.len(), 3);
+        assert_eq!(steps[2]["loss"], 0.25, "the last record of a step wins");
+        assert_eq!(events, [serde_json::json!({"event": "resume", "from_step": 3})]);
+    }
+
+    #[test]
+    fn torn_last_line_is_ignored_but_other_garbage_is_reported() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        fs::write(dir.join(METRICS_FILE), "{\"step\":1,\"loss\":0.5}\n{\"step\":2,\"lo").unwrap();
+        let (steps, _) = read_metrics(dir).unwrap();
+        assert_eq!(steps.len(), 1);
+        fs::write(dir.join(METRICS_FILE), "{\"step\":1}\nnot json\n{\"step\":2}\n").unwrap();
+        let e = read_metrics(dir).unwrap_err();
+        assert!(matches!(e, RunStoreError::Metrics { line: 2, .. }), "{e}");
+    }
+
+    #[test]
+    fn temp_checkpoint_folders_are_never_resumed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        fs::create_dir_all(dir.join("checkpoints/.tmp-step-9-1")).unwrap();
+        fs::create_dir_all(dir.join("checkpoints/step-4")).unwrap();
+        fs::create_dir_all(dir.join("checkpoints/step-x")).unwrap();
+        assert_eq!(latest_checkpoint(dir).unwrap().map(|c| c.step), Some(4));
+    }
+
+    #[test]
+    fn bad_config_and_file_names_are_errors() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("r");
+        let store = RunStore::create(&dir, &cfg()).unwrap();
+        assert!(matches!(
+            store.write_checkpoint(1, &[("../evil", b"x")]),
+            Err(RunStoreError::BadFileName(_))
+        ));
+        fs::write(dir.join(CONFIG_FILE), "steps = \"ten\"\n").unwrap();
+        let e = read_config::<Cfg>(&dir).unwrap_err();
+        assert!(e.to_string().contains("config.toml"), "{e}");
+        assert!(matches!(
+            RunStore::resume::<Cfg>(tmp.path().join("nope")),
+            Err(RunStoreError::NoRun { .. })
+        ));
+    }
+}

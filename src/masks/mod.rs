@@ -6,14 +6,17 @@
 //! | paper | here |
 //! |---|---|
 //! | `M_prior` (§4.1, A.2) | [`prior`] |
+//! | `M_s`, Eq. 3–6 | [`attention_field`] |
 //! | `M_d`, Eq. 7–8 | [`complexity`] |
 //! | `A_focus` (Alg. 1 l.10), Eq. 9, Eq. 11, ablation variants | [`fusion`] |
 
+pub mod attention_field;
 pub mod complexity;
 pub mod fusion;
 pub mod grid;
 pub mod prior;
 
+pub use attention_field::{LayerHidden, Similarity, attention_field, similarity_scores, top_k_indicator};
 pub use complexity::{ComplexityConfig, complexity_mask, local_entropy_bits, min_max_normalise};
 pub use fusion::{
     Branch, FusionOutput, FusionParams, MaskInputs, MaskVariant, focus_coverage, fuse, fuse_eq9, fuse_eq11,

@@ -1,0 +1,253 @@
+//! Structure-Preserving Attention Field `M_s` (paper §4.2, Eq. 3–6).
+//!
+//! For each subject `j` with reference `x_r^j`:
+//! * **Eq. 3** ([`similarity_scores`]): for every multimodal (double-stream) layer `i`, `CLS^i = pool(H_{x_r}^i)`
+//!   (mean over the reference's tokens) and each target token's score is the similarity of `H_{x_t}^i` with
+//!   `CLS^i`; the scores are averaged over the `N` layers.
+//! * **Eq. 4–5** ([`top_k_indicator`]): `M'` marks the `K` highest-scoring target tokens, with `K` = the number of
+//!   target tokens of that subject (`‖M_prior^j‖₁`): where the model *places* the subject.
+//! * **Eq. 6** ([`attention_field`]): `M_s^j = M_prior^j \ M'^j` — subject tokens the model does not align with the
+//!   reference, i.e. where it needs correcting. `M_s = ∪_j M_s^j`.
+//!
+//! Choices (documented in `docs/masks.md`):
+//! * Eq. 3 writes `⟨CLS/|CLS|², H/|H|²⟩`. We read it as **cosine similarity** ([`Similarity::Cosine`], default),
+//!   which is scale-free and comparable across layers; the literal squared-norm form is available as
+//!   [`Similarity::SquaredNorm`].
+//! * Ties in the top-K are broken by the lower token index, so `M'` is deterministic.
+//! * A zero vector (a dead token or an all-zero reference) has similarity 0.
+
+use super::{Grid, MaskError, prior};
+
+/// How Eq. 3 normalises the inner product.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Similarity {
+    /// `⟨c, h⟩ / (|c|·|h|)` — cosine similarity.
+    #[default]
+    Cosine,
+    /// `⟨c, h⟩ / (|c|²·|h|²)` — Eq. 3 as printed.
+    SquaredNorm,
+}
+
+/// Hidden states of one multimodal layer for one subject, row-major.
+#[derive(Clone, Copy, Debug)]
+pub struct LayerHidden<'a> {
+    /// Target tokens `H_{x_t}`: `tokens × dim`.
+    pub target: &'a [f32],
+    /// This subject's reference tokens `H_{x_r}`: `ref_tokens × dim`.
+    pub reference: &'a [f32],
+    /// Hidden size `d`.
+    pub dim: usize,
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(&x, &y)| f64::from(x) * f64::from(y)).sum()
+}
+
+/// Eq. 3: per-target-token scores averaged over the given layers. All layers must share `dim` and token counts.
+pub fn similarity_scores(layers: &[LayerHidden<'_>], mode: Similarity) -> Result<Vec<f32>, MaskError> {
+    let first = layers
+        .first()
+        .ok_or(MaskError::NoMasks("similarity_scores (no layer)"))?;
+    let dim = first.dim;
+    if dim == 0 || first.target.len() % dim != 0 {
+        return Err(MaskError::DataLength {
+            height: first.target.len() / dim.max(1),
+            width: dim,
+            len: first.target.len(),
+        });
+    }
+    let tokens = first.target.len() / dim;
+    let mut scores = vec![0.0f64; tokens];
+    for layer in layers {
+        let ref_ok = layer.reference.len() % dim == 0 && !layer.reference.is_empty();
+        if layer.dim != dim || layer.target.len() != tokens * dim || !ref_ok {
+            return Err(MaskError::ShapeMismatch {
+                expected: (tokens, dim),
+                found: (layer.target.len() / layer.dim.max(1), layer.dim),
+            });
+        }
+        let ref_tokens = layer.reference.len() / dim;
+        // CLS = mean-pooled reference tokens.
+        let mut cls = vec![0.0f64; dim];
+        for row in layer.reference.chunks_exact(dim) {
+            for (c, &v) in cls.iter_mut().zip(row) {
+                *c += f64::from(v);
+            }
+        }
+        let cls: Vec<f32> = cls.iter().map(|c| (c / ref_tokens as f64) as f32).collect();
+        let cls_norm = dot(&cls, &cls).sqrt();
+        for (score, h) in scores.iter_mut().zip(layer.target.chunks_exact(dim)) {
+            let h_norm = dot(h, h).sqrt();
+            let denom = match mode {
+                Similarity::Cosine => cls_norm * h_norm,
+                Similarity::SquaredNorm => cls_norm * cls_norm * h_norm * h_norm,
+            };
+            if denom > 0.0 {
+                *score += dot(&cls, h) / denom;
+            }
+        }
+    }
+    let n = layers.len() as f64;
+    Ok(scores.iter().map(|s| (s / n) as f32).collect())
+}
+
+/// Eq. 4–5: `M'` with ones at the `k` highest scores (ties → lower index), as a grid of the prior's shape.
+pub fn top_k_indicator(scores: &[f32], k: usize, height: usize, width: usize) -> Result<Grid, MaskError> {
+    if scores.len() != height * width {
+        return Err(MaskError::DataLength {
+            height,
+            width,
+            len: scores.len(),
+        });
+    }
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    // NaN scores sort last so they are never selected before a real score.
+    order.sort_by(|&a, &b| {
+        let (x, y) = (scores[a], scores[b]);
+        y.partial_cmp(&x)
+            .unwrap_or_else(|| x.is_nan().cmp(&y.is_nan()))
+            .then(a.cmp(&b))
+    });
+    let mut m = vec![0.0f32; scores.len()];
+    for &i in order.iter().take(k) {
+        m[i] = 1.0;
+    }
+    Grid::new(height, width, m)
+}
+
+/// Eq. 4–6 for all subjects: `M_s = ∪_j (M_prior^j \ top-K_j(S^j))`, `K_j = ‖M_prior^j‖₁`.
+///
+/// `scores[j]` are subject `j`'s Eq. 3 scores over the target tokens (row-major, the priors' shape).
+pub fn attention_field(scores: &[Vec<f32>], subject_priors: &[Grid]) -> Result<Grid, MaskError> {
+    if scores.len() != subject_priors.len() {
+        return Err(MaskError::ShapeMismatch {
+            expected: (subject_priors.len(), 1),
+            found: (scores.len(), 1),
+        });
+    }
+    let fields = scores
+        .iter()
+        .zip(subject_priors)
+        .map(|(s, p)| {
+            let k = p.l1_norm().round() as usize;
+            let placed = top_k_indicator(s, k, p.height(), p.width())?;
+            p.zip_with(
+                &placed,
+                |inside, chosen| if inside > 0.0 && chosen == 0.0 { 1.0 } else { 0.0 },
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    prior::union(&fields)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cosine_scores_hand_computed() {
+        // dim 2, 3 target tokens, reference of 2 tokens whose mean is CLS = (1, 0).
+        let reference = [1.0, 1.0, 1.0, -1.0];
+        let target = [2.0, 0.0, 0.0, 3.0, 1.0, 1.0];
+        let layer = LayerHidden {
+            target: &target,
+            reference: &reference,
+            dim: 2,
+        };
+        let s = similarity_scores(&[layer], Similarity::Cosine).unwrap();
+        let want = [1.0, 0.0, std::f32::consts::FRAC_1_SQRT_2];
+        for (a, b) in s.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{s:?}");
+        }
+        // Literal Eq. 3: ⟨c,h⟩/(|c|²|h|²): token 0 → 2/(1·4) = 0.5; token 2 → 1/(1·2) = 0.5.
+        let lit = similarity_scores(&[layer], Similarity::SquaredNorm).unwrap();
+        for (a, b) in lit.iter().zip([0.5, 0.0, 0.5]) {
+            assert!((a - b).abs() < 1e-6, "{lit:?}");
+        }
+    }
+
+    #[test]
+    fn scores_average_over_layers() {
+        let reference = [1.0, 0.0];
+        let t1 = [1.0, 0.0, 0.0, 1.0];
+        let t2 = [0.0, 1.0, 0.0, 1.0];
+        let layers = [
+            LayerHidden {
+                target: &t1,
+                reference: &reference,
+                dim: 2,
+            },
+            LayerHidden {
+                target: &t2,
+                reference: &reference,
+                dim: 2,
+            },
+        ];
+        assert_eq!(similarity_scores(&layers, Similarity::Cosine).unwrap(), [0.5, 0.0]);
+    }
+
+    #[test]
+    fn zero_vectors_score_zero_and_bad_shapes_error() {
+        let s = similarity_scores(
+            &[LayerHidden {
+                target: &[0.0, 0.0],
+                reference: &[1.0, 0.0],
+                dim: 2,
+            }],
+            Similarity::Cosine,
+        )
+        .unwrap();
+        assert_eq!(s, [0.0]);
+        assert!(similarity_scores(&[], Similarity::Cosine).is_err());
+        let bad = [
+            LayerHidden {
+                target: &[1.0, 0.0],
+                reference: &[1.0, 0.0],
+                dim: 2,
+            },
+            LayerHidden {
+                target: &[1.0, 0.0, 1.0, 0.0],
+                reference: &[1.0, 0.0],
+                dim: 2,
+            },
+        ];
+        assert!(matches!(
+            similarity_scores(&bad, Similarity::Cosine),
+            Err(MaskError::ShapeMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn top_k_breaks_ties_by_index_and_ignores_nan() {
+        let m = top_k_indicator(&[0.5, 0.9, 0.5, f32::NAN], 2, 2, 2).unwrap();
+        assert_eq!(m.as_slice(), &[1.0, 1.0, 0.0, 0.0]);
+        assert_eq!(top_k_indicator(&[0.1, 0.2], 0, 1, 2).unwrap().as_slice(), &[0.0, 0.0]);
+        assert!(top_k_indicator(&[0.1], 1, 1, 2).is_err());
+    }
+
+    #[test]
+    fn eq6_hand_computed_two_subjects() {
+        // 1×4 grid. Subject 0 occupies tokens {0, 1} (K = 2), subject 1 token {3} (K = 1).
+        let p0 = Grid::new(1, 4, vec![1.0, 1.0, 0.0, 0.0]).unwrap();
+        let p1 = Grid::new(1, 4, vec![0.0, 0.0, 0.0, 1.0]).unwrap();
+        // Subject 0's top-2 are tokens 1 and 2 → token 0 is in the subject but not placed: M_s^0 = {0}.
+        let s0 = vec![0.1, 0.9, 0.8, 0.2];
+        // Subject 1's top-1 is token 3 → perfectly placed: M_s^1 = ∅.
+        let s1 = vec![0.0, 0.1, 0.2, 0.7];
+        let ms = attention_field(&[s0, s1], &[p0.clone(), p1.clone()]).unwrap();
+        assert_eq!(ms.as_slice(), &[1.0, 0.0, 0.0, 0.0]);
+        // A_focus = 1/3 against the union prior.
+        let union = prior::union(&[p0, p1]).unwrap();
+        assert!((crate::masks::focus_coverage(&ms, &union).unwrap() - 1.0 / 3.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn perfect_alignment_gives_empty_field_and_misplacement_gives_full() {
+        let p = Grid::new(1, 3, vec![0.0, 1.0, 1.0]).unwrap();
+        let aligned = attention_field(&[vec![0.0, 0.5, 0.6]], std::slice::from_ref(&p)).unwrap();
+        assert_eq!(aligned.l1_norm(), 0.0);
+        let misplaced = attention_field(&[vec![0.9, 0.1, 0.95]], std::slice::from_ref(&p)).unwrap();
+        assert_eq!(misplaced.as_slice(), &[0.0, 1.0, 0.0]);
+        assert!(attention_field(&[], std::slice::from_ref(&p)).is_err());
+    }
+}

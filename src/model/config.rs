@@ -1,0 +1,220 @@
+//! Hyper-parameters of the FLUX-format MMDiT: the FLUX.1-dev preset (loads real checkpoints) and the tiny
+//! default that trains on two CPU cores with the same code.
+
+use thiserror::Error;
+
+/// Width of the sinusoidal timestep / guidance embedding fed to `time_in` and `guidance_in` (fixed in FLUX).
+pub const TIMESTEP_EMBED_DIM: usize = 256;
+
+/// Architecture of one MMDiT: field names and meanings follow FLUX's `FluxParams`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Channels of one image token (packed latent patch); also the output width.
+    pub in_channels: usize,
+    /// Width of the pooled text vector `y` (CLIP pooled output in FLUX).
+    pub vec_in_dim: usize,
+    /// Width of one text-context token (T5 hidden size in FLUX).
+    pub context_in_dim: usize,
+    /// Transformer width.
+    pub hidden_size: usize,
+    /// MLP width as a multiple of `hidden_size`.
+    pub mlp_ratio: f64,
+    /// Attention heads.
+    pub num_heads: usize,
+    /// Number of double-stream blocks.
+    pub depth: usize,
+    /// Number of single-stream blocks.
+    pub depth_single_blocks: usize,
+    /// Rotary dimensions per position axis (index, row, col); must sum to `head_dim()`.
+    pub axes_dim: Vec<usize>,
+    /// RoPE base frequency.
+    pub theta: f64,
+    /// Whether the double-stream `qkv` projections carry a bias.
+    pub qkv_bias: bool,
+    /// Whether the model has a `guidance_in` embedder (guidance-distilled FLUX.1-dev).
+    pub guidance_embed: bool,
+}
+
+/// A `Config` that cannot describe a working model.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum ConfigError {
+    /// A size that must be positive is zero.
+    #[error("config field `{field}` must be positive")]
+    Zero {
+        /// The offending field.
+        field: &'static str,
+    },
+    /// `hidden_size` does not split into `num_heads` equal heads.
+    #[error("hidden_size {hidden_size} is not divisible by num_heads {num_heads}")]
+    HeadsDoNotDivide {
+        /// Transformer width.
+        hidden_size: usize,
+        /// Attention heads.
+        num_heads: usize,
+    },
+    /// The rotary axes do not cover the head exactly.
+    #[error("axes_dim {axes_dim:?} sums to {sum}, but head_dim is {head_dim}")]
+    AxesDoNotMatchHead {
+        /// The configured axes.
+        axes_dim: Vec<usize>,
+        /// Their sum.
+        sum: usize,
+        /// `hidden_size / num_heads`.
+        head_dim: usize,
+    },
+    /// RoPE rotates pairs of channels, so each axis needs an even width.
+    #[error("axes_dim {axes_dim:?} must have 3 even entries (index, row, col)")]
+    BadAxes {
+        /// The configured axes.
+        axes_dim: Vec<usize>,
+    },
+    /// The MLP ratio must give a positive integer width.
+    #[error("mlp_ratio {mlp_ratio} must be positive and finite")]
+    BadMlpRatio {
+        /// The configured ratio.
+        mlp_ratio: f64,
+    },
+    /// The RoPE base must be a finite number above 1.
+    #[error("theta {theta} must be finite and > 1")]
+    BadTheta {
+        /// The configured base.
+        theta: f64,
+    },
+}
+
+impl Config {
+    /// FLUX.1-dev (black-forest-labs `flux/util.py`, `configs["flux-dev"]`), the base model of UNO.
+    pub fn flux_dev() -> Self {
+        Self {
+            in_channels: 64,
+            vec_in_dim: 768,
+            context_in_dim: 4096,
+            hidden_size: 3072,
+            mlp_ratio: 4.0,
+            num_heads: 24,
+            depth: 19,
+            depth_single_blocks: 38,
+            axes_dim: vec![16, 56, 56],
+            theta: 10_000.0,
+            qkv_bias: true,
+            guidance_embed: true,
+        }
+    }
+
+    /// The embedded default: 64×64 RGB images pixel-unshuffled by 4 (48 channels, 16×16 = 256 tokens),
+    /// width 256, 4 heads of 64, 3 double + 3 single blocks.
+    pub fn tiny() -> Self {
+        Self {
+            in_channels: 48,
+            vec_in_dim: 64,
+            context_in_dim: 64,
+            hidden_size: 256,
+            mlp_ratio: 4.0,
+            num_heads: 4,
+            depth: 3,
+            depth_single_blocks: 3,
+            axes_dim: vec![8, 28, 28],
+            theta: 10_000.0,
+            qkv_bias: true,
+            guidance_embed: false,
+        }
+    }
+
+    /// Width of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_heads.max(1)
+    }
+
+    /// Width of the MLP hidden layer (FLUX truncates `hidden_size * mlp_ratio` to an integer).
+    pub fn mlp_hidden_dim(&self) -> usize {
+        (self.hidden_size as f64 * self.mlp_ratio) as usize
+    }
+
+    /// Checks that the sizes describe a buildable model.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (field, value) in [
+            ("in_channels", self.in_channels),
+            ("vec_in_dim", self.vec_in_dim),
+            ("context_in_dim", self.context_in_dim),
+            ("hidden_size", self.hidden_size),
+            ("num_heads", self.num_heads),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Zero { field });
+            }
+        }
+        if !(self.mlp_ratio.is_finite() && self.mlp_ratio > 0.0) || self.mlp_hidden_dim() == 0 {
+            return Err(ConfigError::BadMlpRatio {
+                mlp_ratio: self.mlp_ratio,
+            });
+        }
+        if !(self.theta.is_finite() && self.theta > 1.0) {
+            return Err(ConfigError::BadTheta { theta: self.theta });
+        }
+        if !self.hidden_size.is_multiple_of(self.num_heads) {
+            return Err(ConfigError::HeadsDoNotDivide {
+                hidden_size: self.hidden_size,
+                num_heads: self.num_heads,
+            });
+        }
+        if self.axes_dim.len() != 3 || self.axes_dim.iter().any(|d| *d == 0 || d % 2 == 1) {
+            return Err(ConfigError::BadAxes {
+                axes_dim: self.axes_dim.clone(),
+            });
+        }
+        let sum: usize = self.axes_dim.iter().sum();
+        if sum != self.head_dim() {
+            return Err(ConfigError::AxesDoNotMatchHead {
+                axes_dim: self.axes_dim.clone(),
+                sum,
+                head_dim: self.head_dim(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_are_valid() {
+        assert_eq!(Config::flux_dev().validate(), Ok(()));
+        assert_eq!(Config::tiny().validate(), Ok(()));
+        assert_eq!(Config::flux_dev().head_dim(), 128);
+        assert_eq!(Config::tiny().head_dim(), 64);
+        assert_eq!(Config::flux_dev().mlp_hidden_dim(), 12288);
+    }
+
+    #[test]
+    fn invalid_configs_are_rejected_with_the_reason() {
+        let cfg = Config {
+            axes_dim: vec![8, 28, 26],
+            ..Config::tiny()
+        };
+        assert!(matches!(
+            cfg.validate(),
+            Err(ConfigError::AxesDoNotMatchHead {
+                sum: 62,
+                head_dim: 64,
+                ..
+            })
+        ));
+        let cfg = Config {
+            num_heads: 3,
+            ..Config::tiny()
+        };
+        assert!(matches!(cfg.validate(), Err(ConfigError::HeadsDoNotDivide { .. })));
+        let cfg = Config {
+            axes_dim: vec![9, 27, 28],
+            ..Config::tiny()
+        };
+        assert!(matches!(cfg.validate(), Err(ConfigError::BadAxes { .. })));
+        let cfg = Config {
+            hidden_size: 0,
+            ..Config::tiny()
+        };
+        assert_eq!(cfg.validate(), Err(ConfigError::Zero { field: "hidden_size" }));
+    }
+}

@@ -1,0 +1,506 @@
+//! LoRA adapters on the backbone's linear layers (paper §5.0.1: rank-32 LoRA; our tiny default uses rank 8).
+//!
+//! An adapter adds `ΔW·x = (α / r)·B·A·x` to a frozen [`super::Linear`], with `A ∈ ℝ^{r×in}` initialised like
+//! PEFT (Kaiming-uniform, bound `1/√in`) and `B ∈ ℝ^{out×r}` zero, so a fresh policy equals the reference model.
+//! Only `A` and `B` are [`Var`]s; the base stays frozen, and the reference model is the same base with adapters
+//! disabled (no second copy of the weights).
+//!
+//! **Targets** are chosen by the FLUX path of each linear layer: attention (`*_attn.qkv`, `*_attn.proj`), MLP
+//! (`*_mlp.0`, `*_mlp.2`), the single blocks' fused `linear1`/`linear2` (attention and MLP at once: included when
+//! either is), and optionally the adaLN modulations.
+//!
+//! **Export** in two namings, both loadable back ([`LoraSet::load_tensors`]):
+//! * kohya / ComfyUI: `lora_unet_<path with '.'→'_'>.lora_down.weight` (A), `.lora_up.weight` (B), `.alpha`.
+//! * PEFT: `base_model.model.<path>.lora_A.weight` (A), `.lora_B.weight` (B), with `adapter_config.json`
+//!   ([`LoraSet::peft_adapter_config`]).
+
+use std::collections::{BTreeMap, HashMap};
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+/// Which layers get adapters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LoraTargets {
+    /// Attention projections (qkv, proj) and the single blocks' fused layers.
+    pub attention: bool,
+    /// MLPs and the single blocks' fused layers.
+    pub mlp: bool,
+    /// adaLN modulation layers.
+    pub modulation: bool,
+}
+
+impl Default for LoraTargets {
+    fn default() -> Self {
+        Self {
+            attention: true,
+            mlp: true,
+            modulation: false,
+        }
+    }
+}
+
+/// LoRA hyper-parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LoraConfig {
+    /// Rank `r`.
+    pub rank: usize,
+    /// Scale numerator `α` (the update is scaled by `α / r`).
+    pub alpha: f32,
+    /// Targeted layers.
+    pub targets: LoraTargets,
+    /// Seed of the `A` initialisation.
+    pub seed: u64,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            rank: 8,
+            alpha: 8.0,
+            targets: LoraTargets::default(),
+            seed: 0,
+        }
+    }
+}
+
+/// Kind of a linear layer, from its FLUX path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LayerKind {
+    Attention,
+    Mlp,
+    Fused,
+    Modulation,
+}
+
+fn layer_kind(path: &str) -> Option<LayerKind> {
+    let last = path.rsplit('.').next().unwrap_or(path);
+    if path.ends_with("_attn.qkv") || path.ends_with("_attn.proj") {
+        Some(LayerKind::Attention)
+    } else if path.ends_with("_mlp.0") || path.ends_with("_mlp.2") {
+        Some(LayerKind::Mlp)
+    } else if path.starts_with("single_blocks.") && (last == "linear1" || last == "linear2") {
+        Some(LayerKind::Fused)
+    } else if path.ends_with("_mod.lin") || path.ends_with(".modulation.lin") {
+        Some(LayerKind::Modulation)
+    } else {
+        None
+    }
+}
+
+impl LoraTargets {
+    /// Whether the linear layer at FLUX path `path` gets an adapter.
+    pub fn selects(&self, path: &str) -> bool {
+        match layer_kind(path) {
+            Some(LayerKind::Attention) => self.attention,
+            Some(LayerKind::Mlp) => self.mlp,
+            Some(LayerKind::Fused) => self.attention || self.mlp,
+            Some(LayerKind::Modulation) => self.modulation,
+            None => false,
+        }
+    }
+}
+
+/// Errors when building or loading adapters; each names the tensor concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum LoraError {
+    /// Rank 0 or a non-finite α.
+    #[error("invalid LoRA config: {0}")]
+    Config(String),
+    /// A tensor the adapter set needs is absent from the file.
+    #[error("LoRA tensor `{0}` is missing")]
+    Missing(String),
+    /// A tensor has the wrong shape.
+    #[error("LoRA tensor `{name}` has shape {found:?}, expected {expected:?}")]
+    Shape {
+        /// Tensor name.
+        name: String,
+        /// Expected shape.
+        expected: Vec<usize>,
+        /// Shape in the file.
+        found: Vec<usize>,
+    },
+    /// The file's tensors match neither naming.
+    #[error("no LoRA tensor in kohya (lora_unet_…) or PEFT (base_model.model.…) naming was found")]
+    UnknownFormat,
+    /// A candle error.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// One adapter: `Δy = (α/r)·(x·Aᵀ)·Bᵀ`.
+#[derive(Clone, Debug)]
+pub struct LoraAdapter {
+    /// `A` [r, in].
+    pub a: Var,
+    /// `B` [out, r].
+    pub b: Var,
+    /// `α / r`.
+    pub scale: f64,
+}
+
+impl LoraAdapter {
+    /// The adapter's contribution for `x` [rows, in] → [rows, out].
+    pub fn delta(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.matmul(&self.a.as_tensor().t()?)?
+            .matmul(&self.b.as_tensor().t()?)?
+            .affine(self.scale, 0.0)
+    }
+}
+
+/// The naming of an exported adapter file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoraFormat {
+    /// kohya-ss / ComfyUI (`lora_unet_…lora_down/up`, `.alpha`).
+    Kohya,
+    /// Hugging Face PEFT (`base_model.model.….lora_A/B.weight`).
+    Peft,
+}
+
+/// All adapters of a model, keyed by FLUX path of the adapted linear layer.
+#[derive(Clone, Debug)]
+pub struct LoraSet {
+    cfg: LoraConfig,
+    adapters: BTreeMap<String, LoraAdapter>,
+}
+
+/// Per-path seed so that each adapter's initialisation does not depend on which other layers are targeted.
+fn path_seed(seed: u64, path: &str) -> u64 {
+    path.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+fn kohya_key(path: &str) -> String {
+    format!("lora_unet_{}", path.replace('.', "_"))
+}
+
+fn peft_key(path: &str) -> String {
+    format!("base_model.model.{path}")
+}
+
+impl LoraSet {
+    /// Adapters for every selected linear layer among `linears` (`(FLUX path, in, out)`).
+    pub fn new<'a>(
+        cfg: LoraConfig,
+        linears: impl IntoIterator<Item = (&'a str, usize, usize)>,
+        device: &Device,
+    ) -> Result<Self, LoraError> {
+        if cfg.rank == 0 || !cfg.alpha.is_finite() {
+            return Err(LoraError::Config(format!("rank {} / alpha {}", cfg.rank, cfg.alpha)));
+        }
+        let scale = f64::from(cfg.alpha) / cfg.rank as f64;
+        let mut adapters = BTreeMap::new();
+        for (path, in_dim, out_dim) in linears {
+            if !cfg.targets.selects(path) {
+                continue;
+            }
+            let mut rng = ChaCha8Rng::seed_from_u64(path_seed(cfg.seed, path));
+            let bound = 1.0 / (in_dim.max(1) as f32).sqrt();
+            let a: Vec<f32> = (0..cfg.rank * in_dim)
+                .map(|_| rng.random_range(-bound..=bound))
+                .collect();
+            let a = Var::from_tensor(&Tensor::from_vec(a, (cfg.rank, in_dim), device)?)?;
+            let b = Var::zeros((out_dim, cfg.rank), DType::F32, device)?;
+            adapters.insert(path.to_string(), LoraAdapter { a, b, scale });
+        }
+        Ok(Self { cfg, adapters })
+    }
+
+    /// Adapters for a FLUX-format model config (every `weight` [out, in] of its checkpoint naming).
+    pub fn for_model(cfg: LoraConfig, model: &super::Config, device: &Device) -> Result<Self, LoraError> {
+        let shapes = super::testing::expected_tensor_shapes(model);
+        let linears = shapes
+            .iter()
+            .filter_map(|(name, shape)| match (name.strip_suffix(".weight"), &shape[..]) {
+                (Some(path), &[out, inp]) => Some((path, inp, out)),
+                _ => None,
+            });
+        Self::new(cfg, linears, device)
+    }
+
+    /// The config the set was built with.
+    pub fn config(&self) -> &LoraConfig {
+        &self.cfg
+    }
+
+    /// The adapter of the linear layer at `path`, if targeted.
+    pub fn get(&self, path: &str) -> Option<&LoraAdapter> {
+        self.adapters.get(path)
+    }
+
+    /// `(path, adapter)` pairs in path order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &LoraAdapter)> {
+        self.adapters.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// Number of adapters.
+    pub fn len(&self) -> usize {
+        self.adapters.len()
+    }
+
+    /// True when no layer is targeted.
+    pub fn is_empty(&self) -> bool {
+        self.adapters.is_empty()
+    }
+
+    /// All trainable variables (A then B of each adapter, in path order).
+    pub fn vars(&self) -> Vec<Var> {
+        self.adapters
+            .values()
+            .flat_map(|a| [a.a.clone(), a.b.clone()])
+            .collect()
+    }
+
+    /// Number of trainable parameters.
+    pub fn parameter_count(&self) -> usize {
+        self.adapters
+            .values()
+            .map(|a| a.a.elem_count() + a.b.elem_count())
+            .sum()
+    }
+
+    /// The adapters as named tensors in the given naming.
+    pub fn to_tensors(&self, format: LoraFormat) -> Result<HashMap<String, Tensor>, LoraError> {
+        let mut out = HashMap::new();
+        for (path, ad) in &self.adapters {
+            match format {
+                LoraFormat::Kohya => {
+                    let k = kohya_key(path);
+                    out.insert(format!("{k}.lora_down.weight"), ad.a.as_tensor().clone());
+                    out.insert(format!("{k}.lora_up.weight"), ad.b.as_tensor().clone());
+                    out.insert(format!("{k}.alpha"), Tensor::new(self.cfg.alpha, ad.a.device())?);
+                }
+                LoraFormat::Peft => {
+                    let k = peft_key(path);
+                    out.insert(format!("{k}.lora_A.weight"), ad.a.as_tensor().clone());
+                    out.insert(format!("{k}.lora_B.weight"), ad.b.as_tensor().clone());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// A safetensors file of the adapters (with rank/alpha/format in its metadata).
+    pub fn to_safetensors_bytes(&self, format: LoraFormat) -> Result<Vec<u8>, LoraError> {
+        let tensors = self.to_tensors(format)?;
+        let mut named: Vec<(String, Tensor)> = tensors.into_iter().collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let metadata = HashMap::from([
+            ("format".to_string(), format!("{format:?}").to_lowercase()),
+            ("rank".to_string(), self.cfg.rank.to_string()),
+            ("alpha".to_string(), self.cfg.alpha.to_string()),
+            ("generator".to_string(), "focusdpo".to_string()),
+        ]);
+        safetensors::serialize(named, Some(metadata)).map_err(|e| LoraError::Config(e.to_string()))
+    }
+
+    /// PEFT's `adapter_config.json` for this set.
+    pub fn peft_adapter_config(&self) -> serde_json::Value {
+        let modules: Vec<&str> = self.adapters.keys().map(String::as_str).collect();
+        serde_json::json!({
+            "peft_type": "LORA",
+            "r": self.cfg.rank,
+            "lora_alpha": self.cfg.alpha,
+            "target_modules": modules,
+            "bias": "none",
+            "init_lora_weights": true,
+        })
+    }
+
+    /// Sets every adapter's `A` and `B` from tensors in either naming (detected from the keys). Every adapter of
+    /// this set must be present with the right shapes; extra tensors are ignored.
+    pub fn load_tensors(&self, tensors: &HashMap<String, Tensor>) -> Result<(), LoraError> {
+        let format = if tensors.keys().any(|k| k.starts_with("lora_unet_")) {
+            LoraFormat::Kohya
+        } else if tensors.keys().any(|k| k.starts_with("base_model.model.")) {
+            LoraFormat::Peft
+        } else {
+            return Err(LoraError::UnknownFormat);
+        };
+        // Validate everything first so that a bad file leaves the adapters untouched.
+        let mut updates = Vec::with_capacity(2 * self.adapters.len());
+        for (path, ad) in &self.adapters {
+            let (a_name, b_name) = match format {
+                LoraFormat::Kohya => {
+                    let k = kohya_key(path);
+                    (format!("{k}.lora_down.weight"), format!("{k}.lora_up.weight"))
+                }
+                LoraFormat::Peft => {
+                    let k = peft_key(path);
+                    (format!("{k}.lora_A.weight"), format!("{k}.lora_B.weight"))
+                }
+            };
+            for (name, var) in [(a_name, &ad.a), (b_name, &ad.b)] {
+                let t = tensors.get(&name).ok_or_else(|| LoraError::Missing(name.clone()))?;
+                if t.dims() != var.dims() {
+                    return Err(LoraError::Shape {
+                        name,
+                        expected: var.dims().to_vec(),
+                        found: t.dims().to_vec(),
+                    });
+                }
+                updates.push((var, t));
+            }
+        }
+        for (var, t) in updates {
+            // A copy, so that loading a set's own exported tensors (which share its storage) also works.
+            var.set(&t.to_dtype(DType::F32)?.to_device(var.device())?.copy()?)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Config;
+
+    fn tiny_set(seed: u64) -> LoraSet {
+        LoraSet::for_model(
+            LoraConfig {
+                seed,
+                ..Default::default()
+            },
+            &Config::tiny(),
+            &Device::Cpu,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn targets_follow_flux_paths() {
+        let t = LoraTargets::default();
+        for p in [
+            "double_blocks.0.img_attn.qkv",
+            "double_blocks.3.txt_attn.proj",
+            "double_blocks.0.img_mlp.0",
+            "double_blocks.0.txt_mlp.2",
+            "single_blocks.5.linear1",
+            "single_blocks.5.linear2",
+        ] {
+            assert!(t.selects(p), "{p}");
+        }
+        for p in [
+            "img_in",
+            "txt_in",
+            "time_in.in_layer",
+            "final_layer.linear",
+            "double_blocks.0.img_mod.lin",
+        ] {
+            assert!(!t.selects(p), "{p}");
+        }
+        let attn_only = LoraTargets { mlp: false, ..t };
+        assert!(!attn_only.selects("double_blocks.0.img_mlp.0"));
+        assert!(attn_only.selects("single_blocks.0.linear2"));
+        assert!(LoraTargets { modulation: true, ..t }.selects("single_blocks.0.modulation.lin"));
+    }
+
+    #[test]
+    fn tiny_set_shapes_and_zero_b() {
+        let cfg = Config::tiny();
+        let set = tiny_set(0);
+        // Per double block: 2 streams × (qkv, proj, mlp.0, mlp.2); per single block: linear1, linear2.
+        assert_eq!(set.len(), cfg.depth * 8 + cfg.depth_single_blocks * 2);
+        let qkv = set.get("double_blocks.0.img_attn.qkv").unwrap();
+        assert_eq!(qkv.a.dims(), &[8, cfg.hidden_size]);
+        assert_eq!(qkv.b.dims(), &[3 * cfg.hidden_size, 8]);
+        assert_eq!(
+            qkv.b
+                .as_tensor()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
+        assert!((qkv.scale - 1.0).abs() < 1e-12);
+        assert_eq!(set.vars().len(), 2 * set.len());
+    }
+
+    #[test]
+    fn init_is_deterministic_per_seed_and_path() {
+        let a = tiny_set(1);
+        let b = tiny_set(1);
+        let c = tiny_set(2);
+        let get = |s: &LoraSet| {
+            s.get("single_blocks.0.linear1")
+                .unwrap()
+                .a
+                .as_tensor()
+                .to_vec2::<f32>()
+                .unwrap()
+        };
+        assert_eq!(get(&a), get(&b));
+        assert_ne!(get(&a), get(&c));
+    }
+
+    #[test]
+    fn export_import_round_trip_in_both_namings() {
+        let src = tiny_set(3);
+        for ad in src.adapters.values() {
+            let b = Tensor::randn(0f32, 1.0, ad.b.dims(), &Device::Cpu).unwrap();
+            ad.b.set(&b).unwrap();
+        }
+        for format in [LoraFormat::Kohya, LoraFormat::Peft] {
+            let bytes = src.to_safetensors_bytes(format).unwrap();
+            let loaded = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).unwrap();
+            let dst = tiny_set(99);
+            dst.load_tensors(&loaded).unwrap();
+            for (path, ad) in src.iter() {
+                let other = dst.get(path).unwrap();
+                for (x, y) in [(&ad.a, &other.a), (&ad.b, &other.b)] {
+                    let diff = (x.as_tensor() - y.as_tensor())
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .sum_all()
+                        .unwrap();
+                    assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{format:?} {path}");
+                }
+            }
+        }
+        let kohya = src.to_tensors(LoraFormat::Kohya).unwrap();
+        assert!(kohya.contains_key("lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"));
+        assert!(kohya.contains_key("lora_unet_single_blocks_0_linear1.alpha"));
+        let peft = src.to_tensors(LoraFormat::Peft).unwrap();
+        assert!(peft.contains_key("base_model.model.double_blocks.0.img_attn.qkv.lora_B.weight"));
+        assert_eq!(src.peft_adapter_config()["r"], 8);
+    }
+
+    #[test]
+    fn load_errors_name_the_tensor() {
+        let set = tiny_set(0);
+        let mut t = set.to_tensors(LoraFormat::Peft).unwrap();
+        let key = "base_model.model.double_blocks.0.img_attn.qkv.lora_A.weight";
+        t.insert(
+            key.to_string(),
+            Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap(),
+        );
+        let e = set.load_tensors(&t).unwrap_err();
+        assert!(e.to_string().contains(key), "{e}");
+        t.remove(key);
+        assert!(matches!(set.load_tensors(&t), Err(LoraError::Missing(k)) if k == key));
+        assert!(matches!(
+            set.load_tensors(&HashMap::new()),
+            Err(LoraError::UnknownFormat)
+        ));
+        assert!(matches!(
+            LoraSet::new(
+                LoraConfig {
+                    rank: 0,
+                    ..Default::default()
+                },
+                [],
+                &Device::Cpu
+            ),
+            Err(LoraError::Config(_))
+        ));
+    }
+}

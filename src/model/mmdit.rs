@@ -1,0 +1,936 @@
+//! The FLUX-format MMDiT backbone (FLUX.1 `flux/model.py` + `flux/modules/layers.py`), with UNO's in-context
+//! reference tokens (`uno/flux/model.py`) and UnoPE position ids (`uno/flux/sampling.py`, `prepare_multi_ip`).
+//!
+//! One implementation serves [`Config::tiny`] and [`Config::flux_dev`]: every `vb.pp(..)` path mirrors the FLUX
+//! checkpoint's tensor names (`double_blocks.0.img_attn.qkv.weight`, ...), so real safetensors load as they are.
+//!
+//! Every op here keeps autograd intact: candle's fused `softmax_last_dim`, `rms_norm`, `layer_norm` and `sdpa`
+//! silently stop gradients, so softmax goes through `candle_nn::ops::softmax`, the norms are written from
+//! elementary ops and attention is computed explicitly.
+
+use candle_core::{D, Device, Result, Tensor};
+use candle_nn::VarBuilder;
+use thiserror::Error;
+
+use super::config::{Config, ConfigError, TIMESTEP_EMBED_DIM};
+use super::linear::Linear;
+use super::rope::Rope;
+
+/// Epsilon of every LayerNorm and QK-RMSNorm in FLUX.
+const NORM_EPS: f64 = 1e-6;
+/// FLUX scales t ∈ [0, 1] by 1000 before the sinusoidal embedding.
+const TIME_FACTOR: f64 = 1000.0;
+/// Longest period of the sinusoidal embedding.
+const MAX_PERIOD: f64 = 10_000.0;
+
+/// Why a model could not be built.
+#[derive(Debug, Error)]
+pub enum ModelError {
+    /// The config is inconsistent.
+    #[error("invalid model config: {0}")]
+    Config(#[from] ConfigError),
+    /// A tensor is missing, mis-shaped or could not be read (the message names it).
+    #[error("loading model weights: {0}")]
+    Weights(#[from] candle_core::Error),
+}
+
+/// FLUX's sinusoidal embedding of `t` [B] (t ∈ [0, 1], scaled by 1000): [B, dim] = [cos(t·f), sin(t·f)] with
+/// `f_i = exp(−ln(10000)·i/(dim/2))`.
+pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
+    if dim % 2 == 1 {
+        candle_core::bail!("timestep embedding width {dim} is odd");
+    }
+    let half = dim / 2;
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| (-MAX_PERIOD.ln() * i as f64 / half as f64).exp() as f32)
+        .collect();
+    let freqs = Tensor::from_vec(freqs, (1, half), t.device())?;
+    let args = (t.to_dtype(candle_core::DType::F32)? * TIME_FACTOR)?
+        .unsqueeze(1)?
+        .broadcast_mul(&freqs)?;
+    Tensor::cat(&[args.cos()?, args.sin()?], D::Minus1)
+}
+
+/// LayerNorm over the last axis without affine parameters (FLUX's `elementwise_affine=False`), from elementary
+/// ops so that gradients flow.
+fn layer_norm(x: &Tensor) -> Result<Tensor> {
+    let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    centered.broadcast_div(&(var + NORM_EPS)?.sqrt()?)
+}
+
+/// FLUX's RMSNorm with a learned scale over the last axis, from elementary ops.
+fn rms_norm(x: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_div(&(ms + NORM_EPS)?.sqrt()?)?.broadcast_mul(scale)
+}
+
+/// `in_layer → SiLU → out_layer` (FLUX `MLPEmbedder`): `time_in`, `vector_in`, `guidance_in`.
+#[derive(Debug, Clone)]
+struct MlpEmbedder {
+    in_layer: Linear,
+    out_layer: Linear,
+}
+
+impl MlpEmbedder {
+    fn load(in_dim: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            in_layer: Linear::load(in_dim, hidden, true, vb.pp("in_layer"))?,
+            out_layer: Linear::load(hidden, hidden, true, vb.pp("out_layer"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.out_layer.forward(&self.in_layer.forward(x)?.silu()?)
+    }
+}
+
+/// One (shift, scale, gate) triple, each [B, 1, hidden].
+struct ModulationOut {
+    shift: Tensor,
+    scale: Tensor,
+    gate: Tensor,
+}
+
+impl ModulationOut {
+    fn scale_shift(&self, x: &Tensor) -> Result<Tensor> {
+        x.broadcast_mul(&(&self.scale + 1.0)?)?.broadcast_add(&self.shift)
+    }
+
+    fn gate(&self, x: &Tensor) -> Result<Tensor> {
+        x.broadcast_mul(&self.gate)
+    }
+}
+
+/// `SiLU → lin` producing `3 · n_triples` vectors from the conditioning vector (FLUX `Modulation`).
+#[derive(Debug, Clone)]
+struct Modulation {
+    lin: Linear,
+    n_triples: usize,
+}
+
+impl Modulation {
+    fn load(hidden: usize, n_triples: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            lin: Linear::load(hidden, 3 * n_triples * hidden, true, vb.pp("lin"))?,
+            n_triples,
+        })
+    }
+
+    fn forward(&self, vec: &Tensor) -> Result<Vec<ModulationOut>> {
+        let chunks = self
+            .lin
+            .forward(&vec.silu()?)?
+            .unsqueeze(1)?
+            .chunk(3 * self.n_triples, D::Minus1)?;
+        Ok(chunks
+            .chunks_exact(3)
+            .map(|c| ModulationOut {
+                shift: c[0].clone(),
+                scale: c[1].clone(),
+                gate: c[2].clone(),
+            })
+            .collect())
+    }
+}
+
+/// Learned RMSNorm scales for queries and keys (`norm.query_norm.scale`, `norm.key_norm.scale`), [head_dim].
+#[derive(Debug, Clone)]
+struct QkNorm {
+    query_scale: Tensor,
+    key_scale: Tensor,
+}
+
+impl QkNorm {
+    fn load(head_dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            query_scale: vb.get(head_dim, "query_norm.scale")?,
+            key_scale: vb.get(head_dim, "key_norm.scale")?,
+        })
+    }
+}
+
+/// Splits a fused [B, L, 3·hidden] projection into normalised q, k and v, each [B, H, L, head_dim].
+fn split_qkv(qkv: &Tensor, num_heads: usize, norm: &QkNorm) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, l, three_hidden) = qkv.dims3()?;
+    let head_dim = three_hidden / (3 * num_heads);
+    let qkv = qkv.reshape((b, l, 3, num_heads, head_dim))?.permute((2, 0, 3, 1, 4))?; // [3, B, H, L, Dh]
+    let q = rms_norm(&qkv.get(0)?, &norm.query_scale)?;
+    let k = rms_norm(&qkv.get(1)?, &norm.key_scale)?;
+    let v = qkv.get(2)?.contiguous()?;
+    Ok((q, k, v))
+}
+
+/// Joint attention with RoPE, computed explicitly (q·kᵀ/√d → softmax → ·v) so that gradients flow; returns
+/// [B, L, H·head_dim].
+fn attention(q: &Tensor, k: &Tensor, v: &Tensor, rope: &Rope) -> Result<Tensor> {
+    let (b, h, l, d) = q.dims4()?;
+    let q = rope.apply(q)?;
+    let k = rope.apply(k)?;
+    let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
+    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+    probs.matmul(v)?.transpose(1, 2)?.reshape((b, l, h * d))
+}
+
+/// Attention half of a double-stream block for one stream: `qkv`, `norm`, `proj`.
+#[derive(Debug, Clone)]
+struct SelfAttention {
+    qkv: Linear,
+    norm: QkNorm,
+    proj: Linear,
+}
+
+impl SelfAttention {
+    fn load(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let h = cfg.hidden_size;
+        Ok(Self {
+            qkv: Linear::load(h, 3 * h, cfg.qkv_bias, vb.pp("qkv"))?,
+            norm: QkNorm::load(cfg.head_dim(), vb.pp("norm"))?,
+            proj: Linear::load(h, h, true, vb.pp("proj"))?,
+        })
+    }
+}
+
+/// `0 → GELU(tanh) → 2` (FLUX's `nn.Sequential(Linear, GELU(approximate="tanh"), Linear)`).
+#[derive(Debug, Clone)]
+struct Mlp {
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Mlp {
+    fn load(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let (h, m) = (cfg.hidden_size, cfg.mlp_hidden_dim());
+        Ok(Self {
+            fc1: Linear::load(h, m, true, vb.pp("0"))?,
+            fc2: Linear::load(m, h, true, vb.pp("2"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.fc2.forward(&self.fc1.forward(x)?.gelu()?)
+    }
+}
+
+/// One stream (img or txt) of a double-stream block.
+#[derive(Debug, Clone)]
+struct Stream {
+    modulation: Modulation,
+    attn: SelfAttention,
+    mlp: Mlp,
+}
+
+impl Stream {
+    fn load(cfg: &Config, prefix: &str, vb: &VarBuilder) -> Result<Self> {
+        Ok(Self {
+            modulation: Modulation::load(cfg.hidden_size, 2, vb.pp(format!("{prefix}_mod")))?,
+            attn: SelfAttention::load(cfg, vb.pp(format!("{prefix}_attn")))?,
+            mlp: Mlp::load(cfg, vb.pp(format!("{prefix}_mlp")))?,
+        })
+    }
+
+    /// Residual update after attention: `x + gate1·proj(attn)`, then `+ gate2·mlp(scale_shift2(norm2(x)))`.
+    fn finish(&self, x: &Tensor, attn: &Tensor, m1: &ModulationOut, m2: &ModulationOut) -> Result<Tensor> {
+        let x = (x + m1.gate(&self.attn.proj.forward(attn)?)?)?;
+        let mlp = self.mlp.forward(&m2.scale_shift(&layer_norm(&x)?)?)?;
+        &x + m2.gate(&mlp)?
+    }
+}
+
+/// FLUX `DoubleStreamBlock`: separate weights for text and image tokens, one joint attention over [txt; img].
+#[derive(Debug, Clone)]
+struct DoubleStreamBlock {
+    img: Stream,
+    txt: Stream,
+    num_heads: usize,
+}
+
+impl DoubleStreamBlock {
+    fn load(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            img: Stream::load(cfg, "img", &vb)?,
+            txt: Stream::load(cfg, "txt", &vb)?,
+            num_heads: cfg.num_heads,
+        })
+    }
+
+    fn forward(&self, img: &Tensor, txt: &Tensor, vec: &Tensor, rope: &Rope) -> Result<(Tensor, Tensor)> {
+        let [img_m1, img_m2]: [ModulationOut; 2] = modulation_pair(self.img.modulation.forward(vec)?)?;
+        let [txt_m1, txt_m2]: [ModulationOut; 2] = modulation_pair(self.txt.modulation.forward(vec)?)?;
+
+        let img_in = img_m1.scale_shift(&layer_norm(img)?)?;
+        let (img_q, img_k, img_v) = split_qkv(
+            &self.img.attn.qkv.forward(&img_in)?,
+            self.num_heads,
+            &self.img.attn.norm,
+        )?;
+        let txt_in = txt_m1.scale_shift(&layer_norm(txt)?)?;
+        let (txt_q, txt_k, txt_v) = split_qkv(
+            &self.txt.attn.qkv.forward(&txt_in)?,
+            self.num_heads,
+            &self.txt.attn.norm,
+        )?;
+
+        let q = Tensor::cat(&[txt_q, img_q], 2)?;
+        let k = Tensor::cat(&[txt_k, img_k], 2)?;
+        let v = Tensor::cat(&[txt_v, img_v], 2)?;
+        let attn = attention(&q, &k, &v, rope)?;
+        let n_txt = txt.dim(1)?;
+        let txt_attn = attn.narrow(1, 0, n_txt)?;
+        let img_attn = attn.narrow(1, n_txt, img.dim(1)?)?;
+
+        let img = self.img.finish(img, &img_attn, &img_m1, &img_m2)?;
+        let txt = self.txt.finish(txt, &txt_attn, &txt_m1, &txt_m2)?;
+        Ok((img, txt))
+    }
+}
+
+fn modulation_pair(mods: Vec<ModulationOut>) -> Result<[ModulationOut; 2]> {
+    mods.try_into()
+        .map_err(|m: Vec<ModulationOut>| candle_core::Error::msg(format!("expected 2 modulations, got {}", m.len())))
+}
+
+/// FLUX `SingleStreamBlock`: one fused `linear1` producing qkv and the MLP input, attention and MLP in parallel,
+/// fused `linear2` back to the width.
+#[derive(Debug, Clone)]
+struct SingleStreamBlock {
+    linear1: Linear,
+    linear2: Linear,
+    norm: QkNorm,
+    modulation: Modulation,
+    hidden: usize,
+    mlp_hidden: usize,
+    num_heads: usize,
+}
+
+impl SingleStreamBlock {
+    fn load(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let (h, m) = (cfg.hidden_size, cfg.mlp_hidden_dim());
+        Ok(Self {
+            linear1: Linear::load(h, 3 * h + m, true, vb.pp("linear1"))?,
+            linear2: Linear::load(h + m, h, true, vb.pp("linear2"))?,
+            norm: QkNorm::load(cfg.head_dim(), vb.pp("norm"))?,
+            modulation: Modulation::load(h, 1, vb.pp("modulation"))?,
+            hidden: h,
+            mlp_hidden: m,
+            num_heads: cfg.num_heads,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, vec: &Tensor, rope: &Rope) -> Result<Tensor> {
+        let mods = self.modulation.forward(vec)?;
+        let Some(m) = mods.first() else {
+            candle_core::bail!("single-stream modulation produced nothing")
+        };
+        let fused = self.linear1.forward(&m.scale_shift(&layer_norm(x)?)?)?;
+        let qkv = fused.narrow(D::Minus1, 0, 3 * self.hidden)?;
+        let mlp_in = fused.narrow(D::Minus1, 3 * self.hidden, self.mlp_hidden)?;
+        let (q, k, v) = split_qkv(&qkv, self.num_heads, &self.norm)?;
+        let attn = attention(&q, &k, &v, rope)?;
+        let out = self
+            .linear2
+            .forward(&Tensor::cat(&[attn, mlp_in.gelu()?], D::Minus1)?)?;
+        x + m.gate(&out)?
+    }
+}
+
+/// FLUX `LastLayer`: adaLN (shift, scale) then `linear` back to the token channels.
+#[derive(Debug, Clone)]
+struct LastLayer {
+    linear: Linear,
+    ada_ln: Linear,
+}
+
+impl LastLayer {
+    fn load(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let h = cfg.hidden_size;
+        Ok(Self {
+            linear: Linear::load(h, cfg.in_channels, true, vb.pp("linear"))?,
+            ada_ln: Linear::load(h, 2 * h, true, vb.pp("adaLN_modulation").pp("1"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, vec: &Tensor) -> Result<Tensor> {
+        let chunks = self.ada_ln.forward(&vec.silu()?)?.unsqueeze(1)?.chunk(2, D::Minus1)?;
+        let (shift, scale) = (&chunks[0], &chunks[1]);
+        let modulated = layer_norm(x)?.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)?;
+        self.linear.forward(&modulated)
+    }
+}
+
+/// One in-context reference image: tokens [B, N_k, in_channels] and position ids [B, N_k, 3] (see
+/// [`reference_ids`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Reference<'a> {
+    /// Packed reference tokens, projected by the same `img_in` as the target.
+    pub tokens: &'a Tensor,
+    /// Position ids (index, row, col) as f32.
+    pub ids: &'a Tensor,
+}
+
+/// Everything one forward pass reads.
+#[derive(Debug, Clone, Copy)]
+pub struct MmditInput<'a> {
+    /// Noisy target tokens [B, N, in_channels].
+    pub img: &'a Tensor,
+    /// Target position ids [B, N, 3] (see [`target_ids`]).
+    pub img_ids: &'a Tensor,
+    /// Text-context tokens [B, L, context_in_dim].
+    pub txt: &'a Tensor,
+    /// Text position ids [B, L, 3] (all zeros in FLUX, see [`text_ids`]).
+    pub txt_ids: &'a Tensor,
+    /// Timesteps t ∈ [0, 1], [B].
+    pub timesteps: &'a Tensor,
+    /// Pooled text vector [B, vec_in_dim].
+    pub y: &'a Tensor,
+    /// Guidance strength [B]; required exactly when the config has `guidance_embed`.
+    pub guidance: Option<&'a Tensor>,
+    /// In-context references, concatenated after the target tokens in this order. Each must have the target's
+    /// batch size (UNO repeats a batch-1 reference; callers do that here, e.g. with `repeat`).
+    pub references: &'a [Reference<'a>],
+}
+
+/// Options of [`Mmdit::forward_with`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ForwardOptions {
+    /// Return each double-stream block's image-stream output, split per image (costs nothing when false).
+    pub capture_hidden: bool,
+}
+
+/// The image-stream output of one double-stream block, split into the target and each reference.
+#[derive(Debug, Clone)]
+pub struct BlockHidden {
+    /// Target part, [B, N, hidden].
+    pub target: Tensor,
+    /// Reference parts in input order, each [B, N_k, hidden].
+    pub references: Vec<Tensor>,
+}
+
+/// Result of [`Mmdit::forward_with`].
+#[derive(Debug, Clone)]
+pub struct ForwardOutput {
+    /// The velocity prediction for the target tokens, [B, N, in_channels].
+    pub prediction: Tensor,
+    /// One entry per double-stream block when `capture_hidden` was set, otherwise empty.
+    pub hidden: Vec<BlockHidden>,
+}
+
+/// The FLUX / UNO MMDiT with frozen base weights.
+#[derive(Debug, Clone)]
+pub struct Mmdit {
+    cfg: Config,
+    img_in: Linear,
+    txt_in: Linear,
+    time_in: MlpEmbedder,
+    vector_in: MlpEmbedder,
+    guidance_in: Option<MlpEmbedder>,
+    double_blocks: Vec<DoubleStreamBlock>,
+    single_blocks: Vec<SingleStreamBlock>,
+    final_layer: LastLayer,
+}
+
+impl Mmdit {
+    /// Builds the model from `vb`, whose paths are FLUX tensor names (use mmapped safetensors for base weights so
+    /// that they stay plain tensors, not trainable `Var`s).
+    pub fn new(cfg: &Config, vb: VarBuilder) -> std::result::Result<Self, ModelError> {
+        cfg.validate()?;
+        let h = cfg.hidden_size;
+        let double_blocks = (0..cfg.depth)
+            .map(|i| DoubleStreamBlock::load(cfg, vb.pp("double_blocks").pp(i)))
+            .collect::<Result<_>>()?;
+        let single_blocks = (0..cfg.depth_single_blocks)
+            .map(|i| SingleStreamBlock::load(cfg, vb.pp("single_blocks").pp(i)))
+            .collect::<Result<_>>()?;
+        let guidance_in = if cfg.guidance_embed {
+            Some(MlpEmbedder::load(TIMESTEP_EMBED_DIM, h, vb.pp("guidance_in"))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            img_in: Linear::load(cfg.in_channels, h, true, vb.pp("img_in"))?,
+            txt_in: Linear::load(cfg.context_in_dim, h, true, vb.pp("txt_in"))?,
+            time_in: MlpEmbedder::load(TIMESTEP_EMBED_DIM, h, vb.pp("time_in"))?,
+            vector_in: MlpEmbedder::load(cfg.vec_in_dim, h, vb.pp("vector_in"))?,
+            guidance_in,
+            double_blocks,
+            single_blocks,
+            final_layer: LastLayer::load(cfg, vb.pp("final_layer"))?,
+        })
+    }
+
+    /// The architecture this model was built with.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The prediction for the target tokens, [B, N, in_channels].
+    pub fn forward(&self, input: &MmditInput) -> Result<Tensor> {
+        Ok(self.forward_with(input, ForwardOptions::default())?.prediction)
+    }
+
+    /// Forward pass with options (hidden-state capture for the attention field).
+    pub fn forward_with(&self, input: &MmditInput, opts: ForwardOptions) -> Result<ForwardOutput> {
+        let (b, n_target, _) = self.check_tokens("img", input.img, input.img_ids, self.cfg.in_channels, None)?;
+        let ref_lens = input
+            .references
+            .iter()
+            .map(|r| {
+                self.check_tokens("reference", r.tokens, r.ids, self.cfg.in_channels, Some(b))
+                    .map(|s| s.1)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (_, n_txt, _) = self.check_tokens("txt", input.txt, input.txt_ids, self.cfg.context_in_dim, Some(b))?;
+
+        // UNO appends the references after the target in the image stream; one concatenation then one `img_in`
+        // GEMM is the same as projecting each part separately.
+        let (img_tokens, img_ids) = if input.references.is_empty() {
+            (input.img.clone(), input.img_ids.clone())
+        } else {
+            let mut tokens = vec![input.img.clone()];
+            let mut ids = vec![input.img_ids.clone()];
+            for r in input.references {
+                tokens.push(r.tokens.clone());
+                ids.push(r.ids.clone());
+            }
+            (Tensor::cat(&tokens, 1)?, Tensor::cat(&ids, 1)?)
+        };
+        let rope = Rope::new(
+            &Tensor::cat(&[input.txt_ids, &img_ids], 1)?,
+            &self.cfg.axes_dim,
+            self.cfg.theta,
+        )?;
+
+        let mut img = self.img_in.forward(&img_tokens)?;
+        let mut txt = self.txt_in.forward(input.txt)?;
+        let vec = self.conditioning(input)?;
+
+        let mut hidden = Vec::new();
+        for block in &self.double_blocks {
+            (img, txt) = block.forward(&img, &txt, &vec, &rope)?;
+            if opts.capture_hidden {
+                hidden.push(split_image_stream(&img, n_target, &ref_lens)?);
+            }
+        }
+        let mut x = Tensor::cat(&[&txt, &img], 1)?;
+        for block in &self.single_blocks {
+            x = block.forward(&x, &vec, &rope)?;
+        }
+        let target = x.narrow(1, n_txt, n_target)?;
+        Ok(ForwardOutput {
+            prediction: self.final_layer.forward(&target, &vec)?,
+            hidden,
+        })
+    }
+
+    /// The conditioning vector: `time_in(emb(t)) [+ guidance_in(emb(g))] + vector_in(y)`, [B, hidden].
+    fn conditioning(&self, input: &MmditInput) -> Result<Tensor> {
+        let mut vec = self
+            .time_in
+            .forward(&timestep_embedding(input.timesteps, TIMESTEP_EMBED_DIM)?)?;
+        match (&self.guidance_in, input.guidance) {
+            (Some(g_in), Some(g)) => vec = (vec + g_in.forward(&timestep_embedding(g, TIMESTEP_EMBED_DIM)?)?)?,
+            (Some(_), None) => candle_core::bail!("this model is guidance-distilled: pass a guidance strength"),
+            (None, Some(_)) => candle_core::bail!("guidance given, but the model has no guidance_in"),
+            (None, None) => {}
+        }
+        vec + self.vector_in.forward(input.y)?
+    }
+
+    /// Checks tokens [B, N, channels] against ids [B, N, 3]; returns (B, N, channels).
+    fn check_tokens(
+        &self,
+        what: &str,
+        tokens: &Tensor,
+        ids: &Tensor,
+        channels: usize,
+        batch: Option<usize>,
+    ) -> Result<(usize, usize, usize)> {
+        let (b, n, c) = tokens.dims3()?;
+        let ids_dims = ids.dims();
+        if c != channels || batch.is_some_and(|batch| batch != b) || ids_dims != [b, n, self.cfg.axes_dim.len()] {
+            candle_core::bail!(
+                "{what}: tokens {:?} / ids {ids_dims:?} do not match batch {batch:?}, {channels} channels, {} axes",
+                tokens.dims(),
+                self.cfg.axes_dim.len()
+            );
+        }
+        Ok((b, n, c))
+    }
+}
+
+/// Splits the image stream [B, N + ΣN_k, hidden] into the target and the references.
+fn split_image_stream(img: &Tensor, n_target: usize, ref_lens: &[usize]) -> Result<BlockHidden> {
+    let target = img.narrow(1, 0, n_target)?;
+    let mut start = n_target;
+    let mut references = Vec::with_capacity(ref_lens.len());
+    for &len in ref_lens {
+        references.push(img.narrow(1, start, len)?);
+        start += len;
+    }
+    Ok(BlockHidden { target, references })
+}
+
+/// Position ids (0, row, col) of a target grid of `h × w` tokens in row-major order.
+pub fn target_ids(h: usize, w: usize) -> Vec<[f32; 3]> {
+    reference_ids(h, w, (0, 0))
+}
+
+/// Position ids of a reference grid of `h_k × w_k` tokens shifted by `offset` = (rows, cols): (0, row + dr,
+/// col + dc). Use [`uno_reference_offsets`] for UNO's offsets.
+pub fn reference_ids(h_k: usize, w_k: usize, offset: (usize, usize)) -> Vec<[f32; 3]> {
+    let (dr, dc) = offset;
+    (0..h_k)
+        .flat_map(|r| (0..w_k).map(move |c| [0.0, (r + dr) as f32, (c + dc) as f32]))
+        .collect()
+}
+
+/// UnoPE diagonal offsets, in token units, for references of grid sizes `refs` = [(h_k, w_k)] after a target of
+/// `target` = (h, w) tokens.
+///
+/// UNO's `prepare_multi_ip` (`uno/flux/sampling.py`, `pe="d"`) starts with `pe_shift_h, pe_shift_w = h // 2,
+/// w // 2` of the latent (= the target's token grid after 2×2 packing), gives reference k the offsets
+/// `(pe_shift_h, pe_shift_w)` on (row, col), then adds that reference's own token grid `(ref_h // 2, ref_w // 2)`.
+/// So reference k starts at row `h + Σ_{j<k} h_j` and col `w + Σ_{j<k} w_j`: each reference sits diagonally
+/// below-right of everything before it, and rows and cols accumulate separately.
+pub fn uno_reference_offsets(target: (usize, usize), refs: &[(usize, usize)]) -> Vec<(usize, usize)> {
+    let (mut shift_h, mut shift_w) = target;
+    refs.iter()
+        .map(|&(h_k, w_k)| {
+            let offset = (shift_h, shift_w);
+            shift_h += h_k;
+            shift_w += w_k;
+            offset
+        })
+        .collect()
+}
+
+/// Text position ids: all zeros (FLUX `txt_ids`), [batch, n, 3].
+pub fn text_ids(n: usize, batch: usize, device: &Device) -> Result<Tensor> {
+    Tensor::zeros((batch, n, 3), candle_core::DType::F32, device)
+}
+
+/// Stacks per-token ids into a [batch, N, 3] f32 tensor (the same ids for every batch element).
+pub fn ids_tensor(ids: &[[f32; 3]], batch: usize, device: &Device) -> Result<Tensor> {
+    let flat: Vec<f32> = ids.iter().flatten().copied().collect();
+    Tensor::from_vec(flat, (1, ids.len(), 3), device)?.repeat((batch, 1, 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::path::Path;
+
+    use candle_core::{DType, Var};
+    use candle_nn::VarMap;
+
+    use super::*;
+    use crate::model::testing::{expected_tensor_shapes, random_tensor, random_weights};
+
+    const SEED: u64 = 11;
+
+    /// Owned inputs for one forward pass: a `grid × grid` target, `n_refs` references of the same grid.
+    struct Inputs {
+        img: Tensor,
+        img_ids: Tensor,
+        txt: Tensor,
+        txt_ids: Tensor,
+        t: Tensor,
+        y: Tensor,
+        refs: Vec<(Tensor, Tensor)>,
+    }
+
+    impl Inputs {
+        fn new(cfg: &Config, batch: usize, grid: usize, n_refs: usize, seed: u64) -> Result<Self> {
+            let dev = Device::Cpu;
+            let n = grid * grid;
+            let offsets = uno_reference_offsets((grid, grid), &vec![(grid, grid); n_refs]);
+            let refs = offsets
+                .iter()
+                .enumerate()
+                .map(|(k, &off)| {
+                    let tokens = random_tensor(&[batch, n, cfg.in_channels], 1.0, seed + 10 + k as u64, &dev)?;
+                    Ok((tokens, ids_tensor(&reference_ids(grid, grid, off), batch, &dev)?))
+                })
+                .collect::<Result<_>>()?;
+            Ok(Self {
+                img: random_tensor(&[batch, n, cfg.in_channels], 1.0, seed, &dev)?,
+                img_ids: ids_tensor(&target_ids(grid, grid), batch, &dev)?,
+                txt: random_tensor(&[batch, 16, cfg.context_in_dim], 1.0, seed + 1, &dev)?,
+                txt_ids: text_ids(16, batch, &dev)?,
+                t: Tensor::from_vec((0..batch).map(|i| 0.3 + 0.2 * i as f32).collect(), batch, &dev)?,
+                y: random_tensor(&[batch, cfg.vec_in_dim], 1.0, seed + 2, &dev)?,
+                refs,
+            })
+        }
+
+        fn references(&self) -> Vec<Reference<'_>> {
+            self.refs
+                .iter()
+                .map(|(tokens, ids)| Reference { tokens, ids })
+                .collect()
+        }
+
+        fn run(&self, model: &Mmdit, img: &Tensor, opts: ForwardOptions) -> Result<ForwardOutput> {
+            let references = self.references();
+            let input = MmditInput {
+                img,
+                img_ids: &self.img_ids,
+                txt: &self.txt,
+                txt_ids: &self.txt_ids,
+                timesteps: &self.t,
+                y: &self.y,
+                guidance: None,
+                references: &references,
+            };
+            model.forward_with(&input, opts)
+        }
+    }
+
+    fn load_mmapped(
+        cfg: &Config,
+        weights: &HashMap<String, Tensor>,
+        dir: &Path,
+    ) -> std::result::Result<Mmdit, ModelError> {
+        let path = dir.join("weights.safetensors");
+        candle_core::safetensors::save(weights, &path)?;
+        // SAFETY: the file was just written by this test and nothing modifies it while it is mapped.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&path], DType::F32, &Device::Cpu)? };
+        Mmdit::new(cfg, vb)
+    }
+
+    fn tiny_model() -> Mmdit {
+        let cfg = Config::tiny();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let weights = random_weights(&cfg, SEED, &Device::Cpu).expect("random weights");
+        load_mmapped(&cfg, &weights, dir.path()).expect("tiny model loads")
+    }
+
+    fn max_abs(t: &Tensor) -> Result<f32> {
+        t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    }
+
+    #[test]
+    fn prediction_has_target_shape_for_one_and_two_references_at_batch_one_and_two() -> Result<()> {
+        let model = tiny_model();
+        let cfg = model.config().clone();
+        for batch in [1, 2] {
+            for n_refs in [1, 2] {
+                let inputs = Inputs::new(&cfg, batch, 8, n_refs, SEED)?;
+                let out = inputs.run(&model, &inputs.img, ForwardOptions::default())?;
+                assert_eq!(out.prediction.dims(), inputs.img.dims(), "batch {batch}, {n_refs} refs");
+                assert!(out.hidden.is_empty());
+                assert!(max_abs(&out.prediction)? > 0.0);
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn changing_a_reference_changes_the_prediction() -> Result<()> {
+        let model = tiny_model();
+        let mut inputs = Inputs::new(model.config(), 1, 8, 2, SEED)?;
+        let before = inputs.run(&model, &inputs.img, ForwardOptions::default())?.prediction;
+        inputs.refs[1].0 = random_tensor(inputs.refs[1].0.dims(), 1.0, 999, &Device::Cpu)?;
+        let after = inputs.run(&model, &inputs.img, ForwardOptions::default())?.prediction;
+        let diff = max_abs(&(after - &before)?)?;
+        assert!(
+            diff > 1e-6 * max_abs(&before)?,
+            "reference had no effect (max diff {diff})"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn capture_returns_each_double_block_split_per_image_without_changing_the_prediction() -> Result<()> {
+        let model = tiny_model();
+        let cfg = model.config().clone();
+        let inputs = Inputs::new(&cfg, 2, 8, 2, SEED)?;
+        let plain = inputs.run(&model, &inputs.img, ForwardOptions::default())?;
+        let captured = inputs.run(&model, &inputs.img, ForwardOptions { capture_hidden: true })?;
+        assert_eq!(captured.hidden.len(), cfg.depth);
+        for block in &captured.hidden {
+            assert_eq!(block.target.dims(), &[2, 64, cfg.hidden_size]);
+            assert_eq!(block.references.len(), 2);
+            for r in &block.references {
+                assert_eq!(r.dims(), &[2, 64, cfg.hidden_size]);
+            }
+        }
+        // Different blocks capture different states, and target and references differ.
+        assert!(max_abs(&(&captured.hidden[0].target - &captured.hidden[1].target)?)? > 0.0);
+        assert!(max_abs(&(&captured.hidden[0].target - &captured.hidden[0].references[0])?)? > 0.0);
+        let same = plain
+            .prediction
+            .eq(&captured.prediction)?
+            .flatten_all()?
+            .min(0)?
+            .to_scalar::<u8>()?;
+        assert_eq!(same, 1);
+        Ok(())
+    }
+
+    #[test]
+    fn same_weights_and_inputs_give_bit_identical_output() -> Result<()> {
+        let (a, b) = (tiny_model(), tiny_model());
+        let inputs = Inputs::new(a.config(), 1, 8, 1, SEED)?;
+        let ya = inputs
+            .run(&a, &inputs.img, ForwardOptions::default())?
+            .prediction
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let yb = inputs
+            .run(&b, &inputs.img, ForwardOptions::default())?
+            .prediction
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        assert!(ya.iter().zip(&yb).all(|(x, y)| x.to_bits() == y.to_bits()));
+        Ok(())
+    }
+
+    #[test]
+    fn a_missing_tensor_is_an_error_that_names_it() -> Result<()> {
+        let cfg = Config::tiny();
+        let mut weights = random_weights(&cfg, SEED, &Device::Cpu)?;
+        let missing = "double_blocks.1.img_attn.norm.key_norm.scale";
+        assert!(weights.remove(missing).is_some());
+        let dir = tempfile::tempdir()?;
+        let err = load_mmapped(&cfg, &weights, dir.path()).expect_err("load must fail");
+        assert!(err.to_string().contains(missing), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn an_invalid_config_is_rejected_before_loading() {
+        let cfg = Config {
+            num_heads: 3,
+            ..Config::tiny()
+        };
+        let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+        assert!(matches!(
+            Mmdit::new(&cfg, vb),
+            Err(ModelError::Config(ConfigError::HeadsDoNotDivide { .. }))
+        ));
+    }
+
+    /// The model asks for exactly the tensors of `expected_tensor_shapes`, with the same shapes.
+    #[test]
+    fn model_reads_exactly_the_expected_tensors() -> Result<()> {
+        for cfg in [
+            Config::tiny(),
+            Config {
+                guidance_embed: true,
+                qkv_bias: false,
+                ..Config::tiny()
+            },
+        ] {
+            let varmap = VarMap::new();
+            Mmdit::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).expect("builds");
+            let data = varmap.data().lock().expect("varmap lock");
+            let mut read: Vec<(String, Vec<usize>)> = data
+                .iter()
+                .map(|(name, var)| (name.clone(), var.dims().to_vec()))
+                .collect();
+            let mut expected = expected_tensor_shapes(&cfg);
+            read.sort();
+            expected.sort();
+            assert_eq!(read, expected);
+        }
+        Ok(())
+    }
+
+    /// Catches silent gradient stops (fused softmax / norms / sdpa): the input and *every* weight, QK-norm scales
+    /// included, must receive a non-zero gradient.
+    #[test]
+    fn gradients_reach_the_input_and_every_weight() -> Result<()> {
+        let cfg = Config::tiny();
+        let dev = Device::Cpu;
+        let varmap = VarMap::new();
+        {
+            let mut data = varmap.data().lock().expect("varmap lock");
+            for (name, t) in random_weights(&cfg, SEED, &dev)? {
+                data.insert(name, Var::from_tensor(&t)?);
+            }
+        }
+        let model = Mmdit::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev)).expect("builds");
+        let inputs = Inputs::new(&cfg, 1, 4, 2, SEED)?;
+        let img = Var::from_tensor(&inputs.img)?;
+        let out = inputs
+            .run(&model, img.as_tensor(), ForwardOptions::default())?
+            .prediction;
+        let grads = out.sqr()?.sum_all()?.backward()?;
+        let g_img = grads.get(img.as_tensor()).expect("input gradient exists");
+        assert!(max_abs(g_img)? > 0.0);
+        let data = varmap.data().lock().expect("varmap lock");
+        let mut dead = Vec::new();
+        for (name, var) in data.iter() {
+            match grads.get(var.as_tensor()) {
+                Some(g) if max_abs(g)? > 0.0 => {}
+                _ => dead.push(name.clone()),
+            }
+        }
+        dead.sort();
+        assert!(dead.is_empty(), "no gradient for {dead:?}");
+        assert_eq!(data.len(), expected_tensor_shapes(&cfg).len());
+        Ok(())
+    }
+
+    #[test]
+    fn timestep_embedding_follows_flux_convention() -> Result<()> {
+        let t = Tensor::new(&[0f32, 0.001], &Device::Cpu)?;
+        let emb = timestep_embedding(&t, 8)?.to_vec2::<f32>()?;
+        assert_eq!(emb[0], vec![1., 1., 1., 1., 0., 0., 0., 0.]);
+        // t = 0.001 → 1000·t = 1; frequencies exp(−ln(1e4)·i/4) = 1, 0.1, 0.01, 0.001; cos first, then sin.
+        let expected = [
+            1f32.cos(),
+            0.1f32.cos(),
+            0.01f32.cos(),
+            0.001f32.cos(),
+            1f32.sin(),
+            0.1f32.sin(),
+        ];
+        for (a, e) in emb[1].iter().zip(expected) {
+            assert!((a - e).abs() < 1e-6, "{:?}", emb[1]);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn uno_offsets_accumulate_rows_and_cols_separately() {
+        // Target 16×16; references 16×16, 8×12, 4×4 → start at (16,16), (32,32), (40,44).
+        let offsets = uno_reference_offsets((16, 16), &[(16, 16), (8, 12), (4, 4)]);
+        assert_eq!(offsets, vec![(16, 16), (32, 32), (40, 44)]);
+        let ids = reference_ids(2, 3, (5, 7));
+        assert_eq!(ids.len(), 6);
+        assert_eq!(ids[0], [0., 5., 7.]);
+        assert_eq!(ids[4], [0., 6., 8.]);
+        assert_eq!(
+            target_ids(2, 2),
+            vec![[0., 0., 0.], [0., 0., 1.], [0., 1., 0.], [0., 1., 1.]]
+        );
+    }
+
+    #[test]
+    fn guidance_is_required_exactly_for_guidance_models() -> Result<()> {
+        let cfg = Config {
+            guidance_embed: true,
+            ..Config::tiny()
+        };
+        let dir = tempfile::tempdir()?;
+        let model = load_mmapped(&cfg, &random_weights(&cfg, SEED, &Device::Cpu)?, dir.path()).expect("loads");
+        let inputs = Inputs::new(&cfg, 1, 4, 0, SEED)?;
+        assert!(inputs.run(&model, &inputs.img, ForwardOptions::default()).is_err());
+        let g = Tensor::new(&[3.5f32], &Device::Cpu)?;
+        let input = MmditInput {
+            img: &inputs.img,
+            img_ids: &inputs.img_ids,
+            txt: &inputs.txt,
+            txt_ids: &inputs.txt_ids,
+            timesteps: &inputs.t,
+            y: &inputs.y,
+            guidance: Some(&g),
+            references: &[],
+        };
+        assert_eq!(model.forward(&input)?.dims(), inputs.img.dims());
+        Ok(())
+    }
+}

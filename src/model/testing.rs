@@ -1,0 +1,162 @@
+//! Test weights for the MMDiT without downloads: the full list of FLUX tensor names and shapes for a config, and
+//! deterministic random weights built from it. Public (not `cfg(test)`) so integration tests and benches use it.
+
+use std::collections::HashMap;
+
+use candle_core::{Device, Result, Tensor};
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::config::{Config, TIMESTEP_EMBED_DIM};
+
+/// Standard deviation of the random weight init (the usual transformer 0.02).
+pub const INIT_STD: f32 = 0.02;
+
+/// Every tensor of a FLUX checkpoint for `cfg`, with its shape, in a fixed order (embedders, double blocks,
+/// single blocks, final layer).
+pub fn expected_tensor_shapes(cfg: &Config) -> Vec<(String, Vec<usize>)> {
+    let (h, m, dh) = (cfg.hidden_size, cfg.mlp_hidden_dim(), cfg.head_dim());
+    let mut out = Vec::new();
+    let mut linear = |name: &str, in_dim: usize, out_dim: usize, bias: bool| {
+        out.push((format!("{name}.weight"), vec![out_dim, in_dim]));
+        if bias {
+            out.push((format!("{name}.bias"), vec![out_dim]));
+        }
+    };
+    linear("img_in", cfg.in_channels, h, true);
+    linear("txt_in", cfg.context_in_dim, h, true);
+    linear("time_in.in_layer", TIMESTEP_EMBED_DIM, h, true);
+    linear("time_in.out_layer", h, h, true);
+    linear("vector_in.in_layer", cfg.vec_in_dim, h, true);
+    linear("vector_in.out_layer", h, h, true);
+    if cfg.guidance_embed {
+        linear("guidance_in.in_layer", TIMESTEP_EMBED_DIM, h, true);
+        linear("guidance_in.out_layer", h, h, true);
+    }
+    let mut norms = Vec::new();
+    for i in 0..cfg.depth {
+        for stream in ["img", "txt"] {
+            let p = format!("double_blocks.{i}.{stream}");
+            linear(&format!("{p}_mod.lin"), h, 6 * h, true);
+            linear(&format!("{p}_attn.qkv"), h, 3 * h, cfg.qkv_bias);
+            norms.push(format!("{p}_attn.norm.query_norm.scale"));
+            norms.push(format!("{p}_attn.norm.key_norm.scale"));
+            linear(&format!("{p}_attn.proj"), h, h, true);
+            linear(&format!("{p}_mlp.0"), h, m, true);
+            linear(&format!("{p}_mlp.2"), m, h, true);
+        }
+    }
+    for i in 0..cfg.depth_single_blocks {
+        let p = format!("single_blocks.{i}");
+        linear(&format!("{p}.linear1"), h, 3 * h + m, true);
+        linear(&format!("{p}.linear2"), h + m, h, true);
+        norms.push(format!("{p}.norm.query_norm.scale"));
+        norms.push(format!("{p}.norm.key_norm.scale"));
+        linear(&format!("{p}.modulation.lin"), h, 3 * h, true);
+    }
+    linear("final_layer.linear", h, cfg.in_channels, true);
+    linear("final_layer.adaLN_modulation.1", h, 2 * h, true);
+    out.extend(norms.into_iter().map(|name| (name, vec![dh])));
+    out
+}
+
+/// Total number of parameters of a model with config `cfg`.
+pub fn parameter_count(cfg: &Config) -> usize {
+    expected_tensor_shapes(cfg)
+        .iter()
+        .map(|(_, shape)| shape.iter().product::<usize>())
+        .sum()
+}
+
+/// A standard normal sample by Box–Muller (rand 0.10 has no normal distribution without `rand_distr`).
+fn standard_normal(rng: &mut ChaCha8Rng) -> f32 {
+    let u1 = 1.0 - rng.random::<f64>(); // (0, 1]: keeps ln finite
+    let u2 = rng.random::<f64>();
+    ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+}
+
+/// A tensor of the given shape with i.i.d. normal(0, std²) entries, deterministic per `seed`.
+pub fn random_tensor(shape: &[usize], std: f32, seed: u64, device: &Device) -> Result<Tensor> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let n = shape.iter().product();
+    let data: Vec<f32> = (0..n).map(|_| std * standard_normal(&mut rng)).collect();
+    Tensor::from_vec(data, shape, device)
+}
+
+/// Random weights for every tensor of [`expected_tensor_shapes`]: normal(0, 0.02²) for linear weights and biases,
+/// ones for the QK-norm scales. Deterministic per `seed`.
+pub fn random_weights(cfg: &Config, seed: u64, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    expected_tensor_shapes(cfg)
+        .into_iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = if name.ends_with(".scale") {
+                vec![1.0; n]
+            } else {
+                (0..n).map(|_| INIT_STD * standard_normal(&mut rng)).collect()
+            };
+            Ok((name, Tensor::from_vec(data, shape, device)?))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape_of<'a>(shapes: &'a [(String, Vec<usize>)], name: &str) -> Option<&'a [usize]> {
+        shapes.iter().find(|(n, _)| n == name).map(|(_, s)| s.as_slice())
+    }
+
+    #[test]
+    fn flux_dev_tensor_shapes_match_the_checkpoint() {
+        let shapes = expected_tensor_shapes(&Config::flux_dev());
+        let expect: [(&str, &[usize]); 11] = [
+            ("double_blocks.0.img_attn.qkv.weight", &[9216, 3072]),
+            ("double_blocks.18.txt_mlp.2.weight", &[3072, 12288]),
+            ("double_blocks.0.img_mod.lin.weight", &[18432, 3072]),
+            ("double_blocks.0.img_attn.norm.query_norm.scale", &[128]),
+            ("single_blocks.37.linear1.weight", &[21504, 3072]),
+            ("single_blocks.0.linear2.weight", &[3072, 15360]),
+            ("single_blocks.0.modulation.lin.weight", &[9216, 3072]),
+            ("final_layer.linear.weight", &[64, 3072]),
+            ("final_layer.adaLN_modulation.1.weight", &[6144, 3072]),
+            ("img_in.weight", &[3072, 64]),
+            ("time_in.in_layer.weight", &[3072, 256]),
+        ];
+        for (name, shape) in expect {
+            assert_eq!(shape_of(&shapes, name), Some(shape), "{name}");
+        }
+        assert!(shape_of(&shapes, "guidance_in.out_layer.bias").is_some());
+        assert!(shape_of(&shapes, "double_blocks.19.img_attn.qkv.weight").is_none());
+        // FLUX.1-dev: 11,901,408,320 parameters (the "12B" model); 780 tensors in the checkpoint.
+        assert_eq!(parameter_count(&Config::flux_dev()), 11_901_408_320);
+        assert_eq!(shapes.len(), 780);
+        let mut names: Vec<&String> = shapes.iter().map(|(n, _)| n).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), shapes.len(), "duplicate tensor names");
+    }
+
+    #[test]
+    fn random_weights_are_deterministic_per_seed_and_cover_every_tensor() -> Result<()> {
+        let cfg = Config::tiny();
+        let dev = Device::Cpu;
+        let a = random_weights(&cfg, 7, &dev)?;
+        let b = random_weights(&cfg, 7, &dev)?;
+        let c = random_weights(&cfg, 8, &dev)?;
+        assert_eq!(a.len(), expected_tensor_shapes(&cfg).len());
+        let name = "double_blocks.1.txt_attn.qkv.weight";
+        let flat = |m: &HashMap<String, Tensor>| m[name].flatten_all()?.to_vec1::<f32>();
+        assert_eq!(flat(&a)?, flat(&b)?);
+        assert_ne!(flat(&a)?, flat(&c)?);
+        let std = (flat(&a)?.iter().map(|v| v * v).sum::<f32>() / flat(&a)?.len() as f32).sqrt();
+        assert!((std - INIT_STD).abs() < 0.002, "std {std}");
+        assert_eq!(
+            a["single_blocks.0.norm.key_norm.scale"].to_vec1::<f32>()?,
+            vec![1.0; 64]
+        );
+        Ok(())
+    }
+}

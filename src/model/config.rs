@@ -174,6 +174,62 @@ impl Config {
     }
 }
 
+/// Every tensor of a FLUX checkpoint for `cfg`, with its shape, in a fixed order (embedders, double blocks,
+/// single blocks, final layer).
+pub fn expected_tensor_shapes(cfg: &Config) -> Vec<(String, Vec<usize>)> {
+    let (h, m, dh) = (cfg.hidden_size, cfg.mlp_hidden_dim(), cfg.head_dim());
+    let mut out = Vec::new();
+    let mut linear = |name: &str, in_dim: usize, out_dim: usize, bias: bool| {
+        out.push((format!("{name}.weight"), vec![out_dim, in_dim]));
+        if bias {
+            out.push((format!("{name}.bias"), vec![out_dim]));
+        }
+    };
+    linear("img_in", cfg.in_channels, h, true);
+    linear("txt_in", cfg.context_in_dim, h, true);
+    linear("time_in.in_layer", TIMESTEP_EMBED_DIM, h, true);
+    linear("time_in.out_layer", h, h, true);
+    linear("vector_in.in_layer", cfg.vec_in_dim, h, true);
+    linear("vector_in.out_layer", h, h, true);
+    if cfg.guidance_embed {
+        linear("guidance_in.in_layer", TIMESTEP_EMBED_DIM, h, true);
+        linear("guidance_in.out_layer", h, h, true);
+    }
+    let mut norms = Vec::new();
+    for i in 0..cfg.depth {
+        for stream in ["img", "txt"] {
+            let p = format!("double_blocks.{i}.{stream}");
+            linear(&format!("{p}_mod.lin"), h, 6 * h, true);
+            linear(&format!("{p}_attn.qkv"), h, 3 * h, cfg.qkv_bias);
+            norms.push(format!("{p}_attn.norm.query_norm.scale"));
+            norms.push(format!("{p}_attn.norm.key_norm.scale"));
+            linear(&format!("{p}_attn.proj"), h, h, true);
+            linear(&format!("{p}_mlp.0"), h, m, true);
+            linear(&format!("{p}_mlp.2"), m, h, true);
+        }
+    }
+    for i in 0..cfg.depth_single_blocks {
+        let p = format!("single_blocks.{i}");
+        linear(&format!("{p}.linear1"), h, 3 * h + m, true);
+        linear(&format!("{p}.linear2"), h + m, h, true);
+        norms.push(format!("{p}.norm.query_norm.scale"));
+        norms.push(format!("{p}.norm.key_norm.scale"));
+        linear(&format!("{p}.modulation.lin"), h, 3 * h, true);
+    }
+    linear("final_layer.linear", h, cfg.in_channels, true);
+    linear("final_layer.adaLN_modulation.1", h, 2 * h, true);
+    out.extend(norms.into_iter().map(|name| (name, vec![dh])));
+    out
+}
+
+/// Total number of parameters of a model with config `cfg`.
+pub fn parameter_count(cfg: &Config) -> usize {
+    expected_tensor_shapes(cfg)
+        .iter()
+        .map(|(_, shape)| shape.iter().product::<usize>())
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -213,7 +213,7 @@ impl LoraSet {
 
     /// Adapters for a FLUX-format model config (every `weight` [out, in] of its checkpoint naming).
     pub fn for_model(cfg: LoraConfig, model: &super::Config, device: &Device) -> Result<Self, LoraError> {
-        let shapes = super::testing::expected_tensor_shapes(model);
+        let shapes = super::config::expected_tensor_shapes(model);
         let linears = shapes
             .iter()
             .filter_map(|(name, shape)| match (name.strip_suffix(".weight"), &shape[..]) {

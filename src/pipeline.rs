@@ -60,7 +60,7 @@ pub fn item_masks(item: &LoadedItem, settings: &MaskSettings) -> Result<ItemMask
         h as usize,
         settings.complexity.window_px,
     )?;
-    let m_d = complexity::min_max_normalise(&c_raw.pool_mean(settings.prior.stride)?, settings.complexity.flat_value);
+    let m_d = complexity::complexity_from_entropy(&c_raw, settings.prior.stride, &settings.complexity)?;
     Ok(ItemMasks {
         subject_priors,
         m_prior,

@@ -200,7 +200,7 @@ pub fn min_max_normalise(c: &Grid, flat_value: f32) -> Grid {
     c.map(|v| ((v - lo) / range).clamp(0.0, 1.0))
 }
 
-/// `M_d` on the token grid: Eq. 7 on the grey image, mean-pooled to `stride × stride` tokens, then Eq. 8.
+/// `M_d` on the token grid: Eq. 7 on the grey image, then [`complexity_from_entropy`].
 pub fn complexity_mask(
     pixels: &[u8],
     width: usize,
@@ -209,6 +209,12 @@ pub fn complexity_mask(
     cfg: &ComplexityConfig,
 ) -> Result<Grid, MaskError> {
     let c_raw = local_entropy_bits(pixels, width, height, cfg.window_px)?;
+    complexity_from_entropy(&c_raw, stride, cfg)
+}
+
+/// `M_d` from an Eq. 7 pixel map `c_raw`: mean-pooled to `stride × stride` tokens, then Eq. 8. For callers that
+/// keep `c_raw` too.
+pub fn complexity_from_entropy(c_raw: &Grid, stride: usize, cfg: &ComplexityConfig) -> Result<Grid, MaskError> {
     Ok(min_max_normalise(&c_raw.pool_mean(stride)?, cfg.flat_value))
 }
 

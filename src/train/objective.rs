@@ -124,7 +124,8 @@ pub fn per_sample_error(target: &Tensor, pred: &Tensor, weights: Option<&Tensor>
     let Some(m) = weights else {
         return sq.flatten_from(1)?.mean(D::Minus1);
     };
-    let mut w2 = m.sqr()?;
+    let m2 = m.sqr()?;
+    let mut w2 = m2.clone();
     while w2.rank() < sq.rank() {
         w2 = w2.unsqueeze(D::Minus1)?;
     }
@@ -134,8 +135,7 @@ pub fn per_sample_error(target: &Tensor, pred: &Tensor, weights: Option<&Tensor>
         MaskNorm::WeightedMean => {
             // Σ M² over the broadcast elements = Σ_tokens M² × channels-per-token.
             let per_weight = per_sample_elems / (m.elem_count() / batch.max(1)).max(1) as f64;
-            let denom = m
-                .sqr()?
+            let denom = m2
                 .flatten_from(1)?
                 .sum(D::Minus1)?
                 .affine(per_weight, 0.0)?

@@ -6,9 +6,11 @@
 //! - [`pipeline`]: glue from a loaded dataset item to its token-grid masks.
 //! - [`store`]: atomic writes, safetensors and PNG export.
 
+pub mod alloc;
 pub mod dip;
 pub mod masks;
 pub mod model;
 pub mod pipeline;
+pub mod rng;
 pub mod store;
 pub mod train;

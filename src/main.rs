@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    focusdpo::alloc::tune_for_tensors();
     let args = cli::Cli::parse();
     match cli::run(args) {
         Ok(code) => code,

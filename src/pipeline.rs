@@ -13,7 +13,8 @@ use crate::dip::LoadedItem;
 use crate::masks::{ComplexityConfig, Grid, MaskError, PriorConfig, complexity, prior};
 
 /// How masks are computed from pixels.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct MaskSettings {
     /// Token grid and subject pooling (the stride is shared by every mask).
     pub prior: PriorConfig,

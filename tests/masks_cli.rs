@@ -130,7 +130,7 @@ fn focus_with_supplied_ms_takes_both_branches_of_eq9() {
     assert_eq!(m, ms);
     assert_eq!(ms.iter().sum::<f32>(), 1.0);
     let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
-    assert_eq!(meta.metadata().as_ref().unwrap()["branch"], "attention");
+    assert_eq!(meta.metadata().as_ref().unwrap()["branch"], "t500=attention");
     // τ = 0.2 ≥ A_focus → M = 0.3·M_s + 0.7·M_d⊙M_prior.
     let bytes = run("0.2");
     let st = SafeTensors::deserialize(&bytes).unwrap();

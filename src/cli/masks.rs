@@ -4,12 +4,20 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use candle_core::Device;
 use clap::Args;
 use focusdpo::dip::dataset::read_binary_mask;
 use focusdpo::dip::{DipDataset, LoadedItem, bundled_dataset_dir};
-use focusdpo::masks::{ComplexityConfig, FusionParams, Grid, MaskInputs, MaskVariant, PriorConfig, fuse};
+use focusdpo::masks::{
+    ComplexityConfig, FusionOutput, FusionParams, Grid, MaskInputs, MaskVariant, PriorConfig, Similarity, fuse,
+};
+use focusdpo::model::schedule::Parameterisation;
+use focusdpo::model::{Adapters, BaseModel, BaseSource};
 use focusdpo::pipeline::{ItemMasks, MaskSettings, item_masks, subject_prior};
 use focusdpo::store::{NamedTensor, grid_to_grey, overlay_red, safetensors_bytes, write_atomic};
+use focusdpo::train::config::{AttentionConfig, HiddenSource};
+use focusdpo::train::data::prepare_item;
+use focusdpo::train::focus::{Probe, masks_at};
 
 #[derive(Debug, Args)]
 pub struct MasksArgs {
@@ -53,6 +61,28 @@ pub struct MasksArgs {
     /// the backbone's attention field.
     #[arg(long)]
     ms_mask: Option<PathBuf>,
+    /// Backbone for M_s: `bundled`, `random:SEED` or a safetensors file.
+    #[arg(long, default_value = "bundled")]
+    base: BaseSource,
+    /// Seed of the noise ε used to make x_t from the winner.
+    #[arg(long, default_value_t = 0)]
+    noise_seed: u64,
+    /// Double-stream blocks averaged in Eq. 3 (comma-separated, 0-based). Default: all.
+    #[arg(long, value_delimiter = ',')]
+    layers: Vec<usize>,
+    /// Eq. 3 similarity: cosine or squared-norm.
+    #[arg(long, default_value = "cosine")]
+    similarity: String,
+    /// Side of the reference images fed to the backbone, in pixels.
+    #[arg(long, default_value_t = 32)]
+    reference_px: u32,
+}
+
+/// M_s and the fused map at one timestep.
+struct AtTimestep {
+    t: u32,
+    m_s: Option<Grid>,
+    fused: FusionOutput,
 }
 
 pub fn run(args: &MasksArgs) -> anyhow::Result<()> {
@@ -83,26 +113,106 @@ pub fn run(args: &MasksArgs) -> anyhow::Result<()> {
         None => dataset.load_item(0)?,
     };
     let masks = item_masks(&item, &settings).context("computing masks")?;
-    let m_s = match &args.ms_mask {
-        Some(path) => Some(attention_field_from_file(path, &item, &settings, &masks.m_prior)?),
-        None => None,
+    let similarity = match args.similarity.as_str() {
+        "cosine" => Similarity::Cosine,
+        "squared-norm" => Similarity::SquaredNorm,
+        other => bail!("--similarity: `{other}` is not cosine or squared-norm"),
     };
-    if m_s.is_none() && args.variant.needs_attention_field() {
-        bail!(
-            "variant `{}` needs the attention field M_s (Eq. 3–6), which comes from the backbone; this build has \
-             no backbone yet. Pass --ms-mask FILE.png to supply M_s, or choose a variant without M_s \
-             (uniform, prior, complexity, no-ms)",
-            args.variant
-        );
-    }
-    let fused = fuse(
-        &params,
-        &MaskInputs {
-            m_prior: &masks.m_prior,
-            m_d: &masks.m_d,
-            m_s: m_s.as_ref(),
+    let attention = AttentionConfig {
+        source: HiddenSource::Reference,
+        layers: args.layers.clone(),
+        similarity,
+    };
+    let (per_t, m_s_source) = match &args.ms_mask {
+        Some(path) => {
+            let m_s = attention_field_from_file(path, &item, &settings, &masks.m_prior)?;
+            let fused = fuse(
+                &params,
+                &MaskInputs {
+                    m_prior: &masks.m_prior,
+                    m_d: &masks.m_d,
+                    m_s: Some(&m_s),
+                },
+            )?;
+            let per_t = args
+                .timesteps
+                .iter()
+                .map(|&t| AtTimestep {
+                    t,
+                    m_s: Some(m_s.clone()),
+                    fused: fused.clone(),
+                })
+                .collect();
+            (per_t, format!("file:{} (same for every timestep)", path.display()))
+        }
+        None => match BaseModel::load(&args.base, &Device::Cpu) {
+            Ok(base) => {
+                if base.patch != args.stride {
+                    bail!(
+                        "--stride {} differs from the backbone's {} pixels per token; M_s lives on the model's \
+                         token grid",
+                        args.stride,
+                        base.patch
+                    );
+                }
+                let prepared = prepare_item(&base, &item, &settings, args.reference_px, &Device::Cpu)?;
+                let per_t = args
+                    .timesteps
+                    .iter()
+                    .map(|&t| {
+                        let probe = Probe {
+                            t: t as f32 / 1000.0,
+                            parameterisation: Parameterisation::RectifiedFlow,
+                            noise_seed: args.noise_seed,
+                            adapters: Adapters::Off,
+                        };
+                        let sm = masks_at(&base.mmdit, &prepared, probe, &attention, &params)?;
+                        Ok(AtTimestep {
+                            t,
+                            m_s: sm.m_s,
+                            fused: sm.fused,
+                        })
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                (
+                    per_t,
+                    format!(
+                        "backbone {} (reference hidden states, noise seed {})",
+                        args.base, args.noise_seed
+                    ),
+                )
+            }
+            Err(e) if args.variant.needs_attention_field() => {
+                bail!(
+                    "variant `{}` needs the attention field M_s (Eq. 3–6) from the backbone, which cannot be loaded: \
+                     {e}. Choose --base random:SEED or a file, pass --ms-mask FILE.png, or choose a variant without \
+                     M_s (uniform, prior, complexity, no-ms)",
+                    args.variant
+                );
+            }
+            Err(e) => {
+                eprintln!("note: no M_s ({e}); writing the maps that do not need the backbone");
+                let fused = fuse(
+                    &params,
+                    &MaskInputs {
+                        m_prior: &masks.m_prior,
+                        m_d: &masks.m_d,
+                        m_s: None,
+                    },
+                )?;
+                let per_t = args
+                    .timesteps
+                    .iter()
+                    .map(|&t| AtTimestep {
+                        t,
+                        m_s: None,
+                        fused: fused.clone(),
+                    })
+                    .collect();
+                (per_t, "none".to_string())
+            }
         },
-    )?;
+    };
 
     let mut tensors = vec![
         NamedTensor::Grid("m_prior".into(), &masks.m_prior),
@@ -111,19 +221,24 @@ pub fn run(args: &MasksArgs) -> anyhow::Result<()> {
     for (j, p) in masks.subject_priors.iter().enumerate() {
         tensors.push(NamedTensor::Grid(format!("m_prior.s{j}"), p));
     }
-    for t in &args.timesteps {
-        if let Some(ms) = &m_s {
+    for at in &per_t {
+        let t = at.t;
+        if let Some(ms) = &at.m_s {
             tensors.push(NamedTensor::Grid(format!("m_s.t{t}"), ms));
         }
-        if let Some(a) = fused.a_focus {
+        if let Some(a) = at.fused.a_focus {
             tensors.push(NamedTensor::Scalar(format!("a_focus.t{t}"), a));
         }
-        tensors.push(NamedTensor::Grid(format!("m.t{t}"), &fused.mask));
+        tensors.push(NamedTensor::Grid(format!("m.t{t}"), &at.fused.mask));
     }
     if args.raw_entropy {
         tensors.push(NamedTensor::Grid("c_raw".into(), &masks.c_raw));
     }
-    let metadata = HashMap::from([
+    let branches: Vec<String> = per_t
+        .iter()
+        .map(|a| format!("t{}={}", a.t, a.fused.branch.name()))
+        .collect();
+    let mut metadata = HashMap::from([
         ("item".to_string(), item.record.id.clone()),
         ("dataset".to_string(), dir.display().to_string()),
         ("variant".to_string(), args.variant.to_string()),
@@ -132,34 +247,41 @@ pub fn run(args: &MasksArgs) -> anyhow::Result<()> {
         ("stride".to_string(), args.stride.to_string()),
         ("coverage_threshold".to_string(), args.coverage.to_string()),
         ("entropy_window".to_string(), args.window.to_string()),
-        ("branch".to_string(), fused.branch.name().to_string()),
-        (
-            "m_s_source".to_string(),
-            match &args.ms_mask {
-                Some(p) => format!("file:{} (same for every timestep)", p.display()),
-                None => "none".to_string(),
-            },
-        ),
+        ("branch".to_string(), branches.join(",")),
+        ("m_s_source".to_string(), m_s_source),
     ]);
-    let bytes = safetensors_bytes(&tensors, metadata).context("serialising safetensors")?;
+    if !args.layers.is_empty() {
+        metadata.insert("layers".to_string(), format!("{:?}", args.layers));
+    }
+    let bytes = safetensors_bytes(&tensors, metadata.clone()).context("serialising safetensors")?;
     write_atomic(&args.out, &bytes).with_context(|| format!("writing {}", args.out.display()))?;
 
-    let a_focus = fused.a_focus.map_or("n/a (no M_s)".to_string(), |a| format!("{a:.4}"));
     println!(
-        "item {} ({} subject(s)): token grid {}×{}, ‖M_prior‖₁ = {}, A_focus = {a_focus}, variant {} → branch {}, ‖M‖₁ = {:.3}",
+        "item {} ({} subject(s)): token grid {}×{}, ‖M_prior‖₁ = {}, variant {}, M_s from {}",
         item.record.id,
         item.subject_count(),
         masks.m_prior.height(),
         masks.m_prior.width(),
         masks.m_prior.l1_norm(),
         args.variant,
-        fused.branch.name(),
-        fused.mask.l1_norm()
+        metadata.get("m_s_source").map_or("none", String::as_str),
     );
+    for at in &per_t {
+        let a_focus = at
+            .fused
+            .a_focus
+            .map_or("n/a (no M_s)".to_string(), |a| format!("{a:.4}"));
+        println!(
+            "  T={:4}: A_focus = {a_focus}, branch {}, ‖M‖₁ = {:.3}",
+            at.t,
+            at.fused.branch.name(),
+            at.fused.mask.l1_norm()
+        );
+    }
     println!("wrote {}", args.out.display());
-    if let Some(png_dir) = &args.png {
-        write_pngs(png_dir, &item, &masks, m_s.as_ref(), &fused.mask, args)?;
-        println!("wrote PNG views to {}", png_dir.display());
+    if let (Some(png_dir), Some(first)) = (&args.png, per_t.first()) {
+        write_pngs(png_dir, &item, &masks, first.m_s.as_ref(), &first.fused.mask, args)?;
+        println!("wrote PNG views (T={}) to {}", first.t, png_dir.display());
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 mod dip;
 mod masks;
+mod train;
 
 use std::process::ExitCode;
 
@@ -23,6 +24,8 @@ enum Command {
     Dip(dip::DipCommand),
     /// Compute M_prior, M_d, M_s and the fused M for one dataset item and write them as safetensors (+ PNGs).
     Masks(masks::MasksArgs),
+    /// Train LoRA adapters with SFT, Diffusion-DPO or FocusDPO; writes runs/NAME (config, metrics, checkpoints).
+    Train(train::TrainArgs),
 }
 
 /// Runs the parsed command line.
@@ -30,5 +33,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Dip(cmd) => dip::run(cmd),
         Command::Masks(args) => masks::run(&args).map(|()| ExitCode::SUCCESS),
+        Command::Train(args) => train::run(&args).map(|()| ExitCode::SUCCESS),
     }
 }

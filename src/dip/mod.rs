@@ -281,8 +281,12 @@ impl DipError {
 /// Folder of the bundled default dataset (`assets/dip-default`): `$FOCUSDPO_ASSETS/dip-default` when that
 /// variable is set, else the copy in the source tree this binary was built from.
 pub fn bundled_dataset_dir() -> PathBuf {
-    let assets = std::env::var_os("FOCUSDPO_ASSETS")
+    assets_dir().join("dip-default")
+}
+
+/// The assets folder: `$FOCUSDPO_ASSETS`, or `assets/` of the source tree.
+pub fn assets_dir() -> PathBuf {
+    std::env::var_os("FOCUSDPO_ASSETS")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("assets"));
-    assets.join("dip-default")
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("assets"))
 }

@@ -25,7 +25,8 @@ use super::{Grid, MaskError};
 pub const FLAT_EPSILON_BITS: f32 = 1e-6;
 
 /// Settings of the complexity estimator.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ComplexityConfig {
     /// Side of the square entropy window in pixels (odd). The paper gives no value; 9 px suits 64 px images with
     /// 4 px tokens (the window spans about two tokens); for FLUX-size images with 16 px tokens use ~17.

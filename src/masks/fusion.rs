@@ -18,7 +18,8 @@ use std::str::FromStr;
 use super::{Grid, MaskError};
 
 /// Which weight map the objective uses. Names are the ones accepted on the command line and in configs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum MaskVariant {
     /// Eq. 9 (FocusDPO).
     #[default]
@@ -100,6 +101,19 @@ impl fmt::Display for MaskVariant {
 #[error("unknown mask variant \"{0}\" (known: focus, uniform, prior, complexity, unconstrained, no-ms, no-md)")]
 pub struct UnknownVariant(pub String);
 
+impl TryFrom<String> for MaskVariant {
+    type Error = UnknownVariant;
+    fn try_from(s: String) -> Result<Self, UnknownVariant> {
+        s.parse()
+    }
+}
+
+impl From<MaskVariant> for String {
+    fn from(v: MaskVariant) -> String {
+        v.name().to_string()
+    }
+}
+
 impl FromStr for MaskVariant {
     type Err = UnknownVariant;
 
@@ -113,7 +127,8 @@ impl FromStr for MaskVariant {
 }
 
 /// Parameters of the fusion.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct FusionParams {
     /// Which map to build.
     pub variant: MaskVariant,

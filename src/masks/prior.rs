@@ -11,7 +11,8 @@
 use super::{Grid, MaskError};
 
 /// Settings of the pixel-to-token pooling of masks.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct PriorConfig {
     /// Token side in pixels (4 for the tiny pixel-unshuffle model, 16 for FLUX: 8× VAE × 2×2 patches).
     pub stride: usize,

@@ -7,7 +7,8 @@ use thiserror::Error;
 pub const TIMESTEP_EMBED_DIM: usize = 256;
 
 /// Architecture of one MMDiT: field names and meanings follow FLUX's `FluxParams`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Config {
     /// Channels of one image token (packed latent patch); also the output width.
     pub in_channels: usize,

@@ -1,24 +1,72 @@
 //! The one affine layer of the backbone, loaded under FLUX tensor names (`<path>.weight` [out, in],
 //! `<path>.bias` [out]).
 //!
-//! Every projection of the MMDiT goes through [`Linear`], so this is the seam where LoRA adapters attach later:
-//! keep it a plain frozen weight (a mmapped tensor, not a `Var`) plus a forward, and add adapters around it rather
-//! than inside the base weights.
+//! Every projection of the MMDiT goes through [`Linear`], so this is where LoRA adapters attach: the base stays a
+//! plain frozen weight (a mmapped tensor, not a `Var`), the adapter sits beside it, and each forward says whether
+//! the adapter is applied ([`Adapters`]). The reference model of DPO is the same layers with adapters off.
 
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
-/// A frozen `y = x Wᵀ + b` with PyTorch's weight layout.
+use super::lora::LoraAdapter;
+
+/// Whether a forward pass applies the attached LoRA adapters (the policy) or not (the frozen reference model).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Adapters {
+    /// Base + adapters: the policy πθ.
+    #[default]
+    On,
+    /// Base only: the reference model π_ref.
+    Off,
+}
+
+/// A frozen `y = x Wᵀ + b` with PyTorch's weight layout, plus an optional LoRA adapter.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    path: String,
+    adapter: Option<LoraAdapter>,
 }
 
 impl Linear {
-    /// Wraps existing tensors: `weight` [out, in], `bias` [out].
+    /// Wraps existing tensors: `weight` [out, in], `bias` [out]; the layer has no checkpoint path.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight,
+            bias,
+            path: String::new(),
+            adapter: None,
+        }
+    }
+
+    /// The FLUX checkpoint path of the layer (`double_blocks.0.img_attn.qkv`), empty when built by [`Self::new`].
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// Attaches (or with `None` removes) a LoRA adapter; its shapes must match the weight.
+    pub fn set_adapter(&mut self, adapter: Option<LoraAdapter>) -> Result<()> {
+        if let Some(ad) = &adapter {
+            let (out_dim, in_dim) = self.weight.dims2()?;
+            let (_, a_in) = ad.a.dims2()?;
+            let (b_out, _) = ad.b.dims2()?;
+            if a_in != in_dim || b_out != out_dim {
+                candle_core::bail!(
+                    "LoRA adapter for `{}` has A {:?} / B {:?}, the layer is [{out_dim}, {in_dim}]",
+                    self.path,
+                    ad.a.dims(),
+                    ad.b.dims()
+                );
+            }
+        }
+        self.adapter = adapter;
+        Ok(())
+    }
+
+    /// The attached adapter, if any.
+    pub fn adapter(&self) -> Option<&LoraAdapter> {
+        self.adapter.as_ref()
     }
 
     /// Loads `weight` [out_dim, in_dim] and, if `with_bias`, `bias` [out_dim] from `vb`; a missing or mis-shaped
@@ -30,7 +78,12 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        Ok(Self {
+            weight,
+            bias,
+            path: vb.prefix(),
+            adapter: None,
+        })
     }
 
     /// The weight, [out, in].
@@ -44,17 +97,23 @@ impl Linear {
     }
 
     /// Applies the layer to `x` [..., in] and returns [..., out]; leading dimensions are flattened into one
-    /// matrix product (one GEMM instead of a batched one).
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// matrix product (one GEMM instead of a batched one). With [`Adapters::On`] an attached adapter adds
+    /// `(α/r)·x·Aᵀ·Bᵀ`.
+    pub fn forward(&self, x: &Tensor, adapters: Adapters) -> Result<Tensor> {
         let dims = x.dims();
         let Some((&in_dim, lead)) = dims.split_last() else {
             candle_core::bail!("Linear::forward needs at least one dimension, got a scalar");
         };
         let rows: usize = lead.iter().product();
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let x2 = x.reshape((rows, in_dim))?;
+        let y = super::ops::frozen_matmul_t(&x2, &self.weight)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
+        };
+        let y = match (&self.adapter, adapters) {
+            (Some(ad), Adapters::On) => (y + ad.delta(&x2)?)?,
+            _ => y,
         };
         let mut out_shape = lead.to_vec();
         out_shape.push(self.weight.dim(0)?);
@@ -75,12 +134,12 @@ mod tests {
         let b = Tensor::new(&[0.5f32, -1., 0.], &dev)?;
         let lin = Linear::new(w, Some(b));
         let x = Tensor::new(&[[[1f32, 1.], [0., 2.]]], &dev)?; // [1, 2, 2]
-        let y = lin.forward(&x)?;
+        let y = lin.forward(&x, Adapters::On)?;
         assert_eq!(y.dims(), &[1, 2, 3]);
         assert_eq!(y.to_vec3::<f32>()?, vec![vec![vec![3.5, 6., 11.], vec![4.5, 7., 12.]]]);
         let no_bias = Linear::new(lin.weight().clone(), None);
         assert_eq!(
-            no_bias.forward(&x)?.to_vec3::<f32>()?,
+            no_bias.forward(&x, Adapters::Off)?.to_vec3::<f32>()?,
             vec![vec![vec![3., 7., 11.], vec![4., 8., 12.]]]
         );
         Ok(())

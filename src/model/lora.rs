@@ -256,6 +256,19 @@ impl LoraSet {
             .collect()
     }
 
+    /// All trainable variables with stable names (`<path>.lora_A` / `<path>.lora_B`), in path order.
+    pub fn named_vars(&self) -> Vec<(String, Var)> {
+        self.adapters
+            .iter()
+            .flat_map(|(p, a)| {
+                [
+                    (format!("{p}.lora_A"), a.a.clone()),
+                    (format!("{p}.lora_B"), a.b.clone()),
+                ]
+            })
+            .collect()
+    }
+
     /// Number of trainable parameters.
     pub fn parameter_count(&self) -> usize {
         self.adapters

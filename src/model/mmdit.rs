@@ -13,7 +13,7 @@ use candle_nn::VarBuilder;
 use thiserror::Error;
 
 use super::config::{Config, ConfigError, TIMESTEP_EMBED_DIM};
-use super::linear::Linear;
+use super::linear::{Adapters, Linear};
 use super::rope::Rope;
 
 /// Epsilon of every LayerNorm and QK-RMSNorm in FLUX.
@@ -80,8 +80,8 @@ impl MlpEmbedder {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.out_layer.forward(&self.in_layer.forward(x)?.silu()?)
+    fn forward(&self, x: &Tensor, ad: Adapters) -> Result<Tensor> {
+        self.out_layer.forward(&self.in_layer.forward(x, ad)?.silu()?, ad)
     }
 }
 
@@ -117,10 +117,10 @@ impl Modulation {
         })
     }
 
-    fn forward(&self, vec: &Tensor) -> Result<Vec<ModulationOut>> {
+    fn forward(&self, vec: &Tensor, ad: Adapters) -> Result<Vec<ModulationOut>> {
         let chunks = self
             .lin
-            .forward(&vec.silu()?)?
+            .forward(&vec.silu()?, ad)?
             .unsqueeze(1)?
             .chunk(3 * self.n_triples, D::Minus1)?;
         Ok(chunks
@@ -139,6 +139,7 @@ impl Modulation {
 struct QkNorm {
     query_scale: Tensor,
     key_scale: Tensor,
+    path: String,
 }
 
 impl QkNorm {
@@ -146,7 +147,15 @@ impl QkNorm {
         Ok(Self {
             query_scale: vb.get(head_dim, "query_norm.scale")?,
             key_scale: vb.get(head_dim, "key_norm.scale")?,
+            path: vb.prefix(),
         })
+    }
+
+    fn named(&self) -> [(String, &Tensor); 2] {
+        [
+            (format!("{}.query_norm.scale", self.path), &self.query_scale),
+            (format!("{}.key_norm.scale", self.path), &self.key_scale),
+        ]
     }
 }
 
@@ -207,8 +216,8 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&self.fc1.forward(x)?.gelu()?)
+    fn forward(&self, x: &Tensor, ad: Adapters) -> Result<Tensor> {
+        self.fc2.forward(&self.fc1.forward(x, ad)?.gelu()?, ad)
     }
 }
 
@@ -230,9 +239,16 @@ impl Stream {
     }
 
     /// Residual update after attention: `x + gate1·proj(attn)`, then `+ gate2·mlp(scale_shift2(norm2(x)))`.
-    fn finish(&self, x: &Tensor, attn: &Tensor, m1: &ModulationOut, m2: &ModulationOut) -> Result<Tensor> {
-        let x = (x + m1.gate(&self.attn.proj.forward(attn)?)?)?;
-        let mlp = self.mlp.forward(&m2.scale_shift(&layer_norm(&x)?)?)?;
+    fn finish(
+        &self,
+        x: &Tensor,
+        attn: &Tensor,
+        m1: &ModulationOut,
+        m2: &ModulationOut,
+        ad: Adapters,
+    ) -> Result<Tensor> {
+        let x = (x + m1.gate(&self.attn.proj.forward(attn, ad)?)?)?;
+        let mlp = self.mlp.forward(&m2.scale_shift(&layer_norm(&x)?)?, ad)?;
         &x + m2.gate(&mlp)?
     }
 }
@@ -254,19 +270,19 @@ impl DoubleStreamBlock {
         })
     }
 
-    fn forward(&self, img: &Tensor, txt: &Tensor, vec: &Tensor, rope: &Rope) -> Result<(Tensor, Tensor)> {
-        let [img_m1, img_m2]: [ModulationOut; 2] = modulation_pair(self.img.modulation.forward(vec)?)?;
-        let [txt_m1, txt_m2]: [ModulationOut; 2] = modulation_pair(self.txt.modulation.forward(vec)?)?;
+    fn forward(&self, img: &Tensor, txt: &Tensor, vec: &Tensor, rope: &Rope, ad: Adapters) -> Result<(Tensor, Tensor)> {
+        let [img_m1, img_m2]: [ModulationOut; 2] = modulation_pair(self.img.modulation.forward(vec, ad)?)?;
+        let [txt_m1, txt_m2]: [ModulationOut; 2] = modulation_pair(self.txt.modulation.forward(vec, ad)?)?;
 
         let img_in = img_m1.scale_shift(&layer_norm(img)?)?;
         let (img_q, img_k, img_v) = split_qkv(
-            &self.img.attn.qkv.forward(&img_in)?,
+            &self.img.attn.qkv.forward(&img_in, ad)?,
             self.num_heads,
             &self.img.attn.norm,
         )?;
         let txt_in = txt_m1.scale_shift(&layer_norm(txt)?)?;
         let (txt_q, txt_k, txt_v) = split_qkv(
-            &self.txt.attn.qkv.forward(&txt_in)?,
+            &self.txt.attn.qkv.forward(&txt_in, ad)?,
             self.num_heads,
             &self.txt.attn.norm,
         )?;
@@ -279,8 +295,8 @@ impl DoubleStreamBlock {
         let txt_attn = attn.narrow(1, 0, n_txt)?;
         let img_attn = attn.narrow(1, n_txt, img.dim(1)?)?;
 
-        let img = self.img.finish(img, &img_attn, &img_m1, &img_m2)?;
-        let txt = self.txt.finish(txt, &txt_attn, &txt_m1, &txt_m2)?;
+        let img = self.img.finish(img, &img_attn, &img_m1, &img_m2, ad)?;
+        let txt = self.txt.finish(txt, &txt_attn, &txt_m1, &txt_m2, ad)?;
         Ok((img, txt))
     }
 }
@@ -317,19 +333,19 @@ impl SingleStreamBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor, vec: &Tensor, rope: &Rope) -> Result<Tensor> {
-        let mods = self.modulation.forward(vec)?;
+    fn forward(&self, x: &Tensor, vec: &Tensor, rope: &Rope, ad: Adapters) -> Result<Tensor> {
+        let mods = self.modulation.forward(vec, ad)?;
         let Some(m) = mods.first() else {
             candle_core::bail!("single-stream modulation produced nothing")
         };
-        let fused = self.linear1.forward(&m.scale_shift(&layer_norm(x)?)?)?;
+        let fused = self.linear1.forward(&m.scale_shift(&layer_norm(x)?)?, ad)?;
         let qkv = fused.narrow(D::Minus1, 0, 3 * self.hidden)?;
         let mlp_in = fused.narrow(D::Minus1, 3 * self.hidden, self.mlp_hidden)?;
         let (q, k, v) = split_qkv(&qkv, self.num_heads, &self.norm)?;
         let attn = attention(&q, &k, &v, rope)?;
         let out = self
             .linear2
-            .forward(&Tensor::cat(&[attn, mlp_in.gelu()?], D::Minus1)?)?;
+            .forward(&Tensor::cat(&[attn, mlp_in.gelu()?], D::Minus1)?, ad)?;
         x + m.gate(&out)?
     }
 }
@@ -350,11 +366,15 @@ impl LastLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, vec: &Tensor) -> Result<Tensor> {
-        let chunks = self.ada_ln.forward(&vec.silu()?)?.unsqueeze(1)?.chunk(2, D::Minus1)?;
+    fn forward(&self, x: &Tensor, vec: &Tensor, ad: Adapters) -> Result<Tensor> {
+        let chunks = self
+            .ada_ln
+            .forward(&vec.silu()?, ad)?
+            .unsqueeze(1)?
+            .chunk(2, D::Minus1)?;
         let (shift, scale) = (&chunks[0], &chunks[1]);
         let modulated = layer_norm(x)?.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)?;
-        self.linear.forward(&modulated)
+        self.linear.forward(&modulated, ad)
     }
 }
 
@@ -395,6 +415,8 @@ pub struct MmditInput<'a> {
 pub struct ForwardOptions {
     /// Return each double-stream block's image-stream output, split per image (costs nothing when false).
     pub capture_hidden: bool,
+    /// Apply the attached LoRA adapters (the policy, default) or not (the frozen reference model).
+    pub adapters: Adapters,
 }
 
 /// The image-stream output of one double-stream block, split into the target and each reference.
@@ -464,6 +486,104 @@ impl Mmdit {
         &self.cfg
     }
 
+    /// Every linear layer of the model, in checkpoint order.
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut out = vec![&self.img_in, &self.txt_in];
+        for e in [Some(&self.time_in), Some(&self.vector_in), self.guidance_in.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            out.extend([&e.in_layer, &e.out_layer]);
+        }
+        for b in &self.double_blocks {
+            for s in [&b.img, &b.txt] {
+                out.extend([&s.modulation.lin, &s.attn.qkv, &s.attn.proj, &s.mlp.fc1, &s.mlp.fc2]);
+            }
+        }
+        for b in &self.single_blocks {
+            out.extend([&b.modulation.lin, &b.linear1, &b.linear2]);
+        }
+        out.extend([&self.final_layer.ada_ln, &self.final_layer.linear]);
+        out
+    }
+
+    /// Every base tensor under its FLUX checkpoint name (the names of [`super::config::expected_tensor_shapes`]).
+    pub fn named_tensors(&self) -> Vec<(String, &Tensor)> {
+        let mut out = Vec::new();
+        for l in self.linears() {
+            out.push((format!("{}.weight", l.path()), l.weight()));
+            if let Some(b) = l.bias() {
+                out.push((format!("{}.bias", l.path()), b));
+            }
+        }
+        for b in &self.double_blocks {
+            out.extend(b.img.attn.norm.named());
+            out.extend(b.txt.attn.norm.named());
+        }
+        for b in &self.single_blocks {
+            out.extend(b.norm.named());
+        }
+        out
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut out = vec![&mut self.img_in, &mut self.txt_in];
+        for e in [
+            Some(&mut self.time_in),
+            Some(&mut self.vector_in),
+            self.guidance_in.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            out.extend([&mut e.in_layer, &mut e.out_layer]);
+        }
+        for b in &mut self.double_blocks {
+            for s in [&mut b.img, &mut b.txt] {
+                out.extend([
+                    &mut s.modulation.lin,
+                    &mut s.attn.qkv,
+                    &mut s.attn.proj,
+                    &mut s.mlp.fc1,
+                    &mut s.mlp.fc2,
+                ]);
+            }
+        }
+        for b in &mut self.single_blocks {
+            out.extend([&mut b.modulation.lin, &mut b.linear1, &mut b.linear2]);
+        }
+        out.extend([&mut self.final_layer.ada_ln, &mut self.final_layer.linear]);
+        out
+    }
+
+    /// Attaches the adapters of `lora` to the layers with the same FLUX path (the adapters share their `Var`s with
+    /// the set, so an optimiser stepping `lora.vars()` trains this model). Every adapter of the set must find its
+    /// layer with matching shapes; layers without an adapter in the set lose any previous one.
+    pub fn attach_lora(&mut self, lora: &super::lora::LoraSet) -> Result<()> {
+        let mut attached = 0;
+        for linear in self.linears_mut() {
+            let adapter = lora.get(linear.path()).cloned();
+            attached += usize::from(adapter.is_some());
+            linear.set_adapter(adapter)?;
+        }
+        if attached != lora.len() {
+            candle_core::bail!(
+                "only {attached} of the {} LoRA adapters match a layer of this model (was the set made for another \
+                 config?)",
+                lora.len()
+            );
+        }
+        Ok(())
+    }
+
+    /// Removes every adapter.
+    pub fn detach_lora(&mut self) -> Result<()> {
+        for linear in self.linears_mut() {
+            linear.set_adapter(None)?;
+        }
+        Ok(())
+    }
+
     /// The prediction for the target tokens, [B, N, in_channels].
     pub fn forward(&self, input: &MmditInput) -> Result<Tensor> {
         Ok(self.forward_with(input, ForwardOptions::default())?.prediction)
@@ -501,40 +621,41 @@ impl Mmdit {
             self.cfg.theta,
         )?;
 
-        let mut img = self.img_in.forward(&img_tokens)?;
-        let mut txt = self.txt_in.forward(input.txt)?;
-        let vec = self.conditioning(input)?;
+        let ad = opts.adapters;
+        let mut img = self.img_in.forward(&img_tokens, ad)?;
+        let mut txt = self.txt_in.forward(input.txt, ad)?;
+        let vec = self.conditioning(input, ad)?;
 
         let mut hidden = Vec::new();
         for block in &self.double_blocks {
-            (img, txt) = block.forward(&img, &txt, &vec, &rope)?;
+            (img, txt) = block.forward(&img, &txt, &vec, &rope, ad)?;
             if opts.capture_hidden {
                 hidden.push(split_image_stream(&img, n_target, &ref_lens)?);
             }
         }
         let mut x = Tensor::cat(&[&txt, &img], 1)?;
         for block in &self.single_blocks {
-            x = block.forward(&x, &vec, &rope)?;
+            x = block.forward(&x, &vec, &rope, ad)?;
         }
         let target = x.narrow(1, n_txt, n_target)?;
         Ok(ForwardOutput {
-            prediction: self.final_layer.forward(&target, &vec)?,
+            prediction: self.final_layer.forward(&target, &vec, ad)?,
             hidden,
         })
     }
 
     /// The conditioning vector: `time_in(emb(t)) [+ guidance_in(emb(g))] + vector_in(y)`, [B, hidden].
-    fn conditioning(&self, input: &MmditInput) -> Result<Tensor> {
+    fn conditioning(&self, input: &MmditInput, ad: Adapters) -> Result<Tensor> {
         let mut vec = self
             .time_in
-            .forward(&timestep_embedding(input.timesteps, TIMESTEP_EMBED_DIM)?)?;
+            .forward(&timestep_embedding(input.timesteps, TIMESTEP_EMBED_DIM)?, ad)?;
         match (&self.guidance_in, input.guidance) {
-            (Some(g_in), Some(g)) => vec = (vec + g_in.forward(&timestep_embedding(g, TIMESTEP_EMBED_DIM)?)?)?,
+            (Some(g_in), Some(g)) => vec = (vec + g_in.forward(&timestep_embedding(g, TIMESTEP_EMBED_DIM)?, ad)?)?,
             (Some(_), None) => candle_core::bail!("this model is guidance-distilled: pass a guidance strength"),
             (None, Some(_)) => candle_core::bail!("guidance given, but the model has no guidance_in"),
             (None, None) => {}
         }
-        vec + self.vector_in.forward(input.y)?
+        vec + self.vector_in.forward(input.y, ad)?
     }
 
     /// Checks tokens [B, N, channels] against ids [B, N, 3]; returns (B, N, channels).
@@ -747,7 +868,14 @@ mod tests {
         let cfg = model.config().clone();
         let inputs = Inputs::new(&cfg, 2, 8, 2, SEED)?;
         let plain = inputs.run(&model, &inputs.img, ForwardOptions::default())?;
-        let captured = inputs.run(&model, &inputs.img, ForwardOptions { capture_hidden: true })?;
+        let captured = inputs.run(
+            &model,
+            &inputs.img,
+            ForwardOptions {
+                capture_hidden: true,
+                ..Default::default()
+            },
+        )?;
         assert_eq!(captured.hidden.len(), cfg.depth);
         for block in &captured.hidden {
             assert_eq!(block.target.dims(), &[2, 64, cfg.hidden_size]);
@@ -838,10 +966,13 @@ mod tests {
         Ok(())
     }
 
-    /// Catches silent gradient stops (fused softmax / norms / sdpa): the input and *every* weight, QK-norm scales
-    /// included, must receive a non-zero gradient.
+    /// Catches silent gradient stops (fused softmax / norms / sdpa): the input, the QK-norm scales and *every*
+    /// LoRA adapter (A and B, every target kind, B made non-zero) must receive a non-zero gradient, and no frozen
+    /// linear weight may get one (the frozen-matmul op skips them; biases are `Var`s here only because the test
+    /// loads through a `VarMap`, and cost a sum each).
     #[test]
-    fn gradients_reach_the_input_and_every_weight() -> Result<()> {
+    fn gradients_reach_the_input_every_adapter_and_no_frozen_weight() -> Result<()> {
+        use crate::model::lora::{LoraConfig, LoraSet, LoraTargets};
         let cfg = Config::tiny();
         let dev = Device::Cpu;
         let varmap = VarMap::new();
@@ -851,7 +982,21 @@ mod tests {
                 data.insert(name, Var::from_tensor(&t)?);
             }
         }
-        let model = Mmdit::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev)).expect("builds");
+        let mut model = Mmdit::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev)).expect("builds");
+        let lora_cfg = LoraConfig {
+            rank: 2,
+            targets: LoraTargets {
+                attention: true,
+                mlp: true,
+                modulation: true,
+            },
+            ..LoraConfig::default()
+        };
+        let lora = LoraSet::for_model(lora_cfg, &cfg, &dev).expect("lora");
+        for (i, (_, ad)) in lora.iter().enumerate() {
+            ad.b.set(&random_tensor(ad.b.dims(), 0.05, 1000 + i as u64, &dev)?)?;
+        }
+        model.attach_lora(&lora)?;
         let inputs = Inputs::new(&cfg, 1, 4, 2, SEED)?;
         let img = Var::from_tensor(&inputs.img)?;
         let out = inputs
@@ -861,16 +1006,104 @@ mod tests {
         let g_img = grads.get(img.as_tensor()).expect("input gradient exists");
         assert!(max_abs(g_img)? > 0.0);
         let data = varmap.data().lock().expect("varmap lock");
-        let mut dead = Vec::new();
+        let (mut dead, mut leaked) = (Vec::new(), Vec::new());
         for (name, var) in data.iter() {
-            match grads.get(var.as_tensor()) {
-                Some(g) if max_abs(g)? > 0.0 => {}
-                _ => dead.push(name.clone()),
+            let g = grads.get(var.as_tensor());
+            if name.ends_with(".scale") {
+                if !matches!(g.map(max_abs), Some(Ok(v)) if v > 0.0) {
+                    dead.push(name.clone());
+                }
+            } else if name.ends_with(".weight") && g.is_some() {
+                leaked.push(name.clone());
             }
         }
-        dead.sort();
+        for (path, ad) in lora.iter() {
+            for (part, var) in [("A", &ad.a), ("B", &ad.b)] {
+                if !matches!(grads.get(var.as_tensor()).map(max_abs), Some(Ok(v)) if v > 0.0) {
+                    dead.push(format!("{path}.lora_{part}"));
+                }
+            }
+        }
         assert!(dead.is_empty(), "no gradient for {dead:?}");
+        assert!(leaked.is_empty(), "frozen weights got gradients: {leaked:?}");
         assert_eq!(data.len(), expected_tensor_shapes(&cfg).len());
+        assert!(lora.len() >= 5 * 2 * cfg.depth + 3 * cfg.depth_single_blocks);
+        Ok(())
+    }
+
+    /// A fresh adapter set (B = 0) leaves the model unchanged; a trained one changes the policy but not the
+    /// reference pass (adapters off).
+    #[test]
+    fn adapters_switch_between_policy_and_reference_without_a_second_copy() -> Result<()> {
+        use crate::model::lora::{LoraConfig, LoraSet};
+        let cfg = Config::tiny();
+        let dev = Device::Cpu;
+        let mut model = tiny_model();
+        let inputs = Inputs::new(&cfg, 1, 4, 1, SEED)?;
+        let base = inputs.run(&model, &inputs.img, ForwardOptions::default())?.prediction;
+        let lora = LoraSet::for_model(LoraConfig::default(), &cfg, &dev).expect("lora");
+        model.attach_lora(&lora)?;
+        let fresh = inputs.run(&model, &inputs.img, ForwardOptions::default())?.prediction;
+        assert_eq!(
+            max_abs(&(&fresh - &base)?)?,
+            0.0,
+            "B = 0 must give the base model exactly"
+        );
+        for (i, (_, ad)) in lora.iter().enumerate() {
+            ad.b.set(&random_tensor(ad.b.dims(), 0.05, 2000 + i as u64, &dev)?)?;
+        }
+        let policy = inputs.run(&model, &inputs.img, ForwardOptions::default())?.prediction;
+        let reference = inputs
+            .run(
+                &model,
+                &inputs.img,
+                ForwardOptions {
+                    adapters: Adapters::Off,
+                    ..Default::default()
+                },
+            )?
+            .prediction;
+        assert!(
+            max_abs(&(&policy - &base)?)? > 1e-4,
+            "a non-zero B must change the policy"
+        );
+        assert_eq!(
+            max_abs(&(&reference - &base)?)?,
+            0.0,
+            "adapters off must be the base model"
+        );
+        model.detach_lora()?;
+        let detached = inputs.run(&model, &inputs.img, ForwardOptions::default())?.prediction;
+        assert_eq!(max_abs(&(&detached - &base)?)?, 0.0);
+        Ok(())
+    }
+
+    #[test]
+    fn named_tensors_are_exactly_the_checkpoint_layout() {
+        let model = tiny_model();
+        let mut names: Vec<(String, Vec<usize>)> = model
+            .named_tensors()
+            .into_iter()
+            .map(|(n, t)| (n, t.dims().to_vec()))
+            .collect();
+        let mut expected = expected_tensor_shapes(&Config::tiny());
+        names.sort();
+        expected.sort();
+        assert_eq!(names, expected);
+    }
+
+    #[test]
+    fn a_lora_set_for_another_config_is_rejected() -> Result<()> {
+        use crate::model::lora::{LoraConfig, LoraSet};
+        let mut model = tiny_model();
+        let other = Config {
+            hidden_size: 128,
+            num_heads: 2,
+            ..Config::tiny()
+        };
+        let lora = LoraSet::for_model(LoraConfig::default(), &other, &Device::Cpu).expect("lora");
+        let err = model.attach_lora(&lora).expect_err("shape mismatch");
+        assert!(err.to_string().contains("LoRA adapter for `double_blocks.0"), "{err}");
         Ok(())
     }
 

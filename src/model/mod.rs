@@ -1,16 +1,20 @@
 //! The backbone: one FLUX-format MMDiT for the tiny default and for FLUX.1/UNO, plus noise schedules.
 
+pub mod base;
 pub mod config;
 pub mod encoder;
 pub mod linear;
 pub mod lora;
 pub mod mmdit;
+pub mod ops;
 pub mod rope;
 pub mod schedule;
 pub mod testing;
+pub mod text;
 
+pub use base::{BaseError, BaseModel, BaseSource};
 pub use config::{Config, ConfigError};
-pub use linear::Linear;
+pub use linear::{Adapters, Linear};
 pub use mmdit::{
     BlockHidden, ForwardOptions, ForwardOutput, Mmdit, MmditInput, ModelError, Reference, ids_tensor, reference_ids,
     target_ids, text_ids, uno_reference_offsets,

@@ -14,7 +14,8 @@ use candle_core::{DType, Device, Result, Tensor};
 pub const DDPM_STEPS: usize = 1000;
 
 /// How the model is parameterised.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Parameterisation {
     /// Rectified flow with velocity target (FLUX, UNO).
     #[default]

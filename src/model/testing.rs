@@ -5,21 +5,15 @@
 use std::collections::HashMap;
 
 use candle_core::{Device, Result, Tensor};
-use rand::{RngExt, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::config::Config;
 pub use super::config::{expected_tensor_shapes, parameter_count};
+use crate::rng::standard_normal;
 
 /// Standard deviation of the random weight init (the usual transformer 0.02).
 pub const INIT_STD: f32 = 0.02;
-
-/// A standard normal sample by Box–Muller (rand 0.10 has no normal distribution without `rand_distr`).
-fn standard_normal(rng: &mut ChaCha8Rng) -> f32 {
-    let u1 = 1.0 - rng.random::<f64>(); // (0, 1]: keeps ln finite
-    let u2 = rng.random::<f64>();
-    ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
-}
 
 /// A tensor of the given shape with i.i.d. normal(0, std²) entries, deterministic per `seed`.
 pub fn random_tensor(shape: &[usize], std: f32, seed: u64, device: &Device) -> Result<Tensor> {

@@ -1,5 +1,13 @@
-//! Training: objectives (Eq. 1, Eq. 10, SFT) and run directories.
+//! Training: objectives (Eq. 1, Eq. 10, SFT), run configuration, data preparation, the FocusDPO weight map of a
+//! step, the optimiser, run directories and the threaded training session.
 
+pub mod config;
+pub mod data;
+pub mod focus;
 pub mod objective;
 pub mod optim;
 pub mod run_store;
+pub mod session;
+
+pub use config::RunConfig;
+pub use session::{Event, Launch, Session, SessionOptions, StepRecord, TrainError, Trainer};

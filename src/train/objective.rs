@@ -25,7 +25,8 @@
 use candle_core::{D, DType, Result, Tensor};
 
 /// Which objective a run optimises.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum ObjectiveKind {
     /// Supervised fine-tuning on the winners (regression loss).
     Sft,
@@ -45,10 +46,30 @@ impl ObjectiveKind {
             ObjectiveKind::FocusDpo => "focus-dpo",
         }
     }
+
+    /// Every objective.
+    pub const ALL: [ObjectiveKind; 3] = [ObjectiveKind::Sft, ObjectiveKind::Dpo, ObjectiveKind::FocusDpo];
+}
+
+impl std::str::FromStr for ObjectiveKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let key = s.trim().to_ascii_lowercase().replace('_', "-");
+        let key = if key == "focusdpo" {
+            "focus-dpo".to_string()
+        } else {
+            key
+        };
+        Self::ALL
+            .into_iter()
+            .find(|k| k.name() == key)
+            .ok_or_else(|| format!("unknown objective `{s}` (expected sft, dpo or focus-dpo)"))
+    }
 }
 
 /// How masked squared errors are reduced per sample (module docs).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum MaskNorm {
     /// Mean over all elements (Diffusion-DPO's reduction).
     #[default]
@@ -58,7 +79,8 @@ pub enum MaskNorm {
 }
 
 /// Hyper-parameters of the preference objectives.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ObjectiveConfig {
     /// β (with `T·ω(λ_t)` folded in).
     pub beta: f32,

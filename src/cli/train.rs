@@ -1,0 +1,199 @@
+//! `focusdpo train`: a LoRA run (SFT, Diffusion-DPO or FocusDPO) written to a run directory, with a progress bar.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use focusdpo::model::BaseSource;
+use focusdpo::train::RunConfig;
+use focusdpo::train::objective::ObjectiveKind;
+use focusdpo::train::session::{Event, Launch, Session, SessionOptions};
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// DIP dataset folder. Default: the bundled synthetic dataset.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// sft, dpo or focus-dpo.
+    #[arg(long)]
+    objective: Option<ObjectiveKind>,
+    /// Optimiser steps.
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Run directory (created; must not hold a run unless --resume).
+    #[arg(long)]
+    out: PathBuf,
+    /// A run config (TOML); command-line options override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override any config field: --set dpo.beta=5000 --set masks.fusion.tau=0.2 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Base model: `bundled`, `random:SEED` or a safetensors file.
+    #[arg(long)]
+    base: Option<BaseSource>,
+    /// Seed of every random choice.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Write step K's tensors (x0_w, x0_l, noise, t, x_t, target, policy/reference predictions, M, loss).
+    #[arg(long, num_args = 2, value_names = ["K", "FILE"])]
+    dump_step: Option<Vec<String>>,
+    /// Continue the run in --out from its latest checkpoint (up to --steps if given).
+    #[arg(long)]
+    resume: bool,
+    /// No progress bar; print one line per step instead.
+    #[arg(long)]
+    plain: bool,
+}
+
+fn build_config(args: &TrainArgs) -> anyhow::Result<RunConfig> {
+    let mut cfg = match &args.config {
+        Some(path) => RunConfig::from_file(path)?,
+        None => RunConfig::default(),
+    };
+    if let Some(o) = args.objective {
+        cfg.objective = o;
+    }
+    if let Some(s) = args.steps {
+        cfg.steps = s;
+    }
+    if let Some(s) = args.seed {
+        cfg.seed = s;
+    }
+    if let Some(d) = &args.data {
+        cfg.data.dir = Some(d.clone());
+    }
+    if let Some(b) = &args.base {
+        cfg.model.base = b.clone();
+    }
+    let cfg = cfg.with_overrides(&args.set)?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
+    let dump = match &args.dump_step {
+        Some(v) => match v.as_slice() {
+            [k, file] => {
+                let k: u64 = k
+                    .parse()
+                    .with_context(|| format!("--dump-step: `{k}` is not a step number"))?;
+                if k == 0 {
+                    bail!("--dump-step: steps count from 1");
+                }
+                Some((k, PathBuf::from(file)))
+            }
+            _ => bail!("--dump-step takes a step and a file"),
+        },
+        None => None,
+    };
+    let launch = if args.resume {
+        if args.config.is_some() || !args.set.is_empty() || args.objective.is_some() || args.base.is_some() {
+            bail!("--resume continues a run with its own config.toml; only --steps may change");
+        }
+        Launch::Resume {
+            dir: args.out.clone(),
+            steps: args.steps,
+        }
+    } else {
+        Launch::New {
+            config: Box::new(build_config(args)?),
+            dir: args.out.clone(),
+        }
+    };
+    let session = Session::start(launch, SessionOptions { dump, base: None });
+    let bar = ProgressBar::hidden();
+    let mut times = Vec::new();
+    let mut last_loss = f32::NAN;
+    loop {
+        let event = match session.events().recv_timeout(Duration::from_millis(200)) {
+            Ok(e) => e,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => bail!("the training thread ended unexpectedly"),
+        };
+        match event {
+            Event::Started {
+                run_dir,
+                start_step,
+                total_steps,
+                trainable,
+                items,
+            } => {
+                eprintln!(
+                    "run {}: {} items, {trainable} trainable LoRA parameters, steps {}..{total_steps}",
+                    run_dir.display(),
+                    items,
+                    start_step + 1
+                );
+                if !args.plain {
+                    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+                    bar.set_length(total_steps);
+                    bar.set_position(start_step);
+                    bar.set_style(
+                        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+                            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                    );
+                }
+            }
+            Event::Step(r) => {
+                times.push(r.seconds);
+                last_loss = r.loss;
+                let a = r.a_focus.map_or("-".to_string(), |a| format!("{a:.2}"));
+                let msg = format!(
+                    "loss {:.4} acc {:.2} margin {:+.3} A_focus {a} |g| {:.3} {:.0} ms",
+                    r.loss,
+                    r.implicit_accuracy,
+                    r.reward_margin,
+                    r.grad_norm,
+                    r.seconds * 1e3
+                );
+                if args.plain {
+                    println!("step {} {}: {msg}", r.step, r.item);
+                } else {
+                    bar.set_position(r.step);
+                    bar.set_message(msg);
+                }
+            }
+            Event::Masks(_) => {}
+            Event::Checkpoint(c) => note(&bar, args.plain, format!("checkpoint {}", c.dir.display())),
+            Event::Dumped { step, path } => note(&bar, args.plain, format!("step {step} tensors → {}", path.display())),
+            Event::Finished { step, stopped } => {
+                bar.finish_and_clear();
+                let mean = if times.is_empty() {
+                    0.0
+                } else {
+                    times.iter().sum::<f64>() / times.len() as f64
+                };
+                println!(
+                    "{} at step {step}: last loss {last_loss:.5}, {:.0} ms/step over {} steps; run in {}",
+                    if stopped { "stopped" } else { "finished" },
+                    mean * 1e3,
+                    times.len(),
+                    args.out.display()
+                );
+                break;
+            }
+            Event::Failed { step, error } => {
+                bar.abandon();
+                session.join();
+                bail!(
+                    "{error} (the run keeps everything up to step {step} in {})",
+                    args.out.display()
+                );
+            }
+        }
+    }
+    session.join();
+    Ok(())
+}
+
+/// A line above the progress bar (or plain output).
+fn note(bar: &ProgressBar, plain: bool, line: String) {
+    if plain {
+        println!("{line}");
+    } else {
+        bar.println(line);
+    }
+}

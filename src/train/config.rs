@@ -1,0 +1,398 @@
+//! The configuration of a training run: one TOML file (`runs/<name>/config.toml`), every field with a default,
+//! unknown keys rejected, and `--set key=value` overrides addressed by dotted paths (`dpo.beta=5000`,
+//! `masks.fusion.tau=0.2`, `lora.rank=4`).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::masks::{FusionParams, Similarity};
+use crate::model::BaseSource;
+use crate::model::lora::LoraConfig;
+use crate::model::schedule::Parameterisation;
+use crate::pipeline::MaskSettings;
+
+use super::objective::{ObjectiveConfig, ObjectiveKind};
+use super::optim::AdamWParams;
+
+/// Whose hidden states feed Eq. 3 (`M_s`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HiddenSource {
+    /// The frozen reference model (default): `M` is then a fixed function of (item, t, noise), so the weighted
+    /// objective does not move with the policy, and the states come free with the reference pass that DPO runs
+    /// anyway.
+    #[default]
+    Reference,
+    /// The policy being trained (base + LoRA): follows what the fine-tuned model attends to.
+    Policy,
+}
+
+/// How `M_s` is computed from the backbone (Eq. 3–6).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AttentionConfig {
+    /// Reference or policy hidden states.
+    pub source: HiddenSource,
+    /// Double-stream blocks averaged in Eq. 3 (0-based); empty = all of them.
+    pub layers: Vec<usize>,
+    /// Cosine (default) or Eq. 3's squared-norm form.
+    pub similarity: Similarity,
+}
+
+/// Everything about the weight map `M`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MaskConfig {
+    /// `M_prior` pooling and the `M_d` entropy window. The token stride is always the model's (pixels per
+    /// token); a configured stride that differs is an error.
+    pub settings: MaskSettings,
+    /// Variant, τ, γ.
+    pub fusion: FusionParams,
+    /// `M_s` source, layers and similarity.
+    pub attention: AttentionConfig,
+}
+
+/// Which data a run reads.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// DIP dataset folder; absent = the bundled synthetic dataset.
+    pub dir: Option<PathBuf>,
+    /// Item ids to train on; empty = every valid item.
+    pub items: Vec<String>,
+}
+
+/// The base model and its inputs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSettings {
+    /// `bundled`, `random:SEED` or a safetensors path.
+    pub base: BaseSource,
+    /// Side of the reference images fed to the model, in pixels (UNO also feeds references smaller than the
+    /// target); a multiple of the patch size.
+    pub reference_px: u32,
+}
+
+impl Default for ModelSettings {
+    fn default() -> Self {
+        Self {
+            base: BaseSource::Bundled,
+            reference_px: 32,
+        }
+    }
+}
+
+/// Timestep sampling.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NoiseConfig {
+    /// Rectified flow (FLUX/UNO) or ε-prediction (DDPM).
+    pub parameterisation: Parameterisation,
+    /// Lower bound of `t` (fraction of the schedule, in `[0, 1]`).
+    pub t_min: f32,
+    /// Upper bound of `t`.
+    pub t_max: f32,
+}
+
+impl Default for NoiseConfig {
+    fn default() -> Self {
+        Self {
+            parameterisation: Parameterisation::RectifiedFlow,
+            t_min: 0.0,
+            t_max: 1.0,
+        }
+    }
+}
+
+/// Optimisation schedule.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimConfig {
+    /// AdamW.
+    pub adamw: AdamWParams,
+    /// Linear warm-up steps.
+    pub warmup_steps: u64,
+    /// Global grad-norm clip (0 = off).
+    pub grad_clip: f64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        Self {
+            adamw: AdamWParams::default(),
+            warmup_steps: 10,
+            grad_clip: 1.0,
+        }
+    }
+}
+
+/// Logging and checkpoint cadence.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// Checkpoint every N steps (and always at the end or on stop); 0 = only at the end.
+    pub checkpoint_every: u64,
+    /// Send a mask snapshot event every N steps (0 = never).
+    pub snapshot_every: u64,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            checkpoint_every: 50,
+            snapshot_every: 5,
+        }
+    }
+}
+
+/// A whole run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    /// SFT, DPO or FocusDPO.
+    pub objective: ObjectiveKind,
+    /// Optimiser steps (one DIP pair each).
+    pub steps: u64,
+    /// Seed of every random choice (item order, t, noise, LoRA init).
+    pub seed: u64,
+    /// Data.
+    pub data: DataConfig,
+    /// Base model.
+    pub model: ModelSettings,
+    /// LoRA.
+    pub lora: LoraConfig,
+    /// Optimiser.
+    pub optim: OptimConfig,
+    /// β, margin, λ, δ, mask normalisation.
+    pub dpo: ObjectiveConfig,
+    /// Timestep sampling.
+    pub noise: NoiseConfig,
+    /// The weight map.
+    pub masks: MaskConfig,
+    /// Cadence.
+    pub log: LogConfig,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            objective: ObjectiveKind::FocusDpo,
+            steps: 100,
+            seed: 0,
+            data: DataConfig::default(),
+            model: ModelSettings::default(),
+            lora: LoraConfig::default(),
+            optim: OptimConfig::default(),
+            dpo: ObjectiveConfig::default(),
+            noise: NoiseConfig::default(),
+            masks: MaskConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+/// A config that cannot be read or does not make sense; the message names the file and key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// TOML syntax or a field of the wrong type / unknown field (toml's message has line and column).
+    #[error("{path}: {message}")]
+    Parse {
+        /// File.
+        path: PathBuf,
+        /// What is wrong, where.
+        message: String,
+    },
+    /// A `--set` override is malformed or names no field.
+    #[error("--set {arg}: {message}")]
+    Override {
+        /// The override as given.
+        arg: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value out of range.
+    #[error("config field `{field}`: {message}")]
+    Invalid {
+        /// Dotted field path.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl RunConfig {
+    /// Reads a TOML file (missing fields take their defaults).
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })
+    }
+
+    /// Parses TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        let cfg: Self = toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())?;
+        Ok(cfg)
+    }
+
+    /// The config as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot serialise config: {e}\n"))
+    }
+
+    /// Applies `key=value` overrides. `value` is read as a TOML value (`0.2`, `true`, `"text"`, `[0, 2]`); a bare
+    /// word that is not valid TOML is taken as a string (`objective=dpo`).
+    pub fn with_overrides(&self, overrides: &[String]) -> Result<Self, ConfigError> {
+        let mut root = toml::Table::try_from(self).map_err(|e| ConfigError::Override {
+            arg: String::new(),
+            message: e.to_string(),
+        })?;
+        for arg in overrides {
+            let err = |message: String| ConfigError::Override {
+                arg: arg.clone(),
+                message,
+            };
+            let (key, raw) = arg.split_once('=').ok_or_else(|| err("expected key=value".into()))?;
+            let key = key.trim();
+            let value = parse_value(raw.trim());
+            let parts: Vec<&str> = key.split('.').collect();
+            if parts.iter().any(|p| p.is_empty()) {
+                return Err(err(format!("`{key}` is not a dotted field path")));
+            }
+            let (last, parents) = parts.split_last().ok_or_else(|| err("empty key".into()))?;
+            let mut table = &mut root;
+            for (depth, p) in parents.iter().enumerate() {
+                table = match table.get_mut(*p) {
+                    Some(toml::Value::Table(t)) => t,
+                    Some(_) => {
+                        return Err(err(format!(
+                            "`{}` is a value, not a section",
+                            parts[..=depth].join(".")
+                        )));
+                    }
+                    None => return Err(err(format!("no section `{}`", parts[..=depth].join(".")))),
+                };
+            }
+            table.insert((*last).to_string(), value);
+        }
+        let text = toml::to_string(&root).map_err(|e| ConfigError::Override {
+            arg: overrides.join(" "),
+            message: e.to_string(),
+        })?;
+        toml::from_str(&text).map_err(|e: toml::de::Error| ConfigError::Override {
+            arg: overrides.join(" "),
+            message: e.message().to_string(),
+        })
+    }
+
+    /// Checks ranges that the types do not.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let inv = |field, message: String| Err(ConfigError::Invalid { field, message });
+        if self.steps == 0 {
+            return inv("steps", "must be at least 1".into());
+        }
+        let f = &self.masks.fusion;
+        if !(0.0..=1.0).contains(&f.tau) || !(0.0..=1.0).contains(&f.gamma) {
+            return inv(
+                "masks.fusion",
+                format!("tau {} and gamma {} must be in [0, 1]", f.tau, f.gamma),
+            );
+        }
+        let n = &self.noise;
+        if !(0.0..=1.0).contains(&n.t_min) || !(0.0..=1.0).contains(&n.t_max) || n.t_min > n.t_max {
+            return inv(
+                "noise",
+                format!("need 0 ≤ t_min ≤ t_max ≤ 1, got {} and {}", n.t_min, n.t_max),
+            );
+        }
+        let a = &self.optim.adamw;
+        if !(a.lr.is_finite() && a.lr > 0.0) {
+            return inv("optim.adamw.lr", format!("must be positive, got {}", a.lr));
+        }
+        if !self.dpo.beta.is_finite() || self.dpo.beta <= 0.0 {
+            return inv("dpo.beta", format!("must be positive, got {}", self.dpo.beta));
+        }
+        if self.lora.rank == 0 {
+            return inv("lora.rank", "must be at least 1".into());
+        }
+        if self.model.reference_px == 0 {
+            return inv("model.reference_px", "must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+fn parse_value(raw: &str) -> toml::Value {
+    match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.to_string())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_round_trips_through_toml() {
+        let cfg = RunConfig::default();
+        let back = RunConfig::from_toml(&cfg.to_toml()).expect("parses");
+        assert_eq!(back, cfg);
+        assert!(cfg.validate().is_ok());
+    }
+
+    #[test]
+    fn overrides_set_nested_fields_with_typed_values() {
+        let cfg = RunConfig::default()
+            .with_overrides(&[
+                "objective=dpo".into(),
+                "dpo.beta=5000".into(),
+                "masks.fusion.tau=0.25".into(),
+                "masks.fusion.variant=no-ms".into(),
+                "masks.attention.layers=[0, 2]".into(),
+                "dpo.pair_filter_delta=0.01".into(),
+                "model.base=random:3".into(),
+                "data.dir=some/dir".into(),
+            ])
+            .expect("valid overrides");
+        assert_eq!(cfg.objective, ObjectiveKind::Dpo);
+        assert_eq!(cfg.dpo.beta, 5000.0);
+        assert_eq!(cfg.masks.fusion.tau, 0.25);
+        assert_eq!(cfg.masks.fusion.variant, crate::masks::MaskVariant::NoMs);
+        assert_eq!(cfg.masks.attention.layers, vec![0, 2]);
+        assert_eq!(cfg.dpo.pair_filter_delta, Some(0.01));
+        assert_eq!(cfg.model.base, BaseSource::Random(3));
+        assert_eq!(cfg.data.dir, Some(PathBuf::from("some/dir")));
+    }
+
+    #[test]
+    fn bad_overrides_and_files_name_the_problem() {
+        let base = RunConfig::default();
+        let msg = |o: &str| base.with_overrides(&[o.to_string()]).expect_err(o).to_string();
+        assert!(msg("dpo.bta=1").contains("bta"), "{}", msg("dpo.bta=1"));
+        assert!(msg("nosuch.x=1").contains("no section `nosuch`"));
+        assert!(msg("steps").contains("key=value"));
+        assert!(msg("dpo.beta=abc").contains("beta"), "{}", msg("dpo.beta=abc"));
+        assert!(msg("masks.fusion.variant=bogus").contains("bogus"));
+        assert!(msg("steps.x=1").contains("not a section"));
+        let err = RunConfig::from_toml("steps = 10\n[dpo]\nbeta = \"high\"\n").expect_err("type error");
+        assert!(err.contains("line 3"), "{err}");
+        let err = RunConfig::from_toml("stepz = 10\n").expect_err("unknown");
+        assert!(err.contains("stepz"), "{err}");
+        let invalid = base.with_overrides(&["masks.fusion.tau=1.5".into()]).expect("parses");
+        assert!(invalid.validate().expect_err("range").to_string().contains("tau"));
+    }
+}

@@ -1,0 +1,800 @@
+//! A training run: [`Trainer`] does one optimiser step at a time (Alg. 1), [`Session`] runs a trainer on a
+//! worker thread and reports [`Event`]s over a channel, so the CLI's progress bar and the Studio's plots read the
+//! same stream and neither thread that draws ever computes.
+//!
+//! One step (batch = one DIP pair):
+//! 1. pick the item (a seeded permutation per epoch), draw `t` and one noise `ε` shared by winner and loser;
+//! 2. noise both (`x_t = (1−t)x_0 + tε`, target `v = ε − x_0` for rectified flow);
+//! 3. policy pass (base + LoRA) on `[x_t^w; x_t^l]` as one batch of 2; reference pass (same base, adapters off,
+//!    no graph) on the same batch, capturing the double-block hidden states;
+//! 4. `M` from those states (`M_s`, Eq. 3–6) and the item's `M_prior`, `M_d` (Eq. 9), the loss (Eq. 1 / 10 /
+//!    SFT), backward, grad-norm clip, AdamW with warm-up.
+//!
+//! Every random choice derives from `seed` and the step index ([`crate::rng::stream_rng`]), and the optimiser
+//! state is checkpointed, so a resumed run continues exactly like an uninterrupted one.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+
+use crate::dip::{DipDataset, bundled_dataset_dir};
+use crate::masks::{Branch, Grid, MaskVariant};
+use crate::model::lora::{LoraFormat, LoraSet};
+use crate::model::schedule::{Parameterisation, add_noise, model_time};
+use crate::model::{Adapters, BaseModel, ForwardOptions, ForwardOutput, Mmdit};
+use crate::rng::{normal_vec, permutation, stream_rng};
+
+use super::config::{ConfigError, HiddenSource, RunConfig};
+use super::data::{PrepareError, PreparedItem, prepare_item};
+use super::focus::{FocusError, StepMasks, step_masks};
+use super::objective::{ObjectiveKind, PairPredictions, StepStats, eq1_diffusion_dpo, eq10_focus_dpo, sft};
+use super::optim::{AdamW, clip_grad_norm, lr_at};
+use super::run_store::{Checkpoint, RunStore, RunStoreError};
+
+/// File names inside a checkpoint folder.
+pub const LORA_FILE: &str = "lora.safetensors";
+/// Optimiser state file.
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// PEFT adapter config.
+pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
+
+const STREAM_ORDER: u64 = 1;
+const STREAM_STEP: u64 = 2;
+
+/// Everything that can end a run early.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The dataset cannot be used.
+    #[error("dataset: {0}")]
+    Data(String),
+    /// An item cannot be prepared.
+    #[error(transparent)]
+    Prepare(#[from] PrepareError),
+    /// The base cannot be loaded.
+    #[error(transparent)]
+    Base(#[from] crate::model::BaseError),
+    /// LoRA build or checkpoint mismatch.
+    #[error(transparent)]
+    Lora(#[from] crate::model::lora::LoraError),
+    /// Mask computation.
+    #[error(transparent)]
+    Focus(#[from] FocusError),
+    /// Run directory.
+    #[error(transparent)]
+    Store(#[from] RunStoreError),
+    /// A checkpoint that cannot be restored.
+    #[error("checkpoint {path}: {message}")]
+    Checkpoint {
+        /// File.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The loss or gradient became NaN/Inf: the step was not applied.
+    #[error(
+        "step {step}: {what} is not finite ({value}); the run stopped without applying the step, the last checkpoint \
+         is intact"
+    )]
+    NonFinite {
+        /// Step index (1-based).
+        step: u64,
+        /// `loss` or `gradient norm`.
+        what: &'static str,
+        /// The value.
+        value: f64,
+    },
+    /// Tensor error.
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+}
+
+/// What is logged for one step (one line of `metrics.jsonl`).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct StepRecord {
+    /// Step index, from 1.
+    pub step: u64,
+    /// Item id.
+    pub item: String,
+    /// Sampled `t` (fraction of the schedule).
+    pub t: f32,
+    /// Loss.
+    pub loss: f32,
+    /// Implicit accuracy (ties ½; NaN for SFT).
+    pub implicit_accuracy: f32,
+    /// Reward margin `z` (NaN for SFT).
+    pub reward_margin: f32,
+    /// `e_θ(w)`.
+    pub err_policy_w: f32,
+    /// `e_ref(w)`.
+    pub err_ref_w: f32,
+    /// `e_θ(l)`.
+    pub err_policy_l: f32,
+    /// `e_ref(l)`.
+    pub err_ref_l: f32,
+    /// Pairs kept by the δ filter.
+    pub kept_pairs: usize,
+    /// `A_focus` of this step's `M_s` (None without hidden states, e.g. SFT).
+    pub a_focus: Option<f32>,
+    /// Eq. 9 branch that fired (`attention-only`, `blend`, `static`).
+    pub branch: Option<String>,
+    /// Mean of the weight map `M` used in the loss (1 for DPO/SFT).
+    pub m_mean: f32,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Learning rate of this step.
+    pub lr: f64,
+    /// Wall time of the step.
+    pub seconds: f64,
+}
+
+/// The maps of a step, for live display.
+#[derive(Clone, Debug)]
+pub struct MaskSnapshot {
+    /// Step index.
+    pub step: u64,
+    /// Item id.
+    pub item: String,
+    /// `t`.
+    pub t: f32,
+    /// `M_prior`.
+    pub m_prior: Grid,
+    /// `M_d`.
+    pub m_d: Grid,
+    /// `M_s`, if computed.
+    pub m_s: Option<Grid>,
+    /// The fused `M`.
+    pub m: Grid,
+    /// `A_focus`.
+    pub a_focus: Option<f32>,
+}
+
+/// The result of [`Trainer::step`].
+#[derive(Debug)]
+pub struct StepOutcome {
+    /// The logged record.
+    pub record: StepRecord,
+    /// The maps (for snapshots).
+    pub masks: Option<StepMasks>,
+    /// The step's tensors when requested (`--dump-step`).
+    pub dump: Option<Vec<(String, Tensor)>>,
+}
+
+/// A trainer: base with LoRA attached, optimiser, prepared data.
+pub struct Trainer {
+    cfg: RunConfig,
+    model: Mmdit,
+    patch: usize,
+    lora: LoraSet,
+    opt: AdamW,
+    items: Vec<PreparedItem>,
+    order: (u64, Vec<usize>),
+    step: u64,
+    device: Device,
+}
+
+/// Loads the dataset items a config names, preparing each for `base`.
+pub fn load_items(cfg: &RunConfig, base: &BaseModel, device: &Device) -> Result<Vec<PreparedItem>, TrainError> {
+    let dir = cfg.data.dir.clone().unwrap_or_else(bundled_dataset_dir);
+    let ds = DipDataset::open(&dir).map_err(|e| TrainError::Data(e.to_string()))?;
+    let indices: Vec<usize> = if cfg.data.items.is_empty() {
+        (0..ds.len()).collect()
+    } else {
+        cfg.data
+            .items
+            .iter()
+            .map(|id| {
+                ds.entries()
+                    .iter()
+                    .position(|e| &e.record.id == id)
+                    .ok_or_else(|| TrainError::Data(format!("{}: no item `{id}` (data.items)", dir.display())))
+            })
+            .collect::<Result<_, _>>()?
+    };
+    let mut settings = cfg.masks.settings;
+    settings.prior.stride = base.patch;
+    let mut items = Vec::with_capacity(indices.len());
+    let mut skipped = Vec::new();
+    for i in indices {
+        match ds.load_item(i) {
+            Ok(item) => items.push(prepare_item(base, &item, &settings, cfg.model.reference_px, device)?),
+            Err(err) if cfg.data.items.is_empty() => skipped.push(err.to_string()),
+            Err(err) => return Err(TrainError::Data(err.to_string())),
+        }
+    }
+    if items.is_empty() {
+        let why = skipped
+            .first()
+            .map_or_else(String::new, |s| format!(" (first problem: {s})"));
+        return Err(TrainError::Data(format!("{}: no usable item{why}", dir.display())));
+    }
+    Ok(items)
+}
+
+fn non_finite(step: u64, what: &'static str, value: f64) -> TrainError {
+    TrainError::NonFinite { step, what, value }
+}
+
+impl Trainer {
+    /// A fresh trainer (step 0) on `base` with the config's LoRA and optimiser.
+    pub fn new(cfg: RunConfig, base: BaseModel, items: Vec<PreparedItem>) -> Result<Self, TrainError> {
+        cfg.validate()?;
+        if items.is_empty() {
+            return Err(TrainError::Data("no items to train on".into()));
+        }
+        let device = base.mmdit_device();
+        let mut lora_cfg = cfg.lora;
+        lora_cfg.seed = lora_cfg.seed.wrapping_add(cfg.seed);
+        let lora = LoraSet::for_model(lora_cfg, base.config(), &device)?;
+        let mut model = base.mmdit;
+        model.attach_lora(&lora)?;
+        let opt = AdamW::new(lora.named_vars(), cfg.optim.adamw)?;
+        Ok(Self {
+            cfg,
+            model,
+            patch: base.patch,
+            lora,
+            opt,
+            items,
+            order: (u64::MAX, Vec::new()),
+            step: 0,
+            device,
+        })
+    }
+
+    /// Steps completed.
+    pub fn completed_steps(&self) -> u64 {
+        self.step
+    }
+
+    /// The run config.
+    pub fn config(&self) -> &RunConfig {
+        &self.cfg
+    }
+
+    /// The adapters being trained.
+    pub fn lora(&self) -> &LoraSet {
+        &self.lora
+    }
+
+    /// The model (base + attached adapters).
+    pub fn model(&self) -> &Mmdit {
+        &self.model
+    }
+
+    /// Pixels per token.
+    pub fn patch(&self) -> usize {
+        self.patch
+    }
+
+    /// The prepared items.
+    pub fn items(&self) -> &[PreparedItem] {
+        &self.items
+    }
+
+    /// Index of the item used at step `step` (1-based): a fresh seeded permutation every epoch.
+    fn item_index(&mut self, step: u64) -> usize {
+        let n = self.items.len() as u64;
+        let epoch = (step - 1) / n;
+        if self.order.0 != epoch {
+            let mut rng = stream_rng(self.cfg.seed, STREAM_ORDER, epoch);
+            self.order = (epoch, permutation(&mut rng, self.items.len()));
+        }
+        self.order.1[((step - 1) % n) as usize]
+    }
+
+    /// Checkpoint files for the current state.
+    pub fn checkpoint_files(&self) -> Result<Vec<(&'static str, Vec<u8>)>, TrainError> {
+        let lora = self.lora.to_safetensors_bytes(LoraFormat::Kohya)?;
+        let opt = safetensors::serialize(self.opt.state_tensors()?, None).map_err(|e| TrainError::Checkpoint {
+            path: PathBuf::from(OPTIMIZER_FILE),
+            message: e.to_string(),
+        })?;
+        let adapter_cfg =
+            serde_json::to_vec_pretty(&self.lora.peft_adapter_config()).map_err(|e| TrainError::Checkpoint {
+                path: PathBuf::from(ADAPTER_CONFIG_FILE),
+                message: e.to_string(),
+            })?;
+        Ok(vec![
+            (LORA_FILE, lora),
+            (OPTIMIZER_FILE, opt),
+            (ADAPTER_CONFIG_FILE, adapter_cfg),
+        ])
+    }
+
+    /// Restores adapters and optimiser from a checkpoint folder and continues after its step.
+    pub fn restore(&mut self, ckpt: &Checkpoint) -> Result<(), TrainError> {
+        let load = |name: &str| -> Result<HashMap<String, Tensor>, TrainError> {
+            let path = ckpt.dir.join(name);
+            candle_core::safetensors::load(&path, &self.device).map_err(|e| TrainError::Checkpoint {
+                path: path.clone(),
+                message: e.to_string(),
+            })
+        };
+        let lora = load(LORA_FILE)?;
+        let opt = load(OPTIMIZER_FILE)?;
+        self.lora.load_tensors(&lora).map_err(|e| TrainError::Checkpoint {
+            path: ckpt.dir.join(LORA_FILE),
+            message: e.to_string(),
+        })?;
+        self.opt.load_state(&opt).map_err(|e| TrainError::Checkpoint {
+            path: ckpt.dir.join(OPTIMIZER_FILE),
+            message: e.to_string(),
+        })?;
+        self.step = ckpt.step;
+        Ok(())
+    }
+
+    fn forward(
+        &self,
+        item: &PreparedItem,
+        x_t: &Tensor,
+        timesteps: &Tensor,
+        adapters: Adapters,
+        capture_hidden: bool,
+    ) -> candle_core::Result<ForwardOutput> {
+        item.forward(
+            &self.model,
+            x_t,
+            timesteps,
+            ForwardOptions {
+                capture_hidden,
+                adapters,
+            },
+        )
+    }
+
+    /// One optimiser step. With `dump`, the outcome carries the step's tensors.
+    pub fn step(&mut self, dump: bool) -> Result<StepOutcome, TrainError> {
+        let started = Instant::now();
+        let step = self.step + 1;
+        let index = self.item_index(step);
+        let item = &self.items[index];
+        let mut rng = stream_rng(self.cfg.seed, STREAM_STEP, step);
+        let noise_cfg = self.cfg.noise;
+        let u: f32 = rand::RngExt::random(&mut rng);
+        let frac = noise_cfg.t_min + (noise_cfg.t_max - noise_cfg.t_min) * u;
+        let t_sched = match noise_cfg.parameterisation {
+            Parameterisation::RectifiedFlow => frac,
+            Parameterisation::Epsilon => (frac * 999.0).round(),
+        };
+        let shape = item.x0_w.dims().to_vec();
+        let eps = Tensor::from_vec(normal_vec(&mut rng, item.x0_w.elem_count()), shape, &self.device)?;
+        let objective = self.cfg.objective;
+        let pair = objective != ObjectiveKind::Sft;
+        let (x0, eps_b, ts) = if pair {
+            (
+                Tensor::cat(&[&item.x0_w, &item.x0_l], 0)?,
+                Tensor::cat(&[&eps, &eps], 0)?,
+                vec![t_sched; 2],
+            )
+        } else {
+            (item.x0_w.clone(), eps.clone(), vec![t_sched])
+        };
+        let noised = add_noise(noise_cfg.parameterisation, &x0, &eps_b, &ts)?;
+        let timesteps = model_time(noise_cfg.parameterisation, &ts, &self.device)?;
+
+        let source = self.cfg.masks.attention.source;
+        let policy = self.forward(
+            item,
+            &noised.x_t,
+            &timesteps,
+            Adapters::On,
+            pair && source == HiddenSource::Policy,
+        )?;
+        let (output, masks, m_tensor, reference) = if pair {
+            let reference = self.forward(
+                item,
+                &noised.x_t,
+                &timesteps,
+                Adapters::Off,
+                source == HiddenSource::Reference,
+            )?;
+            let hidden = match source {
+                HiddenSource::Reference => &reference.hidden,
+                HiddenSource::Policy => &policy.hidden,
+            };
+            let fusion = match objective {
+                ObjectiveKind::FocusDpo => self.cfg.masks.fusion,
+                // DPO trains with M = 1 but still logs A_focus and the branch Eq. 9 would take.
+                _ => crate::masks::FusionParams {
+                    variant: MaskVariant::Focus,
+                    ..self.cfg.masks.fusion
+                },
+            };
+            let masks = step_masks(item, Some((hidden, 0)), &self.cfg.masks.attention, &fusion)?;
+            let target_w = noised.target.narrow(0, 0, 1)?;
+            let target_l = noised.target.narrow(0, 1, 1)?;
+            let pw = policy.prediction.narrow(0, 0, 1)?;
+            let pl = policy.prediction.narrow(0, 1, 1)?;
+            let rw = reference.prediction.narrow(0, 0, 1)?.detach();
+            let rl = reference.prediction.narrow(0, 1, 1)?.detach();
+            let preds = PairPredictions {
+                target_w: &target_w,
+                target_l: &target_l,
+                policy_w: &pw,
+                policy_l: &pl,
+                reference_w: &rw,
+                reference_l: &rl,
+            };
+            let (out, m) = if objective == ObjectiveKind::FocusDpo {
+                let m = Tensor::from_slice(masks.fused.mask.as_slice(), (1, masks.fused.mask.len()), &self.device)?;
+                (eq10_focus_dpo(&preds, &m, &self.cfg.dpo)?, Some(m))
+            } else {
+                (eq1_diffusion_dpo(&preds, &self.cfg.dpo)?, None)
+            };
+            (out, Some(masks), m, Some(reference.prediction))
+        } else {
+            let out = sft(&noised.target, &policy.prediction, None, self.cfg.dpo.mask_norm)?;
+            (out, None, None, None)
+        };
+        let stats: StepStats = output.stats;
+        if !stats.loss.is_finite() {
+            return Err(non_finite(step, "loss", f64::from(stats.loss)));
+        }
+        let vars = self.lora.vars();
+        let mut grads = output.loss.backward()?;
+        let grad_norm = clip_grad_norm(&mut grads, &vars, self.cfg.optim.grad_clip)?;
+        if !grad_norm.is_finite() {
+            return Err(non_finite(step, "gradient norm", grad_norm));
+        }
+        let lr = lr_at(step, self.cfg.optim.adamw.lr, self.cfg.optim.warmup_steps);
+        self.opt.set_lr(lr);
+        self.opt.step(&grads)?;
+        self.step = step;
+
+        let m_mean = match &m_tensor {
+            Some(m) => m.mean_all()?.to_scalar::<f32>()?,
+            None => 1.0,
+        };
+        let dump = if dump {
+            let mut named = vec![
+                ("x0_w".to_string(), item.x0_w.clone()),
+                ("x0_l".to_string(), item.x0_l.clone()),
+                ("noise".to_string(), eps.clone()),
+                ("t".to_string(), Tensor::new(&[t_sched], &self.device)?),
+                ("x_t".to_string(), noised.x_t.clone()),
+                ("target".to_string(), noised.target.clone()),
+                ("policy".to_string(), policy.prediction.detach()),
+                ("loss".to_string(), output.loss.detach().reshape(1)?),
+            ];
+            if let Some(r) = &reference {
+                named.push(("reference".to_string(), r.clone()));
+            }
+            if let Some(m) = &m_tensor {
+                named.push(("m".to_string(), m.clone()));
+            }
+            if let Some(ms) = &masks {
+                let g = |grid: &Grid| Tensor::from_slice(grid.as_slice(), grid.shape(), &self.device);
+                named.push(("m_prior".to_string(), g(&item.masks.m_prior)?));
+                named.push(("m_d".to_string(), g(&item.masks.m_d)?));
+                if let Some(m_s) = &ms.m_s {
+                    named.push(("m_s".to_string(), g(m_s)?));
+                }
+            }
+            Some(named)
+        } else {
+            None
+        };
+        let record = StepRecord {
+            step,
+            item: item.id.clone(),
+            t: frac,
+            loss: stats.loss,
+            implicit_accuracy: stats.implicit_accuracy,
+            reward_margin: stats.reward_margin,
+            err_policy_w: stats.err_policy_w,
+            err_ref_w: stats.err_ref_w,
+            err_policy_l: stats.err_policy_l,
+            err_ref_l: stats.err_ref_l,
+            kept_pairs: stats.kept_pairs,
+            a_focus: masks.as_ref().and_then(|m| m.fused.a_focus),
+            branch: masks.as_ref().map(|m| branch_name(m.fused.branch).to_string()),
+            m_mean,
+            grad_norm,
+            lr,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        Ok(StepOutcome { record, masks, dump })
+    }
+
+    /// A snapshot of the maps of the last step (for the UI).
+    pub fn snapshot(&self, record: &StepRecord, masks: &StepMasks) -> Option<MaskSnapshot> {
+        let item = self.items.iter().find(|i| i.id == record.item)?;
+        Some(MaskSnapshot {
+            step: record.step,
+            item: record.item.clone(),
+            t: record.t,
+            m_prior: item.masks.m_prior.clone(),
+            m_d: item.masks.m_d.clone(),
+            m_s: masks.m_s.clone(),
+            m: masks.fused.mask.clone(),
+            a_focus: masks.fused.a_focus,
+        })
+    }
+}
+
+fn branch_name(b: Branch) -> &'static str {
+    b.name()
+}
+
+impl BaseModel {
+    fn mmdit_device(&self) -> Device {
+        self.mmdit
+            .named_tensors()
+            .first()
+            .map_or(Device::Cpu, |(_, t)| t.device().clone())
+    }
+}
+
+/// Progress of a run, sent from the worker.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// Data and model are ready.
+    Started {
+        /// The run folder.
+        run_dir: PathBuf,
+        /// Steps already done (resume), 0 for a new run.
+        start_step: u64,
+        /// Steps in total.
+        total_steps: u64,
+        /// Trainable parameters.
+        trainable: usize,
+        /// Items in the training set.
+        items: usize,
+    },
+    /// A step finished.
+    Step(StepRecord),
+    /// The maps of a step.
+    Masks(Box<MaskSnapshot>),
+    /// A checkpoint was written.
+    Checkpoint(Checkpoint),
+    /// A step's tensors were written (`--dump-step`).
+    Dumped {
+        /// Step.
+        step: u64,
+        /// File.
+        path: PathBuf,
+    },
+    /// The run ended normally (`stopped` = on request, before `steps`).
+    Finished {
+        /// Last completed step.
+        step: u64,
+        /// Whether a stop request ended it.
+        stopped: bool,
+    },
+    /// The run ended with an error; everything up to the last logged step is kept.
+    Failed {
+        /// Last completed step.
+        step: u64,
+        /// The error.
+        error: String,
+    },
+}
+
+/// How to start a session.
+#[derive(Debug, Clone)]
+pub enum Launch {
+    /// A new run in `dir` (must not hold a run).
+    New {
+        /// Config.
+        config: Box<RunConfig>,
+        /// Run folder.
+        dir: PathBuf,
+    },
+    /// Continue the run in `dir` from its latest checkpoint, up to `steps` (None = the config's).
+    Resume {
+        /// Run folder.
+        dir: PathBuf,
+        /// New total step count.
+        steps: Option<u64>,
+    },
+}
+
+/// Extra session options.
+#[derive(Debug, Clone, Default)]
+pub struct SessionOptions {
+    /// Write step K's tensors to a safetensors file.
+    pub dump: Option<(u64, PathBuf)>,
+    /// Use this base instead of loading the config's (tests, the Studio's cache).
+    pub base: Option<BaseModel>,
+}
+
+/// A run on a worker thread.
+pub struct Session {
+    events: Receiver<Event>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Session {
+    /// Starts the worker; setup errors arrive as [`Event::Failed`].
+    pub fn start(launch: Launch, options: SessionOptions) -> Self {
+        let (tx, rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_worker = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("focusdpo-train".into())
+            .spawn(move || {
+                let mut last = 0;
+                if let Err(e) = run_worker(launch, options, &tx, &stop_worker, &mut last) {
+                    let _ = tx.send(Event::Failed {
+                        step: last,
+                        error: e.to_string(),
+                    });
+                }
+            });
+        match thread {
+            Ok(handle) => Self {
+                events: rx,
+                stop,
+                thread: Some(handle),
+            },
+            Err(e) => {
+                let (tx, rx) = mpsc::channel();
+                let _ = tx.send(Event::Failed {
+                    step: 0,
+                    error: format!("cannot start the training thread: {e}"),
+                });
+                Self {
+                    events: rx,
+                    stop,
+                    thread: None,
+                }
+            }
+        }
+    }
+
+    /// Asks the worker to stop after the current step (it checkpoints first).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// The event stream.
+    pub fn events(&self) -> &Receiver<Event> {
+        &self.events
+    }
+
+    /// Waits for the worker to end.
+    pub fn join(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+fn write_dump(path: &Path, tensors: Vec<(String, Tensor)>) -> Result<(), TrainError> {
+    let bytes = safetensors::serialize(tensors, None).map_err(|e| TrainError::Checkpoint {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| TrainError::Checkpoint {
+            path: parent.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    }
+    crate::store::write_atomic(path, &bytes).map_err(|e| TrainError::Checkpoint {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+fn checkpoint(trainer: &Trainer, store: &RunStore, tx: &Sender<Event>) -> Result<(), TrainError> {
+    let files = trainer.checkpoint_files()?;
+    let refs: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (*n, b.as_slice())).collect();
+    let ckpt = store.write_checkpoint(trainer.completed_steps(), &refs)?;
+    let _ = tx.send(Event::Checkpoint(ckpt));
+    Ok(())
+}
+
+fn run_worker(
+    launch: Launch,
+    options: SessionOptions,
+    tx: &Sender<Event>,
+    stop: &AtomicBool,
+    last: &mut u64,
+) -> Result<(), TrainError> {
+    let (mut store, cfg, resume_from) = match launch {
+        Launch::New { config, dir } => {
+            config.validate()?;
+            (RunStore::create(&dir, &*config)?, *config, None)
+        }
+        Launch::Resume { dir, steps } => {
+            let (store, mut cfg, ckpt): (RunStore, RunConfig, _) = RunStore::resume(&dir)?;
+            if let Some(s) = steps {
+                cfg.steps = s;
+            }
+            (store, cfg, ckpt)
+        }
+    };
+    let device = Device::Cpu;
+    let base = match options.base {
+        Some(b) => b,
+        None => BaseModel::load(&cfg.model.base, &device)?,
+    };
+    let items = load_items(&cfg, &base, &device)?;
+    let n_items = items.len();
+    let mut trainer = Trainer::new(cfg.clone(), base, items)?;
+    if let Some(ckpt) = &resume_from {
+        trainer.restore(ckpt)?;
+    }
+    *last = trainer.completed_steps();
+    let _ = tx.send(Event::Started {
+        run_dir: store.dir().to_path_buf(),
+        start_step: trainer.completed_steps(),
+        total_steps: cfg.steps,
+        trainable: trainer.lora().parameter_count(),
+        items: n_items,
+    });
+    let mut last_ckpt = trainer.completed_steps();
+    while trainer.completed_steps() < cfg.steps {
+        if stop.load(Ordering::SeqCst) {
+            if trainer.completed_steps() > last_ckpt {
+                checkpoint(&trainer, &store, tx)?;
+            }
+            let _ = tx.send(Event::Finished {
+                step: trainer.completed_steps(),
+                stopped: true,
+            });
+            return Ok(());
+        }
+        let next = trainer.completed_steps() + 1;
+        let want_dump = options.dump.as_ref().is_some_and(|(k, _)| *k == next);
+        let outcome = match trainer.step(want_dump) {
+            Ok(o) => o,
+            Err(e) => {
+                store.append(&serde_json::json!({"event": "error", "step": next, "error": e.to_string()}))?;
+                return Err(e);
+            }
+        };
+        store.append(&outcome.record)?;
+        *last = outcome.record.step;
+        if let (Some(tensors), Some((_, path))) = (outcome.dump, &options.dump) {
+            write_dump(path, tensors)?;
+            let _ = tx.send(Event::Dumped {
+                step: outcome.record.step,
+                path: path.clone(),
+            });
+        }
+        let every = cfg.log.snapshot_every;
+        if every > 0
+            && outcome.record.step % every == 0
+            && let Some(snap) = outcome
+                .masks
+                .as_ref()
+                .and_then(|m| trainer.snapshot(&outcome.record, m))
+        {
+            let _ = tx.send(Event::Masks(Box::new(snap)));
+        }
+        let _ = tx.send(Event::Step(outcome.record));
+        let every = cfg.log.checkpoint_every;
+        if every > 0 && trainer.completed_steps() % every == 0 {
+            checkpoint(&trainer, &store, tx)?;
+            last_ckpt = trainer.completed_steps();
+        }
+    }
+    if trainer.completed_steps() > last_ckpt {
+        checkpoint(&trainer, &store, tx)?;
+    }
+    let _ = tx.send(Event::Finished {
+        step: trainer.completed_steps(),
+        stopped: false,
+    });
+    Ok(())
+}

@@ -1,0 +1,325 @@
+//! The training engine end to end on a micro MMDiT (same code as the tiny default, 1 + 1 blocks of width 64) and
+//! the bundled synthetic DIP: determinism, exact resume, stop within one step, NaN handling, the step dump, and
+//! that a few DPO steps on one pair do move the implicit reward the right way.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::Duration;
+
+use candle_core::{Device, Tensor};
+use focusdpo::masks::MaskVariant;
+use focusdpo::model::{BaseModel, Config};
+use focusdpo::train::RunConfig;
+use focusdpo::train::objective::ObjectiveKind;
+use focusdpo::train::run_store::read_metrics;
+use focusdpo::train::session::{Event, Launch, Session, SessionOptions, TrainError, Trainer, load_items};
+
+fn micro() -> Config {
+    Config {
+        hidden_size: 64,
+        num_heads: 2,
+        axes_dim: vec![8, 12, 12],
+        depth: 1,
+        depth_single_blocks: 1,
+        ..Config::tiny()
+    }
+}
+
+fn base() -> BaseModel {
+    BaseModel::random(&micro(), 4, 5, &Device::Cpu).expect("micro base")
+}
+
+fn config(objective: ObjectiveKind, steps: u64) -> RunConfig {
+    RunConfig {
+        objective,
+        steps,
+        seed: 3,
+        ..RunConfig::default()
+    }
+    .with_overrides(&[
+        r#"data.items=["synth-0000", "synth-0001", "synth-0003"]"#.into(),
+        "log.checkpoint_every=0".into(),
+        "log.snapshot_every=1".into(),
+        "optim.adamw.lr=0.001".into(),
+        "optim.warmup_steps=0".into(),
+    ])
+    .expect("overrides")
+}
+
+/// Runs a session to its end and returns every event.
+fn run(launch: Launch, options: SessionOptions) -> Vec<Event> {
+    let session = Session::start(launch, options);
+    let mut events = Vec::new();
+    loop {
+        match session.events().recv_timeout(Duration::from_secs(120)) {
+            Ok(e) => {
+                let done = matches!(e, Event::Finished { .. } | Event::Failed { .. });
+                events.push(e);
+                if done {
+                    break;
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => panic!("no event for 120 s"),
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    session.join();
+    events
+}
+
+fn options() -> SessionOptions {
+    SessionOptions {
+        dump: None,
+        base: Some(base()),
+    }
+}
+
+fn lora_tensors(run_dir: &Path, step: u64) -> HashMap<String, Tensor> {
+    let path = run_dir.join(format!("checkpoints/step-{step}/lora.safetensors"));
+    candle_core::safetensors::load(&path, &Device::Cpu).expect("checkpoint loads")
+}
+
+fn max_diff(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .map(|(k, t)| {
+            (t - &b[k])
+                .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+                .expect("same shapes")
+        })
+        .fold(0.0, f32::max)
+}
+
+/// Step records without the wall time.
+fn records(run_dir: &Path) -> Vec<serde_json::Value> {
+    let (steps, _) = read_metrics(run_dir).expect("metrics");
+    steps
+        .into_iter()
+        .map(|mut r| {
+            if let Some(o) = r.as_object_mut() {
+                o.remove("seconds");
+            }
+            r
+        })
+        .collect()
+}
+
+#[test]
+fn a_resumed_run_equals_an_uninterrupted_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (full, split) = (dir.path().join("full"), dir.path().join("split"));
+    let cfg = config(ObjectiveKind::FocusDpo, 4);
+    let events = run(
+        Launch::New {
+            config: Box::new(cfg.clone()),
+            dir: full.clone(),
+        },
+        options(),
+    );
+    assert!(
+        matches!(
+            events.last(),
+            Some(Event::Finished {
+                step: 4,
+                stopped: false
+            })
+        ),
+        "{events:?}"
+    );
+    assert!(
+        events.iter().any(|e| matches!(e, Event::Masks(_))),
+        "mask snapshots are sent"
+    );
+
+    let half = RunConfig { steps: 2, ..cfg };
+    run(
+        Launch::New {
+            config: Box::new(half),
+            dir: split.clone(),
+        },
+        options(),
+    );
+    let events = run(
+        Launch::Resume {
+            dir: split.clone(),
+            steps: Some(4),
+        },
+        options(),
+    );
+    assert!(
+        matches!(events.first(), Some(Event::Started { start_step: 2, .. })),
+        "{:?}",
+        events.first()
+    );
+    assert_eq!(max_diff(&lora_tensors(&full, 4), &lora_tensors(&split, 4)), 0.0);
+    assert_eq!(records(&full), records(&split));
+    assert!(max_diff(&lora_tensors(&full, 4), &lora_tensors(&split, 2)) > 0.0);
+}
+
+#[test]
+fn stop_ends_the_run_after_the_current_step_with_a_checkpoint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run_dir = dir.path().join("r");
+    let session = Session::start(
+        Launch::New {
+            config: Box::new(config(ObjectiveKind::Dpo, 10_000)),
+            dir: run_dir.clone(),
+        },
+        options(),
+    );
+    let mut stepped = 0;
+    let end = loop {
+        match session.events().recv_timeout(Duration::from_secs(120)).expect("event") {
+            Event::Step(_) => {
+                stepped += 1;
+                session.stop();
+            }
+            e @ (Event::Finished { .. } | Event::Failed { .. }) => break e,
+            _ => {}
+        }
+    };
+    session.join();
+    let Event::Finished { step, stopped: true } = end else {
+        panic!("expected a stopped finish, got {end:?}");
+    };
+    assert!(step <= 2, "stopped within one step of the request (step {step})");
+    assert!(stepped >= 1);
+    assert_eq!(lora_tensors(&run_dir, step).len(), lora_tensors(&run_dir, step).len());
+    assert_eq!(records(&run_dir).len() as u64, step);
+}
+
+#[test]
+fn non_finite_loss_stops_without_applying_the_step() {
+    let device = Device::Cpu;
+    let cfg = config(ObjectiveKind::FocusDpo, 5);
+    let b = base();
+    let items = load_items(&cfg, &b, &device).expect("items");
+    let mut trainer = Trainer::new(cfg, b, items).expect("trainer");
+    trainer.step(false).expect("a normal step");
+    let (_, adapter) = trainer.lora().iter().next().expect("an adapter");
+    let poisoned = adapter.b.affine(f64::NAN, 0.0).expect("nan");
+    adapter.b.set(&poisoned).expect("set");
+    match trainer.step(false) {
+        Err(TrainError::NonFinite { step: 2, .. }) => {}
+        other => panic!("expected a NonFinite error at step 2, got {other:?}"),
+    }
+    assert_eq!(trainer.completed_steps(), 1);
+}
+
+#[test]
+fn focus_dpo_with_a_uniform_mask_is_exactly_diffusion_dpo() {
+    let device = Device::Cpu;
+    let mut losses = Vec::new();
+    for (objective, variant) in [
+        (ObjectiveKind::Dpo, MaskVariant::Focus),
+        (ObjectiveKind::FocusDpo, MaskVariant::Uniform),
+    ] {
+        let mut cfg = config(objective, 3);
+        cfg.masks.fusion.variant = variant;
+        let b = base();
+        let items = load_items(&cfg, &b, &device).expect("items");
+        let mut trainer = Trainer::new(cfg, b, items).expect("trainer");
+        let run: Vec<(f32, f32)> = (0..3)
+            .map(|_| {
+                let r = trainer.step(false).expect("step").record;
+                (r.loss, r.reward_margin)
+            })
+            .collect();
+        losses.push(run);
+    }
+    assert_eq!(losses[0], losses[1]);
+}
+
+#[test]
+fn dpo_steps_on_one_pair_raise_the_implicit_reward() {
+    let device = Device::Cpu;
+    let mut cfg = config(ObjectiveKind::FocusDpo, 12);
+    cfg.data.items = vec!["synth-0001".into()];
+    cfg.noise.t_min = 0.4;
+    cfg.noise.t_max = 0.6;
+    let b = base();
+    let items = load_items(&cfg, &b, &device).expect("items");
+    let mut trainer = Trainer::new(cfg, b, items).expect("trainer");
+    let records: Vec<_> = (0..12).map(|_| trainer.step(false).expect("step").record).collect();
+    let first = &records[0];
+    assert_eq!(first.reward_margin, 0.0, "a fresh LoRA (B = 0) is the reference model");
+    assert!((first.loss - std::f32::consts::LN_2).abs() < 1e-6);
+    let late: f32 = records[8..].iter().map(|r| r.reward_margin).sum::<f32>() / 4.0;
+    assert!(
+        late > 0.0,
+        "reward margins {:?}",
+        records.iter().map(|r| r.reward_margin).collect::<Vec<_>>()
+    );
+    assert!(records[8..].iter().all(|r| r.loss < std::f32::consts::LN_2));
+    assert!(records.iter().all(|r| r.a_focus.is_some() && r.branch.is_some()));
+}
+
+#[test]
+fn dump_step_writes_the_tensors_of_that_step() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dump = dir.path().join("dump/step2.safetensors");
+    let events = run(
+        Launch::New {
+            config: Box::new(config(ObjectiveKind::FocusDpo, 2)),
+            dir: dir.path().join("r"),
+        },
+        SessionOptions {
+            dump: Some((2, dump.clone())),
+            base: Some(base()),
+        },
+    );
+    assert!(events.iter().any(|e| matches!(e, Event::Dumped { step: 2, .. })));
+    let t = candle_core::safetensors::load(&dump, &Device::Cpu).expect("dump loads");
+    for name in [
+        "x0_w",
+        "x0_l",
+        "noise",
+        "t",
+        "x_t",
+        "target",
+        "policy",
+        "reference",
+        "m",
+        "loss",
+        "m_prior",
+        "m_d",
+        "m_s",
+    ] {
+        assert!(
+            t.contains_key(name),
+            "missing {name}: {:?}",
+            t.keys().collect::<Vec<_>>()
+        );
+    }
+    assert_eq!(t["x0_w"].dims(), &[1, 256, 48]);
+    assert_eq!(t["policy"].dims(), &[2, 256, 48]);
+    assert_eq!(t["m"].dims(), &[1, 256]);
+    assert_eq!(t["m_s"].dims(), &[16, 16]);
+}
+
+#[test]
+fn setup_errors_arrive_as_failed_events() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(ObjectiveKind::Dpo, 2);
+    cfg.data.dir = Some(dir.path().join("no-such-dataset"));
+    let events = run(
+        Launch::New {
+            config: Box::new(cfg),
+            dir: dir.path().join("r"),
+        },
+        options(),
+    );
+    match events.last() {
+        Some(Event::Failed { error, .. }) => assert!(error.contains("no-such-dataset"), "{error}"),
+        other => panic!("expected Failed, got {other:?}"),
+    }
+    let events = run(
+        Launch::Resume {
+            dir: dir.path().join("never-created"),
+            steps: None,
+        },
+        options(),
+    );
+    assert!(matches!(events.last(), Some(Event::Failed { .. })));
+}

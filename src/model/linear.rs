@@ -106,6 +106,15 @@ impl Linear {
         };
         let rows: usize = lead.iter().product();
         let x2 = x.reshape((rows, in_dim))?;
+        let lora = match (&self.adapter, adapters) {
+            (Some(ad), Adapters::On) => Some((ad.a.as_tensor(), ad.b.as_tensor(), ad.scale)),
+            _ => None,
+        };
+        if let Some(y) = super::ops::fused_linear(&x2, &self.weight, self.bias.as_ref(), lora) {
+            let mut out_shape = lead.to_vec();
+            out_shape.push(self.weight.dim(0)?);
+            return y?.reshape(out_shape);
+        }
         let y = super::ops::frozen_matmul_t(&x2, &self.weight)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,

@@ -13,6 +13,8 @@ pub struct Rope {
     cos: Tensor,
     /// sin of the angles, same shape as `cos`.
     sin: Tensor,
+    /// The same angles for the fused CPU op.
+    fused: super::ops::RopeAngles,
 }
 
 /// The inverse frequencies `θ^(-2i/d)` for `i in 0..d/2` of one axis of width `dim`.
@@ -37,15 +39,20 @@ impl Rope {
             let pos = ids.narrow(D::Minus1, axis, 1)?; // [B, N, 1]
             angles.push(pos.broadcast_mul(&freqs)?);
         }
-        let angles = Tensor::cat(&angles, D::Minus1)?.unsqueeze(1)?.unsqueeze(D::Minus1)?;
+        let angles = Tensor::cat(&angles, D::Minus1)?; // [B, N, head_dim / 2]
+        let (cos, sin) = (angles.cos()?, angles.sin()?);
         Ok(Self {
-            cos: angles.cos()?,
-            sin: angles.sin()?,
+            fused: super::ops::RopeAngles::new(&cos, &sin)?,
+            cos: cos.unsqueeze(1)?.unsqueeze(D::Minus1)?,
+            sin: sin.unsqueeze(1)?.unsqueeze(D::Minus1)?,
         })
     }
 
     /// Rotates `x` [B, H, N, head_dim] (queries or keys) by the angles of its N tokens.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(rotated) = self.fused.apply(x) {
+            return rotated;
+        }
         let (b, h, n, d) = x.dims4()?;
         let pairs = x.reshape((b, h, n, d / 2, 2))?;
         let x0 = pairs.narrow(D::Minus1, 0, 1)?;

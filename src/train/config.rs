@@ -15,6 +15,9 @@ use crate::pipeline::MaskSettings;
 use super::objective::{ObjectiveConfig, ObjectiveKind};
 use super::optim::AdamWParams;
 
+/// Upper bound of `steps` (TOML integers are i64; a billion steps is far beyond any run of this tool).
+pub const MAX_STEPS: u64 = 1_000_000_000;
+
 /// Whose hidden states feed Eq. 3 (`M_s`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -301,8 +304,8 @@ impl RunConfig {
     /// Checks ranges that the types do not.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let inv = |field, message: String| Err(ConfigError::Invalid { field, message });
-        if self.steps == 0 {
-            return inv("steps", "must be at least 1".into());
+        if self.steps == 0 || self.steps > MAX_STEPS {
+            return inv("steps", format!("must be in 1..={MAX_STEPS}, got {}", self.steps));
         }
         let f = &self.masks.fusion;
         if !(0.0..=1.0).contains(&f.tau) || !(0.0..=1.0).contains(&f.gamma) {

@@ -88,13 +88,15 @@ impl AdamW {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
+            // A gradient may still reference the step's graph; the moments must not keep it alive.
+            let g = &g.detach();
             let m = ((&self.m[i] * beta1)? + (g * (1.0 - beta1))?)?;
             let v = ((&self.v[i] * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
             let update = ((&m * scale_m)? / ((&v * scale_v)?.sqrt()? + eps)?)?;
             let next = ((var.as_tensor() * (1.0 - lr * weight_decay))? - (update * lr)?)?;
             var.set(&next)?;
-            self.m[i] = m;
-            self.v[i] = v;
+            self.m[i] = m.detach();
+            self.v[i] = v.detach();
         }
         Ok(())
     }
@@ -234,6 +236,8 @@ mod tests {
                 .to_scalar::<f32>()?;
             assert!(diff < 1e-6, "step {step}: {diff}");
         }
+        // The moments hold values, never a graph (that leaked ~250 MB per training step once).
+        assert!(ours.m.iter().chain(&ours.v).all(|t| !t.track_op()));
         // Save, perturb a copy, restore: the restored optimiser continues exactly like the original.
         let state: HashMap<String, Tensor> = ours.state_tensors()?.into_iter().collect();
         let copy_v = Var::from_tensor(ours_v.as_tensor())?;

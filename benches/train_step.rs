@@ -1,0 +1,65 @@
+//! The training hot paths on the tiny default (random weights: speed does not depend on them) with one bundled
+//! single-subject pair: the MMDiT forward at batch 1 (256 target + 64 reference + 16 text tokens), a full
+//! Diffusion-DPO step and a full FocusDPO step (policy + reference pass at batch 2, masks, backward, AdamW).
+
+use std::hint::black_box;
+
+use candle_core::{Device, Tensor};
+use criterion::{Criterion, criterion_group, criterion_main};
+use focusdpo::model::{Adapters, BaseModel, Config, ForwardOptions};
+use focusdpo::train::RunConfig;
+use focusdpo::train::objective::ObjectiveKind;
+use focusdpo::train::session::{Trainer, load_items};
+
+fn trainer(objective: ObjectiveKind) -> Trainer {
+    let device = Device::Cpu;
+    let base = BaseModel::random(&Config::tiny(), 4, 0, &device).expect("base");
+    let cfg = RunConfig {
+        objective,
+        steps: 1_000_000,
+        ..RunConfig::default()
+    }
+    .with_overrides(&[r#"data.items=["synth-0000"]"#.into()])
+    .expect("config");
+    let items = load_items(&cfg, &base, &device).expect("items");
+    Trainer::new(cfg, base, items).expect("trainer")
+}
+
+fn bench_steps(c: &mut Criterion) {
+    focusdpo::alloc::tune_for_tensors();
+    let mut group = c.benchmark_group("tiny_b1");
+    group.sample_size(10);
+    {
+        let t = trainer(ObjectiveKind::Dpo);
+        let item = &t.items()[0];
+        let ts = Tensor::new(&[0.5f32], &Device::Cpu).expect("t");
+        for (name, capture) in [("forward", false), ("forward_capture", true)] {
+            group.bench_function(name, |b| {
+                b.iter(|| {
+                    item.forward(
+                        t.model(),
+                        black_box(&item.x0_w),
+                        &ts,
+                        ForwardOptions {
+                            capture_hidden: capture,
+                            adapters: Adapters::On,
+                        },
+                    )
+                    .expect("forward")
+                })
+            });
+        }
+    }
+    for (name, objective) in [
+        ("sft_step", ObjectiveKind::Sft),
+        ("dpo_step", ObjectiveKind::Dpo),
+        ("focus_dpo_step", ObjectiveKind::FocusDpo),
+    ] {
+        let mut t = trainer(objective);
+        group.bench_function(name, |b| b.iter(|| t.step(false).expect("step")));
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_steps);
+criterion_main!(benches);

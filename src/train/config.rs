@@ -75,6 +75,8 @@ pub struct ModelSettings {
     /// Side of the reference images fed to the model, in pixels (UNO also feeds references smaller than the
     /// target); a multiple of the patch size.
     pub reference_px: u32,
+    /// `cpu`, `cuda` or `cuda:N` (CUDA needs a build with the `cuda` feature).
+    pub device: String,
 }
 
 impl Default for ModelSettings {
@@ -82,6 +84,30 @@ impl Default for ModelSettings {
         Self {
             base: BaseSource::Bundled,
             reference_px: 32,
+            device: "cpu".into(),
+        }
+    }
+}
+
+impl ModelSettings {
+    /// The compute device named by `device`.
+    pub fn device(&self) -> Result<candle_core::Device, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            field: "model.device",
+            message,
+        };
+        match self.device.trim() {
+            "cpu" => Ok(candle_core::Device::Cpu),
+            d if d == "cuda" || d.starts_with("cuda:") => {
+                let ordinal = match d.strip_prefix("cuda:") {
+                    Some(n) => n
+                        .parse()
+                        .map_err(|_| invalid(format!("`{d}`: the GPU index must be a number")))?,
+                    None => 0,
+                };
+                candle_core::Device::new_cuda(ordinal).map_err(|e| invalid(format!("`{d}`: {e}")))
+            }
+            other => Err(invalid(format!("`{other}` is not cpu, cuda or cuda:N"))),
         }
     }
 }
@@ -379,6 +405,20 @@ mod tests {
         assert_eq!(cfg.dpo.pair_filter_delta, Some(0.01));
         assert_eq!(cfg.model.base, BaseSource::Random(3));
         assert_eq!(cfg.data.dir, Some(PathBuf::from("some/dir")));
+    }
+
+    #[test]
+    fn devices_parse_and_cuda_without_the_feature_is_a_clear_error() {
+        let mut m = ModelSettings::default();
+        assert!(m.device().expect("cpu").is_cpu());
+        m.device = "tpu".into();
+        assert!(m.device().expect_err("tpu").to_string().contains("model.device"));
+        m.device = "cuda:x".into();
+        assert!(m.device().is_err());
+        if !cfg!(feature = "cuda") {
+            m.device = "cuda:0".into();
+            assert!(m.device().expect_err("no cuda").to_string().contains("cuda:0"));
+        }
     }
 
     #[test]

@@ -723,7 +723,7 @@ fn run_worker(
             (store, cfg, ckpt)
         }
     };
-    let device = Device::Cpu;
+    let device = cfg.model.device()?;
     let base = match options.base {
         Some(b) => b,
         None => BaseModel::load(&cfg.model.base, &device)?,

@@ -223,7 +223,7 @@ fn focus_dpo_with_a_uniform_mask_is_exactly_diffusion_dpo() {
         let run: Vec<(f32, f32)> = (0..3)
             .map(|_| {
                 let r = trainer.step(false).expect("step").record;
-                (r.loss, r.reward_margin)
+                (r.stats.loss, r.stats.reward_margin)
             })
             .collect();
         losses.push(run);
@@ -243,15 +243,18 @@ fn dpo_steps_on_one_pair_raise_the_implicit_reward() {
     let mut trainer = Trainer::new(cfg, b, items).expect("trainer");
     let records: Vec<_> = (0..12).map(|_| trainer.step(false).expect("step").record).collect();
     let first = &records[0];
-    assert_eq!(first.reward_margin, 0.0, "a fresh LoRA (B = 0) is the reference model");
-    assert!((first.loss - std::f32::consts::LN_2).abs() < 1e-6);
-    let late: f32 = records[8..].iter().map(|r| r.reward_margin).sum::<f32>() / 4.0;
+    assert_eq!(
+        first.stats.reward_margin, 0.0,
+        "a fresh LoRA (B = 0) is the reference model"
+    );
+    assert!((first.stats.loss - std::f32::consts::LN_2).abs() < 1e-6);
+    let late: f32 = records[8..].iter().map(|r| r.stats.reward_margin).sum::<f32>() / 4.0;
     assert!(
         late > 0.0,
         "reward margins {:?}",
-        records.iter().map(|r| r.reward_margin).collect::<Vec<_>>()
+        records.iter().map(|r| r.stats.reward_margin).collect::<Vec<_>>()
     );
-    assert!(records[8..].iter().all(|r| r.loss < std::f32::consts::LN_2));
+    assert!(records[8..].iter().all(|r| r.stats.loss < std::f32::consts::LN_2));
     assert!(records.iter().all(|r| r.a_focus.is_some() && r.branch.is_some()));
 }
 

@@ -123,27 +123,33 @@ pub fn run(args: &MasksArgs) -> anyhow::Result<()> {
         layers: args.layers.clone(),
         similarity,
     };
+    // Maps that do not depend on t (M_s from a file, or no M_s): fused once, repeated for every timestep.
+    let same_for_every_t = |m_s: Option<Grid>| -> anyhow::Result<Vec<AtTimestep>> {
+        let fused = fuse(
+            &params,
+            &MaskInputs {
+                m_prior: &masks.m_prior,
+                m_d: &masks.m_d,
+                m_s: m_s.as_ref(),
+            },
+        )?;
+        Ok(args
+            .timesteps
+            .iter()
+            .map(|&t| AtTimestep {
+                t,
+                m_s: m_s.clone(),
+                fused: fused.clone(),
+            })
+            .collect())
+    };
     let (per_t, m_s_source) = match &args.ms_mask {
         Some(path) => {
             let m_s = attention_field_from_file(path, &item, &settings, &masks.m_prior)?;
-            let fused = fuse(
-                &params,
-                &MaskInputs {
-                    m_prior: &masks.m_prior,
-                    m_d: &masks.m_d,
-                    m_s: Some(&m_s),
-                },
-            )?;
-            let per_t = args
-                .timesteps
-                .iter()
-                .map(|&t| AtTimestep {
-                    t,
-                    m_s: Some(m_s.clone()),
-                    fused: fused.clone(),
-                })
-                .collect();
-            (per_t, format!("file:{} (same for every timestep)", path.display()))
+            (
+                same_for_every_t(Some(m_s))?,
+                format!("file:{} (same for every timestep)", path.display()),
+            )
         }
         None => match BaseModel::load(&args.base, &Device::Cpu) {
             Ok(base) => {
@@ -192,24 +198,7 @@ pub fn run(args: &MasksArgs) -> anyhow::Result<()> {
             }
             Err(e) => {
                 eprintln!("note: no M_s ({e}); writing the maps that do not need the backbone");
-                let fused = fuse(
-                    &params,
-                    &MaskInputs {
-                        m_prior: &masks.m_prior,
-                        m_d: &masks.m_d,
-                        m_s: None,
-                    },
-                )?;
-                let per_t = args
-                    .timesteps
-                    .iter()
-                    .map(|&t| AtTimestep {
-                        t,
-                        m_s: None,
-                        fused: fused.clone(),
-                    })
-                    .collect();
-                (per_t, "none".to_string())
+                (same_for_every_t(None)?, "none".to_string())
             }
         },
     };

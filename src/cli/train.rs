@@ -139,13 +139,13 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
             }
             Event::Step(r) => {
                 times.push(r.seconds);
-                last_loss = r.loss;
+                last_loss = r.stats.loss;
                 let a = r.a_focus.map_or("-".to_string(), |a| format!("{a:.2}"));
                 let msg = format!(
                     "loss {:.4} acc {:.2} margin {:+.3} A_focus {a} |g| {:.3} {:.0} ms",
-                    r.loss,
-                    r.implicit_accuracy,
-                    r.reward_margin,
+                    r.stats.loss,
+                    r.stats.implicit_accuracy,
+                    r.stats.reward_margin,
                     r.grad_norm,
                     r.seconds * 1e3
                 );

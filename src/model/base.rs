@@ -195,10 +195,14 @@ impl BaseModel {
         tensors: HashMap<String, Tensor>,
         device: &Device,
     ) -> Result<Self, ModelError> {
-        let has_prompt = tensors.contains_key("prompt_embed.token.weight");
         let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+        Self::from_var_builder(cfg, patch, vb, BaseSource::Random(0))
+    }
+
+    /// The MMDiT from `vb`, plus the prompt tables when `vb` has them.
+    fn from_var_builder(cfg: &Config, patch: usize, vb: VarBuilder, source: BaseSource) -> Result<Self, ModelError> {
         let mmdit = Mmdit::new(cfg, vb.clone())?;
-        let prompt = if has_prompt {
+        let prompt = if vb.contains_tensor("prompt_embed.token.weight") {
             Some(PromptEncoder::load(cfg.context_in_dim, cfg.vec_in_dim, vb)?)
         } else {
             None
@@ -207,7 +211,7 @@ impl BaseModel {
             mmdit,
             prompt,
             patch,
-            source: BaseSource::Random(0),
+            source,
         })
     }
 
@@ -251,22 +255,7 @@ impl BaseModel {
             unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, device) }
                 .map_err(|e| model_err(ModelError::Weights(e)))?
         };
-        let has_prompt = vb.contains_tensor("prompt_embed.token.weight");
-        let mmdit = Mmdit::new(&cfg, vb.clone()).map_err(model_err)?;
-        let prompt = if has_prompt {
-            Some(
-                PromptEncoder::load(cfg.context_in_dim, cfg.vec_in_dim, vb)
-                    .map_err(|e| model_err(ModelError::Weights(e)))?,
-            )
-        } else {
-            None
-        };
-        Ok(Self {
-            mmdit,
-            prompt,
-            patch,
-            source: BaseSource::File(path.to_path_buf()),
-        })
+        Self::from_var_builder(&cfg, patch, vb, BaseSource::File(path.to_path_buf())).map_err(model_err)
     }
 
     /// The model config.

@@ -484,6 +484,11 @@ impl Mmdit {
         &self.cfg
     }
 
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        self.img_in.weight().device()
+    }
+
     /// Every linear layer of the model, in checkpoint order.
     pub fn linears(&self) -> Vec<&Linear> {
         let mut out = vec![&self.img_in, &self.txt_in];

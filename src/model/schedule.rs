@@ -93,6 +93,15 @@ pub fn add_noise(param: Parameterisation, x0: &Tensor, eps: &Tensor, t: &[f32]) 
     }
 }
 
+/// The schedule time for a fraction `frac ∈ [0, 1]` of the schedule: `frac` itself for rectified flow, the
+/// nearest integer step `T = round(frac · 999)` for DDPM (the `t` that [`add_noise`] takes).
+pub fn schedule_time(param: Parameterisation, frac: f32) -> f32 {
+    match param {
+        Parameterisation::RectifiedFlow => frac,
+        Parameterisation::Epsilon => (frac * (DDPM_STEPS - 1) as f32).round(),
+    }
+}
+
 /// The timestep the network is conditioned on, in `[0, 1]`: `t` itself for rectified flow, `T / 1000` for DDPM.
 pub fn model_time(param: Parameterisation, t: &[f32], device: &Device) -> Result<Tensor> {
     let v: Vec<f32> = match param {

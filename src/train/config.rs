@@ -48,7 +48,7 @@ pub struct AttentionConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct MaskConfig {
     /// `M_prior` pooling and the `M_d` entropy window. The token stride is always the model's (pixels per
-    /// token); a configured stride that differs is an error.
+    /// token): training replaces the configured `prior.stride` with it.
     pub settings: MaskSettings,
     /// Variant, τ, γ.
     pub fusion: FusionParams,

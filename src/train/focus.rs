@@ -146,7 +146,7 @@ pub fn masks_at(
     attention: &AttentionConfig,
     fusion: &FusionParams,
 ) -> Result<StepMasks, FocusError> {
-    use crate::model::schedule::{Parameterisation, add_noise, model_time};
+    use crate::model::schedule::{add_noise, model_time, schedule_time};
     let device = item.x0_w.device();
     let mut rng = crate::rng::stream_rng(probe.noise_seed, 0, 0);
     let eps = Tensor::from_vec(
@@ -154,10 +154,7 @@ pub fn masks_at(
         item.x0_w.dims(),
         device,
     )?;
-    let t_sched = match probe.parameterisation {
-        Parameterisation::RectifiedFlow => probe.t,
-        Parameterisation::Epsilon => (probe.t * 999.0).round(),
-    };
+    let t_sched = schedule_time(probe.parameterisation, probe.t);
     let noised = add_noise(probe.parameterisation, &item.x0_w, &eps, &[t_sched])?;
     let timesteps = model_time(probe.parameterisation, &[t_sched], device)?;
     let out = item.forward(

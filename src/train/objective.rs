@@ -116,7 +116,7 @@ pub struct ObjectiveOutput {
 }
 
 /// Per-step statistics (batch means).
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
 pub struct StepStats {
     /// Loss value.
     pub loss: f32,

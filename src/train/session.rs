@@ -25,9 +25,9 @@ use candle_core::{Device, Tensor};
 use serde::Serialize;
 
 use crate::dip::{DipDataset, bundled_dataset_dir};
-use crate::masks::{Branch, Grid, MaskVariant};
+use crate::masks::{Grid, MaskVariant};
 use crate::model::lora::{LoraFormat, LoraSet};
-use crate::model::schedule::{Parameterisation, add_noise, model_time};
+use crate::model::schedule::{add_noise, model_time, schedule_time};
 use crate::model::{Adapters, BaseModel, ForwardOptions, ForwardOutput, Mmdit};
 use crate::rng::{normal_vec, permutation, stream_rng};
 
@@ -107,22 +107,10 @@ pub struct StepRecord {
     pub item: String,
     /// Sampled `t` (fraction of the schedule).
     pub t: f32,
-    /// Loss.
-    pub loss: f32,
-    /// Implicit accuracy (ties ½; NaN for SFT).
-    pub implicit_accuracy: f32,
-    /// Reward margin `z` (NaN for SFT).
-    pub reward_margin: f32,
-    /// `e_θ(w)`.
-    pub err_policy_w: f32,
-    /// `e_ref(w)`.
-    pub err_ref_w: f32,
-    /// `e_θ(l)`.
-    pub err_policy_l: f32,
-    /// `e_ref(l)`.
-    pub err_ref_l: f32,
-    /// Pairs kept by the δ filter.
-    pub kept_pairs: usize,
+    /// Loss, implicit accuracy (NaN for SFT), reward margin, the four errors, kept pairs (flattened into the
+    /// JSON line).
+    #[serde(flatten)]
+    pub stats: StepStats,
     /// `A_focus` of this step's `M_s` (None without hidden states, e.g. SFT).
     pub a_focus: Option<f32>,
     /// Eq. 9 branch that fired (`attention-only`, `blend`, `static`).
@@ -231,7 +219,7 @@ impl Trainer {
         if items.is_empty() {
             return Err(TrainError::Data("no items to train on".into()));
         }
-        let device = base.mmdit_device();
+        let device = base.mmdit.device().clone();
         let mut lora_cfg = cfg.lora;
         lora_cfg.seed = lora_cfg.seed.wrapping_add(cfg.seed);
         let lora = LoraSet::for_model(lora_cfg, base.config(), &device)?;
@@ -363,10 +351,7 @@ impl Trainer {
         let noise_cfg = self.cfg.noise;
         let u: f32 = rand::RngExt::random(&mut rng);
         let frac = noise_cfg.t_min + (noise_cfg.t_max - noise_cfg.t_min) * u;
-        let t_sched = match noise_cfg.parameterisation {
-            Parameterisation::RectifiedFlow => frac,
-            Parameterisation::Epsilon => (frac * 999.0).round(),
-        };
+        let t_sched = schedule_time(noise_cfg.parameterisation, frac);
         let shape = item.x0_w.dims().to_vec();
         let eps = Tensor::from_vec(normal_vec(&mut rng, item.x0_w.elem_count()), shape, &self.device)?;
         let objective = self.cfg.objective;
@@ -489,16 +474,9 @@ impl Trainer {
             step,
             item: item.id.clone(),
             t: frac,
-            loss: stats.loss,
-            implicit_accuracy: stats.implicit_accuracy,
-            reward_margin: stats.reward_margin,
-            err_policy_w: stats.err_policy_w,
-            err_ref_w: stats.err_ref_w,
-            err_policy_l: stats.err_policy_l,
-            err_ref_l: stats.err_ref_l,
-            kept_pairs: stats.kept_pairs,
+            stats,
             a_focus: masks.as_ref().and_then(|m| m.fused.a_focus),
-            branch: masks.as_ref().map(|m| branch_name(m.fused.branch).to_string()),
+            branch: masks.as_ref().map(|m| m.fused.branch.name().to_string()),
             m_mean,
             grad_norm,
             lr,
@@ -520,19 +498,6 @@ impl Trainer {
             m: masks.fused.mask.clone(),
             a_focus: masks.fused.a_focus,
         })
-    }
-}
-
-fn branch_name(b: Branch) -> &'static str {
-    b.name()
-}
-
-impl BaseModel {
-    fn mmdit_device(&self) -> Device {
-        self.mmdit
-            .named_tensors()
-            .first()
-            .map_or(Device::Cpu, |(_, t)| t.device().clone())
     }
 }
 

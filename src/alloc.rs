@@ -43,3 +43,11 @@ pub fn tune_for_tensors() {
         }
     }
 }
+
+/// Resident set size of this process in MiB (Linux `/proc/self/statm`; `None` elsewhere). Logged by long runs so a
+/// leak shows in their metrics.
+pub fn resident_mib() -> Option<f64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: f64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096.0 / (1024.0 * 1024.0))
+}

@@ -5,9 +5,12 @@
 //! - [`dip`]: Disrupted-Instance Pair datasets — manifest, loading, validation, synthetic generator.
 //! - [`pipeline`]: glue from a loaded dataset item to its token-grid masks.
 //! - [`store`]: atomic writes, safetensors and PNG export.
+//! - [`app`]: the Studio window (eframe/egui); it only draws and sends commands to worker threads.
 
 pub mod alloc;
+pub mod app;
 pub mod dip;
+pub mod eval;
 pub mod masks;
 pub mod model;
 pub mod pipeline;

@@ -153,12 +153,12 @@ pub fn run(args: &MasksArgs) -> anyhow::Result<()> {
         }
         None => match BaseModel::load(&args.base, &Device::Cpu) {
             Ok(base) => {
-                if base.patch != args.stride {
+                if base.pixels_per_token() != args.stride {
                     bail!(
                         "--stride {} differs from the backbone's {} pixels per token; M_s lives on the model's \
                          token grid",
                         args.stride,
-                        base.patch
+                        base.pixels_per_token()
                     );
                 }
                 let prepared = prepare_item(&base, &item, &settings, args.reference_px, &Device::Cpu)?;

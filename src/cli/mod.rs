@@ -2,7 +2,9 @@
 //! `anyhow` with context, reported once in `main`.
 
 mod dip;
+mod eval;
 mod masks;
+mod pretrain;
 mod train;
 
 use std::process::ExitCode;
@@ -11,10 +13,11 @@ use clap::{Parser, Subcommand};
 
 /// FocusDPO Studio: spatially-weighted Diffusion-DPO for multi-subject personalized generation.
 #[derive(Debug, Parser)]
-#[command(name = "focusdpo", version, about, long_about = None, arg_required_else_help = true)]
+#[command(name = "focusdpo", version, about, long_about = None)]
 pub struct Cli {
+    /// Without a subcommand the Studio window opens.
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -26,13 +29,25 @@ enum Command {
     Masks(masks::MasksArgs),
     /// Train LoRA adapters with SFT, Diffusion-DPO or FocusDPO; writes runs/NAME (config, metrics, checkpoints).
     Train(train::TrainArgs),
+    /// Pretrain the tiny base from scratch on the synthetic DIP stream (resumable), or export its weights.
+    Pretrain(pretrain::PretrainArgs),
+    /// Generate images for one prompt and its references (Euler / DDIM with classifier-free guidance).
+    Sample(eval::SampleArgs),
+    /// The synthetic fidelity benchmark on a held-out split: eval.json, eval.md and sample sheets.
+    Eval(eval::EvalArgs),
 }
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    match cli.command {
+    let Some(command) = cli.command else {
+        return focusdpo::app::run(focusdpo::app::StudioOptions::default()).map(|()| ExitCode::SUCCESS);
+    };
+    match command {
         Command::Dip(cmd) => dip::run(cmd),
         Command::Masks(args) => masks::run(&args).map(|()| ExitCode::SUCCESS),
         Command::Train(args) => train::run(&args).map(|()| ExitCode::SUCCESS),
+        Command::Pretrain(args) => pretrain::run(&args).map(|()| ExitCode::SUCCESS),
+        Command::Sample(args) => eval::run_sample(&args).map(|()| ExitCode::SUCCESS),
+        Command::Eval(args) => eval::run_eval(&args).map(|()| ExitCode::SUCCESS),
     }
 }

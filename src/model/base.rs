@@ -3,8 +3,8 @@
 //! File layout: FLUX tensor names for the MMDiT (so a FLUX/UNO checkpoint is the same format), plus the tiny
 //! model's prompt tables (`prompt_embed.*`, see [`super::text`]). The safetensors metadata carries
 //! `focusdpo.config` (the [`Config`] as JSON) and `focusdpo.patch` (pixel-unshuffle factor). A file without
-//! them is read as FLUX.1-dev, which needs the FLUX autoencoder and text encoders (not wired: see
-//! `docs/backbone.md`).
+//! them is read as FLUX.1-dev, which needs the FLUX autoencoder ([`BaseModel::with_autoencoder`]) and text
+//! encoders ([`BaseModel::with_text_encoders`]), given by path (see `docs/backbone.md`).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -14,16 +14,18 @@ use std::str::FromStr;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
+use super::codec::{CodecError, FluxAutoencoder, ImageCodec};
+use super::flux_text::{ClipTextEncoder, FluxTextEncoders, T5TextEncoder, TextConditioner};
+use super::hf::LoadError;
 use super::mmdit::{Mmdit, ModelError};
 use super::text::{PromptEncoder, random_prompt_tables};
+use super::weights::{WeightsError, read_header, var_builder};
 use super::{Config, testing};
 
 /// Metadata key of the JSON config.
 pub const META_CONFIG: &str = "focusdpo.config";
 /// Metadata key of the patch size.
 pub const META_PATCH: &str = "focusdpo.patch";
-/// Files up to this size are read into memory; larger ones are memory-mapped.
-const BUFFERED_MAX_BYTES: u64 = 1 << 30;
 
 /// Where the base weights come from.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -112,6 +114,24 @@ pub enum BaseError {
     /// The bundled base is missing.
     #[error("the bundled base {0} is missing (set FOCUSDPO_ASSETS, or choose another base: `random:SEED` or a file)")]
     NoBundled(PathBuf),
+    /// The autoencoder cannot be loaded or does not fit the MMDiT (boxed: candle errors are large).
+    #[error("autoencoder: {0}")]
+    Autoencoder(Box<CodecError>),
+    /// A FLUX text encoder cannot be loaded or does not fit the MMDiT.
+    #[error("text encoder: {0}")]
+    TextEncoder(Box<LoadError>),
+}
+
+impl From<CodecError> for BaseError {
+    fn from(e: CodecError) -> Self {
+        Self::Autoencoder(Box::new(e))
+    }
+}
+
+impl From<LoadError> for BaseError {
+    fn from(e: LoadError) -> Self {
+        Self::TextEncoder(Box::new(e))
+    }
 }
 
 /// A loaded base model.
@@ -121,39 +141,36 @@ pub struct BaseModel {
     pub mmdit: Mmdit,
     /// Prompt tables (tiny models); `None` for a FLUX checkpoint.
     pub prompt: Option<PromptEncoder>,
-    /// Pixel-unshuffle factor: pixels per token side.
+    /// Packing factor: pixels (tiny) or latent pixels (FLUX) per token side. The mask stride is
+    /// [`Self::pixels_per_token`], which differs from it with an autoencoder.
     pub patch: usize,
+    /// Images ↔ tokens: pixel-unshuffle by `patch`, or the FLUX autoencoder once one is attached.
+    pub codec: ImageCodec,
+    /// FLUX's T5 + CLIP text encoders, once attached (a FLUX checkpoint has no prompt tables).
+    pub flux_text: Option<FluxTextEncoders>,
     /// Where it came from.
     pub source: BaseSource,
 }
 
 /// Reads the `__metadata__` of a safetensors file without reading the tensors.
 pub fn read_safetensors_metadata(path: &Path) -> Result<HashMap<String, String>, BaseError> {
-    use std::io::Read;
-    let fmt_err = |reason: String| BaseError::Format {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let mut f = std::fs::File::open(path).map_err(|source| BaseError::Io {
-        path: path.to_path_buf(),
-        source,
+    let header = read_header(path).map_err(|e| match e {
+        WeightsError::Io { path, source } => BaseError::Io { path, source },
+        other => BaseError::Format {
+            path: path.to_path_buf(),
+            reason: match other {
+                WeightsError::Format { source, .. } => source.to_string(),
+                w => w.to_string(),
+            },
+        },
     })?;
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len)
-        .map_err(|_| fmt_err("not a safetensors file (shorter than its 8-byte header length)".into()))?;
-    let len = u64::from_le_bytes(len);
-    if len > 100 << 20 {
-        return Err(fmt_err(format!("not a safetensors file (header length {len} bytes)")));
-    }
-    let mut header = vec![0u8; len as usize];
-    f.read_exact(&mut header)
-        .map_err(|_| fmt_err(format!("truncated safetensors header ({len} bytes announced)")))?;
-    let value: serde_json::Value =
-        serde_json::from_slice(&header).map_err(|e| fmt_err(format!("safetensors header is not JSON: {e}")))?;
-    let Some(meta) = value.get("__metadata__") else {
+    let Some(meta) = header.get("__metadata__") else {
         return Ok(HashMap::new());
     };
-    serde_json::from_value(meta.clone()).map_err(|e| fmt_err(format!("__metadata__: {e}")))
+    serde_json::from_value(meta.clone()).map_err(|e| BaseError::Format {
+        path: path.to_path_buf(),
+        reason: format!("__metadata__: {e}"),
+    })
 }
 
 impl BaseModel {
@@ -199,8 +216,14 @@ impl BaseModel {
         Self::from_var_builder(cfg, patch, vb, BaseSource::Random(0))
     }
 
-    /// The MMDiT from `vb`, plus the prompt tables when `vb` has them.
-    fn from_var_builder(cfg: &Config, patch: usize, vb: VarBuilder, source: BaseSource) -> Result<Self, ModelError> {
+    /// The MMDiT from `vb`, plus the prompt tables when `vb` has them (a `VarMap`-backed `vb` gives a trainable
+    /// base: see `train::pretrain`).
+    pub fn from_var_builder(
+        cfg: &Config,
+        patch: usize,
+        vb: VarBuilder,
+        source: BaseSource,
+    ) -> Result<Self, ModelError> {
         let mmdit = Mmdit::new(cfg, vb.clone())?;
         let prompt = if vb.contains_tensor("prompt_embed.token.weight") {
             Some(PromptEncoder::load(cfg.context_in_dim, cfg.vec_in_dim, vb)?)
@@ -211,6 +234,8 @@ impl BaseModel {
             mmdit,
             prompt,
             patch,
+            codec: ImageCodec::PixelUnshuffle { patch },
+            flux_text: None,
             source,
         })
     }
@@ -236,31 +261,112 @@ impl BaseModel {
             path: path.to_path_buf(),
             source,
         };
-        let size = std::fs::metadata(path)
-            .map_err(|source| BaseError::Io {
+        let vb = var_builder(&[path.to_path_buf()], DType::F32, device).map_err(|e| match e {
+            WeightsError::Io { path, source } => BaseError::Io { path, source },
+            WeightsError::Format { source, .. } => model_err(ModelError::Weights(source)),
+            other => BaseError::Format {
                 path: path.to_path_buf(),
-                source,
-            })?
-            .len();
-        let vb = if size <= BUFFERED_MAX_BYTES {
-            let bytes = std::fs::read(path).map_err(|source| BaseError::Io {
-                path: path.to_path_buf(),
-                source,
-            })?;
-            VarBuilder::from_buffered_safetensors(bytes, DType::F32, device)
-                .map_err(|e| model_err(ModelError::Weights(e)))?
-        } else {
-            // SAFETY: candle maps the file read-only; like every mmap-based loader we rely on the checkpoint not
-            // being modified while the run uses it (the same contract as safetensors/PyTorch).
-            unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, device) }
-                .map_err(|e| model_err(ModelError::Weights(e)))?
-        };
+                reason: other.to_string(),
+            },
+        })?;
         Self::from_var_builder(&cfg, patch, vb, BaseSource::File(path.to_path_buf())).map_err(model_err)
     }
 
     /// The model config.
     pub fn config(&self) -> &Config {
         self.mmdit.config()
+    }
+
+    /// Image pixels per token side: the token stride of every mask (4 for the tiny base, 16 for FLUX).
+    pub fn pixels_per_token(&self) -> usize {
+        self.codec.pixels_per_token()
+    }
+
+    /// Attaches the FLUX autoencoder `ae.safetensors` (BFL naming) as the image codec, packed by this base's
+    /// patch. Fails, naming the file, when its latents packed by `patch` do not give `in_channels`.
+    pub fn with_autoencoder(self, path: &Path) -> Result<Self, BaseError> {
+        let ae = FluxAutoencoder::load(path, self.mmdit.device())?;
+        self.with_codec_autoencoder(ae)
+    }
+
+    /// Attaches an already loaded autoencoder (see [`Self::with_autoencoder`]).
+    pub fn with_codec_autoencoder(mut self, ae: FluxAutoencoder) -> Result<Self, BaseError> {
+        let codec = ImageCodec::FluxAutoencoder {
+            ae: std::sync::Arc::new(ae),
+            patch: self.patch,
+        };
+        if codec.channels() != self.config().in_channels {
+            let (path, channels) = match &codec {
+                ImageCodec::FluxAutoencoder { ae, .. } => (ae.path().to_path_buf(), ae.z_channels()),
+                ImageCodec::PixelUnshuffle { .. } => (PathBuf::new(), 0),
+            };
+            return Err(BaseError::Format {
+                path,
+                reason: format!(
+                    "{channels} latent channels packed {p}×{p} give {} channels per token, but the base {} takes {}",
+                    codec.channels(),
+                    self.source,
+                    self.config().in_channels,
+                    p = self.patch,
+                ),
+            });
+        }
+        self.codec = codec;
+        Ok(self)
+    }
+
+    /// Attaches FLUX's text encoders: T5 from `t5` (+ `t5_tokenizer`, `t5_tokens` tokens per prompt) for `txt`,
+    /// CLIP from `clip` (+ `clip_tokenizer`) for `y`. Fails, naming the file, when their widths do not match
+    /// `context_in_dim` / `vec_in_dim`.
+    pub fn with_text_encoders(
+        self,
+        t5: (&Path, &Path),
+        t5_tokens: usize,
+        clip: (&Path, &Path),
+    ) -> Result<Self, BaseError> {
+        let device = self.mmdit.device().clone();
+        let encoders = FluxTextEncoders {
+            t5: T5TextEncoder::load(t5.0, t5.1, t5_tokens, &device)?,
+            clip: ClipTextEncoder::load(clip.0, clip.1, &device)?,
+        };
+        self.with_flux_text(encoders, (t5.0, clip.0))
+    }
+
+    /// Attaches already loaded text encoders; `paths` (T5, CLIP weights) are named in errors.
+    pub fn with_flux_text(mut self, encoders: FluxTextEncoders, paths: (&Path, &Path)) -> Result<Self, BaseError> {
+        let cfg = self.config();
+        let mismatch = |path: PathBuf, what: &str, got: usize, want: usize| BaseError::Format {
+            path,
+            reason: format!("{what} is {got} wide, but the base takes {want}"),
+        };
+        if encoders.t5.hidden_size() != cfg.context_in_dim {
+            return Err(mismatch(
+                paths.0.to_path_buf(),
+                "T5's hidden state",
+                encoders.t5.hidden_size(),
+                cfg.context_in_dim,
+            ));
+        }
+        if encoders.clip.hidden_size() != cfg.vec_in_dim {
+            return Err(mismatch(
+                paths.1.to_path_buf(),
+                "CLIP's pooled output",
+                encoders.clip.hidden_size(),
+                cfg.vec_in_dim,
+            ));
+        }
+        self.flux_text = Some(encoders);
+        Ok(self)
+    }
+
+    /// Where prompt embeddings come from: the learned tables of a tiny base, else FLUX's T5 + CLIP when
+    /// attached; `None` when the base has neither.
+    pub fn text_conditioner(&self) -> Option<TextConditioner<'_>> {
+        match (&self.prompt, &self.flux_text) {
+            (Some(p), _) => Some(TextConditioner::Learned(p)),
+            (None, Some(f)) => Some(f.conditioner()),
+            (None, None) => None,
+        }
     }
 
     /// The base as safetensors bytes (FLUX names + prompt tables + metadata), loadable by [`Self::load_file`].

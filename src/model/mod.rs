@@ -1,8 +1,11 @@
 //! The backbone: one FLUX-format MMDiT for the tiny default and for FLUX.1/UNO, plus noise schedules.
 
 pub mod base;
+pub mod codec;
 pub mod config;
 pub mod encoder;
+pub mod flux_text;
+pub mod hf;
 pub mod linear;
 pub mod lora;
 pub mod mmdit;
@@ -11,9 +14,12 @@ pub mod rope;
 pub mod schedule;
 pub mod testing;
 pub mod text;
+pub mod weights;
 
 pub use base::{BaseError, BaseModel, BaseSource};
+pub use codec::ImageCodec;
 pub use config::{Config, ConfigError};
+pub use flux_text::TextConditioner;
 pub use linear::{Adapters, Linear};
 pub use mmdit::{
     BlockHidden, ForwardOptions, ForwardOutput, Mmdit, MmditInput, ModelError, Reference, ids_tensor, reference_ids,

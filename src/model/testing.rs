@@ -41,6 +41,40 @@ pub fn random_weights(cfg: &Config, seed: u64, device: &Device) -> Result<HashMa
         .collect()
 }
 
+/// Random normal(0, std²) values for every tensor that `build` asks a `VarBuilder` for, under the names the
+/// model code itself uses: tiny checkpoints of candle-transformers models (autoencoder, T5, CLIP, DINOv2) in
+/// their real naming, without listing the names by hand. Deterministic per `seed`.
+pub fn random_named_weights(
+    seed: u64,
+    std: f32,
+    device: &Device,
+    build: impl FnOnce(candle_nn::VarBuilder) -> Result<()>,
+) -> Result<HashMap<String, Tensor>> {
+    let varmap = candle_nn::VarMap::new();
+    build(candle_nn::VarBuilder::from_varmap(
+        &varmap,
+        candle_core::DType::F32,
+        device,
+    ))?;
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("VarMap lock poisoned".into()))?;
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    names
+        .into_iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let shape = data[name].shape().dims().to_vec();
+            Ok((
+                name.clone(),
+                random_tensor(&shape, std, seed ^ (i as u64).wrapping_mul(0x9e37_79b9), device)?,
+            ))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

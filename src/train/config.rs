@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::masks::{FusionParams, Similarity};
-use crate::model::BaseSource;
 use crate::model::lora::LoraConfig;
 use crate::model::schedule::Parameterisation;
+use crate::model::{BaseError, BaseModel, BaseSource};
 use crate::pipeline::MaskSettings;
 
 use super::objective::{ObjectiveConfig, ObjectiveKind};
@@ -19,7 +19,7 @@ use super::optim::AdamWParams;
 pub const MAX_STEPS: u64 = 1_000_000_000;
 
 /// Whose hidden states feed Eq. 3 (`M_s`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum HiddenSource {
     /// The frozen reference model (default): `M` is then a fixed function of (item, t, noise), so the weighted
@@ -77,6 +77,20 @@ pub struct ModelSettings {
     pub reference_px: u32,
     /// `cpu`, `cuda` or `cuda:N` (CUDA needs a build with the `cuda` feature).
     pub device: String,
+    /// FLUX autoencoder `ae.safetensors` (BFL naming): images are encoded with it instead of pixel-unshuffled.
+    pub autoencoder: Option<PathBuf>,
+    /// T5 encoder for FLUX's `txt`: a safetensors file (T5 v1.1 XXL sizes) or a folder with `config.json` and
+    /// shards (FLUX.1's `text_encoder_2/`).
+    pub t5: Option<PathBuf>,
+    /// `tokenizer.json` of the T5 encoder.
+    pub t5_tokenizer: Option<PathBuf>,
+    /// T5 tokens per prompt (512 for FLUX.1-dev, 256 for schnell).
+    pub t5_max_tokens: usize,
+    /// CLIP text encoder for FLUX's `y`: a safetensors file (CLIP-L sizes) or a folder with `config.json`
+    /// (FLUX.1's `text_encoder/`).
+    pub clip: Option<PathBuf>,
+    /// `tokenizer.json` of the CLIP text encoder.
+    pub clip_tokenizer: Option<PathBuf>,
 }
 
 impl Default for ModelSettings {
@@ -85,6 +99,12 @@ impl Default for ModelSettings {
             base: BaseSource::Bundled,
             reference_px: 32,
             device: "cpu".into(),
+            autoencoder: None,
+            t5: None,
+            t5_tokenizer: None,
+            t5_max_tokens: crate::model::flux_text::FLUX_T5_TOKENS,
+            clip: None,
+            clip_tokenizer: None,
         }
     }
 }
@@ -109,6 +129,46 @@ impl ModelSettings {
             }
             other => Err(invalid(format!("`{other}` is not cpu, cuda or cuda:N"))),
         }
+    }
+
+    /// Checks that the FLUX encoder paths come in complete sets (T5 and CLIP, each with its tokenizer).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let inv = |field, message: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                message: message.to_string(),
+            })
+        };
+        if self.t5.is_some() != self.clip.is_some() {
+            return inv(
+                "model.t5",
+                "FLUX needs both text encoders: set model.t5 and model.clip together",
+            );
+        }
+        if self.t5.is_some() && self.t5_tokenizer.is_none() {
+            return inv("model.t5_tokenizer", "model.t5 needs its tokenizer.json");
+        }
+        if self.clip.is_some() && self.clip_tokenizer.is_none() {
+            return inv("model.clip_tokenizer", "model.clip needs its tokenizer.json");
+        }
+        if self.t5_max_tokens == 0 {
+            return inv("model.t5_max_tokens", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// Loads the base on `device` with the autoencoder and text encoders these settings name.
+    pub fn load_base(&self, device: &candle_core::Device) -> Result<BaseModel, BaseError> {
+        let mut base = BaseModel::load(&self.base, device)?;
+        if let Some(ae) = &self.autoencoder {
+            base = base.with_autoencoder(ae)?;
+        }
+        if let (Some(t5), Some(t5_tok), Some(clip), Some(clip_tok)) =
+            (&self.t5, &self.t5_tokenizer, &self.clip, &self.clip_tokenizer)
+        {
+            base = base.with_text_encoders((t5, t5_tok), self.t5_max_tokens, (clip, clip_tok))?;
+        }
+        Ok(base)
     }
 }
 
@@ -282,49 +342,9 @@ impl RunConfig {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot serialise config: {e}\n"))
     }
 
-    /// Applies `key=value` overrides. `value` is read as a TOML value (`0.2`, `true`, `"text"`, `[0, 2]`); a bare
-    /// word that is not valid TOML is taken as a string (`objective=dpo`).
+    /// Applies `key=value` overrides ([`apply_overrides`]).
     pub fn with_overrides(&self, overrides: &[String]) -> Result<Self, ConfigError> {
-        let mut root = toml::Table::try_from(self).map_err(|e| ConfigError::Override {
-            arg: String::new(),
-            message: e.to_string(),
-        })?;
-        for arg in overrides {
-            let err = |message: String| ConfigError::Override {
-                arg: arg.clone(),
-                message,
-            };
-            let (key, raw) = arg.split_once('=').ok_or_else(|| err("expected key=value".into()))?;
-            let key = key.trim();
-            let value = parse_value(raw.trim());
-            let parts: Vec<&str> = key.split('.').collect();
-            if parts.iter().any(|p| p.is_empty()) {
-                return Err(err(format!("`{key}` is not a dotted field path")));
-            }
-            let (last, parents) = parts.split_last().ok_or_else(|| err("empty key".into()))?;
-            let mut table = &mut root;
-            for (depth, p) in parents.iter().enumerate() {
-                table = match table.get_mut(*p) {
-                    Some(toml::Value::Table(t)) => t,
-                    Some(_) => {
-                        return Err(err(format!(
-                            "`{}` is a value, not a section",
-                            parts[..=depth].join(".")
-                        )));
-                    }
-                    None => return Err(err(format!("no section `{}`", parts[..=depth].join(".")))),
-                };
-            }
-            table.insert((*last).to_string(), value);
-        }
-        let text = toml::to_string(&root).map_err(|e| ConfigError::Override {
-            arg: overrides.join(" "),
-            message: e.to_string(),
-        })?;
-        toml::from_str(&text).map_err(|e: toml::de::Error| ConfigError::Override {
-            arg: overrides.join(" "),
-            message: e.message().to_string(),
-        })
+        apply_overrides(self, overrides)
     }
 
     /// Checks ranges that the types do not.
@@ -360,8 +380,68 @@ impl RunConfig {
         if self.model.reference_px == 0 {
             return inv("model.reference_px", "must be positive".into());
         }
-        Ok(())
+        self.model.validate()
     }
+}
+
+/// Applies `key=value` overrides to any serde config (run and pretraining configs). `value` is read as a TOML value (`0.2`, `true`, `"text"`, `[0, 2]`); a bare
+/// word that is not valid TOML is taken as a string (`objective=dpo`).
+pub fn apply_overrides<T: Serialize + serde::de::DeserializeOwned>(
+    config: &T,
+    overrides: &[String],
+) -> Result<T, ConfigError> {
+    let mut root = toml::Table::try_from(config).map_err(|e| ConfigError::Override {
+        arg: String::new(),
+        message: e.to_string(),
+    })?;
+    for arg in overrides {
+        let err = |message: String| ConfigError::Override {
+            arg: arg.clone(),
+            message,
+        };
+        let (key, raw) = arg.split_once('=').ok_or_else(|| err("expected key=value".into()))?;
+        let key = key.trim();
+        let value = parse_value(raw.trim());
+        let parts: Vec<&str> = key.split('.').collect();
+        if parts.iter().any(|p| p.is_empty()) {
+            return Err(err(format!("`{key}` is not a dotted field path")));
+        }
+        let (last, parents) = parts.split_last().ok_or_else(|| err("empty key".into()))?;
+        let mut table = &mut root;
+        for (depth, p) in parents.iter().enumerate() {
+            table = match table.get_mut(*p) {
+                Some(toml::Value::Table(t)) => t,
+                Some(_) => {
+                    return Err(err(format!(
+                        "`{}` is a value, not a section",
+                        parts[..=depth].join(".")
+                    )));
+                }
+                None => return Err(err(format!("no section `{}`", parts[..=depth].join(".")))),
+            };
+        }
+        table.insert((*last).to_string(), value);
+    }
+    let text = toml::to_string(&root).map_err(|e| ConfigError::Override {
+        arg: overrides.join(" "),
+        message: e.to_string(),
+    })?;
+    toml::from_str(&text).map_err(|e: toml::de::Error| ConfigError::Override {
+        arg: overrides.join(" "),
+        message: e.message().to_string(),
+    })
+}
+
+/// Reads a TOML config file of any serde config type (errors name the file, line and column).
+pub fn read_toml_file<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e: toml::de::Error| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string().trim_end().to_string(),
+    })
 }
 
 fn parse_value(raw: &str) -> toml::Value {

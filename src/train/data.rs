@@ -6,7 +6,7 @@ use image::RgbImage;
 
 use crate::dip::LoadedItem;
 use crate::masks::MaskError;
-use crate::model::encoder::{image_to_tensor, patchify};
+use crate::model::ImageCodec;
 use crate::model::{
     BaseModel, ForwardOptions, ForwardOutput, Mmdit, MmditInput, Reference, ids_tensor, reference_ids, target_ids,
     uno_reference_offsets,
@@ -30,6 +30,14 @@ pub enum PrepareError {
         /// Item id.
         item: String,
         /// What is missing.
+        message: String,
+    },
+    /// The prompt cannot be encoded (tokenizer or text encoder failure).
+    #[error("item `{item}`: prompt: {message}")]
+    Text {
+        /// Item id.
+        item: String,
+        /// Cause.
         message: String,
     },
     /// Mask computation failed.
@@ -125,12 +133,15 @@ impl PreparedItem {
     }
 }
 
-fn tokens_of(img: &RgbImage, patch: usize, device: &Device) -> candle_core::Result<Tensor> {
-    patchify(&image_to_tensor(img, device)?, patch)
+fn tokens_of(codec: &ImageCodec, img: &RgbImage, device: &Device) -> candle_core::Result<Tensor> {
+    codec
+        .encode(img, device)
+        .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", codec.describe())))
 }
 
-/// Prepares `item` for `base`: images → tokens (pixel-unshuffle by the base's patch), references resized to
-/// `reference_px` with UnoPE offsets, prompt → embeddings, masks on the token grid (stride = patch).
+/// Prepares `item` for `base`: images → tokens with the base's codec (pixel-unshuffle, or the FLUX autoencoder
+/// and 2×2 packing), references resized to `reference_px` with UnoPE offsets, prompt → embeddings (learned
+/// tables, or T5 and CLIP), masks on the token grid (stride = [`BaseModel::pixels_per_token`]).
 pub fn prepare_item(
     base: &BaseModel,
     item: &LoadedItem,
@@ -147,21 +158,32 @@ pub fn prepare_item(
         item: id.clone(),
         source,
     };
-    let p = base.patch;
-    if base.config().in_channels != 3 * p * p {
+    let codec = &base.codec;
+    let p = codec.pixels_per_token();
+    if base.config().in_channels != codec.channels() {
         return Err(PrepareError::Unsupported {
             item: id,
-            message: format!(
-                "the base has {} input channels, not 3·{p}² pixel-unshuffled RGB: it needs the FLUX autoencoder, \
-                 which is not wired (docs/backbone.md)",
-                base.config().in_channels
-            ),
+            message: match codec {
+                ImageCodec::PixelUnshuffle { patch } => format!(
+                    "the base has {} input channels, not 3·{patch}² pixel-unshuffled RGB: it needs the FLUX \
+                     autoencoder (model.autoencoder = \"ae.safetensors\", docs/backbone.md)",
+                    base.config().in_channels
+                ),
+                ImageCodec::FluxAutoencoder { .. } => format!(
+                    "the base has {} input channels, but {} gives {}",
+                    base.config().in_channels,
+                    codec.describe(),
+                    codec.channels()
+                ),
+            },
         });
     }
-    let Some(prompt_encoder) = &base.prompt else {
+    let Some(text) = base.text_conditioner() else {
         return Err(PrepareError::Unsupported {
             item: id,
-            message: "the base has no prompt tables (FLUX text encoders are not wired, docs/backbone.md)".into(),
+            message: "the base has no prompt tables: a FLUX base needs its T5 and CLIP text encoders \
+                      (model.t5, model.clip and their tokenizers, docs/backbone.md)"
+                .into(),
         });
     };
     if settings.prior.stride != p {
@@ -174,18 +196,18 @@ pub fn prepare_item(
     let (w, h) = (w as usize, h as usize);
     if w % p != 0 || h % p != 0 || item.loser.dimensions() != item.winner.dimensions() {
         return Err(geometry(format!(
-            "winner {w}×{h} / loser {:?} must be equal and multiples of the patch size {p}",
+            "winner {w}×{h} / loser {:?} must be equal and multiples of the {p} pixels per token",
             item.loser.dimensions()
         )));
     }
     if !(reference_px as usize).is_multiple_of(p) {
         return Err(geometry(format!(
-            "reference size {reference_px} px is not a multiple of the patch size {p}"
+            "reference size {reference_px} px is not a multiple of the {p} pixels per token (model.reference_px)"
         )));
     }
     let grid = (h / p, w / p);
-    let x0_w = tokens_of(&item.winner, p, device).map_err(tensor_err)?;
-    let x0_l = tokens_of(&item.loser, p, device).map_err(tensor_err)?;
+    let x0_w = tokens_of(codec, &item.winner, device).map_err(tensor_err)?;
+    let x0_l = tokens_of(codec, &item.loser, device).map_err(tensor_err)?;
     let img_ids = ids_tensor(&target_ids(grid.0, grid.1), 1, device).map_err(tensor_err)?;
     let rg = reference_px as usize / p;
     let offsets = uno_reference_offsets(grid, &vec![(rg, rg); item.references.len()]);
@@ -200,13 +222,16 @@ pub fn prepare_item(
                 image::imageops::resize(r, reference_px, reference_px, image::imageops::FilterType::Triangle)
             };
             Ok(PreparedReference {
-                tokens: tokens_of(&resized, p, device)?,
+                tokens: tokens_of(codec, &resized, device)?,
                 ids: ids_tensor(&reference_ids(rg, rg, off), 1, device)?,
             })
         })
         .collect::<candle_core::Result<Vec<_>>>()
         .map_err(tensor_err)?;
-    let enc = prompt_encoder.encode(&[&item.record.prompt]).map_err(tensor_err)?;
+    let enc = text.encode(&[&item.record.prompt]).map_err(|e| PrepareError::Text {
+        item: id.clone(),
+        message: e.to_string(),
+    })?;
     let txt_ids = crate::model::text_ids(enc.txt.dim(1).map_err(tensor_err)?, 1, device).map_err(tensor_err)?;
     let masks = item_masks(item, settings).map_err(|source| PrepareError::Masks {
         item: id.clone(),
@@ -231,4 +256,171 @@ pub fn prepare_item(
         y: enc.y,
         masks,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use image::{GrayImage, Luma, Rgb};
+
+    use super::*;
+    use crate::dip::ItemRecord;
+    use crate::model::codec::{random_autoencoder_weights, tiny_autoencoder_config};
+    use crate::model::flux_text::testing::{write_tiny_clip, write_tiny_t5};
+    use crate::model::{BaseSource, Config};
+    use crate::train::config::ModelSettings;
+
+    /// A FLUX-shaped MMDiT (64 channels per token = 16 latent channels packed 2×2) at tiny widths matching the
+    /// tiny T5 (24) and CLIP (16) test encoders, saved like a FLUX checkpoint (no prompt tables).
+    fn write_flux_shaped_base(path: &Path) -> anyhow::Result<()> {
+        let cfg = Config {
+            in_channels: 64,
+            vec_in_dim: 16,
+            context_in_dim: 24,
+            hidden_size: 64,
+            num_heads: 1,
+            depth: 1,
+            depth_single_blocks: 1,
+            axes_dim: vec![8, 28, 28],
+            ..Config::tiny()
+        };
+        let mut base = BaseModel::random(&cfg, 2, 5, &Device::Cpu)?;
+        base.prompt = None;
+        std::fs::write(path, base.to_safetensors_bytes()?)?;
+        Ok(())
+    }
+
+    fn item(side: u32) -> LoadedItem {
+        let winner = RgbImage::from_fn(side, side, |x, y| Rgb([(x * 7) as u8, (y * 7) as u8, 128]));
+        let loser = RgbImage::from_fn(side, side, |x, y| Rgb([(y * 7) as u8, 60, (x * 7) as u8]));
+        let mask = GrayImage::from_fn(side, side, |x, _| Luma([if x < side / 2 { 255 } else { 0 }]));
+        LoadedItem {
+            record: ItemRecord {
+                id: "flux-item".into(),
+                prompt: "a red cat on grass".into(),
+                references: vec!["r.png".into()],
+                winner: "w.png".into(),
+                loser: "l.png".into(),
+                masks: vec!["m.png".into()],
+                category: None,
+                meta: serde_json::Value::Null,
+            },
+            line: 1,
+            references: vec![RgbImage::from_pixel(20, 20, Rgb([200, 10, 10]))],
+            winner,
+            loser,
+            masks: vec![mask],
+        }
+    }
+
+    struct FluxFiles {
+        _dir: tempfile::TempDir,
+        settings: ModelSettings,
+    }
+
+    fn flux_files() -> anyhow::Result<FluxFiles> {
+        let dir = tempfile::tempdir()?;
+        let base = dir.path().join("flux1-tiny.safetensors");
+        write_flux_shaped_base(&base)?;
+        let ae = dir.path().join("ae.safetensors");
+        candle_core::safetensors::save(
+            &random_autoencoder_weights(&tiny_autoencoder_config(), 9, &Device::Cpu)?,
+            &ae,
+        )?;
+        let (t5, clip) = (dir.path().join("text_encoder_2"), dir.path().join("text_encoder"));
+        write_tiny_t5(&t5, 1)?;
+        write_tiny_clip(&clip, 2)?;
+        let settings = ModelSettings {
+            base: BaseSource::File(base),
+            reference_px: 16,
+            autoencoder: Some(ae),
+            t5_tokenizer: Some(t5.join("tokenizer.json")),
+            t5: Some(t5),
+            t5_max_tokens: 8,
+            clip_tokenizer: Some(clip.join("tokenizer.json")),
+            clip: Some(clip),
+            ..ModelSettings::default()
+        };
+        Ok(FluxFiles { _dir: dir, settings })
+    }
+
+    fn settings_for(base: &BaseModel) -> MaskSettings {
+        let mut s = MaskSettings::default();
+        s.prior.stride = base.pixels_per_token();
+        s
+    }
+
+    #[test]
+    fn a_flux_shaped_base_with_autoencoder_and_text_encoders_prepares_an_item() -> anyhow::Result<()> {
+        let files = flux_files()?;
+        files.settings.validate()?;
+        let base = files.settings.load_base(&Device::Cpu)?;
+        assert_eq!((base.patch, base.pixels_per_token()), (2, 16));
+        let prepared = prepare_item(&base, &item(32), &settings_for(&base), 16, &Device::Cpu)?;
+        assert_eq!(prepared.grid, (2, 2));
+        assert_eq!(prepared.x0_w.dims(), &[1, 4, 64]);
+        assert_eq!(prepared.references[0].tokens.dims(), &[1, 1, 64]);
+        assert_eq!(prepared.txt.dims(), &[1, 8, 24]);
+        assert_eq!(prepared.y.dims(), &[1, 16]);
+        assert_eq!(prepared.masks.m_prior.shape(), (2, 2));
+        // The MMDiT runs on the prepared inputs.
+        let t = Tensor::new(&[0.5f32], &Device::Cpu)?;
+        let out = prepared.forward(&base.mmdit, &prepared.x0_l, &t, ForwardOptions::default())?;
+        assert_eq!(out.prediction.dims(), &[1, 4, 64]);
+        Ok(())
+    }
+
+    #[test]
+    fn a_flux_base_without_autoencoder_or_text_encoders_is_refused_clearly() -> anyhow::Result<()> {
+        let files = flux_files()?;
+        let bare = ModelSettings {
+            autoencoder: None,
+            t5: None,
+            clip: None,
+            ..files.settings.clone()
+        };
+        let base = bare.load_base(&Device::Cpu)?;
+        let err = prepare_item(&base, &item(32), &settings_for(&base), 16, &Device::Cpu).expect_err("no AE");
+        assert!(err.to_string().contains("model.autoencoder"), "{err}");
+        let no_text = ModelSettings {
+            t5: None,
+            clip: None,
+            ..files.settings.clone()
+        };
+        let base = no_text.load_base(&Device::Cpu)?;
+        let err = prepare_item(&base, &item(32), &settings_for(&base), 16, &Device::Cpu).expect_err("no text");
+        assert!(err.to_string().contains("model.t5"), "{err}");
+        // Image sides must be multiples of 16 pixels per token.
+        let base = files.settings.load_base(&Device::Cpu)?;
+        let err = prepare_item(&base, &item(24), &settings_for(&base), 16, &Device::Cpu).expect_err("24 px");
+        assert!(err.to_string().contains("16 pixels per token"), "{err}");
+        // The tiny base cannot take FLUX latents.
+        let tiny = BaseModel::random(&Config::tiny(), 4, 1, &Device::Cpu)?;
+        let ae = files.settings.autoencoder.clone().unwrap_or_default();
+        let err = tiny.with_autoencoder(&ae).expect_err("48 ≠ 64").to_string();
+        assert!(err.contains("ae.safetensors") && err.contains("48"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn incomplete_encoder_settings_are_rejected() {
+        let m = ModelSettings {
+            t5: Some("t5".into()),
+            ..ModelSettings::default()
+        };
+        assert!(m.validate().expect_err("no clip").to_string().contains("model.clip"));
+        let m = ModelSettings {
+            t5: Some("t5".into()),
+            clip: Some("clip".into()),
+            clip_tokenizer: Some("c.json".into()),
+            ..ModelSettings::default()
+        };
+        assert!(
+            m.validate()
+                .expect_err("no tokenizer")
+                .to_string()
+                .contains("model.t5_tokenizer")
+        );
+    }
 }

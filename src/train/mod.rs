@@ -6,6 +6,7 @@ pub mod data;
 pub mod focus;
 pub mod objective;
 pub mod optim;
+pub mod pretrain;
 pub mod run_store;
 pub mod session;
 

@@ -189,7 +189,7 @@ pub fn load_items(cfg: &RunConfig, base: &BaseModel, device: &Device) -> Result<
             .collect::<Result<_, _>>()?
     };
     let mut settings = cfg.masks.settings;
-    settings.prior.stride = base.patch;
+    settings.prior.stride = base.pixels_per_token();
     let mut items = Vec::with_capacity(indices.len());
     let mut skipped = Vec::new();
     for i in indices {
@@ -220,6 +220,7 @@ impl Trainer {
             return Err(TrainError::Data("no items to train on".into()));
         }
         let device = base.mmdit.device().clone();
+        let pixels_per_token = base.pixels_per_token();
         let mut lora_cfg = cfg.lora;
         lora_cfg.seed = lora_cfg.seed.wrapping_add(cfg.seed);
         let lora = LoraSet::for_model(lora_cfg, base.config(), &device)?;
@@ -229,7 +230,7 @@ impl Trainer {
         Ok(Self {
             cfg,
             model,
-            patch: base.patch,
+            patch: pixels_per_token,
             lora,
             opt,
             items,
@@ -501,6 +502,30 @@ impl Trainer {
     }
 }
 
+/// The model of a finished (or stopped) run: its base with the LoRA of its latest checkpoint attached (no
+/// checkpoint: the base alone). Returns the step of the checkpoint used (0 without one).
+pub fn load_run_model(dir: &Path, device: &Device) -> Result<(BaseModel, u64), TrainError> {
+    let cfg: RunConfig = crate::train::run_store::read_config(dir)?;
+    let mut base = cfg.model.load_base(device)?;
+    let Some(ckpt) = crate::train::run_store::latest_checkpoint(dir)? else {
+        return Ok((base, 0));
+    };
+    let mut lora_cfg = cfg.lora;
+    lora_cfg.seed = lora_cfg.seed.wrapping_add(cfg.seed);
+    let lora = LoraSet::for_model(lora_cfg, base.config(), device)?;
+    let path = ckpt.dir.join(LORA_FILE);
+    let tensors = candle_core::safetensors::load(&path, device).map_err(|e| TrainError::Checkpoint {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    lora.load_tensors(&tensors).map_err(|e| TrainError::Checkpoint {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    base.mmdit.attach_lora(&lora)?;
+    Ok((base, ckpt.step))
+}
+
 /// Progress of a run, sent from the worker.
 #[derive(Debug, Clone)]
 pub enum Event {
@@ -691,7 +716,7 @@ fn run_worker(
     let device = cfg.model.device()?;
     let base = match options.base {
         Some(b) => b,
-        None => BaseModel::load(&cfg.model.base, &device)?,
+        None => cfg.model.load_base(&device)?,
     };
     let items = load_items(&cfg, &base, &device)?;
     let n_items = items.len();

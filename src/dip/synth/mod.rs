@@ -166,6 +166,17 @@ pub fn synthesize(cfg: &SynthConfig) -> Result<Vec<SynthItem>, DipError> {
     Ok((0..cfg.items).into_par_iter().map(|k| generate::item(cfg, k)).collect())
 }
 
+/// Generates item `index` alone, exactly as [`synthesize`] would at that position (`cfg.items` is ignored, so an
+/// endless stream of items can be drawn, e.g. for pretraining).
+pub fn synthesize_item(cfg: &SynthConfig, index: usize) -> Result<SynthItem, DipError> {
+    SynthConfig {
+        items: 1,
+        ..cfg.clone()
+    }
+    .validate()?;
+    Ok(generate::item(cfg, index))
+}
+
 /// Writes items as a DIP dataset folder (images + `metadata.jsonl`).
 ///
 /// Creates `dir` and the sub-folders the records name, writes every PNG, then writes the manifest atomically (a

@@ -1,0 +1,608 @@
+//! The training panel: configure and start a short run through [`Session`] (the same worker the CLI uses,
+//! writing `runs/<name>`), live curves from its events, stop after the current step, and past runs
+//! (folders with `metrics.jsonl`) reopened and overlaid.
+
+use eframe::egui;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver};
+
+use egui_plot::{Legend, Line, Plot, PlotPoints};
+use serde_json::Value;
+
+use super::StudioApp;
+use super::state::TrainingForm;
+use super::worker::Command;
+use crate::masks::{FusionParams, MaskVariant};
+use crate::model::BaseSource;
+use crate::train::config::RunConfig;
+use crate::train::objective::ObjectiveKind;
+use crate::train::run_store::{METRICS_FILE, read_metrics};
+use crate::train::session::{Event, Launch, Session, SessionOptions, StepRecord};
+
+/// The curves of one run, `[step, value]` per metric.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Curves {
+    /// Loss.
+    pub loss: Vec<[f64; 2]>,
+    /// Implicit accuracy.
+    pub accuracy: Vec<[f64; 2]>,
+    /// Mean reward margin.
+    pub margin: Vec<[f64; 2]>,
+    /// `A_focus` of the step's `M_s`.
+    pub a_focus: Vec<[f64; 2]>,
+    /// Gradient norm before clipping.
+    pub grad_norm: Vec<[f64; 2]>,
+}
+
+impl Curves {
+    /// Appends a live step (non-finite values, e.g. SFT's accuracy, are left out).
+    pub fn push_record(&mut self, r: &StepRecord) {
+        let x = r.step as f64;
+        let push = |curve: &mut Vec<[f64; 2]>, v: f64| {
+            if v.is_finite() {
+                curve.push([x, v]);
+            }
+        };
+        push(&mut self.loss, f64::from(r.stats.loss));
+        push(&mut self.accuracy, f64::from(r.stats.implicit_accuracy));
+        push(&mut self.margin, f64::from(r.stats.reward_margin));
+        if let Some(a) = r.a_focus {
+            push(&mut self.a_focus, f64::from(a));
+        }
+        push(&mut self.grad_norm, r.grad_norm);
+    }
+
+    /// Curves from the step records of `metrics.jsonl` ([`read_metrics`]).
+    pub fn from_records(records: &[Value]) -> Self {
+        let mut c = Self::default();
+        for r in records {
+            let Some(x) = r.get("step").and_then(Value::as_f64) else {
+                continue;
+            };
+            let push = |curve: &mut Vec<[f64; 2]>, key: &str| {
+                if let Some(v) = r.get(key).and_then(Value::as_f64).filter(|v| v.is_finite()) {
+                    curve.push([x, v]);
+                }
+            };
+            push(&mut c.loss, "loss");
+            push(&mut c.accuracy, "implicit_accuracy");
+            push(&mut c.margin, "reward_margin");
+            push(&mut c.a_focus, "a_focus");
+            push(&mut c.grad_norm, "grad_norm");
+        }
+        c
+    }
+
+    /// Number of steps with a loss.
+    pub fn len(&self) -> usize {
+        self.loss.len()
+    }
+
+    /// Whether no step was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.loss.is_empty()
+    }
+}
+
+/// Where the live run is.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RunStatus {
+    /// Loading data and model.
+    Starting,
+    /// Steps are running.
+    Running {
+        /// Last completed step.
+        step: u64,
+        /// Total steps.
+        total: u64,
+    },
+    /// Stop requested; the worker finishes the current step and checkpoints.
+    Stopping,
+    /// The run ended.
+    Finished {
+        /// Last completed step.
+        step: u64,
+        /// Whether a stop request ended it.
+        stopped: bool,
+    },
+    /// The run failed.
+    Failed {
+        /// Last completed step.
+        step: u64,
+        /// Why.
+        error: String,
+    },
+}
+
+/// A run started from this window.
+pub struct LiveRun {
+    session: Session,
+    /// Run name.
+    pub name: String,
+    /// Run folder.
+    pub dir: PathBuf,
+    /// Curves so far.
+    pub curves: Curves,
+    /// State.
+    pub status: RunStatus,
+}
+
+/// A run read back from disk.
+#[derive(Clone, Debug)]
+pub struct PastRun {
+    /// Folder name.
+    pub name: String,
+    /// Folder.
+    pub dir: PathBuf,
+    /// Its curves.
+    pub curves: Curves,
+    /// Overlaid on the plots.
+    pub shown: bool,
+}
+
+/// Something the panel wants shown in the notice bar.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A failure.
+    Error(String),
+    /// A note.
+    Info(String),
+}
+
+type Scan = Result<Vec<Result<PastRun, String>>, String>;
+
+/// State of the training tab.
+pub struct TrainingPanel {
+    runs_dir: PathBuf,
+    base: Option<BaseSource>,
+    dataset: Option<PathBuf>,
+    live: Option<LiveRun>,
+    past: Vec<PastRun>,
+    scan: Option<Receiver<Scan>>,
+    outcomes: Vec<Outcome>,
+}
+
+impl TrainingPanel {
+    /// A panel writing runs under `runs_dir`; starts reading the past runs there.
+    pub fn new(runs_dir: &Path) -> Self {
+        let mut panel = Self {
+            runs_dir: runs_dir.to_path_buf(),
+            base: None,
+            dataset: None,
+            live: None,
+            past: Vec::new(),
+            scan: None,
+            outcomes: Vec::new(),
+        };
+        panel.rescan();
+        panel
+    }
+
+    /// The base runs are trained on (the inspector's, once its model thread has resolved it).
+    pub fn set_base(&mut self, base: BaseSource) {
+        self.base = Some(base);
+    }
+
+    /// Whether a run can be started (the base is known and no run is in progress).
+    pub fn can_start(&self) -> bool {
+        self.base.is_some() && !self.is_running()
+    }
+
+    /// The live run, if any.
+    pub fn live(&self) -> Option<&LiveRun> {
+        self.live.as_ref()
+    }
+
+    /// Past runs read from the runs folder.
+    pub fn past(&self) -> &[PastRun] {
+        &self.past
+    }
+
+    /// Whether a run is in progress.
+    pub fn is_running(&self) -> bool {
+        self.live.as_ref().is_some_and(|l| {
+            matches!(
+                l.status,
+                RunStatus::Starting | RunStatus::Running { .. } | RunStatus::Stopping
+            )
+        })
+    }
+
+    /// Reads the runs folder again (on a thread of its own).
+    pub fn rescan(&mut self) {
+        let (tx, rx) = mpsc::channel();
+        let dir = self.runs_dir.clone();
+        match std::thread::Builder::new().name("studio-runs".into()).spawn(move || {
+            let _ = tx.send(scan_runs(&dir));
+        }) {
+            Ok(_) => self.scan = Some(rx),
+            Err(e) => self
+                .outcomes
+                .push(Outcome::Error(format!("cannot read the runs folder: {e}"))),
+        }
+    }
+
+    /// Applies the session's events and the scan's result (never blocks); returns what to show.
+    pub fn drain(&mut self) -> Vec<Outcome> {
+        if let Some(rx) = &self.scan
+            && let Ok(scan) = rx.try_recv()
+        {
+            self.scan = None;
+            match scan {
+                Ok(runs) => {
+                    let shown: Vec<PathBuf> = self.past.iter().filter(|r| r.shown).map(|r| r.dir.clone()).collect();
+                    self.past.clear();
+                    for run in runs {
+                        match run {
+                            Ok(mut r) => {
+                                r.shown = shown.contains(&r.dir);
+                                self.past.push(r);
+                            }
+                            Err(e) => self.outcomes.push(Outcome::Error(e)),
+                        }
+                    }
+                }
+                Err(e) => self.outcomes.push(Outcome::Error(e)),
+            }
+        }
+        let mut ended = false;
+        if let Some(live) = &mut self.live {
+            while let Ok(event) = live.session.events().try_recv() {
+                match event {
+                    Event::Started {
+                        start_step,
+                        total_steps,
+                        ..
+                    } => {
+                        live.status = RunStatus::Running {
+                            step: start_step,
+                            total: total_steps,
+                        }
+                    }
+                    Event::Step(record) => {
+                        live.curves.push_record(&record);
+                        if let RunStatus::Running { step, .. } = &mut live.status {
+                            *step = record.step;
+                        }
+                    }
+                    Event::Finished { step, stopped } => {
+                        live.status = RunStatus::Finished { step, stopped };
+                        self.outcomes.push(Outcome::Info(format!(
+                            "run `{}` {} at step {step}",
+                            live.name,
+                            if stopped { "stopped" } else { "finished" }
+                        )));
+                        ended = true;
+                    }
+                    Event::Failed { step, error } => {
+                        self.outcomes.push(Outcome::Error(format!(
+                            "run `{}` failed at step {step}: {error}",
+                            live.name
+                        )));
+                        live.status = RunStatus::Failed { step, error };
+                        ended = true;
+                    }
+                    Event::Masks(_) | Event::Checkpoint(_) | Event::Dumped { .. } => {}
+                }
+            }
+        }
+        if ended {
+            self.rescan();
+        }
+        std::mem::take(&mut self.outcomes)
+    }
+
+    /// Starts a run from the form (errors become notices).
+    pub fn start(&mut self, form: &TrainingForm) {
+        if self.is_running() {
+            self.outcomes
+                .push(Outcome::Error("a run is already in progress".into()));
+            return;
+        }
+        let name = form.name.trim();
+        if name.is_empty() || name.contains(['/', '\\']) || name == "." || name == ".." {
+            self.outcomes.push(Outcome::Error(format!(
+                "run name `{name}`: use a plain folder name (it becomes {}/NAME)",
+                self.runs_dir.display()
+            )));
+            return;
+        }
+        let dir = self.runs_dir.join(name);
+        if dir.exists() {
+            self.outcomes.push(Outcome::Error(format!(
+                "{} already exists: choose another run name",
+                dir.display()
+            )));
+            return;
+        }
+        let Some(base) = &self.base else {
+            self.outcomes.push(Outcome::Error(
+                "the base model is still loading: start the run in a moment".into(),
+            ));
+            return;
+        };
+        let config = run_config(form, base, self.dataset.clone());
+        if let Err(e) = config.validate() {
+            self.outcomes.push(Outcome::Error(format!("run config: {e}")));
+            return;
+        }
+        let session = Session::start(
+            Launch::New {
+                config: Box::new(config),
+                dir: dir.clone(),
+            },
+            SessionOptions::default(),
+        );
+        self.live = Some(LiveRun {
+            session,
+            name: name.to_string(),
+            dir,
+            curves: Curves::default(),
+            status: RunStatus::Starting,
+        });
+    }
+
+    /// Asks the live run to stop after its current step.
+    pub fn stop(&mut self) {
+        if let Some(live) = &mut self.live
+            && matches!(live.status, RunStatus::Starting | RunStatus::Running { .. })
+        {
+            live.session.stop();
+            live.status = RunStatus::Stopping;
+        }
+    }
+}
+
+/// The run config of a form: defaults for everything else, the inspector's dataset and base.
+pub fn run_config(form: &TrainingForm, base: &BaseSource, dataset: Option<PathBuf>) -> RunConfig {
+    let mut cfg = RunConfig {
+        objective: form.objective,
+        steps: form.steps,
+        seed: form.seed,
+        ..RunConfig::default()
+    };
+    cfg.dpo.beta = form.beta;
+    cfg.optim.adamw.lr = form.lr;
+    cfg.lora.rank = form.rank;
+    cfg.masks.fusion = FusionParams {
+        variant: form.variant,
+        tau: form.tau,
+        gamma: form.gamma,
+    };
+    cfg.data.dir = dataset;
+    cfg.model.base = base.clone();
+    cfg
+}
+
+fn scan_runs(dir: &Path) -> Scan {
+    if !dir.is_dir() {
+        return Ok(Vec::new());
+    }
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut dirs: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.join(METRICS_FILE).is_file())
+        .collect();
+    dirs.sort();
+    Ok(dirs
+        .into_iter()
+        .map(|d| {
+            let (records, _) = read_metrics(&d).map_err(|e| e.to_string())?;
+            Ok(PastRun {
+                name: d
+                    .file_name()
+                    .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+                curves: Curves::from_records(&records),
+                dir: d,
+                shown: false,
+            })
+        })
+        .collect())
+}
+
+/// The training tab.
+pub fn training_ui(app: &mut StudioApp, ui: &mut egui::Ui) {
+    app.training.dataset = app.dataset.as_ref().map(|d| d.summary.root.clone());
+    egui::Panel::left("training-form")
+        .resizable(true)
+        .default_size(320.0)
+        .show(ui, |ui| {
+            egui::ScrollArea::vertical().show(ui, |ui| {
+                form_ui(app, ui);
+                ui.separator();
+                past_runs_ui(app, ui);
+            });
+        });
+    egui::CentralPanel::default().show(ui, |ui| plots_ui(&app.training, ui));
+}
+
+fn form_ui(app: &mut StudioApp, ui: &mut egui::Ui) {
+    ui.heading("New run");
+    let running = app.training.is_running();
+    let form = &mut app.settings.training;
+    ui.add_enabled_ui(!running, |ui| {
+        egui::Grid::new("training-form-grid").num_columns(2).show(ui, |ui| {
+            ui.label("name");
+            ui.text_edit_singleline(&mut form.name);
+            ui.end_row();
+            ui.label("objective");
+            egui::ComboBox::from_id_salt("objective")
+                .selected_text(form.objective.name())
+                .show_ui(ui, |ui| {
+                    for o in [ObjectiveKind::Sft, ObjectiveKind::Dpo, ObjectiveKind::FocusDpo] {
+                        ui.selectable_value(&mut form.objective, o, o.name());
+                    }
+                });
+            ui.end_row();
+            ui.label("steps");
+            ui.add(egui::DragValue::new(&mut form.steps).range(1..=100_000));
+            ui.end_row();
+            ui.label("β");
+            ui.add(egui::DragValue::new(&mut form.beta).range(1.0..=100_000.0).speed(10.0));
+            ui.end_row();
+            ui.label("learning rate");
+            ui.add(
+                egui::DragValue::new(&mut form.lr)
+                    .range(1e-7..=1.0)
+                    .speed(1e-5)
+                    .custom_formatter(|v, _| format!("{v:.1e}")),
+            );
+            ui.end_row();
+            ui.label("LoRA rank");
+            ui.add(egui::DragValue::new(&mut form.rank).range(1..=256));
+            ui.end_row();
+            ui.label("variant");
+            egui::ComboBox::from_id_salt("run-variant")
+                .selected_text(form.variant.name())
+                .show_ui(ui, |ui| {
+                    for v in MaskVariant::ALL {
+                        ui.selectable_value(&mut form.variant, v, v.name());
+                    }
+                });
+            ui.end_row();
+            ui.label("τ");
+            ui.add(egui::DragValue::new(&mut form.tau).range(0.0..=1.0).speed(0.01));
+            ui.end_row();
+            ui.label("γ");
+            ui.add(egui::DragValue::new(&mut form.gamma).range(0.0..=1.0).speed(0.01));
+            ui.end_row();
+            ui.label("seed");
+            ui.add(egui::DragValue::new(&mut form.seed));
+            ui.end_row();
+        });
+    });
+    let base = app
+        .training
+        .base
+        .as_ref()
+        .map_or("loading…".to_string(), ToString::to_string);
+    ui.label(
+        egui::RichText::new(format!(
+            "base: {base} · writes {}/NAME",
+            app.training.runs_dir.display()
+        ))
+        .small(),
+    );
+    ui.horizontal(|ui| {
+        if ui
+            .add_enabled(app.training.can_start(), egui::Button::new("Start run"))
+            .clicked()
+        {
+            let form = app.settings.training.clone();
+            app.training.start(&form);
+        }
+        if ui.add_enabled(running, egui::Button::new("Stop")).clicked() {
+            app.training.stop();
+        }
+    });
+    if let Some(live) = app.training.live() {
+        let text = match &live.status {
+            RunStatus::Starting => "loading data and model…".to_string(),
+            RunStatus::Running { step, total } => format!("step {step}/{total}"),
+            RunStatus::Stopping => "stopping after the current step…".to_string(),
+            RunStatus::Finished { step, stopped } => {
+                format!("{} at step {step}", if *stopped { "stopped" } else { "finished" })
+            }
+            RunStatus::Failed { step, error } => format!("failed at step {step}: {error}"),
+        };
+        ui.label(format!("{}: {text}", live.name));
+    }
+}
+
+fn past_runs_ui(app: &mut StudioApp, ui: &mut egui::Ui) {
+    ui.horizontal(|ui| {
+        ui.heading("Past runs");
+        if ui.button("refresh").clicked() {
+            app.training.rescan();
+        }
+    });
+    if app.training.past.is_empty() {
+        ui.label(format!(
+            "no run with {METRICS_FILE} in {}",
+            app.training.runs_dir.display()
+        ));
+    }
+    let mut policy = None;
+    for run in &mut app.training.past {
+        ui.horizontal(|ui| {
+            ui.checkbox(&mut run.shown, &run.name)
+                .on_hover_text(format!("overlay on the plots ({} steps)", run.curves.len()));
+            if ui
+                .small_button("use as policy")
+                .on_hover_text("M_s with source = policy uses this run's latest LoRA checkpoint")
+                .clicked()
+            {
+                policy = Some(run.dir.clone());
+            }
+        });
+    }
+    if let Some(dir) = policy {
+        app.worker.send(Command::LoadPolicy(dir));
+    }
+}
+
+fn plots_ui(panel: &TrainingPanel, ui: &mut egui::Ui) {
+    type Pick = fn(&Curves) -> &Vec<[f64; 2]>;
+    let metrics: [(&str, Pick); 5] = [
+        ("loss", |c| &c.loss),
+        ("implicit accuracy", |c| &c.accuracy),
+        ("reward margin", |c| &c.margin),
+        ("A_focus", |c| &c.a_focus),
+        ("grad norm", |c| &c.grad_norm),
+    ];
+    let height = ((ui.available_height() - 5.0 * 24.0) / 5.0).max(90.0);
+    egui::ScrollArea::vertical().show(ui, |ui| {
+        for (name, pick) in metrics {
+            ui.label(name);
+            Plot::new(("training-plot", name))
+                .height(height)
+                .legend(Legend::default())
+                .x_axis_label("step")
+                .show(ui, |plot| {
+                    if let Some(live) = &panel.live {
+                        plot.line(Line::new(
+                            format!("{} (live)", live.name),
+                            PlotPoints::from(pick(&live.curves).clone()),
+                        ));
+                    }
+                    for run in panel.past.iter().filter(|r| r.shown) {
+                        plot.line(Line::new(run.name.clone(), PlotPoints::from(pick(&run.curves).clone())));
+                    }
+                });
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn curves_from_metrics_lines_skip_missing_values() {
+        let lines = [
+            serde_json::json!({"step": 1, "loss": 0.7, "implicit_accuracy": 0.5, "reward_margin": 0.1, "a_focus": 0.2, "grad_norm": 1.5}),
+            serde_json::json!({"step": 2, "loss": 0.6, "implicit_accuracy": null, "reward_margin": 0.2, "a_focus": null, "grad_norm": 1.2}),
+        ];
+        let c = Curves::from_records(&lines);
+        assert_eq!(c.loss, vec![[1.0, 0.7], [2.0, 0.6]]);
+        assert_eq!(c.accuracy, vec![[1.0, 0.5]]);
+        assert_eq!(c.a_focus, vec![[1.0, 0.2]]);
+        assert_eq!(c.len(), 2);
+    }
+
+    #[test]
+    fn form_becomes_a_valid_config() {
+        let form = TrainingForm {
+            variant: MaskVariant::NoMs,
+            tau: 0.2,
+            ..TrainingForm::default()
+        };
+        let cfg = run_config(&form, &BaseSource::Random(3), None);
+        assert!(cfg.validate().is_ok());
+        assert_eq!(cfg.masks.fusion.variant, MaskVariant::NoMs);
+        assert_eq!(cfg.masks.fusion.tau, 0.2);
+        assert_eq!(cfg.model.base, BaseSource::Random(3));
+        assert_eq!(cfg.steps, form.steps);
+    }
+}

@@ -1,0 +1,261 @@
+//! `focusdpo eval` (the synthetic benchmark on a base or a run) and `focusdpo sample` (images for one prompt).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use candle_core::Device;
+use clap::Args;
+use focusdpo::eval::benchmark::{BenchmarkConfig, ExtraEmbedders, report_markdown, run_benchmark};
+use focusdpo::eval::pretrained::{ClipEmbedder, ClipModelConfig, DinoV2Config, DinoV2Embedder};
+use focusdpo::eval::sampler::{SampleRequest, SampleSettings, sample};
+use focusdpo::eval::{ImageEmbedder, TextEmbedder};
+use focusdpo::model::{Adapters, BaseModel, BaseSource};
+use image::RgbImage;
+
+/// Which model: a run (its base + latest LoRA) or a base alone.
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// A run directory: its base with the LoRA of its latest checkpoint.
+    #[arg(long, conflicts_with = "base")]
+    run: Option<PathBuf>,
+    /// A base alone: `bundled` (default), `random:SEED` or a safetensors file.
+    #[arg(long)]
+    base: Option<BaseSource>,
+}
+
+/// Sampler options shared by eval and sample.
+#[derive(Debug, Args)]
+pub struct SamplerArgs {
+    /// Denoising steps.
+    #[arg(long, default_value_t = SampleSettings::default().steps)]
+    steps: usize,
+    /// Classifier-free guidance scale on the prompt (1 = off).
+    #[arg(long, default_value_t = SampleSettings::default().cfg_scale)]
+    cfg: f32,
+    /// Rectified-flow time shift (1 = uniform grid).
+    #[arg(long, default_value_t = SampleSettings::default().shift)]
+    shift: f32,
+}
+
+impl SamplerArgs {
+    fn settings(&self) -> SampleSettings {
+        SampleSettings {
+            steps: self.steps,
+            cfg_scale: self.cfg,
+            shift: self.shift,
+            ..SampleSettings::default()
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    sampler: SamplerArgs,
+    /// Output folder: eval.json, eval.md and a PNG sheet per split.
+    #[arg(long)]
+    out: PathBuf,
+    /// Single-subject held-out items.
+    #[arg(long, default_value_t = BenchmarkConfig::default().single_items)]
+    single: usize,
+    /// Multi-subject held-out items.
+    #[arg(long, default_value_t = BenchmarkConfig::default().multi_items)]
+    multi: usize,
+    /// Images per item.
+    #[arg(long, default_value_t = BenchmarkConfig::default().samples_per_item)]
+    samples: usize,
+    /// DINOv2 weights (model.safetensors or a HF folder) for the DINO score.
+    #[arg(long)]
+    dino: Option<PathBuf>,
+    /// CLIP weights (model.safetensors or a HF folder) for CLIP-I / CLIP-T; needs --clip-tokenizer.
+    #[arg(long, requires = "clip_tokenizer")]
+    clip: Option<PathBuf>,
+    /// CLIP tokenizer.json.
+    #[arg(long)]
+    clip_tokenizer: Option<PathBuf>,
+}
+
+/// Loads the model named by `args` and a name for reports.
+pub fn load_model(args: &ModelArgs, device: &Device) -> anyhow::Result<(BaseModel, String)> {
+    if let Some(run) = &args.run {
+        let (base, step) = focusdpo::train::session::load_run_model(run, device)
+            .with_context(|| format!("{}: cannot load the run's model", run.display()))?;
+        let name = if step == 0 {
+            format!("{} (no checkpoint: base only)", run.display())
+        } else {
+            format!("{} @ step {step}", run.display())
+        };
+        return Ok((base, name));
+    }
+    let source = args.base.clone().unwrap_or_default();
+    let base = BaseModel::load(&source, device)?;
+    Ok((base, format!("base {source}")))
+}
+
+/// A sheet: one row per item (references, ideal target, generated images), 2 px gaps on white.
+fn sheet(rows: &[(Vec<RgbImage>, Vec<RgbImage>)]) -> RgbImage {
+    let cell = rows
+        .iter()
+        .flat_map(|(a, b)| a.iter().chain(b))
+        .map(|i| i.width().max(i.height()))
+        .max()
+        .unwrap_or(1);
+    let cols = rows.iter().map(|(a, b)| a.len() + b.len()).max().unwrap_or(1) as u32;
+    let gap = 2;
+    let mut out = RgbImage::from_pixel(
+        cols * (cell + gap) + gap,
+        rows.len() as u32 * (cell + gap) + gap,
+        image::Rgb([255, 255, 255]),
+    );
+    for (r, (left, right)) in rows.iter().enumerate() {
+        for (c, img) in left.iter().chain(right).enumerate() {
+            let img = image::imageops::resize(img, cell, cell, image::imageops::FilterType::Nearest);
+            let x = gap + c as u32 * (cell + gap);
+            let y = gap + r as u32 * (cell + gap);
+            image::imageops::overlay(&mut out, &img, i64::from(x), i64::from(y));
+        }
+    }
+    out
+}
+
+fn write_png(path: &Path, img: &RgbImage) -> anyhow::Result<()> {
+    let mut bytes = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
+        .with_context(|| format!("{}: cannot encode PNG", path.display()))?;
+    focusdpo::store::write_atomic(path, &bytes).with_context(|| format!("{}: cannot write", path.display()))
+}
+
+pub fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
+    let device = Device::Cpu;
+    let (base, name) = load_model(&args.model, &device)?;
+    let cfg = BenchmarkConfig {
+        single_items: args.single,
+        multi_items: args.multi,
+        samples_per_item: args.samples,
+        sampler: SampleSettings {
+            reference_px: BenchmarkConfig::default().sampler.reference_px,
+            ..args.sampler.settings()
+        },
+        ..BenchmarkConfig::default()
+    };
+    if cfg.samples_per_item == 0 || cfg.single_items + cfg.multi_items == 0 {
+        bail!("nothing to evaluate: --samples and --single/--multi must not all be 0");
+    }
+    let dino = match &args.dino {
+        Some(p) => Some(DinoV2Embedder::load(p, &DinoV2Config::vit_small_14(), &device)?),
+        None => None,
+    };
+    let clip = match (&args.clip, &args.clip_tokenizer) {
+        (Some(w), Some(t)) => Some(ClipEmbedder::load(w, t, &ClipModelConfig::vit_base_patch32(), &device)?),
+        _ => None,
+    };
+    let extra = ExtraEmbedders {
+        dino: dino.as_ref().map(|d| d as &dyn ImageEmbedder),
+        clip: clip.as_ref().map(|c| (c as &dyn ImageEmbedder, c as &dyn TextEmbedder)),
+    };
+    let started = std::time::Instant::now();
+    let (report, images) = run_benchmark(&base, &name, &cfg, &extra, |split, k, n| {
+        eprint!("\r{split}: {k}/{n} items generated   ");
+    })?;
+    eprintln!();
+    std::fs::create_dir_all(&args.out).with_context(|| format!("{}: cannot create", args.out.display()))?;
+    let json = serde_json::to_vec_pretty(&report)?;
+    focusdpo::store::write_atomic(&args.out.join("eval.json"), &json)
+        .with_context(|| format!("{}: cannot write eval.json", args.out.display()))?;
+    let md = report_markdown(&report);
+    focusdpo::store::write_atomic(&args.out.join("eval.md"), md.as_bytes())
+        .with_context(|| format!("{}: cannot write eval.md", args.out.display()))?;
+    for (split, imgs) in &images {
+        let items = focusdpo::eval::benchmark::eval_items(&cfg, split == "multi")?;
+        let rows: Vec<(Vec<RgbImage>, Vec<RgbImage>)> = items
+            .iter()
+            .zip(imgs)
+            .take(8)
+            .map(|(item, gen_imgs)| {
+                let mut left = item.references.clone();
+                left.push(item.winner.clone());
+                (left, gen_imgs.clone())
+            })
+            .collect();
+        write_png(&args.out.join(format!("samples-{split}.png")), &sheet(&rows))?;
+    }
+    println!("{md}");
+    println!(
+        "eval of {name} in {:.0} s → {}",
+        started.elapsed().as_secs_f64(),
+        args.out.join("eval.json").display()
+    );
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct SampleArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    sampler: SamplerArgs,
+    /// Take prompt and references from this dataset item (id) of --data (default: the bundled dataset).
+    #[arg(long, conflicts_with_all = ["prompt", "reference"])]
+    item: Option<String>,
+    /// DIP dataset folder for --item.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Prompt (with --reference).
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Reference image, one per subject (repeatable).
+    #[arg(long)]
+    reference: Vec<PathBuf>,
+    /// Seeds, one image each.
+    #[arg(long, value_delimiter = ',', default_value = "0,1,2,3")]
+    seeds: Vec<u64>,
+    /// Image side in pixels.
+    #[arg(long, default_value_t = 64)]
+    size: u32,
+    /// Output PNG: a row of the references followed by the images.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn run_sample(args: &SampleArgs) -> anyhow::Result<()> {
+    let device = Device::Cpu;
+    let (base, name) = load_model(&args.model, &device)?;
+    let (prompt, references) = match (&args.item, &args.prompt) {
+        (Some(id), _) => {
+            let dir = args.data.clone().unwrap_or_else(focusdpo::dip::bundled_dataset_dir);
+            let ds = focusdpo::dip::DipDataset::open(&dir)?;
+            let item = ds.load_by_id(id)?;
+            (item.record.prompt.clone(), item.references)
+        }
+        (None, Some(p)) => {
+            let refs = args
+                .reference
+                .iter()
+                .map(|path| {
+                    image::open(path)
+                        .map(|i| i.to_rgb8())
+                        .with_context(|| format!("{}: cannot read the reference image", path.display()))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            (p.clone(), refs)
+        }
+        (None, None) => bail!("give --item ID (from --data) or --prompt TEXT with --reference PNG…"),
+    };
+    let req = SampleRequest {
+        prompt: &prompt,
+        references: &references,
+        size_px: (args.size, args.size),
+    };
+    let started = std::time::Instant::now();
+    let images = sample(&base, &req, &args.sampler.settings(), &args.seeds, Adapters::On)?;
+    write_png(&args.out, &sheet(&[(references, images)]))?;
+    println!(
+        "{} image(s) from {name} for \"{prompt}\" in {:.1} s → {}",
+        args.seeds.len(),
+        started.elapsed().as_secs_f64(),
+        args.out.display()
+    );
+    Ok(())
+}

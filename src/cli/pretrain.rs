@@ -1,0 +1,164 @@
+//! `focusdpo pretrain`: trains the tiny base from scratch on the synthetic DIP stream (resumable run directory), and
+//! exports a checkpoint's EMA weights as a base file.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use candle_core::{DType, Device};
+use clap::Args;
+use focusdpo::train::pretrain::{BASE_FILE, PretrainConfig, PretrainRecord, Pretrainer};
+use focusdpo::train::run_store::{RunStore, latest_checkpoint};
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Debug, Args)]
+pub struct PretrainArgs {
+    /// Run directory (created; must not hold a run unless --resume).
+    #[arg(long)]
+    out: PathBuf,
+    /// Optimiser steps (with --resume: the new total).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Seed of the init, the noise and the condition dropout.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// A pretraining config (TOML); command-line options override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override any config field: --set batch=4 --set optim.adamw.lr=3e-4 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Continue the run in --out from its latest checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Instead of training: write the latest checkpoint's EMA weights of --out to this base file (f16).
+    #[arg(long, value_name = "FILE")]
+    export: Option<PathBuf>,
+    /// No progress bar; print one line per step instead.
+    #[arg(long)]
+    plain: bool,
+}
+
+fn build_config(args: &PretrainArgs) -> anyhow::Result<PretrainConfig> {
+    let mut cfg = match &args.config {
+        Some(path) => PretrainConfig::from_file(path)?,
+        None => PretrainConfig::default(),
+    };
+    if let Some(s) = args.steps {
+        cfg.steps = s;
+    }
+    if let Some(s) = args.seed {
+        cfg.seed = s;
+    }
+    let cfg = cfg.with_overrides(&args.set)?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+fn export(args: &PretrainArgs, to: &std::path::Path) -> anyhow::Result<()> {
+    let ckpt = latest_checkpoint(&args.out)?
+        .with_context(|| format!("{}: the run has no checkpoint to export", args.out.display()))?;
+    let from = ckpt.dir.join(BASE_FILE);
+    let metadata = focusdpo::model::base::read_safetensors_metadata(&from)?;
+    let tensors = candle_core::safetensors::load(&from, &Device::Cpu)
+        .with_context(|| format!("{}: cannot read the checkpoint weights", from.display()))?;
+    let mut named = tensors
+        .into_iter()
+        .map(|(n, t)| Ok((n, t.to_dtype(DType::F16)?)))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let bytes = safetensors::serialize(named, Some(metadata)).with_context(|| format!("{}", from.display()))?;
+    if let Some(parent) = to.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create the folder", parent.display()))?;
+    }
+    focusdpo::store::write_atomic(to, &bytes).with_context(|| format!("{}: cannot write", to.display()))?;
+    focusdpo::model::BaseModel::load_file(to, &Device::Cpu)
+        .with_context(|| format!("{}: the exported file does not load as a base", to.display()))?;
+    println!(
+        "exported step {} of {} → {} ({:.1} MB, f16)",
+        ckpt.step,
+        args.out.display(),
+        to.display(),
+        bytes.len() as f64 / 1e6
+    );
+    Ok(())
+}
+
+pub fn run(args: &PretrainArgs) -> anyhow::Result<()> {
+    if let Some(to) = &args.export {
+        return export(args, to);
+    }
+    let device = Device::Cpu;
+    let (mut store, mut trainer) = if args.resume {
+        if args.config.is_some() || !args.set.is_empty() || args.seed.is_some() {
+            bail!("--resume continues a run with its own config.toml; only --steps may change");
+        }
+        let (store, mut cfg, ckpt) = RunStore::resume::<PretrainConfig>(&args.out)?;
+        if let Some(s) = args.steps {
+            cfg.steps = s;
+        }
+        let mut trainer = Pretrainer::new(cfg, &device)?;
+        if let Some(ckpt) = ckpt {
+            trainer.restore(&ckpt)?;
+        }
+        (store, trainer)
+    } else {
+        let cfg = build_config(args)?;
+        let store = RunStore::create(&args.out, &cfg)?;
+        (store, Pretrainer::new(cfg, &device)?)
+    };
+    let total = trainer.config().steps;
+    let every = trainer.config().checkpoint_every;
+    eprintln!(
+        "pretrain {}: {} parameters, batch {}, steps {}..{total}",
+        args.out.display(),
+        trainer.parameter_count(),
+        trainer.config().batch,
+        trainer.completed_steps() + 1
+    );
+    let bar = if args.plain {
+        ProgressBar::hidden()
+    } else {
+        let bar = ProgressBar::new(total);
+        bar.set_position(trainer.completed_steps());
+        bar.set_style(
+            ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar
+    };
+    let mut recent: Vec<f32> = Vec::new();
+    while trainer.completed_steps() < total {
+        let r: PretrainRecord = trainer.step()?;
+        store.append(&r)?;
+        recent.push(r.loss);
+        if recent.len() > 50 {
+            recent.remove(0);
+        }
+        let mean = recent.iter().sum::<f32>() / recent.len() as f32;
+        let msg = format!(
+            "loss {:.4} (mean of 50: {mean:.4}) |g| {:.3} {:.0} ms, {:.0} MiB",
+            r.loss,
+            r.grad_norm,
+            r.seconds * 1e3,
+            r.rss_mib.unwrap_or(f64::NAN)
+        );
+        if args.plain {
+            println!("step {}: {msg}", r.step);
+        } else {
+            bar.set_position(r.step);
+            bar.set_message(msg);
+        }
+        if (every > 0 && r.step.is_multiple_of(every)) || r.step == total {
+            let files = trainer.checkpoint_files()?;
+            let refs: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (*n, b.as_slice())).collect();
+            let ckpt = store.write_checkpoint(r.step, &refs)?;
+            bar.println(format!("checkpoint {}", ckpt.dir.display()));
+        }
+    }
+    bar.finish_and_clear();
+    println!(
+        "finished at step {total}; export with: focusdpo pretrain --out {} --export FILE",
+        args.out.display()
+    );
+    Ok(())
+}

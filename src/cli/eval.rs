@@ -35,6 +35,9 @@ pub struct SamplerArgs {
     /// Rectified-flow time shift (1 = uniform grid).
     #[arg(long, default_value_t = SampleSettings::default().shift)]
     shift: f32,
+    /// Guidance strength for a guidance-distilled base (FLUX.1-dev); ignored by other bases.
+    #[arg(long, default_value_t = SampleSettings::default().distilled_guidance)]
+    guidance: f32,
 }
 
 impl SamplerArgs {
@@ -43,6 +46,7 @@ impl SamplerArgs {
             steps: self.steps,
             cfg_scale: self.cfg,
             shift: self.shift,
+            distilled_guidance: self.guidance,
             ..SampleSettings::default()
         }
     }

@@ -7,6 +7,8 @@
 //! ideal target's mask `j` (where the subject must be). Then:
 //! - `identity_sim`: cosine(embed(reference_j), embed(crop_j)) with the built-in identity embedder, averaged over
 //!   subjects and images (the built-in analogue of DINO / CLIP-I);
+//! - `top1_identification`: each generated subject crop is identified among the references of all distinct
+//!   subject identities of the split (rank-1 by cosine, built-in embedder); the fraction identified correctly;
 //! - verification: genuine scores are those similarities; impostor scores compare crop_j with the references of
 //!   the other eval items whose subject has a different identity → AUC, EER, FMR100, FMR1000, FDR;
 //! - `psnr` / `subject_psnr`: against the ideal target, over the whole image / inside the subject masks;
@@ -19,7 +21,7 @@ use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
 use super::identity::{IDENTITY_EMBEDDER, IdentityEmbedder, subject_crop};
-use super::metrics::{Verification, cmmd, frechet_distance, psnr, verification};
+use super::metrics::{Verification, cmmd, frechet_distance, psnr, top1_identification, verification};
 use super::sampler::{SampleRequest, SampleSettings, sample};
 use super::{EvalError, ImageEmbedder, TextEmbedder};
 use crate::dip::synth::{NegativeSource, SubjectCount, SynthConfig, SynthItem, synthesize_item};
@@ -77,6 +79,9 @@ pub struct SplitScores {
     pub images: usize,
     /// Mean identity similarity (built-in embedder).
     pub identity_sim: f64,
+    /// Rank-1 identification of generated subjects among the split's distinct subject identities.
+    #[serde(default)]
+    pub top1_identification: Option<f64>,
     /// Identity verification of generated subjects against references.
     pub verification: Option<Verification>,
     /// Mean PSNR to the ideal target (dB).
@@ -171,6 +176,19 @@ pub fn score_split(
         .iter()
         .map(|i| embedder.embed_images(&i.references))
         .collect::<Result<_, _>>()?;
+    // The identification gallery: one reference embedding per distinct subject identity (first occurrence).
+    let mut gallery_keys: Vec<String> = Vec::new();
+    let mut gallery = Vec::new();
+    for (item, refs) in items.iter().zip(&ref_emb) {
+        for (j, r) in refs.iter().enumerate() {
+            let key = subject_key(item, j);
+            if !gallery_keys.contains(&key) {
+                gallery_keys.push(key);
+                gallery.push(r.clone());
+            }
+        }
+    }
+    let mut probes = Vec::new();
     let (mut sims, mut genuine, mut impostor) = (Vec::new(), Vec::new(), Vec::new());
     let (mut gen_crops, mut ideal_crops) = (Vec::new(), Vec::new());
     let (mut psnrs, mut subject_psnrs) = (Vec::new(), Vec::new());
@@ -186,6 +204,9 @@ pub fn score_split(
                 sims.push(f64::from(s));
                 genuine.push(s);
                 let key = subject_key(item, j);
+                if let Some(g) = gallery_keys.iter().position(|k| *k == key) {
+                    probes.push((e.clone(), g));
+                }
                 for (other, refs) in items.iter().zip(&ref_emb) {
                     for (jj, r) in refs.iter().enumerate() {
                         if subject_key(other, jj) != key {
@@ -227,6 +248,7 @@ pub fn score_split(
         items: items.len(),
         images: images.iter().map(Vec::len).sum(),
         identity_sim: mean(&sims),
+        top1_identification: top1_identification(&probes, &gallery),
         verification: verification(&genuine, &impostor).ok(),
         psnr: mean(&psnrs),
         subject_psnr: mean(&subject_psnrs),
@@ -318,9 +340,10 @@ pub fn report_markdown(r: &BenchmarkReport) -> String {
     out.push_str(&"---|".repeat(names.len()));
     out.push('\n');
     type Getter = fn(&SplitScores) -> Option<f64>;
-    let rows: [(&str, Getter, usize); 14] = [
+    let rows: [(&str, Getter, usize); 15] = [
         ("items / images", |s| Some(s.items as f64 * 1000.0 + s.images as f64), 0),
         ("identity similarity ↑", |s| Some(s.identity_sim), 4),
+        ("top-1 identification ↑", |s| s.top1_identification, 3),
         ("verification AUC ↑", |s| s.verification.map(|v| v.auc), 4),
         ("EER ↓", |s| s.verification.map(|v| v.eer), 4),
         ("FMR100 ↓", |s| s.verification.map(|v| v.fmr100), 4),
@@ -387,6 +410,11 @@ mod tests {
         let g = good.verification.expect("verification");
         let b = bad.verification.expect("verification");
         assert!(g.auc > b.auc && g.eer < b.eer, "{g:?} vs {b:?}");
+        let (g1, b1) = (
+            good.top1_identification.expect("top-1"),
+            bad.top1_identification.expect("top-1"),
+        );
+        assert!(g1 > 0.9 && b1 < 0.5, "top-1 {g1} vs {b1}");
         let report = BenchmarkReport {
             model: "ideal".into(),
             identity_embedder: IDENTITY_EMBEDDER.into(),

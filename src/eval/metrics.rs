@@ -309,6 +309,30 @@ pub fn steps_to_fraction(values: &[f64], window: usize, fraction: f64) -> Option
     None
 }
 
+/// Rank-1 (top-1) identification accuracy: each probe `(embedding, true gallery index)` is assigned the gallery
+/// entry of highest cosine similarity; the fraction assigned correctly. A tie with the true entry counts as a miss
+/// unless the true entry comes first (the first maximum wins), so a constant embedder cannot score above chance.
+/// `None` without probes or gallery, or when a probe's index is outside the gallery.
+pub fn top1_identification(probes: &[(Vec<f32>, usize)], gallery: &[Vec<f32>]) -> Option<f64> {
+    if probes.is_empty() || gallery.is_empty() || probes.iter().any(|(_, k)| *k >= gallery.len()) {
+        return None;
+    }
+    let hits = probes
+        .iter()
+        .filter(|(e, truth)| {
+            let mut best = (0usize, f32::NEG_INFINITY);
+            for (k, g) in gallery.iter().enumerate() {
+                let s = cosine(e, g);
+                if s > best.1 {
+                    best = (k, s);
+                }
+            }
+            best.0 == *truth
+        })
+        .count();
+    Some(hits as f64 / probes.len() as f64)
+}
+
 /// Mean and half-width of the 95 % confidence interval of the mean (Student t, n − 1 degrees of freedom); the
 /// half-width is NaN for fewer than two values.
 pub fn mean_ci95(values: &[f64]) -> (f64, f64) {
@@ -333,6 +357,20 @@ pub fn mean_ci95(values: &[f64]) -> (f64, f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn top1_identification_hand_cases() {
+        let gallery = vec![vec![1.0, 0.0], vec![0.0, 1.0], vec![-1.0, 0.0]];
+        // Probe 0 is nearest to entry 0 (right), probe 1 nearest to entry 1 (right), probe 2 nearest to entry 0
+        // but belongs to entry 2 (wrong): 2/3.
+        let probes = vec![(vec![0.9, 0.1], 0), (vec![0.2, 0.8], 1), (vec![0.7, 0.3], 2)];
+        assert_eq!(top1_identification(&probes, &gallery), Some(2.0 / 3.0));
+        // A constant (zero) embedder scores every entry 0: the first entry wins, so only its probes hit.
+        let zeros = vec![(vec![0.0, 0.0], 0), (vec![0.0, 0.0], 1), (vec![0.0, 0.0], 2)];
+        assert_eq!(top1_identification(&zeros, &gallery), Some(1.0 / 3.0));
+        assert_eq!(top1_identification(&[], &gallery), None);
+        assert_eq!(top1_identification(&[(vec![1.0, 0.0], 3)], &gallery), None);
+    }
 
     #[test]
     fn cosine_hand_cases() {

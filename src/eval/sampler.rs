@@ -34,6 +34,14 @@ pub struct SampleSettings {
     pub parameterisation: Parameterisation,
     /// Side the references are resized to (the base's training setting).
     pub reference_px: u32,
+    /// Guidance strength fed to a guidance-distilled base (FLUX.1-dev's `guidance_in`; 3.5 is BFL's default);
+    /// unused by bases without it. Such a base is usually sampled with `cfg_scale` 1.
+    #[serde(default = "default_distilled_guidance")]
+    pub distilled_guidance: f32,
+}
+
+fn default_distilled_guidance() -> f32 {
+    3.5
 }
 
 impl Default for SampleSettings {
@@ -44,6 +52,7 @@ impl Default for SampleSettings {
             shift: 1.0,
             parameterisation: Parameterisation::RectifiedFlow,
             reference_px: 32,
+            distilled_guidance: default_distilled_guidance(),
         }
     }
 }
@@ -191,6 +200,11 @@ pub fn sample(
         let rows = if guided { 2 * b } else { b };
         let x_in = if guided { Tensor::cat(&[x, x], 0)? } else { x.clone() };
         let timesteps = Tensor::from_vec(vec![model_t; rows], rows, &device)?;
+        let guidance = base
+            .config()
+            .guidance_embed
+            .then(|| Tensor::full(settings.distilled_guidance, rows, &device))
+            .transpose()?;
         let references: Vec<Reference<'_>> = cond
             .refs
             .iter()
@@ -203,7 +217,7 @@ pub fn sample(
             txt_ids: &cond.txt_ids,
             timesteps: &timesteps,
             y: &cond.y,
-            guidance: None,
+            guidance: guidance.as_ref(),
             references: &references,
         };
         let out = base.mmdit.forward_with(
@@ -319,6 +333,39 @@ mod tests {
             Adapters::Off,
         )?;
         assert_eq!(eps[0].dimensions(), (32, 32));
+        Ok(())
+    }
+
+    /// A guidance-distilled base (FLUX.1-dev's `guidance_in`) samples with its guidance strength, and the
+    /// strength changes the result.
+    #[test]
+    fn distilled_guidance_reaches_guidance_models() -> Result<(), EvalError> {
+        let cfg = Config {
+            hidden_size: 64,
+            num_heads: 2,
+            axes_dim: vec![8, 12, 12],
+            depth: 1,
+            depth_single_blocks: 1,
+            guidance_embed: true,
+            ..Config::tiny()
+        };
+        let base = BaseModel::random(&cfg, 4, 3, &Device::Cpu).map_err(|e| EvalError::Invalid(e.to_string()))?;
+        let refs = [RgbImage::from_pixel(32, 32, image::Rgb([20, 200, 40]))];
+        let req = SampleRequest {
+            prompt: "a green ball",
+            references: &refs,
+            size_px: (32, 32),
+        };
+        let at = |g: f32| {
+            let settings = SampleSettings {
+                steps: 2,
+                cfg_scale: 1.0,
+                distilled_guidance: g,
+                ..SampleSettings::default()
+            };
+            sample(&base, &req, &settings, &[3], Adapters::Off)
+        };
+        assert_ne!(at(1.0)?, at(6.0)?);
         Ok(())
     }
 

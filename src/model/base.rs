@@ -150,6 +150,10 @@ pub struct BaseModel {
     pub flux_text: Option<FluxTextEncoders>,
     /// Where it came from.
     pub source: BaseSource,
+    /// Guidance strength fed to `guidance_in` in training forwards when the model is guidance-distilled
+    /// (FLUX.1-dev; ignored otherwise). 1.0 by default, as UNO's and x-flux's training scripts use; the sampler
+    /// takes its own value ([`crate::eval::sampler::SampleSettings::distilled_guidance`]).
+    pub train_guidance: f32,
 }
 
 /// Reads the `__metadata__` of a safetensors file without reading the tensors.
@@ -174,6 +178,15 @@ pub fn read_safetensors_metadata(path: &Path) -> Result<HashMap<String, String>,
 }
 
 impl BaseModel {
+    /// The training guidance tensor `[batch]` for a guidance-distilled model, `None` for one without `guidance_in`.
+    pub fn guidance_tensor(&self, batch: usize) -> candle_core::Result<Option<Tensor>> {
+        self.mmdit
+            .config()
+            .guidance_embed
+            .then(|| Tensor::full(self.train_guidance, batch, self.mmdit.device()))
+            .transpose()
+    }
+
     /// Loads a base from `source` on `device` (random bases use the tiny config and patch 4).
     pub fn load(source: &BaseSource, device: &Device) -> Result<Self, BaseError> {
         match source {
@@ -237,6 +250,7 @@ impl BaseModel {
             codec: ImageCodec::PixelUnshuffle { patch },
             flux_text: None,
             source,
+            train_guidance: 1.0,
         })
     }
 

@@ -91,6 +91,9 @@ pub struct ModelSettings {
     pub clip: Option<PathBuf>,
     /// `tokenizer.json` of the CLIP text encoder.
     pub clip_tokenizer: Option<PathBuf>,
+    /// Guidance strength fed to a guidance-distilled base (FLUX.1-dev's `guidance_in`) in training forwards;
+    /// unused by models without it. UNO and x-flux train with 1.0.
+    pub guidance: f32,
 }
 
 impl Default for ModelSettings {
@@ -105,6 +108,7 @@ impl Default for ModelSettings {
             t5_max_tokens: crate::model::flux_text::FLUX_T5_TOKENS,
             clip: None,
             clip_tokenizer: None,
+            guidance: 1.0,
         }
     }
 }
@@ -160,6 +164,7 @@ impl ModelSettings {
     /// Loads the base on `device` with the autoencoder and text encoders these settings name.
     pub fn load_base(&self, device: &candle_core::Device) -> Result<BaseModel, BaseError> {
         let mut base = BaseModel::load(&self.base, device)?;
+        base.train_guidance = self.guidance;
         if let Some(ae) = &self.autoencoder {
             base = base.with_autoencoder(ae)?;
         }

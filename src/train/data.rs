@@ -92,6 +92,8 @@ pub struct PreparedItem {
     pub y: Tensor,
     /// `M_prior` (per subject and union), `M_d`, raw entropy, on the token grid.
     pub masks: ItemMasks,
+    /// Guidance strength [1] for a guidance-distilled base (`model.guidance`), `None` otherwise.
+    pub guidance: Option<Tensor>,
 }
 
 impl PreparedItem {
@@ -119,6 +121,7 @@ impl PreparedItem {
         let references: Vec<Reference<'_>> = refs.iter().map(|(tokens, ids)| Reference { tokens, ids }).collect();
         let (img_ids, txt, txt_ids) = (rep(&self.img_ids)?, rep(&self.txt)?, rep(&self.txt_ids)?);
         let y = if b == 1 { self.y.clone() } else { self.y.repeat((b, 1))? };
+        let guidance = self.guidance.as_ref().map(|g| g.repeat(b)).transpose()?;
         let input = MmditInput {
             img: x_t,
             img_ids: &img_ids,
@@ -126,7 +129,7 @@ impl PreparedItem {
             txt_ids: &txt_ids,
             timesteps,
             y: &y,
-            guidance: None,
+            guidance: guidance.as_ref(),
             references: &references,
         };
         model.forward_with(&input, opts)
@@ -243,6 +246,7 @@ pub fn prepare_item(
             masks.m_prior.shape()
         )));
     }
+    let guidance = base.guidance_tensor(1).map_err(tensor_err)?;
     Ok(PreparedItem {
         id,
         prompt: item.record.prompt.clone(),
@@ -255,6 +259,7 @@ pub fn prepare_item(
         txt_ids,
         y: enc.y,
         masks,
+        guidance,
     })
 }
 
@@ -283,6 +288,8 @@ mod tests {
             depth: 1,
             depth_single_blocks: 1,
             axes_dim: vec![8, 28, 28],
+            // Guidance-distilled like FLUX.1-dev: training forwards must feed `guidance_in`.
+            guidance_embed: true,
             ..Config::tiny()
         };
         let mut base = BaseModel::random(&cfg, 2, 5, &Device::Cpu)?;
@@ -368,6 +375,17 @@ mod tests {
         let t = Tensor::new(&[0.5f32], &Device::Cpu)?;
         let out = prepared.forward(&base.mmdit, &prepared.x0_l, &t, ForwardOptions::default())?;
         assert_eq!(out.prediction.dims(), &[1, 4, 64]);
+        // `model.guidance` reaches `guidance_in`.
+        assert!(base.config().guidance_embed);
+        let mut strong = base;
+        strong.train_guidance = 4.0;
+        let again = prepare_item(&strong, &item(32), &settings_for(&strong), 16, &Device::Cpu)?;
+        let out4 = again.forward(&strong.mmdit, &again.x0_l, &t, ForwardOptions::default())?;
+        let diff = (out.prediction - out4.prediction)?
+            .abs()?
+            .sum_all()?
+            .to_scalar::<f32>()?;
+        assert!(diff > 0.0, "guidance 1 and 4 give the same prediction");
         Ok(())
     }
 

@@ -475,6 +475,8 @@ impl Pretrainer {
             .iter()
             .map(|(tokens, ids)| Reference { tokens, ids })
             .collect();
+        // A guidance-distilled config is pretrained at guidance 1.0, the value fine-tuning feeds it.
+        let guidance = self.base.guidance_tensor(b)?;
         let input = MmditInput {
             img: &noised.x_t,
             img_ids: &batch.img_ids,
@@ -482,7 +484,7 @@ impl Pretrainer {
             txt_ids: &txt_ids,
             timesteps: &timesteps,
             y: &enc.y,
-            guidance: None,
+            guidance: guidance.as_ref(),
             references: &references,
         };
         let out = self.base.mmdit.forward_with(

@@ -1,4 +1,5 @@
-//! `focusdpo eval` (the synthetic benchmark on a base or a run) and `focusdpo sample` (images for one prompt).
+//! `focusdpo eval` (the synthetic benchmark on a base or a run), `focusdpo sample` (images for one prompt) and
+//! `focusdpo report` (groups of runs compared, mean ± CI).
 
 use std::path::{Path, PathBuf};
 
@@ -8,6 +9,7 @@ use clap::Args;
 use focusdpo::eval::benchmark::{BenchmarkConfig, ExtraEmbedders, report_markdown, run_benchmark};
 use focusdpo::eval::pretrained::{ClipEmbedder, ClipModelConfig, DinoV2Config, DinoV2Embedder};
 use focusdpo::eval::sampler::{SampleRequest, SampleSettings, sample};
+use focusdpo::eval::study::{RunMetrics, aggregate, benchmark_values, comparison_markdown, group_of, training_values};
 use focusdpo::eval::{ImageEmbedder, TextEmbedder};
 use focusdpo::model::{Adapters, BaseModel, BaseSource};
 use image::RgbImage;
@@ -261,5 +263,80 @@ pub fn run_sample(args: &SampleArgs) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64(),
         args.out.display()
     );
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Run directories (training metrics from metrics.jsonl, benchmark from DIR/eval/eval.json) or eval folders
+    /// (DIR/eval.json). Runs are grouped by folder name without a seed suffix (`dpo-s1`, `dpo-s2` → `dpo`).
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+    /// Write the markdown table here (it is printed too).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Also write every run's metrics and the group summaries as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// One path's metrics: benchmark values if an eval.json is there (or in eval/), training values if a
+/// metrics.jsonl is there.
+fn run_metrics(path: &Path) -> anyhow::Result<RunMetrics> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .with_context(|| format!("{}: not a folder name", path.display()))?;
+    let mut values = std::collections::BTreeMap::new();
+    let eval_json = [path.join("eval.json"), path.join("eval").join("eval.json")]
+        .into_iter()
+        .find(|p| p.is_file());
+    if let Some(p) = &eval_json {
+        let bytes = std::fs::read(p).with_context(|| format!("{}: cannot read", p.display()))?;
+        let report: focusdpo::eval::benchmark::BenchmarkReport =
+            serde_json::from_slice(&bytes).with_context(|| format!("{}: not a benchmark report", p.display()))?;
+        values.extend(benchmark_values(&report));
+    }
+    let has_metrics = path.join(focusdpo::train::run_store::METRICS_FILE).is_file();
+    if has_metrics {
+        let (records, _) = focusdpo::train::run_store::read_metrics(path)?;
+        values.extend(training_values(&records));
+    }
+    if eval_json.is_none() && !has_metrics {
+        bail!(
+            "{}: neither eval.json, eval/eval.json nor {} found",
+            path.display(),
+            focusdpo::train::run_store::METRICS_FILE
+        );
+    }
+    Ok(RunMetrics {
+        group: group_of(&name),
+        source: path.display().to_string(),
+        values,
+    })
+}
+
+/// `focusdpo report`: mean ± 95 % CI per group of runs, best marked.
+pub fn run_report(args: &ReportArgs) -> anyhow::Result<()> {
+    let runs = args
+        .paths
+        .iter()
+        .map(|p| run_metrics(p))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let groups = aggregate(&runs);
+    let md = format!(
+        "{}\nmean ± 95 % CI half-width over the runs of each group (Student t); **bold** = best mean. Training \
+         columns: the last 20 % of steps.\n",
+        comparison_markdown(&groups)
+    );
+    println!("{md}");
+    if let Some(out) = &args.out {
+        focusdpo::store::write_atomic(out, md.as_bytes())
+            .with_context(|| format!("{}: cannot write", out.display()))?;
+    }
+    if let Some(out) = &args.json {
+        let json = serde_json::to_vec_pretty(&serde_json::json!({ "runs": runs, "groups": groups }))?;
+        focusdpo::store::write_atomic(out, &json).with_context(|| format!("{}: cannot write", out.display()))?;
+    }
     Ok(())
 }

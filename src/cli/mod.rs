@@ -35,6 +35,8 @@ enum Command {
     Sample(eval::SampleArgs),
     /// The synthetic fidelity benchmark on a held-out split: eval.json, eval.md and sample sheets.
     Eval(eval::EvalArgs),
+    /// Compare groups of runs / evals (seeds grouped by folder name): mean ± 95 % CI per metric, best marked.
+    Report(eval::ReportArgs),
 }
 
 /// Runs the parsed command line.
@@ -49,5 +51,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Pretrain(args) => pretrain::run(&args).map(|()| ExitCode::SUCCESS),
         Command::Sample(args) => eval::run_sample(&args).map(|()| ExitCode::SUCCESS),
         Command::Eval(args) => eval::run_eval(&args).map(|()| ExitCode::SUCCESS),
+        Command::Report(args) => eval::run_report(&args).map(|()| ExitCode::SUCCESS),
     }
 }

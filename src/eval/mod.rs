@@ -6,6 +6,7 @@ pub mod identity;
 pub mod metrics;
 pub mod pretrained;
 pub mod sampler;
+pub mod study;
 
 use std::path::PathBuf;
 

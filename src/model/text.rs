@@ -76,7 +76,12 @@ impl PromptEncoder {
     /// Loads the tables (`prompt_embed.*`) from `vb`; the prompt length is the position table's row count.
     pub fn load(context_in_dim: usize, vec_in_dim: usize, vb: VarBuilder) -> Result<Self> {
         let vb = vb.pp("prompt_embed");
-        let position = vb.get_unchecked("position.weight")?;
+        // A file's table has its own length; a `VarMap` (pretraining from scratch) has no `get_unchecked` and
+        // creates the table at the default length.
+        let position = match vb.get_unchecked("position.weight") {
+            Ok(t) => t,
+            Err(_) => vb.get((PROMPT_TOKENS, context_in_dim), "position.weight")?,
+        };
         match position.dims() {
             &[n, c] if (1..=MAX_PROMPT_TOKENS).contains(&n) && c == context_in_dim => {}
             d => candle_core::bail!(

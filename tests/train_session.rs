@@ -70,6 +70,21 @@ fn run(launch: Launch, options: SessionOptions) -> Vec<Event> {
     events
 }
 
+/// Starts a new run that must fail, and returns the error of its `Failed` event.
+fn failure(cfg: RunConfig, run_dir: &Path) -> String {
+    let events = run(
+        Launch::New {
+            config: Box::new(cfg),
+            dir: run_dir.to_path_buf(),
+        },
+        options(),
+    );
+    match events.last() {
+        Some(Event::Failed { error, .. }) => error.clone(),
+        other => panic!("expected Failed, got {other:?}"),
+    }
+}
+
 fn options() -> SessionOptions {
     SessionOptions {
         dump: None,
@@ -82,15 +97,15 @@ fn lora_tensors(run_dir: &Path, step: u64) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(&path, &Device::Cpu).expect("checkpoint loads")
 }
 
+fn tensor_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+        .expect("same shapes")
+}
+
 fn max_diff(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter()
-        .map(|(k, t)| {
-            (t - &b[k])
-                .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
-                .expect("same shapes")
-        })
-        .fold(0.0, f32::max)
+    a.iter().map(|(k, t)| tensor_diff(t, &b[k])).fold(0.0, f32::max)
 }
 
 /// Step records without the wall time.
@@ -308,17 +323,8 @@ fn setup_errors_arrive_as_failed_events() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cfg = config(ObjectiveKind::Dpo, 2);
     cfg.data.dir = Some(dir.path().join("no-such-dataset"));
-    let events = run(
-        Launch::New {
-            config: Box::new(cfg),
-            dir: dir.path().join("r"),
-        },
-        options(),
-    );
-    match events.last() {
-        Some(Event::Failed { error, .. }) => assert!(error.contains("no-such-dataset"), "{error}"),
-        other => panic!("expected Failed, got {other:?}"),
-    }
+    let error = failure(cfg, &dir.path().join("r"));
+    assert!(error.contains("no-such-dataset"), "{error}");
     let events = run(
         Launch::Resume {
             dir: dir.path().join("never-created"),
@@ -400,17 +406,8 @@ fn an_empty_selection_is_a_clear_failed_event() {
     let cfg = config(ObjectiveKind::Dpo, 2)
         .with_overrides(&["data.pairs.bottom_percent=100".into()])
         .expect("overrides");
-    let events = run(
-        Launch::New {
-            config: Box::new(cfg),
-            dir: dir.path().join("r"),
-        },
-        options(),
-    );
-    match events.last() {
-        Some(Event::Failed { error, .. }) => assert!(error.contains("kept no pair"), "{error}"),
-        other => panic!("expected Failed, got {other:?}"),
-    }
+    let error = failure(cfg, &dir.path().join("r"));
+    assert!(error.contains("kept no pair"), "{error}");
 }
 
 #[test]
@@ -423,12 +420,7 @@ fn shuffled_negatives_are_other_items_winners() {
         .expect("overrides");
     let shuffled = load_training_data(&cfg, &b, &device, None).expect("shuffled losers");
     assert_eq!(shuffled.items.len(), 3);
-    let same = |a: &Tensor, b: &Tensor| {
-        max_diff(
-            &HashMap::from([("x".into(), a.clone())]),
-            &HashMap::from([("x".into(), b.clone())]),
-        ) == 0.0
-    };
+    let same = |a: &Tensor, b: &Tensor| tensor_diff(a, b) == 0.0;
     for (item, pair) in shuffled.items.iter().zip(&shuffled.pairs.pairs) {
         let from = pair.loser.strip_prefix("winner of ").expect("loser names its source");
         assert_ne!(from, item.id, "a derangement has no fixed point");
@@ -447,6 +439,19 @@ fn shuffled_negatives_are_other_items_winners() {
     let losers =
         |d: &focusdpo::train::session::TrainingData| d.pairs.pairs.iter().map(|p| p.loser.clone()).collect::<Vec<_>>();
     assert_eq!(losers(&again), losers(&shuffled));
+    // One item has no other winner to borrow; dynamic selection has no distribution.
+    let one = |extra: &str| {
+        let cfg = config(ObjectiveKind::Dpo, 2)
+            .with_overrides(&[r#"data.items=["synth-0000"]"#.into(), extra.into()])
+            .expect("overrides");
+        load_training_data(&cfg, &b, &device, None)
+            .expect_err("one item")
+            .to_string()
+    };
+    let e = one("data.negatives=shuffled");
+    assert!(e.contains("at least 2 items"), "{e}");
+    let e = one("data.pairs.select=dynamic");
+    assert!(e.contains("at least 2 pairs"), "{e}");
 }
 
 #[test]
@@ -468,14 +473,19 @@ fn base_negatives_are_sampled_once_and_cached_in_the_run_dir() {
     let outcome = second.base_negatives.expect("base outcome");
     assert_eq!((outcome.generated, outcome.cached), (0, 3));
     for (a, c) in first.items.iter().zip(&second.items) {
-        let d = (&a.x0_l - &c.x0_l).and_then(|t| t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>());
         assert_eq!(
-            d.expect("same shapes"),
+            tensor_diff(&a.x0_l, &c.x0_l),
             0.0,
             "the cache holds exactly what was trained on"
         );
     }
-    assert!(first.pairs.pairs.iter().all(|p| p.loser == "base"));
+    assert!(
+        first
+            .pairs
+            .pairs
+            .iter()
+            .all(|p| p.loser.starts_with("base sample, seed "))
+    );
 }
 
 #[test]

@@ -375,7 +375,7 @@ pub struct PairInput {
     pub psi_w: f64,
     /// `ψ(x_l | c)`.
     pub psi_l: f64,
-    /// Where the loser came from (`dataset`, `winner of <id>`, `base`).
+    /// Where the loser came from (`dataset`, `winner of <id>`, `base sample, seed <n>`).
     pub loser: String,
 }
 

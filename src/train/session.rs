@@ -40,7 +40,9 @@ use crate::rng::{normal_vec, permutation, stream_rng};
 use super::config::{ConfigError, HiddenSource, RunConfig};
 use super::data::{PrepareError, PreparedItem, prepare_item};
 use super::focus::{FocusError, StepMasks, step_masks};
-use super::negatives::{BaseNegativesOutcome, LoserSource, NegativesError, base_losers, shuffle_losers};
+use super::negatives::{
+    BaseNegativesOutcome, LoserSource, NegativesError, base_losers, base_negative_seed, shuffle_losers,
+};
 use super::objective::{ObjectiveKind, PairPredictions, StepStats, eq1_diffusion_dpo, eq10_focus_dpo, sft};
 use super::optim::{AdamW, clip_grad_norm, lr_at};
 use super::pairs::{PairInput, PairsError, PairsReport, PairsSummary, psi, reference_descriptors, score_and_select};
@@ -274,7 +276,10 @@ pub fn load_training_data(
                 cfg.seed,
                 run_dir,
             )?);
-            vec!["base".to_string(); loaded.len()]
+            indices
+                .iter()
+                .map(|&i| format!("base sample, seed {}", base_negative_seed(cfg.seed, i)))
+                .collect()
         }
     };
     let inputs = loaded

@@ -29,8 +29,10 @@ fn train_writes_a_run_and_resume_continues_it() {
     ]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("finished at step 1"), "{}", text(&out));
+    assert!(text(&out).contains("pairs: kept 1 of 1"), "{}", text(&out));
     for f in [
         "config.toml",
+        "pairs.json",
         "metrics.jsonl",
         "checkpoints/step-1/lora.safetensors",
         "checkpoints/step-1/optimizer.safetensors",
@@ -60,6 +62,12 @@ fn train_reports_bad_settings_without_running() {
     let out = focusdpo(&["train", "--out", run_s, "--set", "dpo.betta=1"]);
     assert!(!out.status.success());
     assert!(text(&out).contains("betta"), "{}", text(&out));
+    let out = focusdpo(&["train", "--out", run_s, "--set", "data.pairs.select=top-k"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("top-k"), "{}", text(&out));
+    let out = focusdpo(&["train", "--out", run_s, "--set", "data.pairs.top_percent=0"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("data.pairs.top_percent"), "{}", text(&out));
     let out = focusdpo(&["train", "--out", run_s, "--objective", "ppo"]);
     assert!(!out.status.success());
     assert!(text(&out).contains("ppo"), "{}", text(&out));

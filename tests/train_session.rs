@@ -13,7 +13,9 @@ use focusdpo::model::{BaseModel, Config};
 use focusdpo::train::RunConfig;
 use focusdpo::train::objective::ObjectiveKind;
 use focusdpo::train::run_store::read_metrics;
-use focusdpo::train::session::{Event, Launch, Session, SessionOptions, TrainError, Trainer, load_items};
+use focusdpo::train::session::{
+    Event, Launch, Session, SessionOptions, TrainError, Trainer, load_items, load_training_data,
+};
 
 fn micro() -> Config {
     Config {
@@ -68,6 +70,21 @@ fn run(launch: Launch, options: SessionOptions) -> Vec<Event> {
     events
 }
 
+/// Starts a new run that must fail, and returns the error of its `Failed` event.
+fn failure(cfg: RunConfig, run_dir: &Path) -> String {
+    let events = run(
+        Launch::New {
+            config: Box::new(cfg),
+            dir: run_dir.to_path_buf(),
+        },
+        options(),
+    );
+    match events.last() {
+        Some(Event::Failed { error, .. }) => error.clone(),
+        other => panic!("expected Failed, got {other:?}"),
+    }
+}
+
 fn options() -> SessionOptions {
     SessionOptions {
         dump: None,
@@ -80,15 +97,15 @@ fn lora_tensors(run_dir: &Path, step: u64) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(&path, &Device::Cpu).expect("checkpoint loads")
 }
 
+fn tensor_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+        .expect("same shapes")
+}
+
 fn max_diff(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter()
-        .map(|(k, t)| {
-            (t - &b[k])
-                .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
-                .expect("same shapes")
-        })
-        .fold(0.0, f32::max)
+    a.iter().map(|(k, t)| tensor_diff(t, &b[k])).fold(0.0, f32::max)
 }
 
 /// Step records without the wall time.
@@ -306,17 +323,8 @@ fn setup_errors_arrive_as_failed_events() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cfg = config(ObjectiveKind::Dpo, 2);
     cfg.data.dir = Some(dir.path().join("no-such-dataset"));
-    let events = run(
-        Launch::New {
-            config: Box::new(cfg),
-            dir: dir.path().join("r"),
-        },
-        options(),
-    );
-    match events.last() {
-        Some(Event::Failed { error, .. }) => assert!(error.contains("no-such-dataset"), "{error}"),
-        other => panic!("expected Failed, got {other:?}"),
-    }
+    let error = failure(cfg, &dir.path().join("r"));
+    assert!(error.contains("no-such-dataset"), "{error}");
     let events = run(
         Launch::Resume {
             dir: dir.path().join("never-created"),
@@ -325,4 +333,200 @@ fn setup_errors_arrive_as_failed_events() {
         options(),
     );
     assert!(matches!(events.last(), Some(Event::Failed { .. })));
+}
+
+fn pairs_json(run_dir: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(run_dir.join("pairs.json")).expect("pairs.json");
+    serde_json::from_str(&text).expect("pairs.json parses")
+}
+
+#[test]
+fn top_percent_selection_trains_on_the_best_pairs_and_writes_pairs_json() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run_dir = dir.path().join("top");
+    let cfg = config(ObjectiveKind::FocusDpo, 2)
+        .with_overrides(&[
+            "data.items=[]".into(),
+            "data.pairs.select=top-percent".into(),
+            "data.pairs.top_percent=5.33".into(),
+        ])
+        .expect("overrides");
+    let events = run(
+        Launch::New {
+            config: Box::new(cfg),
+            dir: run_dir.clone(),
+        },
+        options(),
+    );
+    assert!(
+        matches!(events.last(), Some(Event::Finished { step: 2, .. })),
+        "{events:?}"
+    );
+    let pairs = pairs_json(&run_dir);
+    let all = pairs["pairs"].as_array().expect("pairs array");
+    let total = all.len();
+    assert!(total >= 20, "the bundled dataset has {total} pairs");
+    let expected = ((total as f64 * 5.33 / 100.0 + 0.5).floor() as usize).max(1);
+    assert_eq!(pairs["kept"], expected);
+    assert_eq!(pairs["total"], total);
+    let kept: Vec<&serde_json::Value> = all.iter().filter(|p| p["kept"] == true).collect();
+    assert_eq!(kept.len(), expected);
+    // Every kept pair scores at least the threshold, every dropped one at most.
+    let threshold = pairs["threshold"].as_f64().expect("threshold");
+    for p in all {
+        let q = p["quality"].as_f64().expect("q");
+        let (w, l) = (p["psi_w"].as_f64().expect("w"), p["psi_l"].as_f64().expect("l"));
+        assert!((q - w * (1.0 - l)).abs() < 1e-12, "product formula");
+        assert!(if p["kept"] == true {
+            q >= threshold
+        } else {
+            q <= threshold
+        });
+    }
+    eprintln!(
+        "bundled dataset: mean ψ_w {:.4}, mean ψ_l {:.4}, ψ_w > ψ_l in {:.3} of {total} pairs",
+        pairs["mean_psi_w"], pairs["mean_psi_l"], pairs["winner_preferred"]
+    );
+    let kept_ids: Vec<&str> = kept.iter().filter_map(|p| p["id"].as_str()).collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Started { items, .. } if *items == expected))
+    );
+    for r in records(&run_dir) {
+        assert!(kept_ids.contains(&r["item"].as_str().unwrap_or("")), "{r}");
+    }
+    let (_, log_events) = read_metrics(&run_dir).expect("metrics");
+    assert!(log_events.iter().any(|e| e["event"] == "pairs"));
+}
+
+#[test]
+fn an_empty_selection_is_a_clear_failed_event() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = config(ObjectiveKind::Dpo, 2)
+        .with_overrides(&["data.pairs.bottom_percent=100".into()])
+        .expect("overrides");
+    let error = failure(cfg, &dir.path().join("r"));
+    assert!(error.contains("kept no pair"), "{error}");
+}
+
+#[test]
+fn shuffled_negatives_are_other_items_winners() {
+    let device = Device::Cpu;
+    let b = base();
+    let dataset = load_training_data(&config(ObjectiveKind::Dpo, 2), &b, &device, None).expect("dataset losers");
+    let cfg = config(ObjectiveKind::Dpo, 2)
+        .with_overrides(&["data.negatives=shuffled".into()])
+        .expect("overrides");
+    let shuffled = load_training_data(&cfg, &b, &device, None).expect("shuffled losers");
+    assert_eq!(shuffled.items.len(), 3);
+    let same = |a: &Tensor, b: &Tensor| tensor_diff(a, b) == 0.0;
+    for (item, pair) in shuffled.items.iter().zip(&shuffled.pairs.pairs) {
+        let from = pair.loser.strip_prefix("winner of ").expect("loser names its source");
+        assert_ne!(from, item.id, "a derangement has no fixed point");
+        let donor = dataset.items.iter().find(|i| i.id == from).expect("donor item");
+        assert!(
+            same(&item.x0_l, &donor.x0_w),
+            "loser of {} is the winner of {from}",
+            item.id
+        );
+        let own = dataset.items.iter().find(|i| i.id == item.id).expect("same item");
+        assert!(!same(&item.x0_l, &own.x0_l), "the dataset loser was replaced");
+        assert!(same(&item.x0_w, &own.x0_w), "winners are untouched");
+    }
+    // Seeded: the same seed gives the same derangement.
+    let again = load_training_data(&cfg, &b, &device, None).expect("again");
+    let losers =
+        |d: &focusdpo::train::session::TrainingData| d.pairs.pairs.iter().map(|p| p.loser.clone()).collect::<Vec<_>>();
+    assert_eq!(losers(&again), losers(&shuffled));
+    // One item has no other winner to borrow; dynamic selection has no distribution.
+    let one = |extra: &str| {
+        let cfg = config(ObjectiveKind::Dpo, 2)
+            .with_overrides(&[r#"data.items=["synth-0000"]"#.into(), extra.into()])
+            .expect("overrides");
+        load_training_data(&cfg, &b, &device, None)
+            .expect_err("one item")
+            .to_string()
+    };
+    let e = one("data.negatives=shuffled");
+    assert!(e.contains("at least 2 items"), "{e}");
+    let e = one("data.pairs.select=dynamic");
+    assert!(e.contains("at least 2 pairs"), "{e}");
+}
+
+#[test]
+fn base_negatives_are_sampled_once_and_cached_in_the_run_dir() {
+    let device = Device::Cpu;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = base();
+    let cfg = config(ObjectiveKind::Dpo, 2)
+        .with_overrides(&["data.negatives=base".into(), "data.base_negatives.steps=2".into()])
+        .expect("overrides");
+    let first = load_training_data(&cfg, &b, &device, Some(dir.path())).expect("sampled");
+    let outcome = first.base_negatives.expect("base outcome");
+    assert_eq!((outcome.generated, outcome.cached), (3, 0));
+    let files = std::fs::read_dir(dir.path().join("negatives"))
+        .expect("cache dir")
+        .count();
+    assert_eq!(files, 3);
+    let second = load_training_data(&cfg, &b, &device, Some(dir.path())).expect("cached");
+    let outcome = second.base_negatives.expect("base outcome");
+    assert_eq!((outcome.generated, outcome.cached), (0, 3));
+    for (a, c) in first.items.iter().zip(&second.items) {
+        assert_eq!(
+            tensor_diff(&a.x0_l, &c.x0_l),
+            0.0,
+            "the cache holds exactly what was trained on"
+        );
+    }
+    assert!(
+        first
+            .pairs
+            .pairs
+            .iter()
+            .all(|p| p.loser.starts_with("base sample, seed "))
+    );
+}
+
+#[test]
+fn sequential_schedule_logs_phases_and_resumes_exactly_in_either_phase() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = config(ObjectiveKind::FocusDpo, 4)
+        .with_overrides(&["schedule.kind=sequential".into(), "schedule.sft_steps=2".into()])
+        .expect("overrides");
+    let full = dir.path().join("full");
+    run(
+        Launch::New {
+            config: Box::new(cfg.clone()),
+            dir: full.clone(),
+        },
+        options(),
+    );
+    let phases: Vec<String> = records(&full)
+        .iter()
+        .map(|r| r["phase"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(phases, ["sft", "sft", "focus-dpo", "focus-dpo"]);
+    for split_at in [1, 3] {
+        let split = dir.path().join(format!("split-{split_at}"));
+        run(
+            Launch::New {
+                config: Box::new(RunConfig {
+                    steps: split_at,
+                    ..cfg.clone()
+                }),
+                dir: split.clone(),
+            },
+            options(),
+        );
+        run(
+            Launch::Resume {
+                dir: split.clone(),
+                steps: Some(4),
+            },
+            options(),
+        );
+        assert_eq!(max_diff(&lora_tensors(&full, 4), &lora_tensors(&split, 4)), 0.0);
+        assert_eq!(records(&full), records(&split));
+    }
 }

@@ -282,7 +282,7 @@ impl TrainingPanel {
                         live.status = RunStatus::Failed { step, error };
                         ended = true;
                     }
-                    Event::Masks(_) | Event::Checkpoint(_) | Event::Dumped { .. } => {}
+                    Event::Masks(_) | Event::Checkpoint(_) | Event::Dumped { .. } | Event::Pairs(_) => {}
                 }
             }
         }

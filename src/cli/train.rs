@@ -157,6 +157,20 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
                 }
             }
             Event::Masks(_) => {}
+            Event::Pairs(p) => {
+                let threshold = p.threshold.map_or_else(|| "none".to_string(), |t| format!("{t:.4}"));
+                let line = format!(
+                    "pairs: kept {} of {} ({} after the bottom filter), threshold {threshold}; mean ψ_w {:.3}, ψ_l \
+                     {:.3}, ψ_w > ψ_l in {:.0} % (pairs.json)",
+                    p.kept,
+                    p.total,
+                    p.after_bottom,
+                    p.mean_psi_w,
+                    p.mean_psi_l,
+                    p.winner_preferred * 100.0
+                );
+                note(&bar, args.plain, line);
+            }
             Event::Checkpoint(c) => note(&bar, args.plain, format!("checkpoint {}", c.dir.display())),
             Event::Dumped { step, path } => note(&bar, args.plain, format!("step {step} tensors → {}", path.display())),
             Event::Finished { step, stopped } => {

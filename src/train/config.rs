@@ -12,8 +12,10 @@ use crate::model::schedule::Parameterisation;
 use crate::model::{BaseError, BaseModel, BaseSource};
 use crate::pipeline::MaskSettings;
 
+use super::negatives::{BaseNegativesConfig, LoserSource};
 use super::objective::{ObjectiveConfig, ObjectiveKind};
 use super::optim::AdamWParams;
+use super::pairs::{PairsConfig, PairsError};
 
 /// Upper bound of `steps` (TOML integers are i64; a billion steps is far beyond any run of this tool).
 pub const MAX_STEPS: u64 = 1_000_000_000;
@@ -64,6 +66,43 @@ pub struct DataConfig {
     pub dir: Option<PathBuf>,
     /// Item ids to train on; empty = every valid item.
     pub items: Vec<String>,
+    /// Pair quality and selection ([`super::pairs`]).
+    pub pairs: PairsConfig,
+    /// Loser source: the dataset's, another item's winner, or a base sample ([`super::negatives`]).
+    pub negatives: LoserSource,
+    /// Sampler settings of `negatives = "base"`.
+    pub base_negatives: BaseNegativesConfig,
+}
+
+/// How the objective changes over a run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScheduleKind {
+    /// The configured objective from the first step (with `dpo.sft_lambda` as the joint SFT term).
+    #[default]
+    Joint,
+    /// SFT (winner regression) for `sft_steps` steps, then the configured objective.
+    Sequential,
+}
+
+/// `[schedule]`: joint or sequential SFT → preference training.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScheduleConfig {
+    /// Joint or sequential.
+    pub kind: ScheduleKind,
+    /// `sequential`: steps `1..=sft_steps` train SFT.
+    pub sft_steps: u64,
+}
+
+impl ScheduleConfig {
+    /// The objective of step `step` (1-based) for a run configured with `objective`.
+    pub fn objective_at(&self, step: u64, objective: ObjectiveKind) -> ObjectiveKind {
+        match self.kind {
+            ScheduleKind::Sequential if step <= self.sft_steps => ObjectiveKind::Sft,
+            _ => objective,
+        }
+    }
 }
 
 /// The base model and its inputs.
@@ -266,6 +305,8 @@ pub struct RunConfig {
     pub masks: MaskConfig,
     /// Cadence.
     pub log: LogConfig,
+    /// Joint or sequential SFT → objective.
+    pub schedule: ScheduleConfig,
 }
 
 impl Default for RunConfig {
@@ -282,6 +323,7 @@ impl Default for RunConfig {
             noise: NoiseConfig::default(),
             masks: MaskConfig::default(),
             log: LogConfig::default(),
+            schedule: ScheduleConfig::default(),
         }
     }
 }
@@ -324,6 +366,11 @@ pub enum ConfigError {
 }
 
 impl RunConfig {
+    /// The objective of step `step` (1-based) under the schedule.
+    pub fn objective_at(&self, step: u64) -> ObjectiveKind {
+        self.schedule.objective_at(step, self.objective)
+    }
+
     /// Reads a TOML file (missing fields take their defaults).
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
@@ -384,6 +431,29 @@ impl RunConfig {
         }
         if self.model.reference_px == 0 {
             return inv("model.reference_px", "must be positive".into());
+        }
+        self.data.pairs.validate().map_err(|e| match e {
+            PairsError::Config { field, message } => ConfigError::Invalid { field, message },
+            other => ConfigError::Invalid {
+                field: "data.pairs",
+                message: other.to_string(),
+            },
+        })?;
+        let b = &self.data.base_negatives;
+        if b.steps == 0 || b.steps > 1000 {
+            return inv(
+                "data.base_negatives.steps",
+                format!("must be in 1..=1000, got {}", b.steps),
+            );
+        }
+        if !(b.cfg_scale.is_finite() && b.cfg_scale >= 0.0) {
+            return inv(
+                "data.base_negatives.cfg_scale",
+                format!("must be ≥ 0, got {}", b.cfg_scale),
+            );
+        }
+        if !(b.shift.is_finite() && b.shift > 0.0) {
+            return inv("data.base_negatives.shift", format!("must be > 0, got {}", b.shift));
         }
         self.model.validate()
     }
@@ -480,6 +550,14 @@ mod tests {
                 "dpo.pair_filter_delta=0.01".into(),
                 "model.base=random:3".into(),
                 "data.dir=some/dir".into(),
+                "data.pairs.quality=ratio".into(),
+                "data.pairs.select=top-percent".into(),
+                "data.pairs.top_percent=5.33".into(),
+                "data.pairs.dynamic=otsu".into(),
+                "data.pairs.bottom_percent=10".into(),
+                "data.negatives=shuffled".into(),
+                "schedule.kind=sequential".into(),
+                "schedule.sft_steps=3".into(),
             ])
             .expect("valid overrides");
         assert_eq!(cfg.objective, ObjectiveKind::Dpo);
@@ -490,6 +568,48 @@ mod tests {
         assert_eq!(cfg.dpo.pair_filter_delta, Some(0.01));
         assert_eq!(cfg.model.base, BaseSource::Random(3));
         assert_eq!(cfg.data.dir, Some(PathBuf::from("some/dir")));
+        use crate::train::pairs::{DynamicThreshold, PairQuality, PairSelect};
+        assert_eq!(cfg.data.pairs.quality, PairQuality::Ratio);
+        assert_eq!(cfg.data.pairs.select, PairSelect::TopPercent);
+        assert_eq!(cfg.data.pairs.top_percent, 5.33);
+        assert_eq!(cfg.data.pairs.dynamic, DynamicThreshold::Otsu);
+        assert_eq!(cfg.data.pairs.bottom_percent, 10.0);
+        assert_eq!(cfg.data.negatives, LoserSource::Shuffled);
+        assert_eq!(cfg.schedule.kind, ScheduleKind::Sequential);
+        assert!(cfg.validate().is_ok());
+        assert_eq!(
+            (1..=5).map(|s| cfg.objective_at(s)).collect::<Vec<_>>(),
+            [
+                ObjectiveKind::Sft,
+                ObjectiveKind::Sft,
+                ObjectiveKind::Sft,
+                ObjectiveKind::Dpo,
+                ObjectiveKind::Dpo
+            ]
+        );
+    }
+
+    #[test]
+    fn a_config_written_before_the_data_knobs_reads_with_todays_behaviour() {
+        let cfg = RunConfig::from_toml("steps = 4\n[data]\nitems = [\"a\"]\n").expect("old config");
+        assert_eq!(cfg.data.pairs, PairsConfig::default());
+        assert!(cfg.data.pairs.keeps_everything());
+        assert_eq!(cfg.data.negatives, LoserSource::Dataset);
+        assert_eq!(cfg.schedule, ScheduleConfig::default());
+        assert_eq!(cfg.objective_at(1), cfg.objective);
+        let bad = RunConfig::default()
+            .with_overrides(&["data.pairs.top_percent=0".into()])
+            .expect("parses");
+        assert!(
+            bad.validate()
+                .expect_err("range")
+                .to_string()
+                .contains("data.pairs.top_percent")
+        );
+        let bad = RunConfig::default()
+            .with_overrides(&["data.negatives=elsewhere".into()])
+            .expect_err("unknown variant");
+        assert!(bad.to_string().contains("elsewhere"), "{bad}");
     }
 
     #[test]

@@ -4,8 +4,10 @@
 pub mod config;
 pub mod data;
 pub mod focus;
+pub mod negatives;
 pub mod objective;
 pub mod optim;
+pub mod pairs;
 pub mod pretrain;
 pub mod run_store;
 pub mod session;

@@ -10,6 +10,12 @@
 //! 4. `M` from those states (`M_s`, Eq. 3–6) and the item's `M_prior`, `M_d` (Eq. 9), the loss (Eq. 1 / 10 /
 //!    SFT), backward, grad-norm clip, AdamW with warm-up.
 //!
+//! Before the first step the training set is built once ([`load_training_data`]): losers replaced as
+//! `data.negatives` says, every pair scored (ψ of winner and loser, `data.pairs.quality`), the bottom filter and
+//! the selection applied, and the scores written to `pairs.json`; only kept pairs are trained on. With
+//! `schedule.kind = "sequential"` the first `schedule.sft_steps` steps use the SFT objective (logged as
+//! `phase = "sft"`), the rest the configured one; the optimiser state carries over the switch.
+//!
 //! Every random choice derives from `seed` and the step index ([`crate::rng::stream_rng`]), and the optimiser
 //! state is checkpointed, so a resumed run continues exactly like an uninterrupted one.
 
@@ -24,7 +30,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
-use crate::dip::{DipDataset, bundled_dataset_dir};
+use crate::dip::{DipDataset, LoadedItem, bundled_dataset_dir};
 use crate::masks::{Grid, MaskVariant};
 use crate::model::lora::{LoraFormat, LoraSet};
 use crate::model::schedule::{add_noise, model_time, schedule_time};
@@ -34,8 +40,12 @@ use crate::rng::{normal_vec, permutation, stream_rng};
 use super::config::{ConfigError, HiddenSource, RunConfig};
 use super::data::{PrepareError, PreparedItem, prepare_item};
 use super::focus::{FocusError, StepMasks, step_masks};
+use super::negatives::{
+    BaseNegativesOutcome, LoserSource, NegativesError, base_losers, base_negative_seed, shuffle_losers,
+};
 use super::objective::{ObjectiveKind, PairPredictions, StepStats, eq1_diffusion_dpo, eq10_focus_dpo, sft};
 use super::optim::{AdamW, clip_grad_norm, lr_at};
+use super::pairs::{PairInput, PairsError, PairsReport, PairsSummary, psi, reference_descriptors, score_and_select};
 use super::run_store::{Checkpoint, RunStore, RunStoreError};
 
 /// File names inside a checkpoint folder.
@@ -44,6 +54,8 @@ pub const LORA_FILE: &str = "lora.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 /// PEFT adapter config.
 pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
+/// Pair scores and the selection of a run (in the run folder).
+pub const PAIRS_FILE: &str = "pairs.json";
 
 const STREAM_ORDER: u64 = 1;
 const STREAM_STEP: u64 = 2;
@@ -69,6 +81,12 @@ pub enum TrainError {
     /// Mask computation.
     #[error(transparent)]
     Focus(#[from] FocusError),
+    /// Pair scoring or selection (`data.pairs`).
+    #[error("pair selection: {0}")]
+    Pairs(#[from] PairsError),
+    /// Building losers (`data.negatives`).
+    #[error(transparent)]
+    Negatives(#[from] NegativesError),
     /// Run directory.
     #[error(transparent)]
     Store(#[from] RunStoreError),
@@ -93,6 +111,14 @@ pub enum TrainError {
         /// The value.
         value: f64,
     },
+    /// A run file (other than a checkpoint) cannot be written.
+    #[error("{}: {message}", path.display())]
+    RunFile {
+        /// File.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
     /// Tensor error.
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
@@ -105,6 +131,8 @@ pub struct StepRecord {
     pub step: u64,
     /// Item id.
     pub item: String,
+    /// The objective of this step (`sft` during the SFT phase of a sequential schedule, else the run's).
+    pub phase: String,
     /// Sampled `t` (fraction of the schedule).
     pub t: f32,
     /// Loss, implicit accuracy (NaN for SFT), reward margin, the four errors, kept pairs (flattened into the
@@ -170,8 +198,19 @@ pub struct Trainer {
     device: Device,
 }
 
-/// Loads the dataset items a config names, preparing each for `base`.
-pub fn load_items(cfg: &RunConfig, base: &BaseModel, device: &Device) -> Result<Vec<PreparedItem>, TrainError> {
+/// The training set of a run: the kept pairs, prepared, and how they were chosen.
+#[derive(Debug)]
+pub struct TrainingData {
+    /// The kept pairs, prepared for the base, in dataset order.
+    pub items: Vec<PreparedItem>,
+    /// Every candidate pair's ψ_w, ψ_l, quality and kept flag (`pairs.json`).
+    pub pairs: PairsReport,
+    /// With `data.negatives = "base"`: how many losers were sampled and how many came from the cache.
+    pub base_negatives: Option<BaseNegativesOutcome>,
+}
+
+/// The items a config names (all valid items when `data.items` is empty), decoded, with their manifest positions.
+fn load_candidates(cfg: &RunConfig) -> Result<Vec<(usize, LoadedItem)>, TrainError> {
     let dir = cfg.data.dir.clone().unwrap_or_else(bundled_dataset_dir);
     let ds = DipDataset::open(&dir).map_err(|e| TrainError::Data(e.to_string()))?;
     let indices: Vec<usize> = if cfg.data.items.is_empty() {
@@ -188,13 +227,11 @@ pub fn load_items(cfg: &RunConfig, base: &BaseModel, device: &Device) -> Result<
             })
             .collect::<Result<_, _>>()?
     };
-    let mut settings = cfg.masks.settings;
-    settings.prior.stride = base.pixels_per_token();
     let mut items = Vec::with_capacity(indices.len());
     let mut skipped = Vec::new();
     for i in indices {
         match ds.load_item(i) {
-            Ok(item) => items.push(prepare_item(base, &item, &settings, cfg.model.reference_px, device)?),
+            Ok(item) => items.push((i, item)),
             Err(err) if cfg.data.items.is_empty() => skipped.push(err.to_string()),
             Err(err) => return Err(TrainError::Data(err.to_string())),
         }
@@ -206,6 +243,79 @@ pub fn load_items(cfg: &RunConfig, base: &BaseModel, device: &Device) -> Result<
         return Err(TrainError::Data(format!("{}: no usable item{why}", dir.display())));
     }
     Ok(items)
+}
+
+/// Builds a run's training set: loads the items the config names, replaces the losers as `data.negatives` says
+/// (base negatives cached under `run_dir` when given), scores every pair (ψ of winner and loser, quality
+/// formula), applies the bottom filter and the selection of `data.pairs`, and prepares the kept pairs for `base`.
+pub fn load_training_data(
+    cfg: &RunConfig,
+    base: &BaseModel,
+    device: &Device,
+    run_dir: Option<&Path>,
+) -> Result<TrainingData, TrainError> {
+    cfg.validate()?;
+    let candidates = load_candidates(cfg)?;
+    let (indices, mut loaded): (Vec<usize>, Vec<LoadedItem>) = candidates.into_iter().unzip();
+    let mut base_negatives = None;
+    let losers: Vec<String> = match cfg.data.negatives {
+        LoserSource::Dataset => vec!["dataset".to_string(); loaded.len()],
+        LoserSource::Shuffled => {
+            let ids: Vec<String> = loaded.iter().map(|i| i.record.id.clone()).collect();
+            let from = shuffle_losers(&mut loaded, cfg.seed)?;
+            from.iter().map(|&j| format!("winner of {}", ids[j])).collect()
+        }
+        LoserSource::Base => {
+            base_negatives = Some(base_losers(
+                &mut loaded,
+                &indices,
+                base,
+                &cfg.data.base_negatives,
+                cfg.noise.parameterisation,
+                cfg.model.reference_px,
+                cfg.seed,
+                run_dir,
+            )?);
+            indices
+                .iter()
+                .map(|&i| format!("base sample, seed {}", base_negative_seed(cfg.seed, i)))
+                .collect()
+        }
+    };
+    let inputs = loaded
+        .iter()
+        .zip(losers)
+        .map(|(item, loser)| {
+            let id = &item.record.id;
+            let refs = reference_descriptors(id, &item.references)?;
+            Ok(PairInput {
+                id: id.clone(),
+                psi_w: psi(id, &item.winner, &item.masks, &refs)?,
+                psi_l: psi(id, &item.loser, &item.masks, &refs)?,
+                loser,
+            })
+        })
+        .collect::<Result<Vec<_>, PairsError>>()?;
+    let pairs = score_and_select(inputs, &cfg.data.pairs)?;
+    let mut settings = cfg.masks.settings;
+    settings.prior.stride = base.pixels_per_token();
+    let items = loaded
+        .iter()
+        .zip(&pairs.pairs)
+        .filter(|(_, p)| p.kept)
+        .map(|(item, _)| prepare_item(base, item, &settings, cfg.model.reference_px, device))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(TrainingData {
+        items,
+        pairs,
+        base_negatives,
+    })
+}
+
+/// Loads the dataset items a config names and prepares the kept pairs for `base` ([`load_training_data`] without
+/// a run folder: base negatives are sampled, not cached).
+pub fn load_items(cfg: &RunConfig, base: &BaseModel, device: &Device) -> Result<Vec<PreparedItem>, TrainError> {
+    Ok(load_training_data(cfg, base, device, None)?.items)
 }
 
 fn non_finite(step: u64, what: &'static str, value: f64) -> TrainError {
@@ -355,7 +465,7 @@ impl Trainer {
         let t_sched = schedule_time(noise_cfg.parameterisation, frac);
         let shape = item.x0_w.dims().to_vec();
         let eps = Tensor::from_vec(normal_vec(&mut rng, item.x0_w.elem_count()), shape, &self.device)?;
-        let objective = self.cfg.objective;
+        let objective = self.cfg.objective_at(step);
         let pair = objective != ObjectiveKind::Sft;
         let (x0, eps_b, ts) = if pair {
             (
@@ -474,6 +584,7 @@ impl Trainer {
         let record = StepRecord {
             step,
             item: item.id.clone(),
+            phase: objective.name().to_string(),
             t: frac,
             stats,
             a_focus: masks.as_ref().and_then(|m| m.fused.a_focus),
@@ -542,6 +653,8 @@ pub enum Event {
         /// Items in the training set.
         items: usize,
     },
+    /// The pairs were scored and selected (`pairs.json` written); sent right after [`Event::Started`].
+    Pairs(PairsSummary),
     /// A step finished.
     Step(StepRecord),
     /// The maps of a step.
@@ -685,6 +798,16 @@ fn write_dump(path: &Path, tensors: Vec<(String, Tensor)>) -> Result<(), TrainEr
     })
 }
 
+fn write_pairs(run_dir: &Path, report: &PairsReport) -> Result<(), TrainError> {
+    let path = run_dir.join(PAIRS_FILE);
+    let fail = |message: String| TrainError::RunFile {
+        path: path.clone(),
+        message,
+    };
+    let bytes = serde_json::to_vec_pretty(report).map_err(|e| fail(e.to_string()))?;
+    crate::store::write_atomic(&path, &bytes).map_err(|e| fail(e.to_string()))
+}
+
 fn checkpoint(trainer: &Trainer, store: &RunStore, tx: &Sender<Event>) -> Result<(), TrainError> {
     let files = trainer.checkpoint_files()?;
     let refs: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (*n, b.as_slice())).collect();
@@ -718,9 +841,17 @@ fn run_worker(
         Some(b) => b,
         None => cfg.model.load_base(&device)?,
     };
-    let items = load_items(&cfg, &base, &device)?;
-    let n_items = items.len();
-    let mut trainer = Trainer::new(cfg.clone(), base, items)?;
+    let data = match load_training_data(&cfg, &base, &device, Some(store.dir())) {
+        Ok(d) => d,
+        Err(e) => {
+            store.append(&serde_json::json!({"event": "error", "step": 0, "error": e.to_string()}))?;
+            return Err(e);
+        }
+    };
+    write_pairs(store.dir(), &data.pairs)?;
+    store.append(&serde_json::json!({"event": "pairs", "summary": data.pairs.summary}))?;
+    let n_items = data.items.len();
+    let mut trainer = Trainer::new(cfg.clone(), base, data.items)?;
     if let Some(ckpt) = &resume_from {
         trainer.restore(ckpt)?;
     }
@@ -732,6 +863,7 @@ fn run_worker(
         trainable: trainer.lora().parameter_count(),
         items: n_items,
     });
+    let _ = tx.send(Event::Pairs(data.pairs.summary));
     let mut last_ckpt = trainer.completed_steps();
     while trainer.completed_steps() < cfg.steps {
         if stop.load(Ordering::SeqCst) {

@@ -157,6 +157,7 @@ pub fn base_loser(
         shift: cfg.shift,
         parameterisation,
         reference_px,
+        ..SampleSettings::default()
     };
     let request = SampleRequest {
         prompt: &item.record.prompt,

@@ -1,0 +1,1 @@
+//! Resolution (work in progress).

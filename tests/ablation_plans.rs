@@ -1,0 +1,228 @@
+//! Ablation plans: the two seed plans (HTML wrapper, mojibake) and hand-written plans from other papers parse into
+//! the expected studies; random mutations of plans never panic.
+
+use std::path::{Path, PathBuf};
+
+use focusdpo::experiment::{Action, Study, parse_plan, read_plan_file};
+use proptest::prelude::*;
+
+fn plan_path(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/plans")
+        .join(name)
+}
+
+fn seed(name: &str) -> Vec<Study> {
+    let plan = read_plan_file(&plan_path(name)).expect("seed plan parses");
+    assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
+    plan.studies
+}
+
+#[test]
+fn seed_001_quality_pair_ranking() {
+    let plan = read_plan_file(&plan_path("001_quality_pair_ranking.md")).expect("parses");
+    assert_eq!(
+        plan.title.as_deref(),
+        Some("lm-planner/o3-mini/Effective_Text_to_Image_Alignment_with_Quality_Aware_Pair_Ranking")
+    );
+    let s = seed("001_quality_pair_ranking.md");
+    assert_eq!(s.len(), 2);
+    assert_eq!(s[0].title, "Quality Metric Formulation Ablation");
+    assert_eq!(
+        s[0].ablated_part,
+        "The formulation of the quality metric used to rank image preference pairs (currently ψ(xw/c) * (1 - ψ(xl/c)))"
+    );
+    assert_eq!(s[0].action, Action::Replace);
+    assert_eq!(
+        s[0].replacements,
+        [
+            "Difference-based metric: ψ(xw/c) - ψ(xl/c)",
+            "Ratio-based metric: ψ(xw/c) / (ψ(xl/c) + ε)"
+        ]
+    );
+    assert_eq!(s[0].metrics, ["Aesthetic Score", "Image Reward", "PickScore", "HPSv2"]);
+    assert_eq!(s[0].line, 22);
+    assert_eq!(s[1].title, "Dynamic Thresholding Ablation");
+    assert_eq!(
+        s[1].ablated_part,
+        "The fixed top 5.33% data selection strategy for fine-tuning"
+    );
+    assert_eq!(
+        s[1].replacements,
+        [
+            "Dynamic percentile thresholding based on the quality score distribution",
+            "Adaptive thresholding using validation performance"
+        ]
+    );
+    assert_eq!(s[1].metrics, s[0].metrics);
+    assert_eq!(s[1].line, 30);
+}
+
+#[test]
+fn seed_003_intra_class_contrastive() {
+    let s = seed("003_intra_class_contrastive.md");
+    assert_eq!(s.len(), 2);
+    assert_eq!(s[0].title, "Ablation of Margin Threshold");
+    assert_eq!(
+        s[0].ablated_part,
+        "margin threshold (δ) in intra-class contrastive learning"
+    );
+    assert_eq!(s[0].action, Action::Replace);
+    assert_eq!(s[0].replacements, ["0.1", "0.2", "0.3", "0.4", "0.5"]);
+    assert_eq!(
+        s[0].metrics,
+        ["top-1 accuracy", "training stability", "convergence speed"]
+    );
+    assert_eq!(s[1].title, "Ablation of Balance Parameter");
+    assert_eq!(s[1].ablated_part, "balance parameter (λ) in the loss function");
+    assert_eq!(s[1].replacements, ["0.01", "0.02", "0.03", "0.04", "0.05"]);
+    assert_eq!(s[1].metrics, s[0].metrics);
+}
+
+#[test]
+fn learning_rate_plan_with_inline_values_and_plain_fields() {
+    let text = "# Some other paper\n\nWe think the learning rate matters.\n\n## Learning-rate sweep\n\
+                * Action: vary\n* Metrics: loss; implicit accuracy\n* Replacement: 1e-4, 3e-4\n\
+                * Ablated Part: learning rate of AdamW\n";
+    let plan = parse_plan(text).expect("parses");
+    assert_eq!(plan.title.as_deref(), Some("Some other paper"));
+    assert_eq!(plan.studies.len(), 1);
+    let s = &plan.studies[0];
+    assert_eq!(s.title, "Learning-rate sweep");
+    assert_eq!(s.ablated_part, "learning rate of AdamW");
+    assert_eq!(s.action, Action::Replace);
+    assert_eq!(s.replacements, ["1e-4", "3e-4"]);
+    assert_eq!(s.metrics, ["loss", "implicit accuracy"]);
+    assert_eq!(s.line, 5);
+    assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
+}
+
+#[test]
+fn remove_plan_with_plus_bullets_and_numbered_items() {
+    let text = "### Without the complexity map\n+ __Ablated Part__: M_d (Eq. 7-8)\n+ **Action**: REMOVE\n\
+                + **Metrics**:\n    1. identity similarity\n    2. EER\n\n### LoRA rank\n\
+                - **Ablated Part:** LoRA rank\n- **Action:** Replace\n- **Replacement:** [4, 16]\n";
+    let plan = parse_plan(text).expect("parses");
+    assert_eq!(plan.studies.len(), 2);
+    assert_eq!(plan.studies[0].action, Action::Remove);
+    assert_eq!(plan.studies[0].ablated_part, "M_d (Eq. 7-8)");
+    assert!(plan.studies[0].replacements.is_empty());
+    assert_eq!(plan.studies[0].metrics, ["identity similarity", "EER"]);
+    assert_eq!(plan.studies[1].replacements, ["4", "16"]);
+    assert_eq!(plan.studies[1].line, 8);
+    // The second study names no metrics: a warning with its line, not an error.
+    assert_eq!(plan.warnings.len(), 1, "{:?}", plan.warnings);
+    assert_eq!(plan.warnings[0].line, 8);
+}
+
+#[test]
+fn windows_line_endings_and_cp1252_bytes() {
+    let unix = std::fs::read_to_string(plan_path("003_intra_class_contrastive.md")).expect("reads");
+    let windows = unix.replace('\n', "\r\n");
+    assert_eq!(
+        parse_plan(&windows).expect("parses").studies,
+        seed("003_intra_class_contrastive.md")
+    );
+
+    // A plan saved as Windows-1252 bytes (not UTF-8) reads with one warning.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("plan.md");
+    std::fs::write(&path, b"### Caf\xe9 study\r\n- Ablated Part: \x93steps\x94\r\n- Action: REPLACE\r\n- Replacement: 50\r\n- Metrics: loss\r\n")
+        .expect("writes");
+    let plan = read_plan_file(&path).expect("parses");
+    assert_eq!(plan.studies[0].title, "Café study");
+    assert_eq!(plan.studies[0].ablated_part, "\u{201C}steps\u{201D}");
+    assert_eq!(plan.warnings.len(), 1);
+}
+
+#[test]
+fn missing_fields_and_unknown_fields_warn_with_lines() {
+    let text = "### Odd study\n- **Ablated Part**: β\n- **Budget**: 2 GPU hours\n\n### Empty heading\n\n### Only metrics\n- **Metrics**: loss\n";
+    let plan = parse_plan(text).expect("parses");
+    assert_eq!(plan.studies.len(), 2);
+    let lines: Vec<(usize, &str)> = plan.warnings.iter().map(|w| (w.line, w.message.as_str())).collect();
+    assert!(lines.iter().any(|(l, m)| *l == 3 && m.contains("Budget")), "{lines:?}");
+    assert!(
+        lines.iter().any(|(l, m)| *l == 1 && m.contains("no Action")),
+        "{lines:?}"
+    );
+    assert!(
+        lines.iter().any(|(l, m)| *l == 7 && m.contains("no Ablated Part")),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn missing_file_names_the_path() {
+    let err = read_plan_file(Path::new("no/such/plan.md")).expect_err("missing");
+    assert!(err.to_string().contains("no/such/plan.md"), "{err}");
+}
+
+/// Random edits of a seed plan: byte-level noise, deleted, duplicated and swapped lines.
+fn mutated_plan() -> impl Strategy<Value = String> {
+    let base = std::fs::read_to_string(plan_path("001_quality_pair_ranking.md")).unwrap_or_default()
+        + &std::fs::read_to_string(plan_path("003_intra_class_contrastive.md")).unwrap_or_default();
+    let lines: Vec<String> = base.lines().map(str::to_string).collect();
+    let n = lines.len().max(1);
+    (
+        proptest::collection::vec((0..n, 0..4u8, any::<String>()), 0..24),
+        proptest::collection::vec(any::<u8>(), 0..64),
+    )
+        .prop_map(move |(edits, noise)| {
+            let mut out = lines.clone();
+            for (i, kind, s) in edits {
+                let i = i % out.len().max(1);
+                match kind {
+                    0 if !out.is_empty() => {
+                        out.remove(i);
+                    }
+                    1 => out.insert(i.min(out.len()), s),
+                    2 if !out.is_empty() => {
+                        let mut line = out[i].clone();
+                        let cut = line
+                            .char_indices()
+                            .nth(s.len() % (line.chars().count() + 1))
+                            .map_or(line.len(), |(p, _)| p);
+                        line.insert_str(cut, &s);
+                        out[i] = line;
+                    }
+                    _ if !out.is_empty() => {
+                        let j = (i + s.len()) % out.len();
+                        out.swap(i, j);
+                    }
+                    _ => {}
+                }
+            }
+            let mut text = out.join("\n");
+            text.push_str(&String::from_utf8_lossy(&noise));
+            text
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, .. ProptestConfig::default() })]
+
+    #[test]
+    fn mutated_plans_never_panic(text in mutated_plan()) {
+        if let Ok(plan) = parse_plan(&text) {
+            let lines = text.split(['\n', '\r']).count().max(1);
+            for s in &plan.studies {
+                prop_assert!(s.line >= 1 && s.line <= lines);
+            }
+            for w in &plan.warnings {
+                prop_assert!(w.line >= 1 && w.line <= lines);
+            }
+        }
+    }
+
+    #[test]
+    fn arbitrary_text_never_panics(text in "(\\PC|[\\r\\n\\t<>*_#:`-]){0,400}") {
+        let _ = parse_plan(&text);
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+        let (text, _) = focusdpo::experiment::text::decode_bytes(&bytes);
+        let _ = parse_plan(&text);
+    }
+}

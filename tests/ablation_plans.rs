@@ -409,3 +409,81 @@ proptest! {
         let _ = parse_plan(&text);
     }
 }
+
+fn focusdpo(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_focusdpo"))
+        .args(args)
+        .output()
+        .expect("the focusdpo binary runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn ablate_dry_run_prints_the_grid_and_what_is_left_out() {
+    let plan = plan_path("001_quality_pair_ranking.md");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = tmp.path().join("runs");
+    let (ok, text) = focusdpo(&[
+        "ablate",
+        plan.to_str().expect("utf-8 path"),
+        "--out",
+        out.to_str().expect("utf-8 path"),
+        "--seeds",
+        "2",
+        "--dry-run",
+    ]);
+    assert!(ok, "{text}");
+    assert!(text.contains("data.pairs.quality=difference"), "{text}");
+    assert!(
+        text.contains("Adaptive thresholding using validation performance"),
+        "{text}"
+    );
+    assert!(text.contains("grid: 8 cells (2 baseline), 8 distinct runs"), "{text}");
+    assert!(!out.exists(), "a dry run writes nothing");
+}
+
+/// Trains a two-cell grid for two steps on a random base, then re-runs it: finished cells are skipped; the cell
+/// whose override this branch does not know yet fails alone.
+#[test]
+fn ablate_runs_cells_once_and_writes_results_csv() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let plan = tmp.path().join("plan.md");
+    std::fs::write(
+        &plan,
+        "### tau\n- Ablated Part: τ\n- Replacement: 0.3\n- Metrics: loss\n\n\
+         ### broken\n- Ablated Part: `masks.fusion.tau`\n- Replacement: 7\n- Metrics: loss\n",
+    )
+    .expect("writes");
+    let out = tmp.path().join("runs");
+    let args = [
+        "ablate",
+        plan.to_str().expect("utf-8 path"),
+        "--out",
+        out.to_str().expect("utf-8 path"),
+        "--steps",
+        "2",
+        "--base",
+        "random:0",
+    ];
+    let (ok, text) = focusdpo(&args);
+    assert!(ok, "{text}");
+    assert!(text.contains("2 run, 0 finished earlier, 0 failed"), "{text}");
+    assert!(
+        text.contains("outside [0, 1]"),
+        "the out-of-range value is reported: {text}"
+    );
+    let csv = std::fs::read_to_string(out.join("results.csv")).expect("results.csv");
+    let rows: Vec<&str> = csv.lines().collect();
+    assert_eq!(rows.len(), 3, "{csv}");
+    assert!(rows[1].contains(",baseline,baseline,0,finished,2,"), "{csv}");
+    assert!(rows[2].contains(",tau,0.3,0,finished,2,"), "{csv}");
+    assert!(out.join("resolution.json").is_file());
+    let (ok, text) = focusdpo(&args);
+    assert!(ok, "{text}");
+    assert!(text.contains("0 run, 2 finished earlier, 0 failed"), "{text}");
+}

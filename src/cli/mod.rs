@@ -1,6 +1,7 @@
 //! Command-line front end. Each subcommand parses its arguments, calls the library, and prints; errors are
 //! `anyhow` with context, reported once in `main`.
 
+mod ablate;
 mod dip;
 mod eval;
 mod masks;
@@ -35,6 +36,9 @@ enum Command {
     Sample(eval::SampleArgs),
     /// The synthetic fidelity benchmark on a held-out split: eval.json, eval.md and sample sheets.
     Eval(eval::EvalArgs),
+    /// Run an ablation plan (the seeds' Markdown format): resolve it onto run-config knobs and train the grid
+    /// (baseline + each replacement × seeds), resumably; --dry-run prints the grid and what was left out.
+    Ablate(ablate::AblateArgs),
 }
 
 /// Runs the parsed command line.
@@ -49,5 +53,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Pretrain(args) => pretrain::run(&args).map(|()| ExitCode::SUCCESS),
         Command::Sample(args) => eval::run_sample(&args).map(|()| ExitCode::SUCCESS),
         Command::Eval(args) => eval::run_eval(&args).map(|()| ExitCode::SUCCESS),
+        Command::Ablate(args) => ablate::run(&args).map(|()| ExitCode::SUCCESS),
     }
 }

@@ -1,9 +1,12 @@
 //! Ablation experiments: plans in the seeds' Markdown format ([`plan`]), their mapping onto Studio knobs
-//! ([`resolve`]). Parsing and resolution are pure functions of text; [`read_plan_file`] is the one place that
-//! touches the file system.
+//! ([`resolve`]), the grid of runs ([`grid`]), its results store ([`store`]) and the runner ([`runner`]).
+//! Parsing, resolution and the grid are pure; [`read_plan_file`], [`store`] and [`runner`] do the I/O.
 
+pub mod grid;
 pub mod plan;
 pub mod resolve;
+pub mod runner;
+pub mod store;
 pub mod text;
 
 use std::path::{Path, PathBuf};

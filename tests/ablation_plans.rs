@@ -3,7 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use focusdpo::experiment::resolve::{MetricMatch, Resolution, UnresolvedKind, is_pending_key, resolve_plan};
+use focusdpo::experiment::resolve::{
+    KNOBS, MetricMatch, Resolution, UnresolvedKind, is_pending_key, knob_for_part, parse_value, resolve_metric,
+    resolve_plan,
+};
 use focusdpo::experiment::{Action, Study, parse_plan, read_plan_file};
 use focusdpo::train::RunConfig;
 use proptest::prelude::*;
@@ -388,6 +391,8 @@ proptest! {
     #[test]
     fn mutated_plans_never_panic(text in mutated_plan()) {
         if let Ok(plan) = parse_plan(&text) {
+            let resolution = resolve_plan(&plan);
+            let _ = focusdpo::experiment::grid::build_grid(&resolution, &[], &[0, 1]);
             let lines = text.split(['\n', '\r']).count().max(1);
             for s in &plan.studies {
                 prop_assert!(s.line >= 1 && s.line <= lines);
@@ -401,6 +406,20 @@ proptest! {
     #[test]
     fn arbitrary_text_never_panics(text in "(\\PC|[\\r\\n\\t<>*_#:`-]){0,400}") {
         let _ = parse_plan(&text);
+    }
+
+    #[test]
+    fn arbitrary_parts_and_values_never_panic(
+        part in "(\\PC|[ .`()%_×^-]){0,80}",
+        value in "(\\PC|[ .,%eE×^()+-]|[0-9]){0,60}",
+    ) {
+        if let Ok(target) = knob_for_part(&part) {
+            let _ = parse_value(&target, &value);
+        }
+        for knob in KNOBS {
+            let _ = parse_value(&knob.into(), &value);
+        }
+        let _ = resolve_metric(&value);
     }
 
     #[test]

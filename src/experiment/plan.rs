@@ -260,11 +260,11 @@ fn bold_heading(content: &str) -> Option<&str> {
 fn clean_value(s: &str) -> String {
     let s = s.replace("**", "").replace("__", "");
     let s = s.trim().trim_end_matches([',', ';']).trim();
-    let s = s
-        .strip_suffix('.')
-        .filter(|r| !r.ends_with(char::is_numeric))
-        .unwrap_or(s);
-    let s = s.strip_suffix('.').unwrap_or(s);
+    // One sentence-final period ("0.5." → "0.5"); an ellipsis or "etc." keeps its dots.
+    let s = match s.strip_suffix('.') {
+        Some(r) if !r.ends_with('.') && !r.ends_with("etc") => r,
+        _ => s,
+    };
     s.trim().to_string()
 }
 
@@ -360,6 +360,12 @@ impl Parser {
                 Action::Replace
             }
         };
+        if let Action::Other(verb) = &action {
+            self.warn(
+                d.line,
+                format!("{label}: unknown Action `{verb}`; its replacements are run as REPLACE"),
+            );
+        }
         if matches!(action, Action::Replace | Action::Add) && d.replacements.is_empty() {
             self.warn(d.line, format!("{label}: {action:?} without any Replacement value"));
         }
@@ -500,7 +506,8 @@ impl Parser {
         let parsed = parse_field_line(content);
         if let Some((field, list_indent)) = self.open_list {
             let nested = indent > list_indent;
-            let is_field = parsed.as_ref().is_some_and(|f| f.field.is_some());
+            // A bold `**Name**:` bullet at the field's depth is a (maybe unknown) field, not a value.
+            let is_field = parsed.as_ref().is_some_and(|f| f.field.is_some() || f.emphasized);
             if nested || !is_field {
                 self.list_item(field, content);
                 return;
@@ -642,6 +649,22 @@ mod tests {
             plan.warnings
                 .iter()
                 .any(|w| w.line == 3 && w.message.contains("second Ablated Part"))
+        );
+    }
+
+    #[test]
+    fn bold_unknown_field_closes_a_list_and_unknown_actions_warn() {
+        let plan = parse_plan(
+            "### S\n- **Ablated Part**: β\n- **Action**: Rescale\n- **Metrics**: loss\n- **Expected Outcome**: better\n",
+        )
+        .expect("parses");
+        assert_eq!(plan.studies[0].metrics, ["loss"]);
+        assert_eq!(plan.studies[0].action, Action::Other("Rescale".into()));
+        let messages: Vec<&str> = plan.warnings.iter().map(|w| w.message.as_str()).collect();
+        assert!(messages.iter().any(|m| m.contains("Expected Outcome")), "{messages:?}");
+        assert!(
+            messages.iter().any(|m| m.contains("unknown Action `Rescale`")),
+            "{messages:?}"
         );
     }
 

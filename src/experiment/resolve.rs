@@ -1115,8 +1115,11 @@ fn numbers(text: &str) -> Vec<Number> {
         }
         let mantissa: String = chars[digits_start..j].iter().collect();
         let mantissa_ok = mantissa.chars().any(|c| c.is_ascii_digit()) && mantissa.matches('.').count() <= 1;
+        // `top-1` and `HPSv2` are words; in `0.1-0.5` both ends are numbers.
+        let before_prev = start.checked_sub(2).map(|p| chars[p]);
+        let hyphenated = prev == Some('-') && before_prev.is_some_and(|b| b.is_alphabetic() || b == '_');
         let glued =
-            prev.is_some_and(|p| p.is_alphanumeric() || p == '_' || p == '-' || p == '.') && digits_start == start;
+            digits_start == start && (prev.is_some_and(|p| p.is_alphanumeric() || p == '_' || p == '.') || hyphenated);
         if !mantissa_ok || glued {
             i = j.max(i + 1);
             continue;
@@ -1617,6 +1620,7 @@ mod tests {
         assert_eq!(v("−0.5 and .25"), [-0.5, 0.25]);
         assert!(numbers("5.33%")[0].percent);
         assert_eq!(v("the 2nd run"), Vec::<f64>::new());
+        assert_eq!(v("0.1-0.5"), [0.1, 0.5]);
     }
 
     #[test]

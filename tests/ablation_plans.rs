@@ -287,6 +287,28 @@ fn other_papers_resolve_and_unknown_parts_do_not_stop_the_plan() {
     );
 }
 
+/// The example plans of docs/plans/ (the paper's own ablations) resolve completely.
+#[test]
+fn docs_example_plans_resolve_completely() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/plans");
+    let tau_gamma = resolve_plan(&read_plan_file(&dir.join("focusdpo_a3_tau_gamma.md")).expect("parses"));
+    assert!(tau_gamma.unresolved.is_empty(), "{:?}", tau_gamma.unresolved);
+    assert_eq!(grid(&tau_gamma, 0)[0].1, ["masks.fusion.tau=0.05"]);
+    assert_eq!(grid(&tau_gamma, 1)[3].1, ["masks.fusion.gamma=0.9"]);
+    let masks = resolve_plan(&read_plan_file(&dir.join("focusdpo_masks.md")).expect("parses"));
+    assert!(masks.unresolved.is_empty(), "{:?}", masks.unresolved);
+    let variants: Vec<Vec<String>> = masks.studies[..2]
+        .iter()
+        .flat_map(|s| s.values.iter().map(|v| v.overrides.iter().map(|o| o.arg()).collect()))
+        .collect();
+    let expected: Vec<Vec<String>> = ["no-ms", "no-md", "uniform", "prior", "complexity", "unconstrained"]
+        .iter()
+        .map(|v| vec![format!("masks.fusion.variant={v}")])
+        .collect();
+    assert_eq!(variants, expected);
+    assert_eq!(grid(&masks, 2)[1].1, ["objective=dpo"]);
+}
+
 /// Every override the seed plans and a plan of every existing knob resolve to applies to a default config and
 /// validates. Keys of the data/schedule knobs (pair quality/selection, negatives, schedule) come with another
 /// branch: they are skipped here until it is merged (then drop the `is_pending_key` filter).

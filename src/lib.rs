@@ -4,6 +4,7 @@
 //! - [`masks`]: the math core — `M_prior`, `M_d` (Eq. 7–8), fusion (Eq. 9, 11) — with no I/O.
 //! - [`dip`]: Disrupted-Instance Pair datasets — manifest, loading, validation, synthetic generator.
 //! - [`pipeline`]: glue from a loaded dataset item to its token-grid masks.
+//! - [`experiment`]: ablation plans in the seeds' Markdown format and their mapping onto run-config knobs.
 //! - [`store`]: atomic writes, safetensors and PNG export.
 //! - [`app`]: the Studio window (eframe/egui); it only draws and sends commands to worker threads.
 
@@ -11,6 +12,7 @@ pub mod alloc;
 pub mod app;
 pub mod dip;
 pub mod eval;
+pub mod experiment;
 pub mod masks;
 pub mod model;
 pub mod pipeline;

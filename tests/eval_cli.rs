@@ -32,7 +32,11 @@ fn sample_writes_a_sheet_and_rejects_bad_input() {
     assert!(out.status.success(), "{}", text(&out));
     let sheet = image::open(&out_png).expect("sheet").to_rgb8();
     // One reference and two images in a row.
-    assert!(sheet.width() >= 3 * 32 && sheet.height() >= 32, "{:?}", sheet.dimensions());
+    assert!(
+        sheet.width() >= 3 * 32 && sheet.height() >= 32,
+        "{:?}",
+        sheet.dimensions()
+    );
 
     // A size that is not a multiple of the patch, and a reference that is not an image: errors, no panic.
     let out = focusdpo(&[

@@ -1,6 +1,7 @@
 //! Command-line front end. Each subcommand parses its arguments, calls the library, and prints; errors are
 //! `anyhow` with context, reported once in `main`.
 
+mod ablate;
 mod dip;
 mod eval;
 mod masks;
@@ -37,6 +38,9 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Compare groups of runs / evals (seeds grouped by folder name): mean ± 95 % CI per metric, best marked.
     Report(eval::ReportArgs),
+    /// Run an ablation plan (the seeds' Markdown format): resolve it onto run-config knobs and train the grid
+    /// (baseline + each replacement × seeds), resumably; --dry-run prints the grid and what was left out.
+    Ablate(ablate::AblateArgs),
 }
 
 /// Runs the parsed command line.
@@ -52,5 +56,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Sample(args) => eval::run_sample(&args).map(|()| ExitCode::SUCCESS),
         Command::Eval(args) => eval::run_eval(&args).map(|()| ExitCode::SUCCESS),
         Command::Report(args) => eval::run_report(&args).map(|()| ExitCode::SUCCESS),
+        Command::Ablate(args) => ablate::run(&args).map(|()| ExitCode::SUCCESS),
     }
 }

@@ -270,7 +270,8 @@ fn digits_for(values: &[f64]) -> usize {
 }
 
 /// A markdown table, one row per metric and one column per group: `mean ± CI` (CI omitted for a single run), the
-/// best group's mean in bold (ties all bold). Only groups with a value take part in "best".
+/// best group's mean in bold (ties all bold; nothing bold when every group has the same mean). Only groups with a
+/// value take part in "best".
 pub fn comparison_markdown(groups: &[GroupSummary]) -> String {
     let mut out = String::from("| metric |");
     for g in groups {
@@ -304,7 +305,7 @@ pub fn comparison_markdown(groups: &[GroupSummary]) -> String {
             let text = match m {
                 Some((mean, ci)) => {
                     let c = cell(*mean, *ci, digits);
-                    if finite.len() > 1 && *mean == best {
+                    if finite.len() > 1 && *mean == best && finite.iter().any(|v| *v != best) {
                         format!("**{c}**")
                     } else {
                         c

@@ -240,6 +240,11 @@ impl StudioApp {
         self.latency
     }
 
+    /// Pan and zoom of the interactive overlay views.
+    pub fn pan_zoom(&self) -> PanZoom {
+        self.pan_zoom
+    }
+
     /// Whether a fusion request is still in flight.
     pub fn fusion_pending(&self) -> bool {
         self.pending_fuse.is_some()

@@ -767,20 +767,22 @@ fn resolution_ui(panel: &ExperimentsPanel, ui: &mut egui::Ui) {
             ui.horizontal_wrapped(|ui| {
                 ui.label("metrics:");
                 for m in &study.metrics {
-                    match &m.matched {
-                        MetricMatch::Available { id, note } => {
-                            let r = ui.label(format!("{} = {id}", m.text));
-                            if let Some(n) = note {
-                                r.on_hover_text(*n);
-                            }
-                        }
-                        MetricMatch::Unavailable { reason } => {
-                            ui.colored_label(ui.visuals().weak_text_color(), format!("{}: unavailable", m.text))
-                                .on_hover_text(reason);
+                    if let MetricMatch::Available { id, note } = &m.matched {
+                        let r = ui.label(format!("{} = {id}", m.text));
+                        if let Some(n) = note {
+                            r.on_hover_text(*n);
                         }
                     }
                 }
             });
+            for m in &study.metrics {
+                if let MetricMatch::Unavailable { reason } = &m.matched {
+                    ui.colored_label(
+                        ui.visuals().weak_text_color(),
+                        format!("{}: unavailable ({reason})", m.text),
+                    );
+                }
+            }
         });
     }
     if !res.unresolved.is_empty() {
@@ -819,11 +821,23 @@ fn cells_ui(panel: &ExperimentsPanel, ui: &mut egui::Ui) {
         });
 }
 
+/// A number for the tables: whole numbers without decimals, very large or small ones in exponent form.
+fn format_number(v: f64) -> String {
+    let a = v.abs();
+    if v.fract() == 0.0 && a < 1e9 {
+        format!("{v:.0}")
+    } else if a != 0.0 && !(1e-3..1e5).contains(&a) {
+        format!("{v:.3e}")
+    } else {
+        format!("{v:.4}")
+    }
+}
+
 fn format_stats(s: &SeedStats) -> String {
     if s.ci95.is_finite() {
-        format!("{:.4} ± {:.4}", s.mean, s.ci95)
+        format!("{} ± {}", format_number(s.mean), format_number(s.ci95))
     } else {
-        format!("{:.4}", s.mean)
+        format_number(s.mean)
     }
 }
 
@@ -958,7 +972,9 @@ mod tests {
         assert!((base.ci95 - h).abs() < 1e-12);
         let single = &t.rows[2].metrics["loss"];
         assert_eq!(t.rows[2].finished, 1);
-        assert!(single.ci95.is_nan() && format_stats(single) == "1.0000");
+        assert!(single.ci95.is_nan() && format_stats(single) == "1");
+        assert_eq!(format_number(0.25), "0.2500");
+        assert_eq!(format_number(2e-5), "2.000e-5");
     }
 
     #[test]

@@ -352,7 +352,12 @@ impl ExperimentsPanel {
     /// (never blocks); returns what to show in the notice bar.
     pub fn drain(&mut self, settings: &mut ExperimentSettings) -> Vec<Outcome> {
         let mut changed = false;
-        while let Some(event) = self.worker.try_recv() {
+        // Bounded, so a burst of step events cannot stall a frame; the rest waits for the next one.
+        let budget = std::time::Instant::now() + std::time::Duration::from_millis(4);
+        while std::time::Instant::now() < budget {
+            let Some(event) = self.worker.try_recv() else {
+                break;
+            };
             changed |= self.apply(event, settings);
         }
         if let Some(rx) = &self.dialog
@@ -975,6 +980,24 @@ mod tests {
         assert!(single.ci95.is_nan() && format_stats(single) == "1");
         assert_eq!(format_number(0.25), "0.2500");
         assert_eq!(format_number(2e-5), "2.000e-5");
+    }
+
+    #[test]
+    fn settings_persist_the_plan_seeds_and_steps() {
+        let settings = crate::app::state::Settings {
+            experiments: ExperimentSettings {
+                plan: Some(PlanSource::File("plans/a.md".into())),
+                seeds: 3,
+                steps: 7,
+            },
+            ..Default::default()
+        };
+        let text = serde_json::to_string(&settings).expect("serialises");
+        let back: crate::app::state::Settings = serde_json::from_str(&text).expect("reads");
+        assert_eq!(back.experiments, settings.experiments);
+        // Settings saved before the tab existed still load.
+        let old: crate::app::state::Settings = serde_json::from_str("{}").expect("reads");
+        assert_eq!(old.experiments, ExperimentSettings::default());
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! our WGSL shader.
 
 pub mod controls;
+pub mod experiment_worker;
+pub mod experiments;
 pub mod inspector;
 pub mod overlay;
 pub mod state;
@@ -145,6 +147,7 @@ pub struct StudioApp {
     dialog: Option<Receiver<Option<PathBuf>>>,
     policy: Option<(PathBuf, u64)>,
     training: training::TrainingPanel,
+    experiments: experiments::ExperimentsPanel,
 }
 
 impl StudioApp {
@@ -177,6 +180,11 @@ impl StudioApp {
             .or_else(|| settings.dataset_dir.clone())
             .unwrap_or_else(crate::dip::bundled_dataset_dir);
         let training = training::TrainingPanel::new(&options.runs_dir);
+        let ctx = cc.egui_ctx.clone();
+        let mut experiments = experiments::ExperimentsPanel::new(&options.runs_dir, move || ctx.request_repaint());
+        if let Some(plan) = settings.experiments.plan.clone() {
+            experiments.load(plan);
+        }
         let mut app = Self {
             path_input: dataset_dir.display().to_string(),
             settings,
@@ -200,6 +208,7 @@ impl StudioApp {
             dialog: None,
             policy: None,
             training,
+            experiments,
         };
         app.open_dataset(dataset_dir);
         app
@@ -255,7 +264,17 @@ impl StudioApp {
         &self.training
     }
 
-    /// Shows the inspector or the training tab.
+    /// The experiments panel.
+    pub fn experiments(&self) -> &experiments::ExperimentsPanel {
+        &self.experiments
+    }
+
+    /// The experiments panel, for scripted setups (tests).
+    pub fn experiments_mut(&mut self) -> &mut experiments::ExperimentsPanel {
+        &mut self.experiments
+    }
+
+    /// Shows the inspector, training or experiments tab.
     pub fn set_tab(&mut self, tab: Tab) {
         self.tab = tab;
     }
@@ -357,6 +376,12 @@ impl StudioApp {
                 training::Outcome::Info(i) => self.info(i),
             }
         }
+        for event in self.experiments.drain(&mut self.settings.experiments) {
+            match event {
+                training::Outcome::Error(e) => self.error(e),
+                training::Outcome::Info(i) => self.info(i),
+            }
+        }
         if let Some(rx) = &self.dialog
             && let Ok(choice) = rx.try_recv()
         {
@@ -378,6 +403,7 @@ impl StudioApp {
                     self.info(n);
                 }
                 self.training.set_base(source.clone());
+                self.experiments.set_base(source.clone());
                 self.base = Some((source, double_blocks));
                 let choice = self.settings.attention.clone();
                 if choice != state::AttentionChoice::default() {
@@ -517,6 +543,11 @@ impl StudioApp {
     fn handle_dropped_files(&mut self, ctx: &egui::Context) {
         let dropped: Vec<PathBuf> = ctx.input(|i| i.raw.dropped_files.iter().map(|f| f.path().to_path_buf()).collect());
         if let Some(path) = dropped.into_iter().next() {
+            if experiments::is_plan_file(&path) {
+                self.tab = Tab::Experiments;
+                self.experiments.load(experiments::PlanSource::File(path));
+                return;
+            }
             // A dropped manifest opens its folder.
             let dir = if path.is_file() {
                 path.parent().map(PathBuf::from).unwrap_or(path)
@@ -575,6 +606,7 @@ impl StudioApp {
             ui.separator();
             ui.selectable_value(&mut self.tab, Tab::Inspector, "Inspector");
             ui.selectable_value(&mut self.tab, Tab::Training, "Training");
+            ui.selectable_value(&mut self.tab, Tab::Experiments, "Experiments");
             ui.separator();
             if ui.button("Open dataset…").clicked() {
                 self.pick_folder();
@@ -651,7 +683,7 @@ impl eframe::App for StudioApp {
         self.handle_dropped_files(&ctx);
         self.keyboard(&ctx);
         self.advance_playback(&ctx);
-        if self.training.is_running() {
+        if self.training.is_running() || self.experiments.is_running() {
             // Live curves: the session's events arrive between frames.
             ctx.request_repaint_after(Duration::from_millis(100));
         }
@@ -681,6 +713,9 @@ impl eframe::App for StudioApp {
             }
             Tab::Training => {
                 egui::CentralPanel::default().show(ui, |ui| training::training_ui(self, ui));
+            }
+            Tab::Experiments => {
+                egui::CentralPanel::default().show(ui, |ui| experiments::experiments_ui(self, ui));
             }
         }
     }

@@ -226,6 +226,8 @@ pub struct Settings {
     pub t_index: usize,
     /// Training form.
     pub training: TrainingForm,
+    /// Experiments tab: last plan, seeds, steps.
+    pub experiments: super::experiments::ExperimentSettings,
 }
 
 /// Which central tab is shown.
@@ -236,6 +238,8 @@ pub enum Tab {
     Inspector,
     /// Runs and their curves.
     Training,
+    /// Ablation plans: the resolved grid, its runs and results.
+    Experiments,
 }
 
 /// Pan and zoom of the image views (shared by winner and loser so they stay aligned).

@@ -1,0 +1,529 @@
+//! The Experiments tab's threads: the UI sends [`ExperimentCommand`]s and drains [`ExperimentEvent`]s with
+//! `try_recv`; it never waits.
+//!
+//! * The **plan thread** reads and parses a plan ([`crate::experiment::read_plan_file`]), resolves it, builds the
+//!   grid for the chosen seeds, steps and base, and reads which cells the results store already holds.
+//! * A **grid thread** per run drives [`run_grid`] (the runner the CLI uses) and forwards its progress; a stop
+//!   flag ends it after the training step in flight. It writes `results.csv` like `focusdpo ablate` when it ends.
+//!
+//! A cell's results are read as a generic `metric id → value` map from its `finished.json` (every finite number
+//! in it, nested objects flattened with `.`), so the tab follows whatever the summary holds.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+
+use crate::experiment::grid::{Cell, build_grid};
+use crate::experiment::plan::PlanWarning;
+use crate::experiment::resolve::{Override, Resolution, resolve_plan};
+use crate::experiment::runner::{Progress, RunReport, run_grid};
+use crate::experiment::store::{FINISHED_FILE, ResultStore};
+use crate::experiment::{parse_plan, read_plan_file};
+use crate::model::BaseSource;
+use crate::train::RunConfig;
+
+/// A cell's results: metric id → value.
+pub type Metrics = BTreeMap<String, f64>;
+
+/// Where a plan comes from.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum PlanSource {
+    /// A file on disk.
+    File(PathBuf),
+    /// One of the plans bundled with the Studio ([`BUNDLED_PLANS`]), by file name.
+    Bundled(String),
+}
+
+impl PlanSource {
+    /// The file name without its extension: the default results folder name.
+    pub fn stem(&self) -> String {
+        let name = match self {
+            PlanSource::File(p) => p.file_stem().map(|s| s.to_string_lossy().into_owned()),
+            PlanSource::Bundled(name) => Path::new(name).file_stem().map(|s| s.to_string_lossy().into_owned()),
+        };
+        name.filter(|n| !n.is_empty()).unwrap_or_else(|| "plan".into())
+    }
+
+    /// How the source is named in the window.
+    pub fn label(&self) -> String {
+        match self {
+            PlanSource::File(p) => p.display().to_string(),
+            PlanSource::Bundled(name) => format!("{name} (bundled)"),
+        }
+    }
+}
+
+/// The example plans bundled with the Studio: the paper's own ablations (`docs/plans`) and the two seed plans
+/// (`tests/data/plans`). Each is a few kilobytes.
+pub const BUNDLED_PLANS: [(&str, &str); 4] = [
+    (
+        "focusdpo_a3_tau_gamma.md",
+        include_str!("../../docs/plans/focusdpo_a3_tau_gamma.md"),
+    ),
+    ("focusdpo_masks.md", include_str!("../../docs/plans/focusdpo_masks.md")),
+    (
+        "001_quality_pair_ranking.md",
+        include_str!("../../tests/data/plans/001_quality_pair_ranking.md"),
+    ),
+    (
+        "003_intra_class_contrastive.md",
+        include_str!("../../tests/data/plans/003_intra_class_contrastive.md"),
+    ),
+];
+
+/// A parsed and resolved plan.
+#[derive(Clone, Debug)]
+pub struct LoadedPlan {
+    /// Where it came from.
+    pub source: PlanSource,
+    /// Its `# title`.
+    pub title: Option<String>,
+    /// Parser warnings, with their lines.
+    pub warnings: Vec<PlanWarning>,
+    /// Studies mapped onto knobs, and what was left out.
+    pub resolution: Arc<Resolution>,
+}
+
+/// What the grid is built from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GridRequest {
+    /// Seeds `0..seeds` (at least one).
+    pub seeds: u64,
+    /// Optimiser steps of every cell.
+    pub steps: u64,
+    /// Base model of every cell.
+    pub base: BaseSource,
+    /// Results folder.
+    pub out: PathBuf,
+}
+
+impl GridRequest {
+    /// The plan-wide overrides: the same as `focusdpo ablate --base B --steps N`, so the CLI and the Studio share
+    /// cells (and resume each other's grids).
+    pub fn overrides(&self) -> Vec<Override> {
+        vec![
+            Override {
+                key: "model.base".into(),
+                value: format!("\"{}\"", self.base),
+            },
+            Override {
+                key: "steps".into(),
+                value: self.steps.to_string(),
+            },
+        ]
+    }
+
+    /// The seeds of every cell.
+    pub fn seed_list(&self) -> Vec<u64> {
+        (0..self.seeds.max(1)).collect()
+    }
+}
+
+/// The grid of a loaded plan and what the store already holds.
+#[derive(Clone, Debug)]
+pub struct GridView {
+    /// What it was built from.
+    pub request: GridRequest,
+    /// Every cell, in plan order (a cell shared by two studies appears in both).
+    pub cells: Arc<Vec<Cell>>,
+    /// Results of the cells found finished in the store, by cell id.
+    pub finished: HashMap<String, Metrics>,
+    /// Cells whose stored results could not be read, with why.
+    pub unreadable: Vec<(String, String)>,
+}
+
+/// A request to the plan thread.
+#[derive(Clone, Debug)]
+pub enum ExperimentCommand {
+    /// Read, parse and resolve a plan.
+    Load {
+        /// Answer tag: only the newest load is shown.
+        generation: u64,
+        /// The plan.
+        source: PlanSource,
+    },
+    /// Build the grid of a resolved plan and read the store.
+    Grid {
+        /// Answer tag.
+        generation: u64,
+        /// The resolved plan.
+        resolution: Arc<Resolution>,
+        /// Seeds, steps, base, folder.
+        request: GridRequest,
+    },
+}
+
+/// Progress of a grid run, per cell id.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RunEvent {
+    /// The cell was finished earlier (its stored results).
+    Skipped {
+        /// Cell id.
+        id: String,
+        /// Its results (empty when they cannot be read).
+        metrics: Metrics,
+    },
+    /// The cell's training starts.
+    Started {
+        /// Cell id.
+        id: String,
+    },
+    /// A step of the running cell.
+    Step {
+        /// Cell id.
+        id: String,
+        /// Step (from 1).
+        step: u64,
+        /// Its loss.
+        loss: f32,
+    },
+    /// The cell finished.
+    Finished {
+        /// Cell id.
+        id: String,
+        /// Its results.
+        metrics: Metrics,
+    },
+    /// The cell could not run; the grid goes on.
+    Failed {
+        /// Cell id.
+        id: String,
+        /// Why.
+        error: String,
+    },
+    /// The run ended (all cells done, stopped, or the store failed).
+    Ended(Result<(RunReport, PathBuf), String>),
+}
+
+/// What the threads send back.
+#[derive(Clone, Debug)]
+pub enum ExperimentEvent {
+    /// A plan was read (or why not).
+    Loaded {
+        /// Tag of the request.
+        generation: u64,
+        /// The plan, or the error with the file named.
+        result: Result<Box<LoadedPlan>, String>,
+    },
+    /// A grid was built (or why not).
+    Grid {
+        /// Tag of the request.
+        generation: u64,
+        /// The grid, or the error.
+        result: Result<Box<GridView>, String>,
+    },
+    /// Progress of the grid run.
+    Run(RunEvent),
+}
+
+#[derive(Clone)]
+struct Notifier {
+    tx: Sender<ExperimentEvent>,
+    repaint: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl Notifier {
+    fn send(&self, event: ExperimentEvent) {
+        let _ = self.tx.send(event);
+        (self.repaint)();
+    }
+}
+
+/// The plan thread, and the grid thread while a grid runs.
+pub struct ExperimentWorker {
+    commands: Sender<ExperimentCommand>,
+    events: Receiver<ExperimentEvent>,
+    notify: Notifier,
+    stop: Option<Arc<AtomicBool>>,
+}
+
+impl ExperimentWorker {
+    /// Starts the plan thread; `repaint` is called after every event.
+    pub fn start(repaint: impl Fn() + Send + Sync + 'static) -> Self {
+        let (cmd_tx, cmd_rx) = mpsc::channel();
+        let (tx, rx) = mpsc::channel();
+        let notify = Notifier {
+            tx,
+            repaint: Arc::new(repaint),
+        };
+        let thread_notify = notify.clone();
+        let spawned = std::thread::Builder::new()
+            .name("studio-plans".into())
+            .spawn(move || plan_thread(&cmd_rx, &thread_notify));
+        if let Err(e) = spawned {
+            notify.send(ExperimentEvent::Loaded {
+                generation: 0,
+                result: Err(format!("cannot start the plan thread: {e}")),
+            });
+        }
+        Self {
+            commands: cmd_tx,
+            events: rx,
+            notify,
+            stop: None,
+        }
+    }
+
+    /// Sends a request to the plan thread.
+    pub fn send(&self, command: ExperimentCommand) {
+        let _ = self.commands.send(command);
+    }
+
+    /// The next event, if any (never blocks).
+    pub fn try_recv(&self) -> Option<ExperimentEvent> {
+        self.events.try_recv().ok()
+    }
+
+    /// Runs the unfinished cells of `cells` on a thread of its own (events arrive as [`ExperimentEvent::Run`]).
+    pub fn run(&mut self, cells: Arc<Vec<Cell>>, out: PathBuf) -> Result<(), String> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let notify = self.notify.clone();
+        let flag = Arc::clone(&stop);
+        std::thread::Builder::new()
+            .name("studio-grid".into())
+            .spawn(move || {
+                let ended = run_cells(&cells, &out, &flag, &notify);
+                notify.send(ExperimentEvent::Run(RunEvent::Ended(ended)));
+            })
+            .map_err(|e| format!("cannot start the grid thread: {e}"))?;
+        self.stop = Some(stop);
+        Ok(())
+    }
+
+    /// Asks the running grid to end after the training step in flight (that cell reruns next time).
+    pub fn stop(&self) {
+        if let Some(stop) = &self.stop {
+            stop.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+fn plan_thread(commands: &Receiver<ExperimentCommand>, notify: &Notifier) {
+    while let Ok(mut command) = commands.recv() {
+        // Only the newest request of each kind matters (a spinner dragged over many values).
+        while let Ok(next) = commands.try_recv() {
+            let same_kind = matches!(
+                (&command, &next),
+                (ExperimentCommand::Grid { .. }, ExperimentCommand::Grid { .. })
+                    | (ExperimentCommand::Load { .. }, ExperimentCommand::Load { .. })
+            );
+            if !same_kind {
+                handle(command, notify);
+            }
+            command = next;
+        }
+        handle(command, notify);
+    }
+}
+
+fn handle(command: ExperimentCommand, notify: &Notifier) {
+    match command {
+        ExperimentCommand::Load { generation, source } => notify.send(ExperimentEvent::Loaded {
+            generation,
+            result: load_plan(source).map(Box::new),
+        }),
+        ExperimentCommand::Grid {
+            generation,
+            resolution,
+            request,
+        } => notify.send(ExperimentEvent::Grid {
+            generation,
+            result: grid_view(&resolution, request).map(Box::new),
+        }),
+    }
+}
+
+/// Reads, parses and resolves a plan.
+pub fn load_plan(source: PlanSource) -> Result<LoadedPlan, String> {
+    let plan = match &source {
+        PlanSource::File(path) => read_plan_file(path).map_err(|e| e.to_string())?,
+        PlanSource::Bundled(name) => {
+            let text = BUNDLED_PLANS
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, text)| *text)
+                .ok_or_else(|| format!("no bundled plan named {name}"))?;
+            parse_plan(text).map_err(|e| format!("{name}: {e}"))?
+        }
+    };
+    Ok(LoadedPlan {
+        source,
+        title: plan.title.clone(),
+        warnings: plan.warnings.clone(),
+        resolution: Arc::new(resolve_plan(&plan)),
+    })
+}
+
+/// Builds the grid and reads the results already in the store (a folder that does not exist yet holds none).
+pub fn grid_view(resolution: &Resolution, request: GridRequest) -> Result<GridView, String> {
+    let cells = build_grid(resolution, &request.overrides(), &request.seed_list());
+    let mut finished = HashMap::new();
+    let mut unreadable = Vec::new();
+    let cells_dir = request.out.join(crate::experiment::store::CELLS_DIR);
+    for cell in &cells {
+        if finished.contains_key(&cell.id) {
+            continue;
+        }
+        match read_cell_metrics(&cells_dir.join(&cell.id)) {
+            Ok(Some(m)) => {
+                finished.insert(cell.id.clone(), m);
+            }
+            Ok(None) => {}
+            Err(e) => unreadable.push((cell.id.clone(), e)),
+        }
+    }
+    Ok(GridView {
+        request,
+        cells: Arc::new(cells),
+        finished,
+        unreadable,
+    })
+}
+
+/// A finished cell's results from its run folder; `None` when it has not finished.
+pub fn read_cell_metrics(cell_dir: &Path) -> Result<Option<Metrics>, String> {
+    let path = cell_dir.join(FINISHED_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(Some(metrics_from_json(&value)))
+}
+
+/// Every finite number of a JSON document, by its dotted path (`{"a": {"b": 1}}` → `a.b = 1`); arrays and text
+/// are left out.
+pub fn metrics_from_json(value: &serde_json::Value) -> Metrics {
+    fn walk(prefix: &str, value: &serde_json::Value, out: &mut Metrics) {
+        match value {
+            serde_json::Value::Number(n) => {
+                if let Some(v) = n.as_f64().filter(|v| v.is_finite()) {
+                    out.insert(prefix.to_string(), v);
+                }
+            }
+            serde_json::Value::Object(map) => {
+                for (k, v) in map {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(&key, v, out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = Metrics::new();
+    walk("", value, &mut out);
+    out
+}
+
+fn run_cells(cells: &[Cell], out: &Path, stop: &AtomicBool, notify: &Notifier) -> Result<(RunReport, PathBuf), String> {
+    let store = ResultStore::open(out).map_err(|e| e.to_string())?;
+    let metrics_of = |id: &str| {
+        read_cell_metrics(&store.cell_dir(id))
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    };
+    let send = |e: RunEvent| notify.send(ExperimentEvent::Run(e));
+    let mut on_progress = |p: Progress<'_>| match p {
+        Progress::Skipped { cell } => send(RunEvent::Skipped {
+            id: cell.id.clone(),
+            metrics: metrics_of(&cell.id),
+        }),
+        Progress::Started { cell, .. } => send(RunEvent::Started { id: cell.id.clone() }),
+        Progress::Step { cell, step, loss } => send(RunEvent::Step {
+            id: cell.id.clone(),
+            step,
+            loss,
+        }),
+        Progress::Finished { cell, .. } => send(RunEvent::Finished {
+            id: cell.id.clone(),
+            metrics: metrics_of(&cell.id),
+        }),
+        Progress::Failed { cell, error } => send(RunEvent::Failed {
+            id: cell.id.clone(),
+            error,
+        }),
+    };
+    let report =
+        run_grid(cells, &RunConfig::default(), None, &store, stop, &mut on_progress).map_err(|e| e.to_string())?;
+    // results.csv as `focusdpo ablate` writes it.
+    let failed: HashMap<&str, &str> = report.failed.iter().map(|(id, e)| (id.as_str(), e.as_str())).collect();
+    let status = |c: &Cell| -> String {
+        if failed.contains_key(c.id.as_str()) {
+            "failed".into()
+        } else {
+            match store.finished(&c.id) {
+                Ok(Some(_)) => "finished".into(),
+                _ => "pending".into(),
+            }
+        }
+    };
+    let csv = store.write_results_csv(cells, &status).map_err(|e| e.to_string())?;
+    Ok((report, csv))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_are_every_finite_number_by_path() {
+        let v = serde_json::json!({
+            "steps": 3, "loss": 0.5, "accuracy": null, "note": "x",
+            "eval": {"fidelity": 0.25, "per_seed": [1, 2]}
+        });
+        let m = metrics_from_json(&v);
+        assert_eq!(m.len(), 3);
+        assert_eq!(m["steps"], 3.0);
+        assert_eq!(m["loss"], 0.5);
+        assert_eq!(m["eval.fidelity"], 0.25);
+    }
+
+    #[test]
+    fn every_bundled_plan_loads_and_resolves() {
+        for (name, _) in BUNDLED_PLANS {
+            let plan = load_plan(PlanSource::Bundled(name.into())).expect(name);
+            assert!(!plan.resolution.studies.is_empty(), "{name}");
+        }
+        assert!(load_plan(PlanSource::Bundled("nope.md".into())).is_err());
+    }
+
+    #[test]
+    fn grid_matches_the_cli_overrides_and_reads_the_store() {
+        let plan = load_plan(PlanSource::Bundled("focusdpo_a3_tau_gamma.md".into())).expect("loads");
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let request = GridRequest {
+            seeds: 2,
+            steps: 5,
+            base: BaseSource::Random(0),
+            out: tmp.path().to_path_buf(),
+        };
+        let view = grid_view(&plan.resolution, request.clone()).expect("grid");
+        // Baseline + 8 values, 2 seeds each.
+        assert_eq!(view.cells.len(), 18);
+        assert!(view.finished.is_empty());
+        assert_eq!(
+            view.cells[0].overrides,
+            vec!["model.base=\"random:0\"", "steps=5", "seed=0"]
+        );
+        let first = &view.cells[0].id;
+        let dir = tmp.path().join("cells").join(first);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(dir.join(FINISHED_FILE), "{\"loss\": 0.5}").expect("write");
+        let view = grid_view(&plan.resolution, request).expect("grid");
+        assert_eq!(view.finished.get(first).and_then(|m| m.get("loss")), Some(&0.5));
+    }
+
+    #[test]
+    fn plan_stems() {
+        assert_eq!(PlanSource::File("a/b/my plan.md".into()).stem(), "my plan");
+        assert_eq!(PlanSource::Bundled("x.md".into()).stem(), "x");
+    }
+}

@@ -1,0 +1,1014 @@
+//! The Experiments tab: load an ablation plan (file dialog, drag-and-drop, or one of the bundled examples), see
+//! how it resolved and the grid it makes, run and stop the grid (resumable: the runner skips finished cells),
+//! watch the cells fill in, and read the per-study tables and plots. Parsing, resolution, the grid and the runs
+//! happen on the threads of [`super::experiment_worker`]; this file only keeps state and draws.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver};
+
+use eframe::egui;
+use egui_plot::{Legend, Line, MarkerShape, Plot, PlotPoints, Points};
+
+use super::StudioApp;
+pub use super::experiment_worker::PlanSource;
+use super::experiment_worker::{
+    BUNDLED_PLANS, ExperimentCommand, ExperimentEvent, ExperimentWorker, GridRequest, GridView, LoadedPlan, Metrics,
+    RunEvent,
+};
+use super::training::Outcome;
+use crate::eval::metrics::mean_ci95;
+use crate::experiment::grid::{BASELINE, Cell, unique_ids};
+use crate::experiment::resolve::{MetricMatch, Override, Resolution};
+use crate::model::BaseSource;
+
+/// The persisted part of the tab.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct ExperimentSettings {
+    /// The last plan loaded (reloaded at start).
+    pub plan: Option<PlanSource>,
+    /// Seeds per cell: `0..seeds`.
+    pub seeds: u64,
+    /// Optimiser steps of every cell.
+    pub steps: u64,
+}
+
+impl Default for ExperimentSettings {
+    fn default() -> Self {
+        Self {
+            plan: None,
+            seeds: 1,
+            steps: 20,
+        }
+    }
+}
+
+/// Where a cell is.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CellState {
+    /// Not run (or an unfinished earlier attempt, which reruns).
+    Pending,
+    /// Training.
+    Running {
+        /// Last completed step (0 while loading).
+        step: u64,
+        /// Steps of the cell.
+        total: u64,
+        /// Loss of the last step.
+        loss: Option<f32>,
+    },
+    /// Finished (now or earlier); its results are in [`ExperimentsPanel::results`].
+    Finished,
+    /// The cell could not run.
+    Failed(String),
+}
+
+impl CellState {
+    /// Text of the status column.
+    pub fn label(&self) -> String {
+        match self {
+            CellState::Pending => "pending".into(),
+            CellState::Running { step, total, loss } => match loss {
+                Some(l) => format!("running step {step}/{total} (loss {l:.4})"),
+                None => format!("running step {step}/{total}"),
+            },
+            CellState::Finished => "finished".into(),
+            CellState::Failed(e) => format!("failed: {e}"),
+        }
+    }
+}
+
+/// A metric over the seeds of one value.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SeedStats {
+    /// Value per finished seed.
+    pub per_seed: Vec<(u64, f64)>,
+    /// Mean over seeds.
+    pub mean: f64,
+    /// Half-width of the 95 % interval (NaN with one seed).
+    pub ci95: f64,
+}
+
+/// One row of a study's table: the baseline or one replacement value.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValueRow {
+    /// The value as written ([`BASELINE`] for the baseline).
+    pub value: String,
+    /// Seeds in the grid.
+    pub seeds: usize,
+    /// Seeds finished.
+    pub finished: usize,
+    /// Per metric id.
+    pub metrics: BTreeMap<String, SeedStats>,
+}
+
+/// The results of one study.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StudyResults {
+    /// Study title.
+    pub title: String,
+    /// Rows: the baseline, then the values in plan order.
+    pub rows: Vec<ValueRow>,
+    /// Every metric id some finished cell of the study has.
+    pub columns: Vec<String>,
+}
+
+/// Groups the finished cells' results per study and value, with mean ± 95 % CI over seeds
+/// ([`mean_ci95`]). Studies whose part did not resolve (no values) are left out.
+pub fn study_results(resolution: &Resolution, cells: &[Cell], results: &HashMap<String, Metrics>) -> Vec<StudyResults> {
+    let row = |study: &str, value: &str| -> ValueRow {
+        let mine: Vec<&Cell> = cells.iter().filter(|c| c.study == study && c.value == value).collect();
+        let mut per_metric: BTreeMap<String, Vec<(u64, f64)>> = BTreeMap::new();
+        let mut finished = 0;
+        for c in &mine {
+            if let Some(m) = results.get(&c.id) {
+                finished += 1;
+                for (k, v) in m {
+                    per_metric.entry(k.clone()).or_default().push((c.seed, *v));
+                }
+            }
+        }
+        let metrics = per_metric
+            .into_iter()
+            .map(|(k, per_seed)| {
+                let values: Vec<f64> = per_seed.iter().map(|(_, v)| *v).collect();
+                let (mean, ci95) = mean_ci95(&values);
+                (k, SeedStats { per_seed, mean, ci95 })
+            })
+            .collect();
+        ValueRow {
+            value: value.to_string(),
+            seeds: mine.len(),
+            finished,
+            metrics,
+        }
+    };
+    resolution
+        .studies
+        .iter()
+        .filter(|s| !s.values.is_empty())
+        .map(|s| {
+            let mut rows = vec![row(BASELINE, BASELINE)];
+            rows.extend(s.values.iter().map(|v| row(&s.title, &v.text)));
+            let columns: BTreeSet<String> = rows.iter().flat_map(|r| r.metrics.keys().cloned()).collect();
+            StudyResults {
+                title: s.title.clone(),
+                rows,
+                columns: columns.into_iter().collect(),
+            }
+        })
+        .collect()
+}
+
+struct RunState {
+    stopping: bool,
+}
+
+/// State of the Experiments tab.
+pub struct ExperimentsPanel {
+    worker: ExperimentWorker,
+    runs_dir: PathBuf,
+    base: Option<BaseSource>,
+    load_generation: u64,
+    loading: Option<PlanSource>,
+    plan: Option<LoadedPlan>,
+    plan_error: Option<String>,
+    out_input: String,
+    grid_generation: u64,
+    requested: Option<GridRequest>,
+    grid: Option<GridView>,
+    grid_error: Option<String>,
+    states: HashMap<String, CellState>,
+    results: HashMap<String, Metrics>,
+    tables: Vec<StudyResults>,
+    run: Option<RunState>,
+    last_run: Option<String>,
+    metric: Option<String>,
+    dialog: Option<Receiver<Option<PathBuf>>>,
+    outcomes: Vec<Outcome>,
+}
+
+impl ExperimentsPanel {
+    /// A panel whose results folders default to `runs_dir/<plan stem>`; `repaint` wakes the UI after each event.
+    pub fn new(runs_dir: &Path, repaint: impl Fn() + Send + Sync + 'static) -> Self {
+        Self {
+            worker: ExperimentWorker::start(repaint),
+            runs_dir: runs_dir.to_path_buf(),
+            base: None,
+            load_generation: 0,
+            loading: None,
+            plan: None,
+            plan_error: None,
+            out_input: String::new(),
+            grid_generation: 0,
+            requested: None,
+            grid: None,
+            grid_error: None,
+            states: HashMap::new(),
+            results: HashMap::new(),
+            tables: Vec::new(),
+            run: None,
+            last_run: None,
+            metric: None,
+            dialog: None,
+            outcomes: Vec::new(),
+        }
+    }
+
+    /// The base every cell trains from (the inspector's, once resolved): part of every cell's overrides.
+    pub fn set_base(&mut self, base: BaseSource) {
+        self.base = Some(base);
+    }
+
+    /// Reads, parses and resolves a plan on the plan thread.
+    pub fn load(&mut self, source: PlanSource) {
+        if self.is_running() {
+            self.outcomes.push(Outcome::Error(
+                "stop the running grid before loading another plan".into(),
+            ));
+            return;
+        }
+        self.load_generation += 1;
+        self.loading = Some(source.clone());
+        self.worker.send(ExperimentCommand::Load {
+            generation: self.load_generation,
+            source,
+        });
+    }
+
+    /// The loaded plan.
+    pub fn plan(&self) -> Option<&LoadedPlan> {
+        self.plan.as_ref()
+    }
+
+    /// Why the last plan could not be loaded.
+    pub fn plan_error(&self) -> Option<&str> {
+        self.plan_error.as_deref()
+    }
+
+    /// Whether a plan is being read.
+    pub fn is_loading(&self) -> bool {
+        self.loading.is_some()
+    }
+
+    /// The grid of the loaded plan, once built.
+    pub fn grid(&self) -> Option<&GridView> {
+        self.grid.as_ref()
+    }
+
+    /// State of a cell.
+    pub fn cell_state(&self, id: &str) -> Option<&CellState> {
+        self.states.get(id)
+    }
+
+    /// Results of the finished cells, by id.
+    pub fn results(&self) -> &HashMap<String, Metrics> {
+        &self.results
+    }
+
+    /// The per-study tables.
+    pub fn tables(&self) -> &[StudyResults] {
+        &self.tables
+    }
+
+    /// Whether a grid is running.
+    pub fn is_running(&self) -> bool {
+        self.run.is_some()
+    }
+
+    /// Whether the grid on screen is the one the current settings describe (so Run would run it).
+    pub fn grid_is_current(&self, settings: &ExperimentSettings) -> bool {
+        match (&self.grid, self.wanted(settings)) {
+            (Some(g), Some(w)) => g.request == w,
+            _ => false,
+        }
+    }
+
+    /// Whether Run can start now.
+    pub fn can_run(&self, settings: &ExperimentSettings) -> bool {
+        !self.is_running() && self.grid_is_current(settings)
+    }
+
+    /// The results folder in the form.
+    pub fn out_dir(&self) -> PathBuf {
+        PathBuf::from(self.out_input.trim())
+    }
+
+    /// Sets the results folder (the grid is rebuilt and the store read again).
+    pub fn set_out_dir(&mut self, dir: &Path) {
+        self.out_input = dir.display().to_string();
+    }
+
+    fn wanted(&self, settings: &ExperimentSettings) -> Option<GridRequest> {
+        let out = self.out_dir();
+        if self.plan.is_none() || out.as_os_str().is_empty() {
+            return None;
+        }
+        Some(GridRequest {
+            seeds: settings.seeds.max(1),
+            steps: settings.steps.max(1),
+            base: self.base.clone()?,
+            out,
+        })
+    }
+
+    /// Starts the grid on screen (cells finished earlier are skipped by the runner).
+    pub fn start(&mut self, settings: &ExperimentSettings) {
+        if self.is_running() {
+            return;
+        }
+        let Some(grid) = self.grid.as_ref().filter(|_| self.grid_is_current(settings)) else {
+            self.outcomes.push(Outcome::Error(
+                "the grid is still being built: run it in a moment".into(),
+            ));
+            return;
+        };
+        let cells = grid.cells.clone();
+        let out = grid.request.out.clone();
+        match self.worker.run(cells, out) {
+            Ok(()) => {
+                self.run = Some(RunState { stopping: false });
+                self.last_run = None;
+                for state in self.states.values_mut() {
+                    if matches!(state, CellState::Failed(_)) {
+                        *state = CellState::Pending;
+                    }
+                }
+            }
+            Err(e) => self.outcomes.push(Outcome::Error(e)),
+        }
+    }
+
+    /// Asks the running grid to stop after the training step in flight.
+    pub fn stop(&mut self) {
+        if let Some(run) = &mut self.run {
+            self.worker.stop();
+            run.stopping = true;
+        }
+    }
+
+    /// Applies the threads' events and the dialog's answer, and asks for a new grid when the settings changed
+    /// (never blocks); returns what to show in the notice bar.
+    pub fn drain(&mut self, settings: &mut ExperimentSettings) -> Vec<Outcome> {
+        let mut changed = false;
+        // Bounded, so a burst of step events cannot stall a frame; the rest waits for the next one.
+        let budget = std::time::Instant::now() + std::time::Duration::from_millis(4);
+        while std::time::Instant::now() < budget {
+            let Some(event) = self.worker.try_recv() else {
+                break;
+            };
+            changed |= self.apply(event, settings);
+        }
+        if let Some(rx) = &self.dialog
+            && let Ok(choice) = rx.try_recv()
+        {
+            self.dialog = None;
+            if let Some(path) = choice {
+                self.load(PlanSource::File(path));
+            }
+        }
+        self.request_grid(settings);
+        if changed {
+            self.refresh_tables();
+        }
+        std::mem::take(&mut self.outcomes)
+    }
+
+    fn request_grid(&mut self, settings: &ExperimentSettings) {
+        if self.is_running() {
+            return;
+        }
+        let (Some(wanted), Some(plan)) = (self.wanted(settings), &self.plan) else {
+            return;
+        };
+        if self.requested.as_ref() == Some(&wanted) {
+            return;
+        }
+        self.grid_generation += 1;
+        self.requested = Some(wanted.clone());
+        self.worker.send(ExperimentCommand::Grid {
+            generation: self.grid_generation,
+            resolution: plan.resolution.clone(),
+            request: wanted,
+        });
+    }
+
+    /// Returns whether results changed.
+    fn apply(&mut self, event: ExperimentEvent, settings: &mut ExperimentSettings) -> bool {
+        match event {
+            ExperimentEvent::Loaded { generation, result } => {
+                if generation != self.load_generation {
+                    return false;
+                }
+                self.loading = None;
+                match result {
+                    Ok(plan) => {
+                        self.out_input = self.runs_dir.join(plan.source.stem()).display().to_string();
+                        settings.plan = Some(plan.source.clone());
+                        self.plan = Some(*plan);
+                        self.plan_error = None;
+                        self.grid = None;
+                        self.grid_error = None;
+                        self.requested = None;
+                        self.states.clear();
+                        self.results.clear();
+                        self.last_run = None;
+                        true
+                    }
+                    Err(e) => {
+                        self.plan_error = Some(e.clone());
+                        self.outcomes.push(Outcome::Error(format!("plan: {e}")));
+                        false
+                    }
+                }
+            }
+            ExperimentEvent::Grid { generation, result } => {
+                if generation != self.grid_generation {
+                    return false;
+                }
+                match result {
+                    Ok(view) => {
+                        for (id, e) in &view.unreadable {
+                            self.outcomes
+                                .push(Outcome::Error(format!("cell {id}: results cannot be read: {e}")));
+                        }
+                        self.states = view
+                            .cells
+                            .iter()
+                            .map(|c| {
+                                let state = if view.finished.contains_key(&c.id) {
+                                    CellState::Finished
+                                } else {
+                                    CellState::Pending
+                                };
+                                (c.id.clone(), state)
+                            })
+                            .collect();
+                        self.results = view.finished.clone();
+                        self.grid = Some(*view);
+                        self.grid_error = None;
+                    }
+                    Err(e) => {
+                        self.grid = None;
+                        self.grid_error = Some(e);
+                    }
+                }
+                true
+            }
+            ExperimentEvent::Run(event) => self.apply_run(event),
+        }
+    }
+
+    fn apply_run(&mut self, event: RunEvent) -> bool {
+        let total = self.grid.as_ref().map_or(0, |g| g.request.steps);
+        match event {
+            RunEvent::Skipped { id, metrics } | RunEvent::Finished { id, metrics } => {
+                self.states.insert(id.clone(), CellState::Finished);
+                self.results.insert(id, metrics);
+                true
+            }
+            RunEvent::Started { id } => {
+                self.states.insert(
+                    id,
+                    CellState::Running {
+                        step: 0,
+                        total,
+                        loss: None,
+                    },
+                );
+                false
+            }
+            RunEvent::Step { id, step, loss } => {
+                self.states.insert(
+                    id,
+                    CellState::Running {
+                        step,
+                        total,
+                        loss: Some(loss),
+                    },
+                );
+                false
+            }
+            RunEvent::Failed { id, error } => {
+                self.outcomes.push(Outcome::Error(format!("cell {id} failed: {error}")));
+                self.states.insert(id, CellState::Failed(error));
+                false
+            }
+            RunEvent::Ended(result) => {
+                self.run = None;
+                // A cell interrupted by Stop is unfinished: it reruns from the start next time.
+                for state in self.states.values_mut() {
+                    if matches!(state, CellState::Running { .. }) {
+                        *state = CellState::Pending;
+                    }
+                }
+                let text = match result {
+                    Ok((report, csv)) => {
+                        let text = format!(
+                            "grid {}: {} run, {} finished earlier, {} failed; {}",
+                            if report.stopped { "stopped" } else { "done" },
+                            report.finished,
+                            report.skipped,
+                            report.failed.len(),
+                            csv.display()
+                        );
+                        self.outcomes.push(Outcome::Info(text.clone()));
+                        text
+                    }
+                    Err(e) => {
+                        self.outcomes.push(Outcome::Error(format!("grid: {e}")));
+                        format!("grid failed: {e}")
+                    }
+                };
+                self.last_run = Some(text);
+                false
+            }
+        }
+    }
+
+    fn refresh_tables(&mut self) {
+        self.tables = match (&self.plan, &self.grid) {
+            (Some(plan), Some(grid)) => study_results(&plan.resolution, &grid.cells, &self.results),
+            _ => Vec::new(),
+        };
+    }
+
+    fn pick_plan_file(&mut self) {
+        if self.dialog.is_some() {
+            return;
+        }
+        let (tx, rx) = mpsc::channel();
+        // The native dialog blocks its thread; it gets one of its own.
+        let spawned = std::thread::Builder::new()
+            .name("studio-plan-dialog".into())
+            .spawn(move || {
+                let _ = tx.send(
+                    rfd::FileDialog::new()
+                        .set_title("Open an ablation plan")
+                        .add_filter("plan", &["md", "markdown", "txt", "html", "htm"])
+                        .pick_file(),
+                );
+            });
+        match spawned {
+            Ok(_) => self.dialog = Some(rx),
+            Err(e) => self
+                .outcomes
+                .push(Outcome::Error(format!("cannot open the file dialog: {e}"))),
+        }
+    }
+
+    /// The metric plotted: the picked one, else the plan's first available metric that has results, else the
+    /// first with results.
+    fn plotted_metric(&self) -> Option<String> {
+        let have: BTreeSet<&String> = self.tables.iter().flat_map(|t| t.columns.iter()).collect();
+        if let Some(m) = self.metric.as_ref().filter(|m| have.contains(m)) {
+            return Some(m.clone());
+        }
+        let from_plan = self.plan.as_ref().and_then(|p| {
+            p.resolution
+                .studies
+                .iter()
+                .flat_map(|s| &s.metrics)
+                .find_map(|m| match &m.matched {
+                    MetricMatch::Available { id, .. } => have.iter().find(|h| h.as_str() == *id).map(|h| (*h).clone()),
+                    MetricMatch::Unavailable { .. } => None,
+                })
+        });
+        from_plan.or_else(|| have.into_iter().next().cloned())
+    }
+}
+
+/// Whether a dropped file is a plan (rather than a dataset's `metadata.jsonl`).
+pub fn is_plan_file(path: &Path) -> bool {
+    path.is_file()
+        && path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| ["md", "markdown", "txt", "html", "htm"].contains(&e.to_ascii_lowercase().as_str()))
+}
+
+/// The Experiments tab.
+pub fn experiments_ui(app: &mut StudioApp, ui: &mut egui::Ui) {
+    egui::Panel::left("experiments-plan")
+        .resizable(true)
+        .default_size(380.0)
+        .show(ui, |ui| {
+            egui::ScrollArea::vertical().show(ui, |ui| {
+                plan_ui(app, ui);
+                ui.separator();
+                grid_form_ui(app, ui);
+            });
+        });
+    egui::CentralPanel::default().show(ui, |ui| {
+        egui::ScrollArea::vertical().show(ui, |ui| {
+            egui::CollapsingHeader::new("Resolved studies")
+                .default_open(true)
+                .show(ui, |ui| resolution_ui(&app.experiments, ui));
+            egui::CollapsingHeader::new("Cells")
+                .default_open(true)
+                .show(ui, |ui| cells_ui(&app.experiments, ui));
+            egui::CollapsingHeader::new("Results")
+                .default_open(true)
+                .show(ui, |ui| results_ui(&mut app.experiments, ui));
+        });
+    });
+}
+
+fn plan_ui(app: &mut StudioApp, ui: &mut egui::Ui) {
+    let panel = &mut app.experiments;
+    ui.heading("Plan");
+    let idle = !panel.is_running();
+    ui.add_enabled_ui(idle, |ui| {
+        if ui
+            .button("Open plan…")
+            .on_hover_text("a plan in the seeds' Markdown format (.md, .txt, .html); or drop the file on the window")
+            .clicked()
+        {
+            panel.pick_plan_file();
+        }
+        ui.label("examples:");
+        for (name, _) in BUNDLED_PLANS {
+            if ui.small_button(name).clicked() {
+                panel.load(PlanSource::Bundled(name.into()));
+            }
+        }
+    });
+    if let Some(source) = &panel.loading {
+        ui.horizontal(|ui| {
+            ui.spinner();
+            ui.label(format!("reading {}…", source.label()));
+        });
+    }
+    if let Some(e) = &panel.plan_error {
+        ui.colored_label(ui.visuals().error_fg_color, format!("cannot load the plan: {e}"));
+    }
+    match &panel.plan {
+        Some(plan) => {
+            ui.label(egui::RichText::new(plan.source.label()).small());
+            if let Some(t) = &plan.title {
+                ui.strong(t);
+            }
+            for w in &plan.warnings {
+                ui.colored_label(ui.visuals().warn_fg_color, format!("line {}: {}", w.line, w.message));
+            }
+        }
+        None => {
+            ui.label("no plan loaded");
+        }
+    }
+}
+
+fn grid_form_ui(app: &mut StudioApp, ui: &mut egui::Ui) {
+    let settings = &mut app.settings.experiments;
+    let panel = &mut app.experiments;
+    ui.heading("Grid");
+    let idle = !panel.is_running();
+    ui.add_enabled_ui(idle, |ui| {
+        egui::Grid::new("experiments-form").num_columns(2).show(ui, |ui| {
+            ui.label("seeds");
+            ui.add(egui::DragValue::new(&mut settings.seeds).range(1..=32))
+                .on_hover_text("every cell runs with seeds 0..K");
+            ui.end_row();
+            ui.label("steps");
+            ui.add(egui::DragValue::new(&mut settings.steps).range(1..=100_000));
+            ui.end_row();
+            ui.label("results folder");
+            ui.add(egui::TextEdit::singleline(&mut panel.out_input).desired_width(220.0));
+            ui.end_row();
+        });
+    });
+    let base = panel.base.as_ref().map_or("loading…".to_string(), ToString::to_string);
+    ui.label(egui::RichText::new(format!("base: {base} (the inspector's)")).small());
+    if let Some(e) = &panel.grid_error {
+        ui.colored_label(ui.visuals().error_fg_color, e);
+    }
+    if let Some(grid) = &panel.grid {
+        let baseline = grid.cells.iter().filter(|c| c.study == BASELINE).count();
+        let distinct = unique_ids(&grid.cells);
+        let done = distinct.iter().filter(|id| panel.results.contains_key(**id)).count();
+        ui.label(format!(
+            "{} cells ({baseline} baseline + {} values × {} seed(s)); {} distinct runs, {done} finished",
+            grid.cells.len(),
+            (grid.cells.len() - baseline) / grid.request.seeds.max(1) as usize,
+            grid.request.seeds,
+            distinct.len(),
+        ));
+        ui.label(
+            egui::RichText::new(format!(
+                "same cells as: focusdpo ablate PLAN --out {} --base {} --steps {} --seeds {}",
+                grid.request.out.display(),
+                grid.request.base,
+                grid.request.steps,
+                grid.request.seeds
+            ))
+            .small(),
+        );
+    } else if panel.plan.is_some() {
+        ui.label("building the grid…");
+    }
+    ui.horizontal(|ui| {
+        let can_run = panel.can_run(settings);
+        if ui
+            .add_enabled(can_run, egui::Button::new("Run grid"))
+            .on_hover_text("trains every unfinished cell; finished cells are skipped")
+            .clicked()
+        {
+            panel.start(settings);
+        }
+        let stoppable = panel.run.as_ref().is_some_and(|r| !r.stopping);
+        if ui
+            .add_enabled(stoppable, egui::Button::new("Stop grid"))
+            .on_hover_text("ends after the training step in flight; that cell reruns next time")
+            .clicked()
+        {
+            panel.stop();
+        }
+    });
+    if let Some(run) = &panel.run {
+        ui.horizontal(|ui| {
+            ui.spinner();
+            ui.label(if run.stopping {
+                "stopping after the current step…"
+            } else {
+                "running…"
+            });
+        });
+    } else if let Some(text) = &panel.last_run {
+        ui.label(text);
+    }
+}
+
+fn resolution_ui(panel: &ExperimentsPanel, ui: &mut egui::Ui) {
+    let Some(plan) = &panel.plan else {
+        ui.label("load a plan to see how its studies map onto Studio knobs");
+        return;
+    };
+    let res = &plan.resolution;
+    for study in &res.studies {
+        ui.group(|ui| {
+            ui.horizontal(|ui| {
+                ui.strong(&study.title);
+                ui.label(format!("(line {})", study.line));
+                match &study.knob {
+                    Some(k) => {
+                        ui.label("knob");
+                        ui.monospace(k)
+                    }
+                    None => ui.colored_label(ui.visuals().error_fg_color, "unresolved part"),
+                };
+            });
+            egui::Grid::new(("experiments-values", study.line))
+                .num_columns(2)
+                .striped(true)
+                .show(ui, |ui| {
+                    for v in &study.values {
+                        ui.label(&v.text);
+                        let sets: Vec<String> = v.overrides.iter().map(Override::arg).collect();
+                        ui.monospace(sets.join(" "));
+                        ui.end_row();
+                    }
+                });
+            ui.horizontal_wrapped(|ui| {
+                ui.label("metrics:");
+                for m in &study.metrics {
+                    if let MetricMatch::Available { id, note } = &m.matched {
+                        let r = ui.label(format!("{} = {id}", m.text));
+                        if let Some(n) = note {
+                            r.on_hover_text(*n);
+                        }
+                    }
+                }
+            });
+            for m in &study.metrics {
+                if let MetricMatch::Unavailable { reason } = &m.matched {
+                    ui.colored_label(
+                        ui.visuals().weak_text_color(),
+                        format!("{}: unavailable ({reason})", m.text),
+                    );
+                }
+            }
+        });
+    }
+    if !res.unresolved.is_empty() {
+        ui.label(format!("left out ({}):", res.unresolved.len()));
+        for u in &res.unresolved {
+            ui.colored_label(ui.visuals().warn_fg_color, u.to_string());
+        }
+    }
+}
+
+fn cells_ui(panel: &ExperimentsPanel, ui: &mut egui::Ui) {
+    let Some(grid) = &panel.grid else {
+        ui.label("no grid yet");
+        return;
+    };
+    egui::Grid::new("experiments-cells")
+        .num_columns(5)
+        .striped(true)
+        .show(ui, |ui| {
+            for h in ["cell", "study", "value", "seed", "status"] {
+                ui.strong(h);
+            }
+            ui.end_row();
+            for c in grid.cells.iter() {
+                ui.monospace(&c.id).on_hover_text(c.overrides.join(" "));
+                ui.label(&c.study);
+                ui.label(&c.value);
+                ui.label(c.seed.to_string());
+                let state = panel.states.get(&c.id).cloned().unwrap_or(CellState::Pending);
+                match &state {
+                    CellState::Failed(_) => ui.colored_label(ui.visuals().error_fg_color, state.label()),
+                    _ => ui.label(state.label()),
+                };
+                ui.end_row();
+            }
+        });
+}
+
+/// A number for the tables: whole numbers without decimals, very large or small ones in exponent form.
+fn format_number(v: f64) -> String {
+    let a = v.abs();
+    if v.fract() == 0.0 && a < 1e9 {
+        format!("{v:.0}")
+    } else if a != 0.0 && !(1e-3..1e5).contains(&a) {
+        format!("{v:.3e}")
+    } else {
+        format!("{v:.4}")
+    }
+}
+
+fn format_stats(s: &SeedStats) -> String {
+    if s.ci95.is_finite() {
+        format!("{} ± {}", format_number(s.mean), format_number(s.ci95))
+    } else {
+        format_number(s.mean)
+    }
+}
+
+fn results_ui(panel: &mut ExperimentsPanel, ui: &mut egui::Ui) {
+    if panel.tables.iter().all(|t| t.columns.is_empty()) {
+        ui.label("no finished cell yet");
+        return;
+    }
+    let plotted = panel.plotted_metric();
+    let all: BTreeSet<String> = panel.tables.iter().flat_map(|t| t.columns.iter().cloned()).collect();
+    ui.horizontal(|ui| {
+        ui.label("plotted metric");
+        egui::ComboBox::from_id_salt("experiments-metric")
+            .selected_text(plotted.clone().unwrap_or_default())
+            .show_ui(ui, |ui| {
+                for m in &all {
+                    if ui.selectable_label(plotted.as_ref() == Some(m), m).clicked() {
+                        panel.metric = Some(m.clone());
+                    }
+                }
+            });
+        ui.label("(mean ± 95 % CI over seeds when two or more finished)");
+    });
+    for (i, table) in panel.tables.iter().enumerate() {
+        ui.separator();
+        ui.strong(&table.title);
+        egui::ScrollArea::horizontal()
+            .id_salt(("experiments-table-scroll", i))
+            .show(ui, |ui| {
+                egui::Grid::new(("experiments-table", i))
+                    .num_columns(table.columns.len() + 2)
+                    .striped(true)
+                    .show(ui, |ui| {
+                        ui.strong("value");
+                        ui.strong("seeds");
+                        for c in &table.columns {
+                            ui.strong(c);
+                        }
+                        ui.end_row();
+                        for row in &table.rows {
+                            ui.label(&row.value);
+                            ui.label(format!("{}/{}", row.finished, row.seeds));
+                            for c in &table.columns {
+                                ui.label(row.metrics.get(c).map_or_else(|| "–".into(), format_stats));
+                            }
+                            ui.end_row();
+                        }
+                    });
+            });
+        if let Some(metric) = &plotted {
+            study_plot_ui(table, metric, i, ui);
+        }
+    }
+}
+
+fn study_plot_ui(table: &StudyResults, metric: &str, i: usize, ui: &mut egui::Ui) {
+    let labels: Vec<String> = table.rows.iter().map(|r| r.value.clone()).collect();
+    let mut seeds = Vec::new();
+    let mut means = Vec::new();
+    let mut bars = Vec::new();
+    for (x, row) in table.rows.iter().enumerate() {
+        let Some(s) = row.metrics.get(metric) else {
+            continue;
+        };
+        let x = x as f64;
+        seeds.extend(s.per_seed.iter().map(|(_, v)| [x, *v]));
+        means.push([x, s.mean]);
+        if s.ci95.is_finite() {
+            bars.push([[x, s.mean - s.ci95], [x, s.mean + s.ci95]]);
+        }
+    }
+    Plot::new(("experiments-plot", i))
+        .height(180.0)
+        .legend(Legend::default())
+        .y_axis_label(metric.to_string())
+        .x_axis_formatter(move |mark, _| {
+            let x = mark.value;
+            if x.fract().abs() > 1e-9 || x < 0.0 {
+                return String::new();
+            }
+            labels.get(x as usize).map_or_else(String::new, |l| {
+                if l.chars().count() > 18 {
+                    format!("{}…", l.chars().take(17).collect::<String>())
+                } else {
+                    l.clone()
+                }
+            })
+        })
+        .show(ui, |plot| {
+            plot.points(Points::new("seeds", PlotPoints::from(seeds)).radius(2.5));
+            plot.points(
+                Points::new("mean", PlotPoints::from(means))
+                    .radius(4.5)
+                    .shape(MarkerShape::Diamond),
+            );
+            for bar in bars {
+                plot.line(Line::new("95 % CI", PlotPoints::from(bar.to_vec())));
+            }
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::experiment::grid::build_grid;
+    use crate::experiment::parse_plan;
+    use crate::experiment::resolve::resolve_plan;
+
+    #[test]
+    fn results_are_grouped_per_value_with_a_ci_over_seeds() {
+        let text = "### tau\n- Ablated Part: τ\n- Replacement: 0.1, 0.2\n- Metrics: loss\n";
+        let r = resolve_plan(&parse_plan(text).expect("parses"));
+        let cells = build_grid(&r, &[], &[0, 1, 2]);
+        let mut results = HashMap::new();
+        for c in &cells {
+            // Value 0.2 has only seed 0 finished.
+            if c.value == "0.2" && c.seed > 0 {
+                continue;
+            }
+            results.insert(c.id.clone(), Metrics::from([("loss".to_string(), 1.0 + c.seed as f64)]));
+        }
+        let tables = study_results(&r, &cells, &results);
+        assert_eq!(tables.len(), 1);
+        let t = &tables[0];
+        assert_eq!(t.columns, vec!["loss".to_string()]);
+        let names: Vec<&str> = t.rows.iter().map(|r| r.value.as_str()).collect();
+        assert_eq!(names, vec![BASELINE, "0.1", "0.2"]);
+        let base = &t.rows[0].metrics["loss"];
+        assert_eq!((t.rows[0].finished, t.rows[0].seeds), (3, 3));
+        assert!((base.mean - 2.0).abs() < 1e-12);
+        let (_, h) = mean_ci95(&[1.0, 2.0, 3.0]);
+        assert!((base.ci95 - h).abs() < 1e-12);
+        let single = &t.rows[2].metrics["loss"];
+        assert_eq!(t.rows[2].finished, 1);
+        assert!(single.ci95.is_nan() && format_stats(single) == "1");
+        assert_eq!(format_number(0.25), "0.2500");
+        assert_eq!(format_number(2e-5), "2.000e-5");
+    }
+
+    #[test]
+    fn settings_persist_the_plan_seeds_and_steps() {
+        let settings = crate::app::state::Settings {
+            experiments: ExperimentSettings {
+                plan: Some(PlanSource::File("plans/a.md".into())),
+                seeds: 3,
+                steps: 7,
+            },
+            ..Default::default()
+        };
+        let text = serde_json::to_string(&settings).expect("serialises");
+        let back: crate::app::state::Settings = serde_json::from_str(&text).expect("reads");
+        assert_eq!(back.experiments, settings.experiments);
+        // Settings saved before the tab existed still load.
+        let old: crate::app::state::Settings = serde_json::from_str("{}").expect("reads");
+        assert_eq!(old.experiments, ExperimentSettings::default());
+    }
+
+    #[test]
+    fn plan_files_are_recognised_by_extension() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let plan = tmp.path().join("p.MD");
+        std::fs::write(&plan, "x").expect("writes");
+        let manifest = tmp.path().join("metadata.jsonl");
+        std::fs::write(&manifest, "x").expect("writes");
+        assert!(is_plan_file(&plan));
+        assert!(!is_plan_file(&manifest));
+        assert!(!is_plan_file(tmp.path()));
+    }
+}

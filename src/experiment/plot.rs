@@ -136,6 +136,16 @@ fn y_range(rows: &[&Row], column: &Column) -> Option<(f64, f64)> {
     Some((lo - pad, hi + pad))
 }
 
+/// Decimals that tell apart y labels ~`span / 6` apart.
+fn y_decimals(y0: f64, y1: f64) -> usize {
+    let step = ((y1 - y0) / 6.0).abs();
+    if step > 0.0 && step.is_finite() {
+        (-step.log10().ceil()).clamp(0.0, 8.0) as usize + 1
+    } else {
+        2
+    }
+}
+
 fn short(label: &str, max: usize) -> String {
     if label.chars().count() <= max {
         label.to_string()
@@ -198,6 +208,7 @@ fn numeric_panel(area: &Area<'_>, table: &StudyTable, column: &Column) -> Result
         .x_labels(6)
         .y_labels(6)
         .x_desc(table.knob.as_deref().unwrap_or(""))
+        .y_label_formatter(&|y| format!("{y:.*}", y_decimals(y0, y1)))
         .label_style((FONT, 12))
         .axis_desc_style((FONT, 12))
         .light_line_style(RGBColor(246, 246, 246))
@@ -259,6 +270,7 @@ fn category_panel(area: &Area<'_>, table: &StudyTable, column: &Column) -> Resul
         .disable_x_mesh()
         .x_labels(table.rows.len())
         .y_labels(6)
+        .y_label_formatter(&|y| format!("{y:.*}", y_decimals(y0, y1)))
         .x_label_formatter(&|v| match v {
             SegmentValue::CenterOf(i) | SegmentValue::Exact(i) => usize::try_from(*i)
                 .ok()
@@ -380,6 +392,14 @@ mod tests {
             );
         }
         Ok(())
+    }
+
+    #[test]
+    fn y_labels_have_enough_decimals() {
+        assert_eq!(y_decimals(0.0, 6.0), 1);
+        assert_eq!(y_decimals(0.0, 0.6), 2);
+        assert_eq!(y_decimals(0.51144, 0.51146), 6);
+        assert_eq!(y_decimals(1.0, 1.0), 2);
     }
 
     #[test]

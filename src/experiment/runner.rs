@@ -124,6 +124,12 @@ pub fn run_grid(
     stop: &AtomicBool,
     on_progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<RunReport, StoreError> {
+    let grid = Grid {
+        base,
+        base_model,
+        store,
+        stop,
+    };
     let mut report = RunReport::default();
     let mut seen = HashSet::new();
     let distinct: Vec<&Cell> = cells.iter().filter(|c| seen.insert(c.id.clone())).collect();
@@ -135,16 +141,7 @@ pub fn run_grid(
         if store.finished(&cell.id)?.is_some() {
             report.skipped += 1;
             on_progress(Progress::Skipped { cell });
-        } else if !train_cell(
-            cell,
-            (i + 1, distinct.len()),
-            base,
-            base_model,
-            store,
-            stop,
-            &mut report,
-            on_progress,
-        )? {
+        } else if !train_cell(&grid, cell, (i + 1, distinct.len()), &mut report, on_progress)? {
             continue;
         }
         if report.stopped {
@@ -160,18 +157,28 @@ pub fn run_grid(
     Ok(report)
 }
 
+/// What every cell of a grid run shares.
+struct Grid<'a> {
+    base: &'a RunConfig,
+    base_model: Option<&'a BaseModel>,
+    store: &'a ResultStore,
+    stop: &'a AtomicBool,
+}
+
 /// Trains one unfinished cell (new or resumed). Returns whether it is finished now.
-#[allow(clippy::too_many_arguments)]
 fn train_cell(
+    grid: &Grid<'_>,
     cell: &Cell,
     (index, total): (usize, usize),
-    base: &RunConfig,
-    base_model: Option<&BaseModel>,
-    store: &ResultStore,
-    stop: &AtomicBool,
     report: &mut RunReport,
     on_progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<bool, StoreError> {
+    let Grid {
+        base,
+        base_model,
+        store,
+        stop,
+    } = *grid;
     let config = match base
         .with_overrides(&cell.overrides)
         .and_then(|c| c.validate().map(|()| c))

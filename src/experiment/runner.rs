@@ -114,7 +114,8 @@ pub struct RunReport {
 /// `base_model` (if given) is shared by new cells whose model settings equal `base`'s. A cell whose folder holds
 /// an interrupted run resumes it from its latest checkpoint. A failed cell is reported and the next one runs;
 /// `stop` ends the grid after the current training step (that cell resumes next time) or after the current
-/// evaluation.
+/// evaluation (which cannot be interrupted); a trained cell whose evaluation was not started is evaluated next
+/// time.
 pub fn run_grid(
     cells: &[Cell],
     base: &RunConfig,
@@ -144,7 +145,8 @@ pub fn run_grid(
         } else if !train_cell(&grid, cell, (i + 1, distinct.len()), &mut report, on_progress)? {
             continue;
         }
-        if report.stopped {
+        if report.stopped || stop.load(Ordering::SeqCst) {
+            report.stopped = true;
             break;
         }
         if let Some(cfg) = eval {
@@ -238,12 +240,15 @@ fn evaluate_cell(
     report: &mut RunReport,
     on_progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<(), StoreError> {
-    // A corrupt eval.json is evaluated again rather than stopping the grid.
-    if let Ok(Some(existing)) = store.eval_report(&cell.id)
-        && existing.config == *cfg
-    {
-        report.eval_skipped += 1;
-        return Ok(());
+    // A corrupt eval.json is evaluated again rather than stopping the grid; one made with other settings is
+    // removed first, so a failed re-evaluation cannot leave old-settings values in the tables.
+    match store.eval_report(&cell.id) {
+        Ok(Some(existing)) if existing.config == *cfg => {
+            report.eval_skipped += 1;
+            return Ok(());
+        }
+        Ok(None) => {}
+        Ok(Some(_)) | Err(_) => store.remove_eval(&cell.id)?,
     }
     on_progress(Progress::Evaluating { cell });
     let dir = store.cell_dir(&cell.id);

@@ -166,6 +166,15 @@ impl ResultStore {
         Ok(path)
     }
 
+    /// Removes a cell's eval.json (if any).
+    pub fn remove_eval(&self, id: &str) -> Result<(), StoreError> {
+        let path = self.cell_dir(id).join(EVAL_FILE);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(&path)(e)),
+            _ => Ok(()),
+        }
+    }
+
     /// A cell's status and values: training values from `finished.json` plus benchmark values from `eval.json`.
     /// `failed` cells are failed (this run); others are finished when their marker exists, else pending.
     pub fn cell_result(&self, cell: &Cell, failed: bool) -> Result<CellResult, StoreError> {
@@ -290,6 +299,9 @@ mod tests {
         };
         store.write_eval(&c.id, &report).expect("writes eval");
         assert_eq!(store.eval_report(&c.id).expect("reads"), Some(report));
+        store.remove_eval(&c.id).expect("removes");
+        store.remove_eval(&c.id).expect("a missing eval.json is no error");
+        assert_eq!(store.eval_report(&c.id).expect("reads"), None);
         // Preparing again starts the cell over.
         store.prepare_cell(&c).expect("prepares");
         assert_eq!(store.finished(&c.id).expect("reads"), None);

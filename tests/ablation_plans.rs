@@ -481,15 +481,15 @@ fn ablate_dry_run_prints_the_grid_and_what_is_left_out() {
     assert!(!out.exists(), "a dry run writes nothing");
 }
 
-/// Trains a two-cell grid for two steps on a random base, then re-runs it: finished cells are skipped; the cell
-/// whose override this branch does not know yet fails alone.
+/// Trains a two-cell grid for two steps on a random base and evaluates each cell on a one-item benchmark, then
+/// re-runs it: finished cells are neither trained nor evaluated again; the out-of-range value is reported.
 #[test]
 fn ablate_runs_cells_once_and_writes_results_csv() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let plan = tmp.path().join("plan.md");
     std::fs::write(
         &plan,
-        "### tau\n- Ablated Part: τ\n- Replacement: 0.3\n- Metrics: loss\n\n\
+        "### tau\n- Ablated Part: τ\n- Replacement: 0.3\n- Metrics: identity similarity, loss, HPSv2\n\n\
          ### broken\n- Ablated Part: `masks.fusion.tau`\n- Replacement: 7\n- Metrics: loss\n",
     )
     .expect("writes");
@@ -503,10 +503,21 @@ fn ablate_runs_cells_once_and_writes_results_csv() {
         "2",
         "--base",
         "random:0",
+        "--eval-single",
+        "1",
+        "--eval-multi",
+        "0",
+        "--eval-samples",
+        "1",
+        "--eval-steps",
+        "2",
     ];
     let (ok, text) = focusdpo(&args);
     assert!(ok, "{text}");
-    assert!(text.contains("2 run, 0 finished earlier, 0 failed"), "{text}");
+    assert!(
+        text.contains("2 run (0 resumed), 0 finished earlier, 0 failed; 2 evaluated, 0 evaluated earlier"),
+        "{text}"
+    );
     assert!(
         text.contains("outside [0, 1]"),
         "the out-of-range value is reported: {text}"
@@ -514,10 +525,79 @@ fn ablate_runs_cells_once_and_writes_results_csv() {
     let csv = std::fs::read_to_string(out.join("results.csv")).expect("results.csv");
     let rows: Vec<&str> = csv.lines().collect();
     assert_eq!(rows.len(), 3, "{csv}");
+    assert!(rows[0].contains(",single.identity_sim,"), "{csv}");
     assert!(rows[1].contains(",baseline,baseline,0,finished,2,"), "{csv}");
     assert!(rows[2].contains(",tau,0.3,0,finished,2,"), "{csv}");
     assert!(out.join("resolution.json").is_file());
+    let cells: Vec<PathBuf> = std::fs::read_dir(out.join("cells"))
+        .expect("cells")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    assert_eq!(cells.len(), 2);
+    for c in &cells {
+        assert!(c.join("eval.json").is_file(), "{}", c.display());
+    }
+    let md = std::fs::read_to_string(out.join("results.md")).expect("results.md");
+    assert!(
+        md.contains("## tau") && md.contains("| value | n | single: identity sim ↑ |"),
+        "{md}"
+    );
+    assert!(md.contains("| 0.3 (`masks.fusion.tau=0.3`) | 1 |"), "{md}");
+    assert!(md.contains("metric `HPSv2`"), "{md}");
+    assert!(md.contains("replacement `7`"), "{md}");
+    let png = std::fs::read(out.join("plots/tau.png")).expect("plot");
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"));
     let (ok, text) = focusdpo(&args);
     assert!(ok, "{text}");
-    assert!(text.contains("0 run, 2 finished earlier, 0 failed"), "{text}");
+    assert!(
+        text.contains("0 run (0 resumed), 2 finished earlier, 0 failed; 0 evaluated, 2 evaluated earlier"),
+        "{text}"
+    );
+}
+
+/// A cell whose run was interrupted resumes from its checkpoint: its metrics log keeps the earlier steps.
+#[test]
+fn ablate_resumes_an_interrupted_cell() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let plan = tmp.path().join("plan.md");
+    std::fs::write(
+        &plan,
+        "### tau\n- Ablated Part: τ\n- Replacement: 0.3\n- Metrics: loss\n",
+    )
+    .expect("writes");
+    let out = tmp.path().join("runs");
+    let common = [
+        "ablate",
+        plan.to_str().expect("utf-8 path"),
+        "--out",
+        out.to_str().expect("utf-8 path"),
+        "--base",
+        "random:0",
+        "--no-eval",
+        "--set",
+        "log.checkpoint_every=1",
+    ];
+    let with_steps = |steps: &str| {
+        let mut a: Vec<&str> = common.to_vec();
+        a.extend(["--steps", steps]);
+        focusdpo(&a)
+    };
+    let (ok, text) = with_steps("2");
+    assert!(ok, "{text}");
+    // Make the baseline cell look interrupted after step 1 of 2: no finished marker, no step-2 checkpoint.
+    let baseline = std::fs::read_dir(out.join("cells"))
+        .expect("cells")
+        .map(|e| e.expect("entry").path())
+        .find(|p| std::fs::read_to_string(p.join("cell.json")).is_ok_and(|t| t.contains("\"study\": \"baseline\"")))
+        .expect("baseline cell");
+    std::fs::remove_file(baseline.join("finished.json")).expect("removes marker");
+    std::fs::remove_dir_all(baseline.join("checkpoints/step-2")).expect("removes the last checkpoint");
+    let (ok, text) = with_steps("2");
+    assert!(ok, "{text}");
+    assert!(text.contains("1 run (1 resumed), 1 finished earlier"), "{text}");
+    assert!(text.contains("resuming an interrupted run"), "{text}");
+    let log = std::fs::read_to_string(baseline.join("metrics.jsonl")).expect("log");
+    assert!(log.contains("\"event\":\"resume\""), "{log}");
+    assert!(log.contains("\"from_step\":1"), "{log}");
+    assert!(baseline.join("checkpoints/step-2").is_dir(), "step 2 was trained again");
 }

@@ -75,6 +75,8 @@ fn load_tiny_plan(h: &mut Harness<'_, StudioApp>, dir: &Path, steps: u64) {
     std::fs::write(&path, TINY_PLAN).unwrap();
     h.state_mut().settings_mut().experiments.steps = steps;
     h.state_mut().settings_mut().experiments.seeds = 1;
+    // Training only: the per-cell benchmark is the CLI tests' business (tests/ablation_plans.rs).
+    h.state_mut().settings_mut().experiments.evaluate = false;
     h.state_mut().experiments_mut().load(PlanSource::File(path));
     step_until(h, "the tiny plan's grid", |a| {
         a.experiments().plan().is_some() && grid_ready(a)
@@ -188,9 +190,10 @@ fn a_tiny_grid_runs_to_finished_and_a_rerun_skips_it() {
             h.state().notices()
         );
         let metrics = &h.state().experiments().results()[&c.id];
-        assert!(metrics.contains_key("loss"), "{metrics:?}");
+        assert!(metrics.contains_key("train.loss"), "{metrics:?}");
     }
     assert!(runs.path().join("tiny").join("results.csv").is_file());
+    assert!(runs.path().join("tiny").join("results.md").is_file());
     // The table and the plot of the study.
     let tables = h.state().experiments().tables();
     assert_eq!(tables.len(), 1);

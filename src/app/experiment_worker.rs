@@ -4,10 +4,12 @@
 //! * The **plan thread** reads and parses a plan ([`crate::experiment::read_plan_file`]), resolves it, builds the
 //!   grid for the chosen seeds, steps and base, and reads which cells the results store already holds.
 //! * A **grid thread** per run drives [`run_grid`] (the runner the CLI uses) and forwards its progress; a stop
-//!   flag ends it after the training step in flight. It writes `results.csv` like `focusdpo ablate` when it ends.
+//!   flag ends it after the training step in flight. Each trained cell is evaluated on the small synthetic
+//!   benchmark when asked; at the end it writes `results.csv`, `results.md` and the plots with the store's
+//!   `write_results`, exactly as `focusdpo ablate` does.
 //!
-//! A cell's results are read as a generic `metric id → value` map from its `finished.json` (every finite number
-//! in it, nested objects flattened with `.`), so the tab follows whatever the summary holds.
+//! A cell's results are a `metric id → value` map with the study value ids of `eval::study` (`train.*` from
+//! `finished.json`, `single.*` / `multi.*` from `eval.json`), so the tab and results.md show the same numbers.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -15,6 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 
+use crate::eval::benchmark::BenchmarkConfig;
 use crate::experiment::grid::{Cell, build_grid};
 use crate::experiment::plan::PlanWarning;
 use crate::experiment::resolve::{Override, Resolution, resolve_plan};
@@ -276,15 +279,16 @@ impl ExperimentWorker {
         self.events.try_recv().ok()
     }
 
-    /// Runs the unfinished cells of `cells` on a thread of its own (events arrive as [`ExperimentEvent::Run`]).
-    pub fn run(&mut self, cells: Arc<Vec<Cell>>, out: PathBuf) -> Result<(), String> {
+    /// Runs the unfinished cells of the job on a thread of its own (events arrive as [`ExperimentEvent::Run`]),
+    /// then writes results.csv, results.md and the plots as `focusdpo ablate` does.
+    pub fn run(&mut self, job: GridJob) -> Result<(), String> {
         let stop = Arc::new(AtomicBool::new(false));
         let notify = self.notify.clone();
         let flag = Arc::clone(&stop);
         std::thread::Builder::new()
             .name("studio-grid".into())
             .spawn(move || {
-                let ended = run_cells(&cells, &out, &flag, &notify);
+                let ended = run_cells(&job, &flag, &notify);
                 notify.send(ExperimentEvent::Run(RunEvent::Ended(ended)));
             })
             .map_err(|e| format!("cannot start the grid thread: {e}"))?;
@@ -382,7 +386,9 @@ pub fn grid_view(resolution: &Resolution, request: GridRequest) -> Result<GridVi
     })
 }
 
-/// A finished cell's results from its run folder; `None` when it has not finished.
+/// A finished cell's results from its run folder, keyed by the study value ids the CLI's results.md uses
+/// (`train.*` from `finished.json`, `single.*` / `multi.*` from `eval.json` when the cell was evaluated); `None`
+/// when it has not finished.
 pub fn read_cell_metrics(cell_dir: &Path) -> Result<Option<Metrics>, String> {
     let path = cell_dir.join(FINISHED_FILE);
     let text = match std::fs::read_to_string(&path) {
@@ -390,8 +396,21 @@ pub fn read_cell_metrics(cell_dir: &Path) -> Result<Option<Metrics>, String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("{}: {e}", path.display())),
     };
-    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(Some(metrics_from_json(&value)))
+    let finished: crate::experiment::results::FinishedCell =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut metrics: Metrics = finished.values.into_iter().filter(|(_, v)| v.is_finite()).collect();
+    metrics.insert("steps".into(), finished.steps as f64);
+    let eval_path = cell_dir.join(crate::experiment::store::EVAL_FILE);
+    match std::fs::read_to_string(&eval_path) {
+        Ok(text) => {
+            let report: crate::eval::benchmark::BenchmarkReport =
+                serde_json::from_str(&text).map_err(|e| format!("{}: {e}", eval_path.display()))?;
+            metrics.extend(crate::eval::study::benchmark_values(&report));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("{}: {e}", eval_path.display())),
+    }
+    Ok(Some(metrics))
 }
 
 /// Every finite number of a JSON document, by its dotted path (`{"a": {"b": 1}}` → `a.b = 1`); arrays and text
@@ -422,8 +441,24 @@ pub fn metrics_from_json(value: &serde_json::Value) -> Metrics {
     out
 }
 
-fn run_cells(cells: &[Cell], out: &Path, stop: &AtomicBool, notify: &Notifier) -> Result<(RunReport, PathBuf), String> {
-    let store = ResultStore::open(out).map_err(|e| e.to_string())?;
+/// A grid to run: its cells, where, and what the reports need.
+#[derive(Clone, Debug)]
+pub struct GridJob {
+    /// The cells.
+    pub cells: Arc<Vec<Cell>>,
+    /// Results folder.
+    pub out: PathBuf,
+    /// The plan's title (for results.md).
+    pub title: Option<String>,
+    /// The plan's resolution (for results.md: knobs, metrics, what was left out).
+    pub resolution: Arc<Resolution>,
+    /// The benchmark of each trained cell, if any.
+    pub eval: Option<BenchmarkConfig>,
+}
+
+fn run_cells(job: &GridJob, stop: &AtomicBool, notify: &Notifier) -> Result<(RunReport, PathBuf), String> {
+    let cells: &[Cell] = &job.cells;
+    let store = ResultStore::open(&job.out).map_err(|e| e.to_string())?;
     let metrics_of = |id: &str| {
         read_cell_metrics(&store.cell_dir(id))
             .ok()
@@ -450,23 +485,32 @@ fn run_cells(cells: &[Cell], out: &Path, stop: &AtomicBool, notify: &Notifier) -
             id: cell.id.clone(),
             error,
         }),
+        // The cell's row refreshes with its image metrics once evaluated.
+        Progress::Evaluated { cell, .. } => send(RunEvent::Finished {
+            id: cell.id.clone(),
+            metrics: metrics_of(&cell.id),
+        }),
+        Progress::EvalFailed { cell, error } => send(RunEvent::Failed {
+            id: cell.id.clone(),
+            error: format!("evaluation: {error}"),
+        }),
+        Progress::Evaluating { .. } | Progress::EvalItem { .. } => {}
     };
-    let report =
-        run_grid(cells, &RunConfig::default(), None, &store, stop, &mut on_progress).map_err(|e| e.to_string())?;
-    // results.csv as `focusdpo ablate` writes it.
-    let failed: HashMap<&str, &str> = report.failed.iter().map(|(id, e)| (id.as_str(), e.as_str())).collect();
-    let status = |c: &Cell| -> String {
-        if failed.contains_key(c.id.as_str()) {
-            "failed".into()
-        } else {
-            match store.finished(&c.id) {
-                Ok(Some(_)) => "finished".into(),
-                _ => "pending".into(),
-            }
-        }
-    };
-    let csv = store.write_results_csv(cells, &status).map_err(|e| e.to_string())?;
-    Ok((report, csv))
+    let report = run_grid(
+        cells,
+        &RunConfig::default(),
+        None,
+        &store,
+        job.eval.as_ref(),
+        stop,
+        &mut on_progress,
+    )
+    .map_err(|e| e.to_string())?;
+    let failed: Vec<String> = report.failed.iter().map(|(id, _)| id.clone()).collect();
+    let files = store
+        .write_results(job.title.as_deref(), &job.resolution, cells, &failed, true)
+        .map_err(|e| e.to_string())?;
+    Ok((report, files.markdown))
 }
 
 #[cfg(test)]
@@ -516,9 +560,14 @@ mod tests {
         let first = &view.cells[0].id;
         let dir = tmp.path().join("cells").join(first);
         std::fs::create_dir_all(&dir).expect("mkdir");
-        std::fs::write(dir.join(FINISHED_FILE), "{\"loss\": 0.5}").expect("write");
+        std::fs::write(
+            dir.join(FINISHED_FILE),
+            r#"{"steps": 5, "values": {"train.loss": 0.5}}"#,
+        )
+        .expect("write");
         let view = grid_view(&plan.resolution, request).expect("grid");
-        assert_eq!(view.finished.get(first).and_then(|m| m.get("loss")), Some(&0.5));
+        let m = view.finished.get(first).expect("finished");
+        assert_eq!((m.get("train.loss"), m.get("steps")), (Some(&0.5), Some(&5.0)));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver};
 
 use eframe::egui;
@@ -32,6 +33,8 @@ pub struct ExperimentSettings {
     pub seeds: u64,
     /// Optimiser steps of every cell.
     pub steps: u64,
+    /// Evaluate every trained cell on the small synthetic benchmark ([`crate::experiment::runner::cell_benchmark`]).
+    pub evaluate: bool,
 }
 
 impl Default for ExperimentSettings {
@@ -40,6 +43,7 @@ impl Default for ExperimentSettings {
             plan: None,
             seeds: 1,
             steps: 20,
+            evaluate: true,
         }
     }
 }
@@ -326,7 +330,17 @@ impl ExperimentsPanel {
         };
         let cells = grid.cells.clone();
         let out = grid.request.out.clone();
-        match self.worker.run(cells, out) {
+        let Some(plan) = self.plan.as_ref() else {
+            return;
+        };
+        let job = crate::app::experiment_worker::GridJob {
+            cells,
+            out,
+            title: plan.title.clone(),
+            resolution: Arc::clone(&plan.resolution),
+            eval: settings.evaluate.then(crate::experiment::runner::cell_benchmark),
+        };
+        match self.worker.run(job) {
             Ok(()) => {
                 self.run = Some(RunState { stopping: false });
                 self.last_run = None;
@@ -673,6 +687,10 @@ fn grid_form_ui(app: &mut StudioApp, ui: &mut egui::Ui) {
             ui.label("steps");
             ui.add(egui::DragValue::new(&mut settings.steps).range(1..=100_000));
             ui.end_row();
+            ui.label("evaluate");
+            ui.checkbox(&mut settings.evaluate, "synthetic benchmark per cell")
+                .on_hover_text("4 single + 4 multi-subject held-out items, 1 image each, 12 sampler steps");
+            ui.end_row();
             ui.label("results folder");
             ui.add(egui::TextEdit::singleline(&mut panel.out_input).desired_width(220.0));
             ui.end_row();
@@ -989,6 +1007,7 @@ mod tests {
                 plan: Some(PlanSource::File("plans/a.md".into())),
                 seeds: 3,
                 steps: 7,
+                evaluate: false,
             },
             ..Default::default()
         };

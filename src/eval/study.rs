@@ -39,19 +39,26 @@ pub struct MetricSpec {
     pub better: Better,
 }
 
-/// The benchmark metrics per split, in table order.
-const BENCHMARK_METRICS: [(&str, &str, Better); 10] = [
+/// The benchmark metrics per split, in table order: name (the part after `single.` / `multi.`), label, direction.
+pub const BENCHMARK_METRICS: [(&str, &str, Better); 14] = [
     ("identity_sim", "identity sim", Better::Higher),
     ("top1_identification", "top-1 id", Better::Higher),
     ("auc", "verif. AUC", Better::Higher),
     ("eer", "EER", Better::Lower),
     ("fmr100", "FMR100", Better::Lower),
+    ("fmr1000", "FMR1000", Better::Lower),
     ("fdr", "FDR", Better::Higher),
     ("psnr", "PSNR", Better::Higher),
     ("subject_psnr", "subject PSNR", Better::Higher),
     ("fd_identity", "FD (identity)", Better::Lower),
     ("cmmd_identity", "CMMD (identity)", Better::Lower),
+    ("dino", "DINO", Better::Higher),
+    ("clip_i", "CLIP-I", Better::Higher),
+    ("clip_t", "CLIP-T", Better::Higher),
 ];
+
+/// The benchmark splits, in table order.
+pub const SPLITS: [&str; 2] = ["single", "multi"];
 
 /// The training metrics, in table order.
 pub const TRAINING_METRICS: [MetricSpec; 6] = [
@@ -103,24 +110,23 @@ pub fn benchmark_values(report: &BenchmarkReport) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
     for (split, s) in &report.splits {
         let v = s.verification;
-        let pairs: [(&str, Option<f64>); 10] = [
+        let pairs: [(&str, Option<f64>); 14] = [
             ("identity_sim", Some(s.identity_sim)),
             ("top1_identification", s.top1_identification),
             ("auc", v.map(|v| v.auc)),
             ("eer", v.map(|v| v.eer)),
             ("fmr100", v.map(|v| v.fmr100)),
+            ("fmr1000", v.map(|v| v.fmr1000)),
             ("fdr", v.map(|v| v.fdr)),
             ("psnr", Some(s.psnr)),
             ("subject_psnr", Some(s.subject_psnr)),
             ("fd_identity", s.fd_identity),
             ("cmmd_identity", s.cmmd_identity),
+            ("dino", s.dino),
+            ("clip_i", s.clip_i),
+            ("clip_t", s.clip_t),
         ];
         for (name, value) in pairs {
-            if let Some(x) = value.filter(|x| x.is_finite()) {
-                out.insert(format!("{split}.{name}"), x);
-            }
-        }
-        for (name, value) in [("dino", s.dino), ("clip_i", s.clip_i), ("clip_t", s.clip_t)] {
             if let Some(x) = value.filter(|x| x.is_finite()) {
                 out.insert(format!("{split}.{name}"), x);
             }
@@ -223,31 +229,37 @@ pub fn aggregate(runs: &[RunMetrics]) -> Vec<GroupSummary> {
         .collect()
 }
 
-/// The metric columns present in `groups`: benchmark metrics of each split (single first), then training metrics.
-pub fn present_metrics(groups: &[GroupSummary]) -> Vec<(String, String, Better)> {
-    let has = |id: &str| groups.iter().any(|g| g.metrics.contains_key(id));
+/// Every value id [`benchmark_values`] and [`training_values`] can produce, in table order: the benchmark
+/// metrics of each split (single first), then the training metrics, each with its label and direction.
+pub fn all_metrics() -> Vec<(String, String, Better)> {
     let mut out = Vec::new();
-    for split in ["single", "multi"] {
-        for (name, label, better) in BENCHMARK_METRICS.iter().copied().chain([
-            ("dino", "DINO", Better::Higher),
-            ("clip_i", "CLIP-I", Better::Higher),
-            ("clip_t", "CLIP-T", Better::Higher),
-        ]) {
-            let id = format!("{split}.{name}");
-            if has(&id) {
-                out.push((id, format!("{split}: {label}"), better));
-            }
+    for split in SPLITS {
+        for (name, label, better) in BENCHMARK_METRICS {
+            out.push((format!("{split}.{name}"), format!("{split}: {label}"), better));
         }
     }
     for m in TRAINING_METRICS {
-        if has(m.id) {
-            out.push((m.id.to_string(), m.label.to_string(), m.better));
-        }
+        out.push((m.id.to_string(), m.label.to_string(), m.better));
     }
     out
 }
 
-fn cell(mean: f64, ci: f64, digits: usize) -> String {
+/// Label and direction of a value id (`single.eer`, `train.loss`); `None` for an unknown id.
+pub fn metric_spec(id: &str) -> Option<(String, Better)> {
+    all_metrics()
+        .into_iter()
+        .find(|(m, _, _)| m == id)
+        .map(|(_, label, better)| (label, better))
+}
+
+/// The metric columns present in `groups`, in [`all_metrics`] order.
+pub fn present_metrics(groups: &[GroupSummary]) -> Vec<(String, String, Better)> {
+    let has = |id: &str| groups.iter().any(|g| g.metrics.contains_key(id));
+    all_metrics().into_iter().filter(|(id, _, _)| has(id)).collect()
+}
+
+/// `mean ± ci` with `digits` decimals; the mean alone when the interval is not finite (one run); `–` for no mean.
+pub fn format_mean_ci(mean: f64, ci: f64, digits: usize) -> String {
     if !mean.is_finite() {
         return "–".into();
     }
@@ -258,7 +270,16 @@ fn cell(mean: f64, ci: f64, digits: usize) -> String {
     }
 }
 
-fn digits_for(values: &[f64]) -> usize {
+/// The best of `values` in direction `better` (−∞ / +∞ for none).
+pub fn best_value(values: &[f64], better: Better) -> f64 {
+    match better {
+        Better::Higher => values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        Better::Lower => values.iter().copied().fold(f64::INFINITY, f64::min),
+    }
+}
+
+/// Decimals for a column holding `values`: fewer for larger magnitudes.
+pub fn digits_for(values: &[f64]) -> usize {
     let m = values.iter().map(|v| v.abs()).fold(0.0f64, f64::max);
     if m >= 100.0 {
         1
@@ -291,10 +312,7 @@ pub fn comparison_markdown(groups: &[GroupSummary]) -> String {
             })
             .collect();
         let finite: Vec<f64> = means.iter().flatten().map(|(m, _)| *m).collect();
-        let best = match better {
-            Better::Higher => finite.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-            Better::Lower => finite.iter().copied().fold(f64::INFINITY, f64::min),
-        };
+        let best = best_value(&finite, better);
         let digits = digits_for(&finite);
         let arrow = match better {
             Better::Higher => "↑",
@@ -304,7 +322,7 @@ pub fn comparison_markdown(groups: &[GroupSummary]) -> String {
         for m in &means {
             let text = match m {
                 Some((mean, ci)) => {
-                    let c = cell(*mean, *ci, digits);
+                    let c = format_mean_ci(*mean, *ci, digits);
                     if finite.len() > 1 && *mean == best && finite.iter().any(|v| *v != best) {
                         format!("**{c}**")
                     } else {

@@ -1,5 +1,5 @@
-//! The grid of a resolved plan: a baseline plus one cell per resolved replacement, each repeated per seed, and the
-//! per-cell summary of a finished run. Pure: the run folders live in [`super::store`].
+//! The grid of a resolved plan: a baseline plus one cell per resolved replacement, each repeated per seed. Pure: the
+//! run folders live in [`super::store`], the per-cell values and tables in [`super::results`].
 //!
 //! **Cell ids** are stable: the FNV-1a hash of the cell's overrides (in order, the plan-wide ones first) and its
 //! seed, so re-running a plan finds its finished cells, a cell shared by two studies (or equal to the baseline) is
@@ -8,7 +8,6 @@
 use serde::{Deserialize, Serialize};
 
 use super::resolve::{Override, Resolution};
-use crate::eval::metrics::{stability, steps_to_fraction};
 
 /// Study name of the baseline cells.
 pub const BASELINE: &str = "baseline";
@@ -82,127 +81,6 @@ pub fn unique_ids(cells: &[Cell]) -> Vec<&str> {
         .collect()
 }
 
-/// Steps averaged for the "final" value of a logged quantity, and the stability window.
-pub const SUMMARY_WINDOW_STEPS: usize = 10;
-/// A gradient-norm spike is this many times the median of the preceding window.
-pub const SPIKE_FACTOR: f64 = 3.0;
-/// Convergence speed: steps until the moving average of implicit accuracy reaches this fraction of its final value.
-pub const CONVERGENCE_FRACTION: f64 = 0.9;
-
-/// What a finished cell's training log says (the training-side metrics of [`super::resolve::METRICS`]).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct CellSummary {
-    /// Steps logged.
-    pub steps: usize,
-    /// Mean loss over the last [`SUMMARY_WINDOW_STEPS`].
-    pub loss: f64,
-    /// Mean implicit accuracy over the last window (NaN for SFT).
-    pub implicit_accuracy: f64,
-    /// Mean reward margin over the last window.
-    pub reward_margin: f64,
-    /// Loss standard deviation over the last window.
-    pub loss_std: f64,
-    /// Gradient-norm spikes over the run.
-    pub grad_spikes: usize,
-    /// Steps until implicit accuracy reaches [`CONVERGENCE_FRACTION`] of its final value (None: never / SFT).
-    pub convergence_steps: Option<usize>,
-}
-
-/// One logged step, as far as the summary needs it.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct StepValues {
-    /// Loss.
-    pub loss: f64,
-    /// Implicit accuracy.
-    pub implicit_accuracy: f64,
-    /// Reward margin.
-    pub reward_margin: f64,
-    /// Gradient norm before clipping.
-    pub grad_norm: f64,
-}
-
-fn tail_mean(values: &[f64]) -> f64 {
-    let tail = &values[values.len().saturating_sub(SUMMARY_WINDOW_STEPS)..];
-    if tail.is_empty() {
-        f64::NAN
-    } else {
-        tail.iter().sum::<f64>() / tail.len() as f64
-    }
-}
-
-/// Summarises a run's steps (in step order).
-pub fn summarize(steps: &[StepValues]) -> CellSummary {
-    let col = |f: fn(&StepValues) -> f64| steps.iter().map(f).collect::<Vec<f64>>();
-    let losses = col(|s| s.loss);
-    let accuracy = col(|s| s.implicit_accuracy);
-    let s = stability(&losses, &col(|s| s.grad_norm), SUMMARY_WINDOW_STEPS, SPIKE_FACTOR);
-    let convergence_steps = if accuracy.iter().all(|a| a.is_finite()) {
-        steps_to_fraction(&accuracy, SUMMARY_WINDOW_STEPS, CONVERGENCE_FRACTION)
-    } else {
-        None
-    };
-    CellSummary {
-        steps: steps.len(),
-        loss: tail_mean(&losses),
-        implicit_accuracy: tail_mean(&accuracy),
-        reward_margin: tail_mean(&col(|s| s.reward_margin)),
-        loss_std: s.loss_std,
-        grad_spikes: s.grad_spikes,
-        convergence_steps,
-    }
-}
-
-/// Header of results.csv.
-pub const CSV_HEADER: &str = "cell,study,value,seed,status,steps,loss,implicit_accuracy,reward_margin,loss_std,\
-                              grad_spikes,convergence_steps,overrides";
-
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
-    }
-}
-
-/// One row of results.csv (`summary` None: not run or not finished).
-pub fn csv_row(cell: &Cell, status: &str, summary: Option<&CellSummary>) -> String {
-    let num = |v: f64| {
-        if v.is_finite() {
-            format!("{v:.6}")
-        } else {
-            String::new()
-        }
-    };
-    let (steps, loss, acc, margin, std, spikes, conv) = match summary {
-        Some(s) => (
-            s.steps.to_string(),
-            num(s.loss),
-            num(s.implicit_accuracy),
-            num(s.reward_margin),
-            num(s.loss_std),
-            s.grad_spikes.to_string(),
-            s.convergence_steps.map(|c| c.to_string()).unwrap_or_default(),
-        ),
-        None => Default::default(),
-    };
-    [
-        cell.id.clone(),
-        csv_field(&cell.study),
-        csv_field(&cell.value),
-        cell.seed.to_string(),
-        status.to_string(),
-        steps,
-        loss,
-        acc,
-        margin,
-        std,
-        spikes,
-        conv,
-        csv_field(&cell.overrides.join(" ")),
-    ]
-    .join(",")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,41 +122,5 @@ mod tests {
         assert_ne!(cell_id(&["x=1".into()], 0), cell_id(&["x=2".into()], 0));
         assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
-    }
-
-    #[test]
-    fn summary_of_hand_made_steps() {
-        let steps: Vec<StepValues> = (0..20)
-            .map(|i| StepValues {
-                loss: if i < 10 { 1.0 } else { 0.5 },
-                implicit_accuracy: if i < 5 { 0.0 } else { 1.0 },
-                reward_margin: 0.25,
-                grad_norm: 1.0,
-            })
-            .collect();
-        let s = summarize(&steps);
-        assert_eq!(s.steps, 20);
-        assert_eq!(s.loss, 0.5);
-        assert_eq!(s.implicit_accuracy, 1.0);
-        assert_eq!(s.reward_margin, 0.25);
-        assert_eq!(s.loss_std, 0.0);
-        assert_eq!(s.grad_spikes, 0);
-        // The 10-step moving average of accuracy first reaches 0.9 at step 14 (9 of 10 ones).
-        assert_eq!(s.convergence_steps, Some(14));
-        assert_eq!(summarize(&[]).steps, 0);
-    }
-
-    #[test]
-    fn csv_quotes_text_fields() {
-        let c = &plan_grid(&[0])[1];
-        let row = csv_row(c, "finished", Some(&CellSummary::default()));
-        assert!(row.starts_with(&format!("{},tau,0.1,0,finished,0,", c.id)), "{row}");
-        let mut odd = c.clone();
-        odd.value = "a, \"b\"".into();
-        assert!(csv_row(&odd, "pending", None).contains("\"a, \"\"b\"\"\""));
-        assert_eq!(
-            CSV_HEADER.split(',').count(),
-            csv_row(c, "pending", None).split(',').count()
-        );
     }
 }

@@ -4,7 +4,9 @@
 
 pub mod grid;
 pub mod plan;
+pub mod plot;
 pub mod resolve;
+pub mod results;
 pub mod runner;
 pub mod store;
 pub mod text;

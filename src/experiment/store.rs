@@ -1,22 +1,34 @@
 //! The results store of a plan: `OUT/cells/<id>/` is the run folder of one cell (the training session's
-//! `config.toml`, `metrics.jsonl`, checkpoints) plus `cell.json` (what the cell is) and, once the run finished,
-//! `finished.json` (its [`CellSummary`]) — the marker that makes a re-run skip it. `OUT/resolution.json` and
-//! `OUT/results.csv` describe the whole grid.
+//! `config.toml`, `metrics.jsonl`, checkpoints) plus `cell.json` (what the cell is), once the run finished
+//! `finished.json` (its training values, [`FinishedCell`]) — the marker that makes a re-run skip the training — and
+//! once evaluated `eval.json` (its [`BenchmarkReport`]). `OUT/resolution.json`, `OUT/results.csv`,
+//! `OUT/results.md` and `OUT/plots/<study>.png` describe the whole grid.
 
 use std::path::{Path, PathBuf};
 
-use super::grid::{CSV_HEADER, Cell, CellSummary, StepValues, csv_row};
+use super::grid::Cell;
+use super::plot::{PlotError, study_plot_png};
+use super::resolve::Resolution;
+use super::results::{CellResult, CellStatus, FinishedCell, plot_path, results_csv, results_markdown, study_tables};
+use crate::eval::benchmark::BenchmarkReport;
+use crate::eval::study::{benchmark_values, training_values};
 use crate::store::write_atomic;
-use crate::train::run_store::{RunStoreError, read_metrics};
+use crate::train::run_store::{CONFIG_FILE, RunStoreError, read_metrics};
 
 /// Folder of the cells under the store root.
 pub const CELLS_DIR: &str = "cells";
 /// A cell's description.
 pub const CELL_FILE: &str = "cell.json";
-/// A finished cell's summary (its presence marks the cell finished).
+/// A finished cell's training values (its presence marks the cell finished).
 pub const FINISHED_FILE: &str = "finished.json";
+/// A cell's benchmark report (its presence marks the cell evaluated).
+pub const EVAL_FILE: &str = "eval.json";
 /// The grid's table.
 pub const RESULTS_CSV: &str = "results.csv";
+/// The per-study tables.
+pub const RESULTS_MD: &str = "results.md";
+/// Folder of the per-study plots.
+pub const PLOTS_DIR: &str = "plots";
 
 /// A store that cannot be read or written; messages name the file.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +52,20 @@ pub enum StoreError {
     /// A cell's metrics log cannot be read.
     #[error(transparent)]
     Metrics(#[from] RunStoreError),
+    /// A study plot cannot be drawn.
+    #[error(transparent)]
+    Plot(#[from] PlotError),
+}
+
+/// The files [`ResultStore::write_results`] wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResultFiles {
+    /// results.csv.
+    pub csv: PathBuf,
+    /// results.md.
+    pub markdown: PathBuf,
+    /// One PNG per study that has values.
+    pub plots: Vec<PathBuf>,
 }
 
 /// The store rooted at `OUT`.
@@ -53,6 +79,18 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
         path: path.to_path_buf(),
         source,
     }
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, StoreError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io(path)(e)),
+    };
+    serde_json::from_str(&text).map(Some).map_err(|e| StoreError::Json {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
 }
 
 fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), StoreError> {
@@ -82,18 +120,14 @@ impl ResultStore {
         self.root.join(CELLS_DIR).join(id)
     }
 
-    /// The summary of a finished cell, `None` when it has not finished.
-    pub fn finished(&self, id: &str) -> Result<Option<CellSummary>, StoreError> {
-        let path = self.cell_dir(id).join(FINISHED_FILE);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io(&path)(e)),
-        };
-        serde_json::from_str(&text).map(Some).map_err(|e| StoreError::Json {
-            path,
-            message: e.to_string(),
-        })
+    /// The training values of a finished cell, `None` when it has not finished.
+    pub fn finished(&self, id: &str) -> Result<Option<FinishedCell>, StoreError> {
+        read_json(&self.cell_dir(id).join(FINISHED_FILE))
+    }
+
+    /// Whether an unfinished cell has a run to resume (an interrupted attempt that wrote its `config.toml`).
+    pub fn resumable(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self.finished(id)?.is_none() && self.cell_dir(id).join(CONFIG_FILE).is_file())
     }
 
     /// Readies a cell's folder for a fresh run: an unfinished earlier attempt (only this cell's own folder) is
@@ -108,12 +142,60 @@ impl ResultStore {
         Ok(dir)
     }
 
-    /// Summarises a cell's metrics log and writes its finished marker.
-    pub fn finish_cell(&self, cell: &Cell) -> Result<CellSummary, StoreError> {
+    /// Computes a cell's training values from its metrics log ([`training_values`]) and writes its finished marker.
+    pub fn finish_cell(&self, cell: &Cell) -> Result<FinishedCell, StoreError> {
         let dir = self.cell_dir(&cell.id);
-        let summary = super::grid::summarize(&read_steps(&dir)?);
-        write_json(&dir.join(FINISHED_FILE), &summary)?;
-        Ok(summary)
+        let (records, _events) = read_metrics(&dir)?;
+        let finished = FinishedCell {
+            steps: records.len(),
+            values: training_values(&records),
+        };
+        write_json(&dir.join(FINISHED_FILE), &finished)?;
+        Ok(finished)
+    }
+
+    /// A cell's benchmark report, `None` when it has not been evaluated.
+    pub fn eval_report(&self, id: &str) -> Result<Option<BenchmarkReport>, StoreError> {
+        read_json(&self.cell_dir(id).join(EVAL_FILE))
+    }
+
+    /// Writes a cell's benchmark report (atomically).
+    pub fn write_eval(&self, id: &str, report: &BenchmarkReport) -> Result<PathBuf, StoreError> {
+        let path = self.cell_dir(id).join(EVAL_FILE);
+        write_json(&path, report)?;
+        Ok(path)
+    }
+
+    /// Removes a cell's eval.json (if any).
+    pub fn remove_eval(&self, id: &str) -> Result<(), StoreError> {
+        let path = self.cell_dir(id).join(EVAL_FILE);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(&path)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// A cell's status and values: training values from `finished.json` plus benchmark values from `eval.json`.
+    /// `failed` cells are failed (this run); others are finished when their marker exists, else pending.
+    pub fn cell_result(&self, cell: &Cell, failed: bool) -> Result<CellResult, StoreError> {
+        let finished = self.finished(&cell.id)?;
+        let status = match (&finished, failed) {
+            (_, true) => CellStatus::Failed,
+            (Some(_), false) => CellStatus::Finished,
+            (None, false) => CellStatus::Pending,
+        };
+        let mut values = finished.as_ref().map(|f| f.values.clone()).unwrap_or_default();
+        if finished.is_some()
+            && let Some(report) = self.eval_report(&cell.id)?
+        {
+            values.extend(benchmark_values(&report));
+        }
+        Ok(CellResult {
+            cell: cell.clone(),
+            status,
+            steps: finished.map(|f| f.steps),
+            values,
+        })
     }
 
     /// Writes any JSON document at the store root (`resolution.json`).
@@ -121,34 +203,46 @@ impl ResultStore {
         write_json(&self.root.join(name), value)
     }
 
-    /// Writes `results.csv`: one row per cell of the grid (finished cells with their summary).
-    pub fn write_results_csv(&self, cells: &[Cell], status: &dyn Fn(&Cell) -> String) -> Result<PathBuf, StoreError> {
-        let mut text = String::from(CSV_HEADER);
-        text.push('\n');
-        for cell in cells {
-            let summary = self.finished(&cell.id)?;
-            text.push_str(&csv_row(cell, &status(cell), summary.as_ref()));
-            text.push('\n');
+    /// Writes results.csv (one row per cell), results.md (a table per study) and, when `plots`, a PNG per study
+    /// with values under `plots/`. `failed` lists the ids of the cells that failed in this run.
+    pub fn write_results(
+        &self,
+        title: Option<&str>,
+        resolution: &Resolution,
+        cells: &[Cell],
+        failed: &[String],
+        plots: bool,
+    ) -> Result<ResultFiles, StoreError> {
+        let results = cells
+            .iter()
+            .map(|c| self.cell_result(c, failed.contains(&c.id)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let csv = self.root.join(RESULTS_CSV);
+        write_atomic(&csv, results_csv(&results).as_bytes()).map_err(io(&csv))?;
+        let tables = study_tables(resolution, &results);
+        let mut plot_files = Vec::new();
+        let mut drawn = Vec::new();
+        if plots {
+            let dir = self.root.join(PLOTS_DIR);
+            std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+            for t in &tables {
+                if let Some(png) = study_plot_png(t)? {
+                    let path = self.root.join(plot_path(t));
+                    write_atomic(&path, &png).map_err(io(&path))?;
+                    plot_files.push(path);
+                    drawn.push(t.slug.clone());
+                }
+            }
         }
-        let path = self.root.join(RESULTS_CSV);
-        write_atomic(&path, text.as_bytes()).map_err(io(&path))?;
-        Ok(path)
-    }
-}
-
-/// The logged steps of a run folder, in step order (missing fields read as NaN).
-pub fn read_steps(dir: &Path) -> Result<Vec<StepValues>, StoreError> {
-    let (records, _events) = read_metrics(dir)?;
-    let num = |v: &serde_json::Value, k: &str| v.get(k).and_then(serde_json::Value::as_f64).unwrap_or(f64::NAN);
-    Ok(records
-        .iter()
-        .map(|r| StepValues {
-            loss: num(r, "loss"),
-            implicit_accuracy: num(r, "implicit_accuracy"),
-            reward_margin: num(r, "reward_margin"),
-            grad_norm: num(r, "grad_norm"),
+        let markdown = self.root.join(RESULTS_MD);
+        let text = results_markdown(title, resolution, &results, &tables, &|t| drawn.contains(&t.slug));
+        write_atomic(&markdown, text.as_bytes()).map_err(io(&markdown))?;
+        Ok(ResultFiles {
+            csv,
+            markdown,
+            plots: plot_files,
         })
-        .collect())
+    }
 }
 
 #[cfg(test)]
@@ -180,15 +274,34 @@ mod tests {
         let summary = store.finish_cell(&c).expect("finishes");
         assert_eq!(summary.steps, 1);
         assert_eq!(store.finished(&c.id).expect("reads"), Some(summary));
-        let csv = store
-            .write_results_csv(std::slice::from_ref(&c), &|_| "finished".into())
-            .expect("csv");
-        let text = std::fs::read_to_string(csv).expect("reads");
-        assert_eq!(text.lines().count(), 2);
         assert!(
-            text.lines().nth(1).is_some_and(|l| l.contains(",finished,1,0.500000,")),
-            "{text}"
+            store.resumable(&c.id).is_ok_and(|r| !r),
+            "a finished cell is not resumed"
         );
+        let empty = Resolution {
+            studies: Vec::new(),
+            unresolved: Vec::new(),
+        };
+        let files = store
+            .write_results(None, &empty, std::slice::from_ref(&c), &[], true)
+            .expect("results");
+        let text = std::fs::read_to_string(&files.csv).expect("reads");
+        assert_eq!(text.lines().count(), 2);
+        let row = text.lines().nth(1).unwrap_or_default();
+        assert!(row.contains(",finished,1,") && row.contains(",0.500000,"), "{text}");
+        assert!(files.markdown.is_file() && files.plots.is_empty());
+        // An evaluated cell adds its benchmark values.
+        let report = BenchmarkReport {
+            model: "m".into(),
+            identity_embedder: "e".into(),
+            config: crate::eval::benchmark::BenchmarkConfig::default(),
+            splits: std::collections::BTreeMap::new(),
+        };
+        store.write_eval(&c.id, &report).expect("writes eval");
+        assert_eq!(store.eval_report(&c.id).expect("reads"), Some(report));
+        store.remove_eval(&c.id).expect("removes");
+        store.remove_eval(&c.id).expect("a missing eval.json is no error");
+        assert_eq!(store.eval_report(&c.id).expect("reads"), None);
         // Preparing again starts the cell over.
         store.prepare_cell(&c).expect("prepares");
         assert_eq!(store.finished(&c.id).expect("reads"), None);

@@ -2,9 +2,11 @@
 //! and wgpu snapshot tests of the mask overlay shader. Both render with wgpu; without a GPU that needs a software
 //! adapter (lavapipe: `mesa-vulkan-drivers`, see `.ci/run`).
 
+mod studio;
+
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use eframe::egui::accesskit::Role;
 use eframe::{egui, egui_wgpu};
@@ -13,39 +15,19 @@ use egui_kittest::kittest::Queryable;
 use focusdpo::app::overlay::{self, MaskValues, OverlayCallback, RgbaPixels};
 use focusdpo::app::state::{Colormap, Tab, ViewSettings};
 use focusdpo::app::training::RunStatus;
-use focusdpo::app::{Level, StudioApp, StudioOptions};
+use focusdpo::app::{Level, StudioApp};
 use focusdpo::masks::{Branch, MaskVariant};
-use focusdpo::model::BaseSource;
 
 /// Long enough for a loaded 2-core machine running the model in a debug-profile test build.
 const TIMEOUT: Duration = Duration::from_secs(180);
 
 fn studio(runs_dir: &Path) -> Harness<'static, StudioApp> {
-    let options = StudioOptions {
-        dataset: Some(focusdpo::dip::bundled_dataset_dir()),
-        base: BaseSource::Random(0),
-        runs_dir: runs_dir.to_path_buf(),
-        persist: false,
-    };
-    Harness::builder()
-        .with_size(egui::vec2(1400.0, 900.0))
-        .wgpu()
-        .build_eframe(move |cc| StudioApp::new(cc, options))
+    studio::studio(runs_dir, false)
 }
 
 /// Steps frames until `done` holds (the workers run on their own threads meanwhile).
 fn step_until(h: &mut Harness<'_, StudioApp>, what: &str, done: impl Fn(&StudioApp) -> bool) {
-    let start = Instant::now();
-    while !done(h.state()) {
-        assert!(
-            start.elapsed() < TIMEOUT,
-            "timed out waiting for {what}; notices: {:?}",
-            h.state().notices()
-        );
-        h.step();
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    h.step();
+    studio::step_until(h, what, TIMEOUT, |h| done(h.state()));
 }
 
 fn fused_with_attention(app: &StudioApp) -> bool {

@@ -1,15 +1,15 @@
 //! The Studio's Experiments tab under egui_kittest (random tiny base, bundled data, wgpu on lavapipe like
 //! tests/gui.rs): loading plans, a malformed plan, running a tiny grid to the end (and resuming it), stopping.
 
-use std::path::Path;
-use std::time::{Duration, Instant};
+mod studio;
 
-use eframe::egui;
+use std::path::Path;
+use std::time::Duration;
+
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 use focusdpo::app::experiments::{CellState, PlanSource};
-use focusdpo::app::{Level, StudioApp, StudioOptions};
-use focusdpo::model::BaseSource;
+use focusdpo::app::{Level, StudioApp};
 use focusdpo::train::run_store::read_metrics;
 
 /// Long enough for a loaded 2-core machine training in a debug-profile test build.
@@ -19,45 +19,12 @@ const TIMEOUT: Duration = Duration::from_secs(240);
 const TINY_PLAN: &str = "# Tiny\n\n### Focus threshold\n- **Ablated Part**: focus coverage threshold τ\n\
                          - **Action**: REPLACE\n- **Replacement**: 0.3\n- **Metrics**: implicit accuracy, loss\n";
 
-/// A file dropped on the window (what eframe hands over on a native drop).
-#[derive(Debug)]
-struct DroppedPath(std::path::PathBuf);
-
-impl egui::DroppedFile for DroppedPath {
-    fn path(&self) -> &Path {
-        &self.0
-    }
-
-    fn bytes(&self) -> Result<Vec<u8>, String> {
-        std::fs::read(&self.0).map_err(|e| e.to_string())
-    }
-}
-
 fn studio(runs_dir: &Path) -> Harness<'static, StudioApp> {
-    let options = StudioOptions {
-        dataset: Some(focusdpo::dip::bundled_dataset_dir()),
-        base: BaseSource::Random(0),
-        runs_dir: runs_dir.to_path_buf(),
-        persist: false,
-    };
-    Harness::builder()
-        .with_size(egui::vec2(1400.0, 900.0))
-        .wgpu()
-        .build_eframe(move |cc| StudioApp::new(cc, options))
+    studio::studio(runs_dir, false)
 }
 
 fn step_until(h: &mut Harness<'_, StudioApp>, what: &str, done: impl Fn(&StudioApp) -> bool) {
-    let start = Instant::now();
-    while !done(h.state()) {
-        assert!(
-            start.elapsed() < TIMEOUT,
-            "timed out waiting for {what}; notices: {:?}",
-            h.state().notices()
-        );
-        h.step();
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    h.step();
+    studio::step_until(h, what, TIMEOUT, |h| done(h.state()));
 }
 
 fn grid_ready(app: &StudioApp) -> bool {
@@ -133,7 +100,7 @@ fn a_malformed_plan_shows_an_error_and_the_app_keeps_working() {
     // Dropped on the window: a plan file switches to the Experiments tab.
     h.input_mut()
         .dropped_files
-        .push(std::sync::Arc::new(DroppedPath(bad.clone())));
+        .push(std::sync::Arc::new(studio::DroppedPath(bad.clone())));
     step_until(&mut h, "the plan error", |a| a.experiments().plan_error().is_some());
     let error = h.state().experiments().plan_error().unwrap().to_string();
     assert!(

@@ -1,58 +1,22 @@
 //! The Studio's inspector under egui_kittest: a dataset folder dropped on the window opens, the image views pan
 //! and zoom with the pointer, and the settings written at exit are the ones read at the next launch.
 
+mod studio;
+
 use std::collections::HashMap;
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use eframe::egui;
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
+use focusdpo::app::StudioApp;
 use focusdpo::app::state::Settings;
-use focusdpo::app::{StudioApp, StudioOptions};
 use focusdpo::dip::synth::{NegativeSource, SubjectCount, SynthConfig, synthesize, write_dataset};
-use focusdpo::model::BaseSource;
 
 const TIMEOUT: Duration = Duration::from_secs(180);
 
-fn studio(runs_dir: &Path, persist: bool) -> Harness<'static, StudioApp> {
-    let options = StudioOptions {
-        dataset: Some(focusdpo::dip::bundled_dataset_dir()),
-        base: BaseSource::Random(0),
-        runs_dir: runs_dir.to_path_buf(),
-        persist,
-    };
-    Harness::builder()
-        .with_size(egui::vec2(1400.0, 900.0))
-        .wgpu()
-        .build_eframe(move |cc| StudioApp::new(cc, options))
-}
-
 fn step_until(h: &mut Harness<'_, StudioApp>, what: &str, done: impl Fn(&Harness<'_, StudioApp>) -> bool) {
-    let start = Instant::now();
-    while !done(h) {
-        assert!(
-            start.elapsed() < TIMEOUT,
-            "timed out waiting for {what}; notices: {:?}",
-            h.state().notices()
-        );
-        h.step();
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    h.step();
-}
-
-/// A file dropped on the window (what winit hands eframe on a native drop).
-#[derive(Debug)]
-struct Dropped(std::path::PathBuf);
-
-impl egui::DroppedFile for Dropped {
-    fn path(&self) -> &Path {
-        &self.0
-    }
-    fn bytes(&self) -> Result<Vec<u8>, String> {
-        std::fs::read(&self.0).map_err(|e| e.to_string())
-    }
+    studio::step_until(h, what, TIMEOUT, done);
 }
 
 #[test]
@@ -69,13 +33,15 @@ fn a_dropped_dataset_folder_opens() {
     .expect("synth");
     write_dataset(data.path(), &items).expect("write");
 
-    let mut h = studio(runs.path(), false);
+    let mut h = studio::studio(runs.path(), false);
     step_until(&mut h, "the bundled dataset", |h| {
         h.query_by_label_contains("48 items").is_some()
     });
     h.input_mut()
         .dropped_files
-        .push(std::sync::Arc::new(Dropped(data.path().join("metadata.jsonl"))));
+        .push(std::sync::Arc::new(studio::DroppedPath(
+            data.path().join("metadata.jsonl"),
+        )));
     h.step();
     step_until(&mut h, "the dropped dataset", |h| {
         h.query_by_label_contains("3 items").is_some()
@@ -86,7 +52,7 @@ fn a_dropped_dataset_folder_opens() {
 #[test]
 fn image_views_zoom_pan_and_reset() {
     let runs = tempfile::tempdir().expect("tempdir");
-    let mut h = studio(runs.path(), false);
+    let mut h = studio::studio(runs.path(), false);
     step_until(&mut h, "the first item", |h| h.state().item_id().is_some());
     h.step();
     // The winner view: the node labelled "winner (x_0^w)" is its caption; the image is below it.
@@ -159,7 +125,7 @@ impl eframe::Storage for MemoryStorage {
 #[test]
 fn settings_are_saved_for_the_next_launch() {
     let runs = tempfile::tempdir().expect("tempdir");
-    let mut h = studio(runs.path(), true);
+    let mut h = studio::studio(runs.path(), true);
     step_until(&mut h, "the first item", |h| h.state().item_id().is_some());
     h.state_mut().settings_mut().fusion.tau = 0.37;
     h.state_mut().settings_mut().t_index = 5;
@@ -170,7 +136,7 @@ fn settings_are_saved_for_the_next_launch() {
     assert_eq!(restored.fusion.tau, 0.37);
 
     // Without persistence nothing is written.
-    let mut h = studio(runs.path(), false);
+    let mut h = studio::studio(runs.path(), false);
     h.step();
     let mut storage = MemoryStorage::default();
     eframe::App::save(h.state_mut(), &mut storage);

@@ -17,19 +17,8 @@ use focusdpo::train::session::{
     Event, Launch, Session, SessionOptions, TrainError, Trainer, load_items, load_training_data,
 };
 
-fn micro() -> Config {
-    Config {
-        hidden_size: 64,
-        num_heads: 2,
-        axes_dim: vec![8, 12, 12],
-        depth: 1,
-        depth_single_blocks: 1,
-        ..Config::tiny()
-    }
-}
-
 fn base() -> BaseModel {
-    BaseModel::random(&micro(), 4, 5, &Device::Cpu).expect("micro base")
+    BaseModel::random(&Config::micro(), 4, 5, &Device::Cpu).expect("micro base")
 }
 
 fn config(objective: ObjectiveKind, steps: u64) -> RunConfig {

@@ -22,7 +22,7 @@ use crate::experiment::grid::{Cell, build_grid};
 use crate::experiment::plan::PlanWarning;
 use crate::experiment::resolve::{Override, Resolution, resolve_plan};
 use crate::experiment::runner::{Progress, RunReport, run_grid};
-use crate::experiment::store::{FINISHED_FILE, ResultStore};
+use crate::experiment::store::ResultStore;
 use crate::experiment::{parse_plan, read_plan_file};
 use crate::model::BaseSource;
 use crate::train::RunConfig;
@@ -390,26 +390,11 @@ pub fn grid_view(resolution: &Resolution, request: GridRequest) -> Result<GridVi
 /// (`train.*` from `finished.json`, `single.*` / `multi.*` from `eval.json` when the cell was evaluated); `None`
 /// when it has not finished.
 pub fn read_cell_metrics(cell_dir: &Path) -> Result<Option<Metrics>, String> {
-    let path = cell_dir.join(FINISHED_FILE);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("{}: {e}", path.display())),
+    let Some(finished) = crate::experiment::store::finished_cell_values(cell_dir).map_err(|e| e.to_string())? else {
+        return Ok(None);
     };
-    let finished: crate::experiment::results::FinishedCell =
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut metrics: Metrics = finished.values.into_iter().filter(|(_, v)| v.is_finite()).collect();
     metrics.insert("steps".into(), finished.steps as f64);
-    let eval_path = cell_dir.join(crate::experiment::store::EVAL_FILE);
-    match std::fs::read_to_string(&eval_path) {
-        Ok(text) => {
-            let report: crate::eval::benchmark::BenchmarkReport =
-                serde_json::from_str(&text).map_err(|e| format!("{}: {e}", eval_path.display()))?;
-            metrics.extend(crate::eval::study::benchmark_values(&report));
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(format!("{}: {e}", eval_path.display())),
-    }
     Ok(Some(metrics))
 }
 
@@ -516,6 +501,7 @@ fn run_cells(job: &GridJob, stop: &AtomicBool, notify: &Notifier) -> Result<(Run
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::experiment::store::FINISHED_FILE;
 
     #[test]
     fn metrics_are_every_finite_number_by_path() {

@@ -200,11 +200,7 @@ pub fn sample(
         let rows = if guided { 2 * b } else { b };
         let x_in = if guided { Tensor::cat(&[x, x], 0)? } else { x.clone() };
         let timesteps = Tensor::from_vec(vec![model_t; rows], rows, &device)?;
-        let guidance = base
-            .config()
-            .guidance_embed
-            .then(|| Tensor::full(settings.distilled_guidance, rows, &device))
-            .transpose()?;
+        let guidance = base.guidance_tensor(settings.distilled_guidance, rows)?;
         let references: Vec<Reference<'_>> = cond
             .refs
             .iter()
@@ -272,15 +268,7 @@ mod tests {
     use crate::model::{BaseModel, Config};
 
     fn tiny_base() -> BaseModel {
-        let cfg = Config {
-            hidden_size: 64,
-            num_heads: 2,
-            axes_dim: vec![8, 12, 12],
-            depth: 1,
-            depth_single_blocks: 1,
-            ..Config::tiny()
-        };
-        BaseModel::random(&cfg, 4, 3, &Device::Cpu).expect("random base")
+        BaseModel::random(&Config::micro(), 4, 3, &Device::Cpu).expect("random base")
     }
 
     #[test]
@@ -341,13 +329,8 @@ mod tests {
     #[test]
     fn distilled_guidance_reaches_guidance_models() -> Result<(), EvalError> {
         let cfg = Config {
-            hidden_size: 64,
-            num_heads: 2,
-            axes_dim: vec![8, 12, 12],
-            depth: 1,
-            depth_single_blocks: 1,
             guidance_embed: true,
-            ..Config::tiny()
+            ..Config::micro()
         };
         let base = BaseModel::random(&cfg, 4, 3, &Device::Cpu).map_err(|e| EvalError::Invalid(e.to_string()))?;
         let refs = [RgbImage::from_pixel(32, 32, image::Rgb([20, 200, 40]))];

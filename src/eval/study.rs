@@ -290,6 +290,35 @@ pub fn digits_for(values: &[f64]) -> usize {
     }
 }
 
+/// Markdown cells of one column of `(mean, CI half-width)` values: `mean ± CI` with decimals shared by the column
+/// ([`digits_for`]), `–` without a finite mean, the best ([`best_value`]) in bold unless fewer than two values are
+/// finite or all are equal (ties for best all bold).
+pub fn column_markdown(values: &[Option<(f64, f64)>], better: Better) -> Vec<String> {
+    let finite: Vec<f64> = values
+        .iter()
+        .flatten()
+        .map(|(m, _)| *m)
+        .filter(|m| m.is_finite())
+        .collect();
+    let best = best_value(&finite, better);
+    let mark = finite.len() > 1 && finite.iter().any(|m| *m != best);
+    let digits = digits_for(&finite);
+    values
+        .iter()
+        .map(|v| match v {
+            Some((mean, ci)) if mean.is_finite() => {
+                let text = format_mean_ci(*mean, *ci, digits);
+                if mark && *mean == best {
+                    format!("**{text}**")
+                } else {
+                    text
+                }
+            }
+            _ => "–".into(),
+        })
+        .collect()
+}
+
 /// A markdown table, one row per metric and one column per group: `mean ± CI` (CI omitted for a single run), the
 /// best group's mean in bold (ties all bold; nothing bold when every group has the same mean). Only groups with a
 /// value take part in "best".
@@ -304,33 +333,14 @@ pub fn comparison_markdown(groups: &[GroupSummary]) -> String {
     for (id, label, better) in present_metrics(groups) {
         let means: Vec<Option<(f64, f64)>> = groups
             .iter()
-            .map(|g| {
-                g.metrics
-                    .get(&id)
-                    .map(|&(m, ci, _)| (m, ci))
-                    .filter(|(m, _)| m.is_finite())
-            })
+            .map(|g| g.metrics.get(&id).map(|&(m, ci, _)| (m, ci)))
             .collect();
-        let finite: Vec<f64> = means.iter().flatten().map(|(m, _)| *m).collect();
-        let best = best_value(&finite, better);
-        let digits = digits_for(&finite);
         let arrow = match better {
             Better::Higher => "↑",
             Better::Lower => "↓",
         };
         out.push_str(&format!("| {label} {arrow} |"));
-        for m in &means {
-            let text = match m {
-                Some((mean, ci)) => {
-                    let c = format_mean_ci(*mean, *ci, digits);
-                    if finite.len() > 1 && *mean == best && finite.iter().any(|v| *v != best) {
-                        format!("**{c}**")
-                    } else {
-                        c
-                    }
-                }
-                None => "–".into(),
-            };
+        for text in column_markdown(&means, better) {
             out.push_str(&format!(" {text} |"));
         }
         out.push('\n');

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::grid::{BASELINE, Cell, unique_ids};
 use super::resolve::{METRICS, MetricMatch, Override, Resolution, ResolvedStudy, UnresolvedKind};
 use crate::eval::metrics::mean_ci95;
-use crate::eval::study::{Better, SPLITS, all_metrics, best_value, digits_for, format_mean_ci, metric_spec};
+use crate::eval::study::{Better, SPLITS, all_metrics, column_markdown, metric_spec};
 
 /// Plan metric id (the resolver's [`METRICS`]) → the value ids that measure it. `*.name` stands for the
 /// benchmark value of both splits (`single.name`, `multi.name`); `train.*` ids come from the training log.
@@ -373,31 +373,11 @@ fn arrow(better: Better) -> &'static str {
 /// Markdown cells of one column: `mean ± CI` per row (`–` without a value), the best in bold unless fewer than two
 /// rows have a value or all values are equal.
 fn column_cells(rows: &[Row], column: &Column) -> Vec<String> {
-    let means: Vec<Option<&Stat>> = rows.iter().map(|r| r.stats.get(&column.id)).collect();
-    let finite: Vec<f64> = means
+    let values: Vec<Option<(f64, f64)>> = rows
         .iter()
-        .flatten()
-        .map(|s| s.mean)
-        .filter(|m| m.is_finite())
+        .map(|r| r.stats.get(&column.id).map(|s| (s.mean, s.ci95)))
         .collect();
-    let best = best_value(&finite, column.better);
-    let all_equal = finite.iter().all(|m| *m == finite[0]);
-    let mark = finite.len() > 1 && !all_equal;
-    let digits = digits_for(&finite);
-    means
-        .iter()
-        .map(|s| match s {
-            Some(s) if s.mean.is_finite() => {
-                let text = format_mean_ci(s.mean, s.ci95, digits);
-                if mark && s.mean == best {
-                    format!("**{text}**")
-                } else {
-                    text
-                }
-            }
-            _ => "–".into(),
-        })
-        .collect()
+    column_markdown(&values, column.better)
 }
 
 fn escape_cell(text: &str) -> String {

@@ -101,6 +101,19 @@ fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), StoreEr
     write_atomic(path, text.as_bytes()).map_err(io(path))
 }
 
+/// The values of a finished cell read from its run folder: the training values of `finished.json` plus, when it
+/// was evaluated, the benchmark values of `eval.json` ([`benchmark_values`]); `None` when it has not finished.
+/// Reads only (the Studio previews a store that may not exist yet).
+pub fn finished_cell_values(cell_dir: &Path) -> Result<Option<FinishedCell>, StoreError> {
+    let Some(mut finished) = read_json::<FinishedCell>(&cell_dir.join(FINISHED_FILE))? else {
+        return Ok(None);
+    };
+    if let Some(report) = read_json::<BenchmarkReport>(&cell_dir.join(EVAL_FILE))? {
+        finished.values.extend(benchmark_values(&report));
+    }
+    Ok(Some(finished))
+}
+
 impl ResultStore {
     /// Opens (creating) the store folder.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
@@ -178,23 +191,17 @@ impl ResultStore {
     /// A cell's status and values: training values from `finished.json` plus benchmark values from `eval.json`.
     /// `failed` cells are failed (this run); others are finished when their marker exists, else pending.
     pub fn cell_result(&self, cell: &Cell, failed: bool) -> Result<CellResult, StoreError> {
-        let finished = self.finished(&cell.id)?;
+        let finished = finished_cell_values(&self.cell_dir(&cell.id))?;
         let status = match (&finished, failed) {
             (_, true) => CellStatus::Failed,
             (Some(_), false) => CellStatus::Finished,
             (None, false) => CellStatus::Pending,
         };
-        let mut values = finished.as_ref().map(|f| f.values.clone()).unwrap_or_default();
-        if finished.is_some()
-            && let Some(report) = self.eval_report(&cell.id)?
-        {
-            values.extend(benchmark_values(&report));
-        }
         Ok(CellResult {
             cell: cell.clone(),
             status,
-            steps: finished.map(|f| f.steps),
-            values,
+            steps: finished.as_ref().map(|f| f.steps),
+            values: finished.map(|f| f.values).unwrap_or_default(),
         })
     }
 

@@ -178,12 +178,13 @@ pub fn read_safetensors_metadata(path: &Path) -> Result<HashMap<String, String>,
 }
 
 impl BaseModel {
-    /// The training guidance tensor `[batch]` for a guidance-distilled model, `None` for one without `guidance_in`.
-    pub fn guidance_tensor(&self, batch: usize) -> candle_core::Result<Option<Tensor>> {
+    /// A guidance tensor `[batch]` of `strength` for a guidance-distilled model, `None` for one without
+    /// `guidance_in` (training passes [`Self::train_guidance`], the sampler its own strength).
+    pub fn guidance_tensor(&self, strength: f32, batch: usize) -> candle_core::Result<Option<Tensor>> {
         self.mmdit
             .config()
             .guidance_embed
-            .then(|| Tensor::full(self.train_guidance, batch, self.mmdit.device()))
+            .then(|| Tensor::full(strength, batch, self.mmdit.device()))
             .transpose()
     }
 

@@ -121,6 +121,19 @@ impl Config {
         }
     }
 
+    /// The tiny default shrunk for tests: width 64, 2 heads, 1 double + 1 single block (same channels, text
+    /// widths and RoPE layout rules, so every code path of [`Self::tiny`] runs, fast).
+    pub fn micro() -> Self {
+        Self {
+            hidden_size: 64,
+            num_heads: 2,
+            axes_dim: vec![8, 12, 12],
+            depth: 1,
+            depth_single_blocks: 1,
+            ..Self::tiny()
+        }
+    }
+
     /// Width of one attention head.
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_heads.max(1)

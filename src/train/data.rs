@@ -246,7 +246,7 @@ pub fn prepare_item(
             masks.m_prior.shape()
         )));
     }
-    let guidance = base.guidance_tensor(1).map_err(tensor_err)?;
+    let guidance = base.guidance_tensor(base.train_guidance, 1).map_err(tensor_err)?;
     Ok(PreparedItem {
         id,
         prompt: item.record.prompt.clone(),

@@ -476,7 +476,7 @@ impl Pretrainer {
             .map(|(tokens, ids)| Reference { tokens, ids })
             .collect();
         // A guidance-distilled config is pretrained at guidance 1.0, the value fine-tuning feeds it.
-        let guidance = self.base.guidance_tensor(b)?;
+        let guidance = self.base.guidance_tensor(self.base.train_guidance, b)?;
         let input = MmditInput {
             img: &noised.x_t,
             img_ids: &batch.img_ids,
@@ -644,14 +644,7 @@ mod tests {
         PretrainConfig {
             steps: 4,
             batch: 2,
-            model: Config {
-                hidden_size: 64,
-                num_heads: 2,
-                axes_dim: vec![8, 12, 12],
-                depth: 1,
-                depth_single_blocks: 1,
-                ..Config::tiny()
-            },
+            model: Config::micro(),
             data: PretrainData {
                 size_px: 32,
                 ..PretrainData::default()

@@ -11,6 +11,7 @@ use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
 use super::EvalError;
+use crate::model::encoder::reference_at;
 use crate::model::schedule::{DDPM_STEPS, Parameterisation, ddpm_alphas_cumprod, model_time};
 use crate::model::{
     Adapters, BaseModel, ForwardOptions, MmditInput, Reference, ids_tensor, reference_ids, target_ids, text_ids,
@@ -121,13 +122,8 @@ fn conditioning(
         .iter()
         .zip(offsets)
         .map(|(r, off)| {
-            let resized = if r.dimensions() == (rp, rp) {
-                r.clone()
-            } else {
-                image::imageops::resize(r, rp, rp, image::imageops::FilterType::Triangle)
-            };
             let tokens = codec
-                .encode(&resized, device)
+                .encode(&reference_at(r, rp), device)
                 .map_err(|e| EvalError::Invalid(e.to_string()))?;
             Ok((
                 tokens.repeat((rows, 1, 1))?,

@@ -10,6 +10,21 @@
 use candle_core::{DType, Device, Result, Tensor};
 use image::RgbImage;
 
+/// A reference image at the side the model is fed (UNO feeds references smaller than the target): resized with a
+/// triangle filter unless it already is `side × side`. The one rule of training, pretraining and sampling.
+pub fn reference_at(image: &RgbImage, side: u32) -> std::borrow::Cow<'_, RgbImage> {
+    if image.dimensions() == (side, side) {
+        std::borrow::Cow::Borrowed(image)
+    } else {
+        std::borrow::Cow::Owned(image::imageops::resize(
+            image,
+            side,
+            side,
+            image::imageops::FilterType::Triangle,
+        ))
+    }
+}
+
 /// Packs `[B, C, H, W]` into tokens `[B, (H/p)(W/p), C·p·p]` (FLUX order). `H` and `W` must be multiples of `p`.
 pub fn patchify(x: &Tensor, p: usize) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;

@@ -7,6 +7,7 @@ use image::RgbImage;
 use crate::dip::LoadedItem;
 use crate::masks::MaskError;
 use crate::model::ImageCodec;
+use crate::model::encoder::reference_at;
 use crate::model::{
     BaseModel, ForwardOptions, ForwardOutput, Mmdit, MmditInput, Reference, ids_tensor, reference_ids, target_ids,
     uno_reference_offsets,
@@ -219,13 +220,8 @@ pub fn prepare_item(
         .iter()
         .zip(offsets)
         .map(|(r, off)| {
-            let resized = if r.dimensions() == (reference_px, reference_px) {
-                r.clone()
-            } else {
-                image::imageops::resize(r, reference_px, reference_px, image::imageops::FilterType::Triangle)
-            };
             Ok(PreparedReference {
-                tokens: tokens_of(codec, &resized, device)?,
+                tokens: tokens_of(codec, &reference_at(r, reference_px), device)?,
                 ids: ids_tensor(&reference_ids(rg, rg, off), 1, device)?,
             })
         })

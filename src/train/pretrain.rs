@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dip::synth::{NegativeSource, SubjectCount, SynthConfig, SynthItem, synthesize_item};
 use crate::model::base::{META_CONFIG, META_PATCH};
-use crate::model::encoder::{image_to_tensor, patchify};
+use crate::model::encoder::{image_to_tensor, patchify, reference_at};
 use crate::model::schedule::{Parameterisation, add_noise, model_time};
 use crate::model::testing::random_weights;
 use crate::model::text::random_prompt_tables;
@@ -406,15 +406,7 @@ impl Pretrainer {
             .map(|(k, off)| {
                 let toks = items
                     .iter()
-                    .map(|i| {
-                        let r = &i.references[k];
-                        let r = if r.dimensions() == (rp, rp) {
-                            r.clone()
-                        } else {
-                            image::imageops::resize(r, rp, rp, image::imageops::FilterType::Triangle)
-                        };
-                        tokens(&r, p, dev)
-                    })
+                    .map(|i| tokens(&reference_at(&i.references[k], rp), p, dev))
                     .collect::<candle_core::Result<Vec<_>>>()?;
                 Ok((
                     Tensor::cat(&toks, 0)?,

@@ -98,24 +98,27 @@ pub struct GridRequest {
     pub steps: u64,
     /// Base model of every cell.
     pub base: BaseSource,
+    /// The DIP dataset every cell trains on (the one open in the inspector); `None` = the bundled dataset.
+    pub dataset: Option<PathBuf>,
     /// Results folder.
     pub out: PathBuf,
 }
 
 impl GridRequest {
-    /// The plan-wide overrides: the same as `focusdpo ablate --base B --steps N`, so the CLI and the Studio share
-    /// cells (and resume each other's grids).
+    /// The plan-wide overrides: the same as `focusdpo ablate --base B --steps N [--set data.dir=D]`, so the CLI
+    /// and the Studio share cells (and resume each other's grids). The bundled dataset adds no override.
     pub fn overrides(&self) -> Vec<Override> {
-        vec![
-            Override {
-                key: "model.base".into(),
-                value: format!("\"{}\"", self.base),
-            },
+        let mut out = vec![
+            Override::string("model.base", &self.base.to_string()),
             Override {
                 key: "steps".into(),
                 value: self.steps.to_string(),
             },
-        ]
+        ];
+        if let Some(dir) = &self.dataset {
+            out.push(Override::string("data.dir", &dir.display().to_string()));
+        }
+        out
     }
 
     /// The seeds of every cell.
@@ -533,6 +536,7 @@ mod tests {
             seeds: 2,
             steps: 5,
             base: BaseSource::Random(0),
+            dataset: None,
             out: tmp.path().to_path_buf(),
         };
         let view = grid_view(&plan.resolution, request.clone()).expect("grid");
@@ -554,6 +558,22 @@ mod tests {
         let view = grid_view(&plan.resolution, request).expect("grid");
         let m = view.finished.get(first).expect("finished");
         assert_eq!((m.get("train.loss"), m.get("steps")), (Some(&0.5), Some(&5.0)));
+    }
+
+    #[test]
+    fn a_dataset_other_than_the_bundled_one_is_an_override_the_run_config_reads() {
+        let request = GridRequest {
+            seeds: 1,
+            steps: 5,
+            base: BaseSource::Random(0),
+            dataset: Some(PathBuf::from(r#"C:\data\my "dip""#)),
+            out: PathBuf::from("unused"),
+        };
+        let args: Vec<String> = request.overrides().iter().map(Override::arg).collect();
+        assert!(args[2].starts_with("data.dir="), "{args:?}");
+        let cfg = crate::train::config::apply_overrides(&RunConfig::default(), &args).expect("applies");
+        assert_eq!(cfg.data.dir, request.dataset);
+        assert_eq!(cfg.model.base, BaseSource::Random(0));
     }
 
     #[test]

@@ -174,6 +174,7 @@ pub struct ExperimentsPanel {
     worker: ExperimentWorker,
     runs_dir: PathBuf,
     base: Option<BaseSource>,
+    dataset: Option<PathBuf>,
     load_generation: u64,
     loading: Option<PlanSource>,
     plan: Option<LoadedPlan>,
@@ -200,6 +201,7 @@ impl ExperimentsPanel {
             worker: ExperimentWorker::start(repaint),
             runs_dir: runs_dir.to_path_buf(),
             base: None,
+            dataset: None,
             load_generation: 0,
             loading: None,
             plan: None,
@@ -223,6 +225,12 @@ impl ExperimentsPanel {
     /// The base every cell trains from (the inspector's, once resolved): part of every cell's overrides.
     pub fn set_base(&mut self, base: BaseSource) {
         self.base = Some(base);
+    }
+
+    /// The dataset every cell trains on (the inspector's); the bundled one adds no override, so its cells are the
+    /// ones `focusdpo ablate` makes without `--set data.dir`.
+    pub fn set_dataset(&mut self, dir: Option<PathBuf>) {
+        self.dataset = dir.filter(|d| !crate::dip::is_bundled_dataset_dir(d));
     }
 
     /// Reads, parses and resolves a plan on the plan thread.
@@ -313,6 +321,7 @@ impl ExperimentsPanel {
             seeds: settings.seeds.max(1),
             steps: settings.steps.max(1),
             base: self.base.clone()?,
+            dataset: self.dataset.clone(),
             out,
         })
     }
@@ -698,6 +707,11 @@ fn grid_form_ui(app: &mut StudioApp, ui: &mut egui::Ui) {
     });
     let base = panel.base.as_ref().map_or("loading…".to_string(), ToString::to_string);
     ui.label(egui::RichText::new(format!("base: {base} (the inspector's)")).small());
+    let data = panel
+        .dataset
+        .as_ref()
+        .map_or("the bundled DIP".to_string(), |d| d.display().to_string());
+    ui.label(egui::RichText::new(format!("dataset: {data} (the inspector's)")).small());
     if let Some(e) = &panel.grid_error {
         ui.colored_label(ui.visuals().error_fg_color, e);
     }

@@ -486,6 +486,7 @@ impl StudioApp {
         self.item = None;
         self.attention.clear();
         self.fused = None;
+        self.experiments.set_dataset(Some(summary.root.clone()));
         self.dataset = Some(DatasetView {
             summary,
             status: vec![ItemStatus::Unchecked; n],

@@ -2,11 +2,15 @@
 //! `A_focus(t)` curve with the τ line and the Eq. 9 branch of each timestep.
 
 use eframe::egui;
-use egui_plot::{Corner, HLine, Legend, Line, Plot, PlotPoints, Points, VLine};
+use egui_plot::{Corner, HLine, Legend, Line, LineStyle, Plot, PlotPoints, Points, VLine};
 
 use super::StudioApp;
 use super::state::{TIMESTEPS, t_of_index};
 
+/// Colour of the `A_focus(t)` curve: blue, apart from the red τ line and the green/orange branch markers.
+const A_FOCUS_CURVE: egui::Color32 = egui::Color32::from_rgb(90, 160, 255);
+/// Colour of the τ threshold (drawn dashed).
+const TAU_LINE: egui::Color32 = egui::Color32::from_rgb(230, 80, 80);
 /// Colour of timesteps on Eq. 9's `M = M_s` branch (`A_focus > τ`).
 const ATTENTION_BRANCH: egui::Color32 = egui::Color32::from_rgb(80, 200, 120);
 /// Colour of timesteps on the blend branch (`A_focus ≤ τ`).
@@ -60,8 +64,16 @@ pub fn timeline_ui(app: &mut StudioApp, ui: &mut egui::Ui) {
         .y_axis_label("A_focus")
         .allow_scroll(false)
         .show(ui, |plot| {
-            plot.line(Line::new("A_focus(t)", PlotPoints::from(curve)));
-            plot.hline(HLine::new(format!("τ = {tau:.2}"), tau).color(egui::Color32::LIGHT_RED));
+            plot.line(
+                Line::new("A_focus(t)", PlotPoints::from(curve))
+                    .color(A_FOCUS_CURVE)
+                    .width(2.0),
+            );
+            plot.hline(
+                HLine::new(format!("τ = {tau:.2}"), tau)
+                    .color(TAU_LINE)
+                    .style(LineStyle::dashed_loose()),
+            );
             let (name_above, name_below) = if switches {
                 ("Eq. 9: M = M_s", "Eq. 9: blend")
             } else {

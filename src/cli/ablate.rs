@@ -86,10 +86,7 @@ fn eval_config(args: &AblateArgs) -> anyhow::Result<Option<BenchmarkConfig>> {
 fn plan_wide_overrides(args: &AblateArgs) -> anyhow::Result<Vec<Override>> {
     let mut out = Vec::new();
     if let Some(b) = &args.base {
-        out.push(Override {
-            key: "model.base".into(),
-            value: format!("\"{b}\""),
-        });
+        out.push(Override::string("model.base", &b.to_string()));
     }
     if let Some(s) = args.steps {
         out.push(Override {

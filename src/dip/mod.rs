@@ -284,6 +284,15 @@ pub fn bundled_dataset_dir() -> PathBuf {
     assets_dir().join("dip-default")
 }
 
+/// Whether `dir` is the bundled dataset folder (compared after resolving links and `..`; a folder that cannot be
+/// resolved is not it).
+pub fn is_bundled_dataset_dir(dir: &Path) -> bool {
+    match (dir.canonicalize(), bundled_dataset_dir().canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
 /// The assets folder: `$FOCUSDPO_ASSETS`, or `assets/` of the source tree.
 pub fn assets_dir() -> PathBuf {
     std::env::var_os("FOCUSDPO_ASSETS")

@@ -287,13 +287,17 @@ pub fn stability(losses: &[f64], grad_norms: &[f64], window: usize, spike_factor
 
 /// Convergence speed: the first step (1-based index into `values`) at which the trailing moving average (over
 /// `window` steps) reaches `fraction` of its final value (the average of the last `window` steps). `None` when it
-/// never does or `values` is empty.
+/// never does, when `values` is empty, or when the final value is not positive (an accuracy that stays at 0 has
+/// nothing to converge to; "step 1" would read as instant convergence).
 pub fn steps_to_fraction(values: &[f64], window: usize, fraction: f64) -> Option<usize> {
     let w = window.max(1).min(values.len().max(1));
     if values.is_empty() {
         return None;
     }
     let final_value = values[values.len() - w..].iter().sum::<f64>() / w as f64;
+    if final_value.is_nan() || final_value <= 0.0 {
+        return None;
+    }
     let target = fraction * final_value;
     let mut sum = 0.0;
     for (i, v) in values.iter().enumerate() {
@@ -465,6 +469,8 @@ mod tests {
         // Accuracy 0, 0.5, 1, 1 with window 1: final 1, 90 % first reached at step 3.
         assert_eq!(steps_to_fraction(&[0.0, 0.5, 1.0, 1.0], 1, 0.9), Some(3));
         assert_eq!(steps_to_fraction(&[], 5, 0.9), None);
+        // An accuracy that never leaves 0 did not converge at step 1.
+        assert_eq!(steps_to_fraction(&[0.0, 0.0, 0.0], 1, 0.9), None);
         let (m, h) = mean_ci95(&[1.0, 2.0, 3.0]);
         assert!((m - 2.0).abs() < 1e-12 && (h - 4.303 / 3f64.sqrt()).abs() < 1e-9);
     }

@@ -37,6 +37,11 @@ impl Override {
         }
     }
 
+    /// `key = "text"` with `text` quoted as a TOML string (backslashes and quotes in paths escaped).
+    pub fn string(key: &str, text: &str) -> Self {
+        Self::new(key, toml::Value::String(text.to_string()).to_string())
+    }
+
     /// `key=value`, the form [`crate::train::config::apply_overrides`] takes.
     pub fn arg(&self) -> String {
         format!("{}={}", self.key, self.value)

@@ -13,6 +13,9 @@
 //!   the other eval items whose subject has a different identity → AUC, EER, FMR100, FMR1000, FDR;
 //! - `psnr` / `subject_psnr`: against the ideal target, over the whole image / inside the subject masks;
 //! - `fd_identity`, `cmmd_identity`: between the set of generated crops and the set of ideal crops (embedder named);
+//! - `denoise`: the denoising scores of `eval::denoise` on the same items (one-step `x̂₀` fidelity at t = 0.25 /
+//!   0.5 / 0.75 and the held-out preference accuracy of the winner over the loser), which need no sampling from
+//!   pure noise;
 //! - with user-given weights: `dino` (DINOv2 cosine, whole generated image vs each reference), `clip_i`, `clip_t`.
 
 use std::collections::BTreeMap;
@@ -20,6 +23,7 @@ use std::collections::BTreeMap;
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
+use super::denoise::{DenoiseScores, denoise_split};
 use super::identity::{IDENTITY_EMBEDDER, IdentityEmbedder, subject_crop};
 use super::metrics::{Verification, cmmd, frechet_distance, psnr, top1_identification, verification};
 use super::sampler::{SampleRequest, SampleSettings, sample};
@@ -98,6 +102,9 @@ pub struct SplitScores {
     pub clip_i: Option<f64>,
     /// CLIP-T (when weights were given).
     pub clip_t: Option<f64>,
+    /// Denoising scores of the same items (`eval::denoise`); absent in reports written before they existed.
+    #[serde(default)]
+    pub denoise: Option<DenoiseScores>,
 }
 
 /// A whole benchmark result.
@@ -133,6 +140,17 @@ pub fn eval_items(cfg: &BenchmarkConfig, multi: bool) -> Result<Vec<SynthItem>, 
             synthesize_item(&synth, k).map_err(|e| EvalError::Invalid(e.to_string()))
         })
         .collect()
+}
+
+/// The union of an item's subject masks at the winner's size (255 inside any subject).
+pub fn union_mask(item: &SynthItem) -> image::GrayImage {
+    image::GrayImage::from_fn(item.winner.width(), item.winner.height(), |x, y| {
+        let on = item
+            .masks
+            .iter()
+            .any(|m| m.get_pixel_checked(x, y).is_some_and(|p| p.0[0] >= 128));
+        image::Luma([if on { 255 } else { 0 }])
+    })
 }
 
 fn subject_key(item: &SynthItem, j: usize) -> String {
@@ -194,6 +212,7 @@ pub fn score_split(
     let (mut psnrs, mut subject_psnrs) = (Vec::new(), Vec::new());
     let (mut dino, mut clip_i, mut clip_t) = (Vec::new(), Vec::new(), Vec::new());
     for (k, (item, imgs)) in items.iter().zip(images).enumerate() {
+        let union = union_mask(item);
         let ideal: Vec<RgbImage> = item.masks.iter().map(|m| subject_crop(&item.winner, m, 1)).collect();
         ideal_crops.extend(embedder.embed_images(&ideal)?);
         for img in imgs {
@@ -219,13 +238,6 @@ pub fn score_split(
             if let Some(p) = psnr(img, &item.winner, None) {
                 psnrs.push(p.min(100.0));
             }
-            let union = image::GrayImage::from_fn(img.width(), img.height(), |x, y| {
-                let on = item
-                    .masks
-                    .iter()
-                    .any(|m| m.get_pixel_checked(x, y).is_some_and(|p| p.0[0] >= 128));
-                image::Luma([if on { 255 } else { 0 }])
-            });
             if let Some(p) = psnr(img, &item.winner, Some(&union)) {
                 subject_psnrs.push(p.min(100.0));
             }
@@ -257,6 +269,7 @@ pub fn score_split(
         dino: opt(&dino),
         clip_i: opt(&clip_i),
         clip_t: opt(&clip_t),
+        denoise: None,
     })
 }
 
@@ -304,7 +317,9 @@ pub fn run_benchmark(
         }
         let n = items.len();
         let images = generate_split(base, &items, cfg, |k| progress(name, k, n))?;
-        splits.insert(name.to_string(), score_split(&items, &images, extra)?);
+        let mut scores = score_split(&items, &images, extra)?;
+        scores.denoise = Some(denoise_split(base, &items, &cfg.sampler)?);
+        splits.insert(name.to_string(), scores);
         all_images.insert(name.to_string(), images);
     }
     Ok((
@@ -340,7 +355,7 @@ pub fn report_markdown(r: &BenchmarkReport) -> String {
     out.push_str(&"---|".repeat(names.len()));
     out.push('\n');
     type Getter = fn(&SplitScores) -> Option<f64>;
-    let rows: [(&str, Getter, usize); 15] = [
+    let rows: [(&str, Getter, usize); 19] = [
         ("items / images", |s| Some(s.items as f64 * 1000.0 + s.images as f64), 0),
         ("identity similarity ↑", |s| Some(s.identity_sim), 4),
         ("top-1 identification ↑", |s| s.top1_identification, 3),
@@ -356,6 +371,22 @@ pub fn report_markdown(r: &BenchmarkReport) -> String {
         ("DINO ↑", |s| s.dino, 4),
         ("CLIP-I ↑", |s| s.clip_i, 4),
         ("CLIP-T ↑", |s| s.clip_t, 4),
+        ("denoised x̂₀ PSNR (dB) ↑", |s| s.denoise.map(|d| d.psnr), 2),
+        (
+            "denoised x̂₀ subject PSNR (dB) ↑",
+            |s| s.denoise.map(|d| d.subject_psnr),
+            2,
+        ),
+        (
+            "held-out preference acc. ↑",
+            |s| s.denoise.map(|d| d.preference_accuracy),
+            3,
+        ),
+        (
+            "held-out implicit reward ↑",
+            |s| s.denoise.map(|d| d.preference_margin),
+            5,
+        ),
     ];
     for (label, get, digits) in rows {
         if names.iter().all(|n| r.splits.get(*n).and_then(get).is_none()) {

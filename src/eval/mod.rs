@@ -2,6 +2,7 @@
 //! DINOv2 / CLIP from user-given weights) and the metrics of the paper and of the synthetic benchmark.
 
 pub mod benchmark;
+pub mod denoise;
 pub mod identity;
 pub mod metrics;
 pub mod pretrained;

@@ -149,6 +149,46 @@ fn conditioning(
     })
 }
 
+/// One forward of `base` on `x_t` (`[rows, tokens, channels]`, the grid of `request.size_px`) at per-row model
+/// times `model_t` (`[rows]`), every row conditioned on `request`'s prompt and references, without guidance: the
+/// raw prediction (`v` or `ε`). The denoising scores of the benchmark use it.
+pub fn predict_conditioned(
+    base: &BaseModel,
+    request: &SampleRequest<'_>,
+    settings: &SampleSettings,
+    x_t: &Tensor,
+    model_t: &Tensor,
+    adapters: Adapters,
+) -> Result<Tensor, EvalError> {
+    let device = base.mmdit.device().clone();
+    let rows = x_t.dim(0)?;
+    let cond = conditioning(base, request, settings, rows, false, &device)?;
+    let guidance = base.guidance_tensor(settings.distilled_guidance, rows)?;
+    let references: Vec<Reference<'_>> = cond
+        .refs
+        .iter()
+        .map(|(tokens, ids)| Reference { tokens, ids })
+        .collect();
+    let input = MmditInput {
+        img: x_t,
+        img_ids: &cond.img_ids,
+        txt: &cond.txt,
+        txt_ids: &cond.txt_ids,
+        timesteps: model_t,
+        y: &cond.y,
+        guidance: guidance.as_ref(),
+        references: &references,
+    };
+    let out = base.mmdit.forward_with(
+        &input,
+        ForwardOptions {
+            capture_hidden: false,
+            adapters,
+        },
+    )?;
+    Ok(out.prediction.detach())
+}
+
 /// The rectified-flow time grid from 1 to 0 (`steps + 1` points), shifted by `shift`.
 pub fn flow_time_grid(steps: usize, shift: f32) -> Vec<f32> {
     (0..=steps)

@@ -40,7 +40,7 @@ pub struct MetricSpec {
 }
 
 /// The benchmark metrics per split, in table order: name (the part after `single.` / `multi.`), label, direction.
-pub const BENCHMARK_METRICS: [(&str, &str, Better); 14] = [
+pub const BENCHMARK_METRICS: [(&str, &str, Better); 18] = [
     ("identity_sim", "identity sim", Better::Higher),
     ("top1_identification", "top-1 id", Better::Higher),
     ("auc", "verif. AUC", Better::Higher),
@@ -55,6 +55,10 @@ pub const BENCHMARK_METRICS: [(&str, &str, Better); 14] = [
     ("dino", "DINO", Better::Higher),
     ("clip_i", "CLIP-I", Better::Higher),
     ("clip_t", "CLIP-T", Better::Higher),
+    ("denoise_psnr", "x̂₀ PSNR", Better::Higher),
+    ("denoise_subject_psnr", "x̂₀ subject PSNR", Better::Higher),
+    ("heldout_accuracy", "held-out pref. acc.", Better::Higher),
+    ("heldout_reward", "held-out reward", Better::Higher),
 ];
 
 /// The benchmark splits, in table order.
@@ -110,7 +114,8 @@ pub fn benchmark_values(report: &BenchmarkReport) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
     for (split, s) in &report.splits {
         let v = s.verification;
-        let pairs: [(&str, Option<f64>); 14] = [
+        let d = s.denoise;
+        let pairs: [(&str, Option<f64>); 18] = [
             ("identity_sim", Some(s.identity_sim)),
             ("top1_identification", s.top1_identification),
             ("auc", v.map(|v| v.auc)),
@@ -125,6 +130,10 @@ pub fn benchmark_values(report: &BenchmarkReport) -> BTreeMap<String, f64> {
             ("dino", s.dino),
             ("clip_i", s.clip_i),
             ("clip_t", s.clip_t),
+            ("denoise_psnr", d.map(|d| d.psnr)),
+            ("denoise_subject_psnr", d.map(|d| d.subject_psnr)),
+            ("heldout_accuracy", d.map(|d| d.preference_accuracy)),
+            ("heldout_reward", d.map(|d| d.preference_margin)),
         ];
         for (name, value) in pairs {
             if let Some(x) = value.filter(|x| x.is_finite()) {

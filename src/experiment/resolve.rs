@@ -810,7 +810,7 @@ pub const METRICS: &[MetricEntry] = &[
             "preference accuracy",
             "pairwise accuracy",
         ],
-        note: None,
+        note: Some("on the training pairs (last 20 % of the steps) and on held-out pairs (eval::denoise)"),
     },
     MetricEntry {
         id: "reward_margin",

@@ -19,8 +19,9 @@ use crate::eval::study::{Better, SPLITS, all_metrics, column_markdown, metric_sp
 /// | plan metric | values |
 /// |---|---|
 /// | `identity_sim`, `top1_identification`, `eer`, `fmr100`, `fmr1000`, `fdr`, `fd_identity`, `cmmd_identity`, `psnr`, `subject_psnr`, `dino`, `clip_i`, `clip_t` | the benchmark value of the same name, per split |
-/// | `gt_fidelity` | PSNR and subject PSNR to the exact ground truth (the ideal target), per split |
-/// | `implicit_accuracy`, `reward_margin`, `loss` | `train.` + the same name (mean over the last 20 % of the steps) |
+/// | `gt_fidelity` | PSNR and subject PSNR to the exact ground truth (the ideal target) of the samples and of the one-step denoised `x̂₀`, per split |
+/// | `implicit_accuracy`, `reward_margin` | `train.` + the same name (mean over the last 20 % of the steps), and the held-out preference accuracy / implicit reward per split (`eval::denoise`) |
+/// | `loss` | `train.loss` (mean over the last 20 % of the steps) |
 /// | `stability` | `train.loss_std`, `train.grad_spikes` |
 /// | `convergence_speed` | `train.convergence_steps` |
 pub const METRIC_VALUES: &[(&str, &[&str])] = &[
@@ -36,10 +37,13 @@ pub const METRIC_VALUES: &[(&str, &[&str])] = &[
     ("cmmd_identity", &["*.cmmd_identity"]),
     ("psnr", &["*.psnr"]),
     ("subject_psnr", &["*.subject_psnr"]),
-    ("gt_fidelity", &["*.psnr", "*.subject_psnr"]),
+    (
+        "gt_fidelity",
+        &["*.psnr", "*.subject_psnr", "*.denoise_psnr", "*.denoise_subject_psnr"],
+    ),
     ("top1_identification", &["*.top1_identification"]),
-    ("implicit_accuracy", &["train.implicit_accuracy"]),
-    ("reward_margin", &["train.reward_margin"]),
+    ("implicit_accuracy", &["*.heldout_accuracy", "train.implicit_accuracy"]),
+    ("reward_margin", &["*.heldout_reward", "train.reward_margin"]),
     ("loss", &["train.loss"]),
     ("stability", &["train.loss_std", "train.grad_spikes"]),
     ("convergence_speed", &["train.convergence_steps"]),
@@ -598,7 +602,24 @@ pub(crate) mod tests {
         }
         assert_eq!(
             value_ids("gt_fidelity"),
-            ["single.psnr", "single.subject_psnr", "multi.psnr", "multi.subject_psnr"]
+            [
+                "single.psnr",
+                "single.subject_psnr",
+                "single.denoise_psnr",
+                "single.denoise_subject_psnr",
+                "multi.psnr",
+                "multi.subject_psnr",
+                "multi.denoise_psnr",
+                "multi.denoise_subject_psnr"
+            ]
+        );
+        assert_eq!(
+            value_ids("implicit_accuracy"),
+            [
+                "single.heldout_accuracy",
+                "multi.heldout_accuracy",
+                "train.implicit_accuracy"
+            ]
         );
         assert_eq!(value_ids("stability"), ["train.loss_std", "train.grad_spikes"]);
         assert!(value_ids("nope").is_empty());

@@ -93,6 +93,21 @@ pub fn add_noise(param: Parameterisation, x0: &Tensor, eps: &Tensor, t: &[f32]) 
     }
 }
 
+/// The clean sample implied by a prediction: `x̂₀ = x_t − t·v̂` (rectified flow, from `x_t = (1 − t)·x₀ + t·ε` and
+/// `v = ε − x₀`) or `x̂₀ = (x_t − √(1−ᾱ_T)·ε̂) / √ᾱ_T` (ε-prediction), per sample, with `t` as [`add_noise`] takes it.
+pub fn predicted_x0(param: Parameterisation, x_t: &Tensor, prediction: &Tensor, t: &[f32]) -> Result<Tensor> {
+    match param {
+        Parameterisation::RectifiedFlow => x_t - prediction.broadcast_mul(&per_sample(t, x_t)?)?,
+        Parameterisation::Epsilon => {
+            let abar = ddpm_alphas_cumprod();
+            let step = |v: f32| (v.round().max(0.0) as usize).min(DDPM_STEPS - 1);
+            let a: Vec<f32> = t.iter().map(|&v| abar[step(v)].sqrt() as f32).collect();
+            let s: Vec<f32> = t.iter().map(|&v| (1.0 - abar[step(v)]).sqrt() as f32).collect();
+            (x_t - prediction.broadcast_mul(&per_sample(&s, x_t)?)?)?.broadcast_div(&per_sample(&a, x_t)?)
+        }
+    }
+}
+
 /// The schedule time for a fraction `frac ∈ [0, 1]` of the schedule: `frac` itself for rectified flow, the
 /// nearest integer step `T = round(frac · 999)` for DDPM (the `t` that [`add_noise`] takes).
 pub fn schedule_time(param: Parameterisation, frac: f32) -> f32 {
@@ -147,6 +162,28 @@ mod tests {
             assert!((g - w).abs() < 1e-6);
         }
         assert_eq!(vals(&n.target), [0.5, -0.5]);
+    }
+
+    #[test]
+    fn predicted_x0_inverts_noising_with_the_exact_target() {
+        let d = Device::Cpu;
+        // Rectified flow by hand: x_t = 1.75 at t = 0.25 with v = −1 gives x̂₀ = 1.75 + 0.25 = 2.
+        let x_t = Tensor::new(&[[1.75f32], [-1.0]], &d).unwrap();
+        let v = Tensor::new(&[[-1.0f32], [-5.0]], &d).unwrap();
+        let x0 = predicted_x0(Parameterisation::RectifiedFlow, &x_t, &v, &[0.25, 1.0]).unwrap();
+        assert_eq!(vals(&x0), [2.0, 4.0]);
+        let x0 = Tensor::new(&[[[1.0f32, 2.0]], [[-3.0, 0.5]]], &d).unwrap();
+        let eps = Tensor::new(&[[[0.5f32, -0.5]], [[2.0, 1.0]]], &d).unwrap();
+        for (param, t) in [
+            (Parameterisation::RectifiedFlow, [0.3f32, 0.9]),
+            (Parameterisation::Epsilon, [10.0, 700.0]),
+        ] {
+            let n = add_noise(param, &x0, &eps, &t).unwrap();
+            let back = predicted_x0(param, &n.x_t, &n.target, &t).unwrap();
+            for (g, w) in vals(&back).iter().zip(vals(&x0)) {
+                assert!((g - w).abs() < 1e-4, "{param:?}: {g} vs {w}");
+            }
+        }
     }
 
     #[test]

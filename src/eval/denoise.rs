@@ -47,7 +47,8 @@ pub struct DenoiseScores {
 /// The implicit reward of one pair from the four per-sample errors (policy / reference × winner / loser), Eq. 1's
 /// `−[(e_θ(w) − e_ref(w)) − (e_θ(l) − e_ref(l))]` without β.
 pub fn implicit_reward(policy_w: f64, ref_w: f64, policy_l: f64, ref_l: f64) -> f64 {
-    -((policy_w - ref_w) - (policy_l - ref_l))
+    // `0 − x`, not `−x`: a tie is +0.0, not −0.0 (which prints as "-0.00000").
+    0.0 - ((policy_w - ref_w) - (policy_l - ref_l))
 }
 
 /// The accuracy of a set of implicit rewards: `z > 0` counts 1, `z = 0` ½. `None` when empty.
@@ -166,7 +167,10 @@ mod tests {
         assert!((implicit_reward(0.8, 1.0, 1.1, 1.0) - 0.3).abs() < 1e-12);
         // The other way round: z < 0.
         assert!(implicit_reward(1.1, 1.0, 0.8, 1.0) < 0.0);
-        assert_eq!(implicit_reward(0.5, 0.5, 0.7, 0.7), 0.0);
+        assert!(
+            implicit_reward(0.5, 0.5, 0.7, 0.7).to_bits() == 0.0f64.to_bits(),
+            "a tie is +0"
+        );
         assert_eq!(preference_accuracy(&[0.3, -0.1, 0.0, 2.0]), Some(2.5 / 4.0));
         assert_eq!(preference_accuracy(&[]), None);
     }

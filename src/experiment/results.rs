@@ -50,7 +50,14 @@ pub const METRIC_VALUES: &[(&str, &[&str])] = &[
 ];
 
 /// Columns every study table shows, whatever it asked for (when some cell has them).
-pub const ALWAYS_SHOWN: [&str; 2] = ["train.implicit_accuracy", "train.loss"];
+/// The held-out preference accuracy comes first: it is the one preference measure of every evaluated cell, so a
+/// plan whose own metrics are all unavailable (001's aesthetic scorers) still gets a held-out comparison.
+pub const ALWAYS_SHOWN: [&str; 4] = [
+    "single.heldout_accuracy",
+    "multi.heldout_accuracy",
+    "train.implicit_accuracy",
+    "train.loss",
+];
 
 /// The value ids of a plan metric id, splits expanded (single first); empty for an unknown id.
 pub fn value_ids(metric_id: &str) -> Vec<String> {

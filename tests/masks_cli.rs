@@ -66,8 +66,12 @@ fn static_variant_writes_prior_detail_and_fused_mask() {
         "3",
         "--timesteps",
         "250,750",
+        // No backbone: a variant without M_s still writes every static map.
+        "--base",
+        "/nonexistent/base.safetensors",
     ]);
     assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("note: no M_s"), "{}", text(&out));
     let bytes = std::fs::read(&out_file).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let (shape, prior) = read_f32(&st, "m_prior");
@@ -156,7 +160,10 @@ fn bad_input_gives_errors_not_panics() {
     ];
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--item", "nope"], "no item with id \"nope\""),
-        (vec![], "needs the attention field M_s"),
+        (
+            vec!["--base", "/nonexistent/base.safetensors"],
+            "needs the attention field M_s",
+        ),
         (vec!["--variant", "focal"], "unknown mask variant"),
         (vec!["--variant", "prior", "--gamma", "2"], "γ = 2"),
         (

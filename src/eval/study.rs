@@ -294,8 +294,11 @@ pub fn digits_for(values: &[f64]) -> usize {
         1
     } else if m >= 10.0 {
         2
-    } else {
+    } else if m >= 0.01 || m == 0.0 {
         4
+    } else {
+        // Small magnitudes (held-out implicit rewards are ~1e-5) keep two significant digits, up to 10 decimals.
+        ((-m.log10()).ceil() as usize + 2).min(10)
     }
 }
 
@@ -459,5 +462,17 @@ mod tests {
             md.contains("| single: EER ↓ | 0.4000 ± 1.2706 | **0.2000 ± 1.2706** |"),
             "{md}"
         );
+    }
+
+    #[test]
+    fn decimals_follow_the_column_magnitude() {
+        assert_eq!(digits_for(&[123.0, 5.0]), 1);
+        assert_eq!(digits_for(&[12.5]), 2);
+        assert_eq!(digits_for(&[0.5, 0.0]), 4);
+        assert_eq!(digits_for(&[0.0]), 4);
+        // 1.2e-5: five leading decimals, two significant digits.
+        assert_eq!(digits_for(&[1.2e-5, -3e-6]), 7);
+        assert_eq!(format_mean_ci(1.2e-5, 4.5e-6, 7), "0.0000120 ± 0.0000045");
+        assert_eq!(digits_for(&[1e-30]), 10);
     }
 }

@@ -76,12 +76,19 @@ impl PromptEncoder {
     /// Loads the tables (`prompt_embed.*`) from `vb`; the prompt length is the position table's row count.
     pub fn load(context_in_dim: usize, vec_in_dim: usize, vb: VarBuilder) -> Result<Self> {
         let vb = vb.pp("prompt_embed");
-        // A file's table has its own length (its read errors are reported as they are); a `VarMap` (pretraining
-        // from scratch) does not hold it yet and creates it at the default length.
-        let position = if vb.contains_tensor("position.weight") {
-            vb.get_unchecked("position.weight")?
-        } else {
-            vb.get((PROMPT_TOKENS, context_in_dim), "position.weight")?
+        // A file's table has its own length. A `VarMap` (pretraining) has no `get_unchecked`: it holds the table at
+        // the default length, or creates it there. When both reads fail, the file's error is the one reported.
+        let position = match vb.get_unchecked("position.weight") {
+            Ok(t) => t,
+            Err(first) => vb
+                .get((PROMPT_TOKENS, context_in_dim), "position.weight")
+                .map_err(|second| {
+                    if vb.contains_tensor("position.weight") {
+                        first
+                    } else {
+                        second
+                    }
+                })?,
         };
         match position.dims() {
             &[n, c] if (1..=MAX_PROMPT_TOKENS).contains(&n) && c == context_in_dim => {}

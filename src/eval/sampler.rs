@@ -161,16 +161,27 @@ pub fn predict_conditioned(
     adapters: Adapters,
 ) -> Result<Tensor, EvalError> {
     let device = base.mmdit.device().clone();
-    let rows = x_t.dim(0)?;
-    let cond = conditioning(base, request, settings, rows, false, &device)?;
-    let guidance = base.guidance_tensor(settings.distilled_guidance, rows)?;
+    let cond = conditioning(base, request, settings, x_t.dim(0)?, false, &device)?;
+    forward(base, &cond, settings, x_t, model_t, adapters)
+}
+
+/// One forward on `x` (as many rows as `cond` was built for) at per-row model times; the detached prediction.
+fn forward(
+    base: &BaseModel,
+    cond: &Conditioning,
+    settings: &SampleSettings,
+    x: &Tensor,
+    model_t: &Tensor,
+    adapters: Adapters,
+) -> Result<Tensor, EvalError> {
+    let guidance = base.guidance_tensor(settings.distilled_guidance, x.dim(0)?)?;
     let references: Vec<Reference<'_>> = cond
         .refs
         .iter()
         .map(|(tokens, ids)| Reference { tokens, ids })
         .collect();
     let input = MmditInput {
-        img: x_t,
+        img: x,
         img_ids: &cond.img_ids,
         txt: &cond.txt,
         txt_ids: &cond.txt_ids,
@@ -236,30 +247,7 @@ pub fn sample(
         let rows = if guided { 2 * b } else { b };
         let x_in = if guided { Tensor::cat(&[x, x], 0)? } else { x.clone() };
         let timesteps = Tensor::from_vec(vec![model_t; rows], rows, &device)?;
-        let guidance = base.guidance_tensor(settings.distilled_guidance, rows)?;
-        let references: Vec<Reference<'_>> = cond
-            .refs
-            .iter()
-            .map(|(tokens, ids)| Reference { tokens, ids })
-            .collect();
-        let input = MmditInput {
-            img: &x_in,
-            img_ids: &cond.img_ids,
-            txt: &cond.txt,
-            txt_ids: &cond.txt_ids,
-            timesteps: &timesteps,
-            y: &cond.y,
-            guidance: guidance.as_ref(),
-            references: &references,
-        };
-        let out = base.mmdit.forward_with(
-            &input,
-            ForwardOptions {
-                capture_hidden: false,
-                adapters,
-            },
-        )?;
-        let pred = out.prediction.detach();
+        let pred = forward(base, &cond, settings, &x_in, &timesteps, adapters)?;
         if !guided {
             return Ok(pred);
         }

@@ -12,18 +12,15 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use candle_core::{Device, Tensor};
 use focusdpo::eval::benchmark::{BenchmarkConfig, eval_items};
-use focusdpo::model::{
-    BaseModel, ForwardOptions, MmditInput, Reference, ids_tensor, reference_ids, target_ids, text_ids,
-    uno_reference_offsets,
-};
+use focusdpo::eval::sampler::{SampleRequest, SampleSettings, predict_conditioned};
+use focusdpo::model::schedule::{Parameterisation, add_noise, model_time, predicted_x0};
+use focusdpo::model::{Adapters, BaseModel};
 use focusdpo::rng::{normal_vec, stream_rng};
 
 /// Probe times, left to right.
 const TIMES: [f32; 4] = [0.3, 0.6, 0.9, 1.0];
-/// Side of the generated images.
+/// Side of the sheet's cells.
 const SIZE: u32 = 64;
-/// Side the reference is fed at.
-const REFERENCE_PX: u32 = 32;
 
 fn main() -> anyhow::Result<()> {
     focusdpo::alloc::tune_for_tensors();
@@ -37,9 +34,6 @@ fn main() -> anyhow::Result<()> {
     };
     let dev = Device::Cpu;
     let base = BaseModel::load_file(&PathBuf::from(&base_path), &dev).with_context(|| base_path.clone())?;
-    let text = base
-        .text_conditioner()
-        .context("the probe needs a base with its own prompt tables (the tiny format)")?;
     let items = eval_items(
         &BenchmarkConfig {
             single_items: items_n,
@@ -48,42 +42,38 @@ fn main() -> anyhow::Result<()> {
         },
         false,
     )?;
-    let grid = base.codec.grid_for(SIZE, SIZE)?;
-    let (rside, _) = base.codec.grid_for(REFERENCE_PX, REFERENCE_PX)?;
+    let settings = SampleSettings::default();
+    let param = Parameterisation::RectifiedFlow;
+    let nt = TIMES.len();
     let mut rows = Vec::new();
     for (k, item) in items.iter().enumerate() {
         let mut row = vec![item.references[0].clone(), item.winner.clone()];
-        let x0 = base.codec.encode(&item.winner, &dev)?;
+        let grid = base.codec.grid_for(item.winner.width(), item.winner.height())?;
+        // One noise per item, shared by every t (one row per t).
+        let x0 = base.codec.encode(&item.winner, &dev)?.repeat((nt, 1, 1))?;
         let mut rng = stream_rng(k as u64, 0, 0);
-        let eps = Tensor::from_vec(normal_vec(&mut rng, x0.elem_count()), x0.dims(), &dev)?;
-        let reference = focusdpo::model::encoder::reference_at(&item.references[0], REFERENCE_PX);
-        let rtok = base.codec.encode(&reference, &dev)?;
-        let offsets = uno_reference_offsets(grid, &[(rside, rside)]);
-        let rids = ids_tensor(&reference_ids(rside, rside, offsets[0]), 1, &dev)?;
-        let enc = text.encode(&[item.record.prompt.as_str()])?;
-        for &t in &TIMES {
-            let xt = ((&x0 * f64::from(1.0 - t))? + (&eps * f64::from(t))?)?;
-            let refs = [Reference {
-                tokens: &rtok,
-                ids: &rids,
-            }];
-            let input = MmditInput {
-                img: &xt,
-                img_ids: &ids_tensor(&target_ids(grid.0, grid.1), 1, &dev)?,
-                txt: &enc.txt,
-                txt_ids: &text_ids(enc.txt.dim(1)?, 1, &dev)?,
-                timesteps: &Tensor::new(&[t], &dev)?,
-                y: &enc.y,
-                guidance: None,
-                references: &refs,
-            };
-            let v = base.mmdit.forward_with(&input, ForwardOptions::default())?.prediction;
-            let x0_hat = (&xt - (v * f64::from(t))?)?;
-            row.push(base.codec.decode(&x0_hat, grid)?);
+        let eps = Tensor::from_vec(
+            normal_vec(&mut rng, x0.elem_count() / nt),
+            x0.dims()[1..].to_vec(),
+            &dev,
+        )?
+        .unsqueeze(0)?
+        .repeat((nt, 1, 1))?;
+        let noised = add_noise(param, &x0, &eps, &TIMES)?;
+        let request = SampleRequest {
+            prompt: &item.record.prompt,
+            references: &item.references,
+            size_px: item.winner.dimensions(),
+        };
+        let model_t = model_time(param, &TIMES, &dev)?;
+        let v = predict_conditioned(&base, &request, &settings, &noised.x_t, &model_t, Adapters::Off)?;
+        let x0_hat = predicted_x0(param, &noised.x_t, &v, &TIMES)?;
+        for i in 0..nt {
+            row.push(base.codec.decode(&x0_hat.narrow(0, i, 1)?, grid)?);
         }
         rows.push(row);
     }
-    let columns = 2 + TIMES.len() as u32;
+    let columns = 2 + nt as u32;
     let mut sheet = image::RgbImage::new(SIZE * columns, SIZE * rows.len() as u32);
     for (r, row) in rows.iter().enumerate() {
         for (c, im) in row.iter().enumerate() {

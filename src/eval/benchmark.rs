@@ -159,7 +159,8 @@ fn subject_key(item: &SynthItem, j: usize) -> String {
         .map_or_else(|| format!("{}#{j}", item.record.id), str::to_string)
 }
 
-fn mean(v: &[f64]) -> f64 {
+/// Mean of `v`; NaN when empty.
+pub(super) fn mean(v: &[f64]) -> f64 {
     if v.is_empty() {
         f64::NAN
     } else {

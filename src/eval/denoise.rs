@@ -17,7 +17,7 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::EvalError;
-use super::benchmark::union_mask;
+use super::benchmark::{mean, union_mask};
 use super::metrics::psnr;
 use super::sampler::{SampleRequest, SampleSettings, predict_conditioned};
 use crate::dip::synth::SynthItem;
@@ -141,13 +141,6 @@ pub fn denoise_split(
             }
         }
     }
-    let mean = |v: &[f64]| {
-        if v.is_empty() {
-            f64::NAN
-        } else {
-            v.iter().sum::<f64>() / v.len() as f64
-        }
-    };
     Ok(DenoiseScores {
         psnr: mean(&psnrs),
         subject_psnr: mean(&subject_psnrs),

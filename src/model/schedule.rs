@@ -64,6 +64,19 @@ fn per_sample(coef: &[f32], like: &Tensor) -> Result<Tensor> {
     Tensor::from_slice(coef, shape, like.device())?.to_dtype(like.dtype())
 }
 
+/// `(√ᾱ_T, √(1−ᾱ_T))` per sample for DDPM steps `t` (rounded, clamped to `0..=999`): the coefficients of
+/// `x_t = √ᾱ·x₀ + √(1−ᾱ)·ε`, shared by [`add_noise`] and [`predicted_x0`].
+fn ddpm_coefficients(t: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let abar = ddpm_alphas_cumprod();
+    let step = |v: f32| (v.round().max(0.0) as usize).min(DDPM_STEPS - 1);
+    t.iter()
+        .map(|&v| {
+            let ab = abar[step(v)];
+            (ab.sqrt() as f32, (1.0 - ab).sqrt() as f32)
+        })
+        .unzip()
+}
+
 /// Noises `x0` with `eps` at per-sample times.
 ///
 /// `t` holds one value per batch element: `t ∈ [0, 1]` for rectified flow; for ε-prediction `t` is the integer
@@ -80,10 +93,7 @@ pub fn add_noise(param: Parameterisation, x0: &Tensor, eps: &Tensor, t: &[f32]) 
             })
         }
         Parameterisation::Epsilon => {
-            let abar = ddpm_alphas_cumprod();
-            let step = |v: f32| (v.round().max(0.0) as usize).min(DDPM_STEPS - 1);
-            let a: Vec<f32> = t.iter().map(|&v| abar[step(v)].sqrt() as f32).collect();
-            let s: Vec<f32> = t.iter().map(|&v| (1.0 - abar[step(v)]).sqrt() as f32).collect();
+            let (a, s) = ddpm_coefficients(t);
             let x_t = (x0.broadcast_mul(&per_sample(&a, x0)?)? + eps.broadcast_mul(&per_sample(&s, x0)?)?)?;
             Ok(Noised {
                 x_t,
@@ -99,10 +109,7 @@ pub fn predicted_x0(param: Parameterisation, x_t: &Tensor, prediction: &Tensor, 
     match param {
         Parameterisation::RectifiedFlow => x_t - prediction.broadcast_mul(&per_sample(t, x_t)?)?,
         Parameterisation::Epsilon => {
-            let abar = ddpm_alphas_cumprod();
-            let step = |v: f32| (v.round().max(0.0) as usize).min(DDPM_STEPS - 1);
-            let a: Vec<f32> = t.iter().map(|&v| abar[step(v)].sqrt() as f32).collect();
-            let s: Vec<f32> = t.iter().map(|&v| (1.0 - abar[step(v)]).sqrt() as f32).collect();
+            let (a, s) = ddpm_coefficients(t);
             (x_t - prediction.broadcast_mul(&per_sample(&s, x_t)?)?)?.broadcast_div(&per_sample(&a, x_t)?)
         }
     }

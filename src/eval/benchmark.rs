@@ -386,7 +386,8 @@ pub fn report_markdown(r: &BenchmarkReport) -> String {
         (
             "held-out implicit reward ↑",
             |s| s.denoise.map(|d| d.preference_margin),
-            5,
+            // Rewards are ~1e-5 per element: 7 decimals keep two significant digits (5 printed "0.00000").
+            7,
         ),
     ];
     for (label, get, digits) in rows {

@@ -173,6 +173,7 @@ fn bad_input_gives_errors_not_panics() {
         (vec!["--variant", "prior", "--stride", "0"], "stride"),
         (vec!["--variant", "prior", "--timesteps", "1001"], "outside 0..=1000"),
         (vec!["--ms-mask", "/nonexistent/ms.png"], "file not found"),
+        (vec!["--pool", "max"], "--pool: `max` is not mean or foreground"),
     ];
     for (extra, expect) in cases {
         let mut args: Vec<&str> = base.to_vec();
@@ -184,4 +185,34 @@ fn bad_input_gives_errors_not_panics() {
         assert!(!t.contains("panicked"), "{extra:?}: {t}");
     }
     assert!(!out_file.exists(), "nothing written on error");
+}
+
+/// On the bundled base and item, Eq. 3 with the CLS pooled over the reference's foreground places the subjects
+/// better than the mean over all reference tokens (mostly background): A_focus falls (docs/masks.md).
+#[test]
+fn foreground_pooling_lowers_a_focus_on_the_bundled_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let a_focus = |pool: &str| {
+        let out_file = dir.path().join(format!("{pool}.safetensors"));
+        let out = focusdpo(&[
+            "masks",
+            "--item",
+            "synth-0003",
+            "--timesteps",
+            "100",
+            "--pool",
+            pool,
+            "--out",
+            out_file.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", text(&out));
+        let bytes = std::fs::read(&out_file).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        read_f32(&st, "a_focus.t100").1[0]
+    };
+    let (mean, foreground) = (a_focus("mean"), a_focus("foreground"));
+    assert!(
+        foreground < mean - 0.2,
+        "A_focus: foreground {foreground} vs mean {mean}"
+    );
 }

@@ -3,7 +3,7 @@
 
 use super::state::{AttentionChoice, Colormap, MaskKind, SubjectChoice, TIMESTEPS};
 use super::{StudioApp, chosen_map};
-use crate::masks::MaskVariant;
+use crate::masks::{MaskVariant, ReferencePool};
 use crate::train::config::HiddenSource;
 use eframe::egui;
 
@@ -69,6 +69,13 @@ fn attention_ui(app: &mut StudioApp, ui: &mut egui::Ui) {
         });
         ui.label(egui::RichText::new("Eq. 3 averages the chosen double-stream blocks").small());
     }
+    ui.horizontal(|ui| {
+        ui.label("CLS pool:");
+        ui.radio_value(&mut choice.pool, ReferencePool::Mean, "mean")
+            .on_hover_text("Eq. 3's CLS is the mean of all reference tokens");
+        ui.radio_value(&mut choice.pool, ReferencePool::Foreground, "foreground")
+            .on_hover_text("the mean of the reference tokens that differ from its border colour (the subject)");
+    });
     if choice != app.settings.attention {
         app.set_attention_choice(choice);
     }

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::masks::{FusionParams, MaskVariant};
+use crate::masks::{FusionParams, MaskVariant, ReferencePool};
 use crate::train::config::HiddenSource;
 use crate::train::objective::ObjectiveKind;
 
@@ -149,12 +149,18 @@ pub struct AttentionChoice {
     pub source: HiddenSource,
     /// Blocks averaged in Eq. 3 (0-based); empty = all.
     pub layers: Vec<usize>,
+    /// Eq. 3's CLS pooling.
+    pub pool: ReferencePool,
 }
 
 impl AttentionChoice {
-    /// A hashable key (policy?, layers) for caches.
-    pub fn key(&self) -> (bool, Vec<usize>) {
-        (self.source == HiddenSource::Policy, self.layers.clone())
+    /// A hashable key (policy?, layers, foreground pooling?) for caches.
+    pub fn key(&self) -> (bool, Vec<usize>, bool) {
+        (
+            self.source == HiddenSource::Policy,
+            self.layers.clone(),
+            self.pool == ReferencePool::Foreground,
+        )
     }
 }
 

@@ -339,7 +339,7 @@ struct Current {
 }
 
 /// (dataset root, item index, timeline index, attention key): what an `M_s(t)` depends on.
-type CacheKey = (PathBuf, usize, usize, (bool, Vec<usize>));
+type CacheKey = (PathBuf, usize, usize, (bool, Vec<usize>, bool));
 
 struct ModelThread {
     notify: Notifier,
@@ -598,6 +598,7 @@ impl ModelThread {
         let attention = AttentionConfig {
             source: self.attention.source,
             layers: self.attention.layers.clone(),
+            pool: self.attention.pool,
             ..AttentionConfig::default()
         };
         let probe = Probe {

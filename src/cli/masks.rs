@@ -9,7 +9,8 @@ use clap::Args;
 use focusdpo::dip::dataset::read_binary_mask;
 use focusdpo::dip::{DipDataset, LoadedItem, bundled_dataset_dir};
 use focusdpo::masks::{
-    ComplexityConfig, FusionOutput, FusionParams, Grid, MaskInputs, MaskVariant, PriorConfig, Similarity, fuse,
+    ComplexityConfig, FusionOutput, FusionParams, Grid, MaskInputs, MaskVariant, PriorConfig, ReferencePool,
+    Similarity, fuse,
 };
 use focusdpo::model::schedule::Parameterisation;
 use focusdpo::model::{Adapters, BaseModel, BaseSource};
@@ -73,6 +74,9 @@ pub struct MasksArgs {
     /// Eq. 3 similarity: cosine or squared-norm.
     #[arg(long, default_value = "cosine")]
     similarity: String,
+    /// Eq. 3's CLS pooling: mean (all reference tokens) or foreground (the reference's non-background tokens).
+    #[arg(long, default_value = "foreground")]
+    pool: String,
     /// Side of the reference images fed to the backbone, in pixels.
     #[arg(long, default_value_t = 32)]
     reference_px: u32,
@@ -118,10 +122,16 @@ pub fn run(args: &MasksArgs) -> anyhow::Result<()> {
         "squared-norm" => Similarity::SquaredNorm,
         other => bail!("--similarity: `{other}` is not cosine or squared-norm"),
     };
+    let pool = match args.pool.as_str() {
+        "mean" => ReferencePool::Mean,
+        "foreground" => ReferencePool::Foreground,
+        other => bail!("--pool: `{other}` is not mean or foreground"),
+    };
     let attention = AttentionConfig {
         source: HiddenSource::Reference,
         layers: args.layers.clone(),
         similarity,
+        pool,
     };
     // Maps that do not depend on t (M_s from a file, or no M_s): fused once, repeated for every timestep.
     let same_for_every_t = |m_s: Option<Grid>| -> anyhow::Result<Vec<AtTimestep>> {

@@ -314,6 +314,17 @@ const SIMILARITIES: &[Choice] = &[
     },
 ];
 
+const POOLS: &[Choice] = &[
+    Choice {
+        value: "mean",
+        keywords: &["mean", "all tokens", "average"],
+    },
+    Choice {
+        value: "foreground",
+        keywords: &["foreground", "subject tokens", "masked"],
+    },
+];
+
 const MASK_NORMS: &[Choice] = &[
     Choice {
         value: "mean",
@@ -531,6 +542,14 @@ pub const KNOBS: &[Knob] = &[
         summary: "similarity of Eq. 3: cosine or squared-norm",
         aliases: &["similarity", "cosine", "squared norm"],
         kind: KnobKind::Choice(SIMILARITIES),
+        off: None,
+        unsupported: &[],
+    },
+    Knob {
+        key: "masks.attention.pool",
+        summary: "pooling of Eq. 3's CLS: mean of all reference tokens or of the foreground",
+        aliases: &["cls pooling", "pooling", "cls", "reference pooling", "pool"],
+        kind: KnobKind::Choice(POOLS),
         off: None,
         unsupported: &[],
     },

@@ -16,7 +16,10 @@ pub mod fusion;
 pub mod grid;
 pub mod prior;
 
-pub use attention_field::{LayerHidden, Similarity, attention_field, similarity_scores, top_k_indicator};
+pub use attention_field::{
+    FOREGROUND_DELTA, LayerHidden, ReferencePool, Similarity, attention_field, reference_foreground, similarity_scores,
+    top_k_indicator,
+};
 pub use complexity::{ComplexityConfig, complexity_mask, local_entropy_bits, min_max_normalise};
 pub use fusion::{
     Branch, FusionOutput, FusionParams, MaskInputs, MaskVariant, focus_coverage, fuse, fuse_eq9, fuse_eq11,

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::masks::{FusionParams, Similarity};
+use crate::masks::{FusionParams, ReferencePool, Similarity};
 use crate::model::lora::LoraConfig;
 use crate::model::schedule::Parameterisation;
 use crate::model::{BaseError, BaseModel, BaseSource};
@@ -43,6 +43,8 @@ pub struct AttentionConfig {
     pub layers: Vec<usize>,
     /// Cosine (default) or Eq. 3's squared-norm form.
     pub similarity: Similarity,
+    /// Eq. 3's `pool`: the mean of the reference's foreground tokens (default) or of all its tokens.
+    pub pool: ReferencePool,
 }
 
 /// Everything about the weight map `M`.

@@ -66,6 +66,9 @@ pub struct PreparedReference {
     pub tokens: Tensor,
     /// UnoPE position ids [1, N_k, 3].
     pub ids: Tensor,
+    /// Foreground tokens of the reference ([`crate::masks::reference_foreground`]), on its token grid: what
+    /// `masks.attention.pool = "foreground"` pools.
+    pub foreground: crate::masks::Grid,
 }
 
 /// An item ready for training or inspection.
@@ -220,13 +223,21 @@ pub fn prepare_item(
         .iter()
         .zip(offsets)
         .map(|(r, off)| {
+            let image = reference_at(r, reference_px);
+            let side = reference_px as usize;
+            let foreground = crate::masks::reference_foreground(image.as_raw(), side, side, p).map_err(|e| {
+                PrepareError::Geometry {
+                    item: id.clone(),
+                    message: format!("reference foreground: {e}"),
+                }
+            })?;
             Ok(PreparedReference {
-                tokens: tokens_of(codec, &reference_at(r, reference_px), device)?,
-                ids: ids_tensor(&reference_ids(rg, rg, off), 1, device)?,
+                tokens: tokens_of(codec, &image, device).map_err(tensor_err)?,
+                ids: ids_tensor(&reference_ids(rg, rg, off), 1, device).map_err(tensor_err)?,
+                foreground,
             })
         })
-        .collect::<candle_core::Result<Vec<_>>>()
-        .map_err(tensor_err)?;
+        .collect::<Result<Vec<_>, PrepareError>>()?;
     let enc = text.encode(&[&item.record.prompt]).map_err(|e| PrepareError::Text {
         item: id.clone(),
         message: e.to_string(),

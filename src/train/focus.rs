@@ -5,7 +5,8 @@
 use candle_core::Tensor;
 
 use crate::masks::{
-    FusionOutput, FusionParams, Grid, LayerHidden, MaskError, MaskInputs, attention_field, fuse, similarity_scores,
+    FusionOutput, FusionParams, Grid, LayerHidden, MaskError, MaskInputs, ReferencePool, attention_field, fuse,
+    similarity_scores,
 };
 use crate::model::BlockHidden;
 
@@ -43,12 +44,12 @@ fn rows(t: &Tensor, batch_index: usize) -> candle_core::Result<(Vec<f32>, usize)
     Ok((x.flatten_all()?.to_vec1::<f32>()?, dim))
 }
 
-/// Eq. 3 scores for each subject from the captured double-block states of batch element `batch_index`, averaged
-/// over `cfg.layers` (all blocks when empty).
+/// Eq. 3 scores for each of `item`'s subjects from the captured double-block states of batch element
+/// `batch_index`, averaged over `cfg.layers` (all blocks when empty), `CLS` pooled as `cfg.pool` says.
 pub fn subject_scores(
     hidden: &[BlockHidden],
     batch_index: usize,
-    subjects: usize,
+    item: &PreparedItem,
     cfg: &AttentionConfig,
 ) -> Result<Vec<Vec<f32>>, FocusError> {
     let layers: Vec<&BlockHidden> = if cfg.layers.is_empty() {
@@ -73,8 +74,10 @@ pub fn subject_scores(
         .iter()
         .map(|h| rows(&h.target, batch_index))
         .collect::<candle_core::Result<Vec<_>>>()?;
-    (0..subjects)
-        .map(|j| {
+    item.references
+        .iter()
+        .enumerate()
+        .map(|(j, reference)| {
             let refs = layers
                 .iter()
                 .map(|h| {
@@ -93,7 +96,11 @@ pub fn subject_scores(
                     dim: *dim,
                 })
                 .collect();
-            Ok(similarity_scores(&per_layer, cfg.similarity)?)
+            let pooled = match cfg.pool {
+                ReferencePool::Mean => None,
+                ReferencePool::Foreground => Some(reference.foreground.as_slice()),
+            };
+            Ok(similarity_scores(&per_layer, cfg.similarity, pooled)?)
         })
         .collect()
 }
@@ -107,7 +114,7 @@ pub fn step_masks(
 ) -> Result<StepMasks, FocusError> {
     let (m_s, scores) = match hidden {
         Some((h, b)) => {
-            let scores = subject_scores(h, b, item.subjects(), attention)?;
+            let scores = subject_scores(h, b, item, attention)?;
             let m_s = attention_field(&scores, &item.masks.subject_priors)?;
             (Some(m_s), scores)
         }

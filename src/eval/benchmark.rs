@@ -356,7 +356,7 @@ pub fn report_markdown(r: &BenchmarkReport) -> String {
     out.push_str(&"---|".repeat(names.len()));
     out.push('\n');
     type Getter = fn(&SplitScores) -> Option<f64>;
-    let rows: [(&str, Getter, usize); 19] = [
+    let rows: [(&str, Getter, usize); 21] = [
         ("items / images", |s| Some(s.items as f64 * 1000.0 + s.images as f64), 0),
         ("identity similarity ↑", |s| Some(s.identity_sim), 4),
         ("top-1 identification ↑", |s| s.top1_identification, 3),
@@ -387,6 +387,20 @@ pub fn report_markdown(r: &BenchmarkReport) -> String {
             "held-out implicit reward ↑",
             |s| s.denoise.map(|d| d.preference_margin),
             // Rewards are ~1e-5 per element: 7 decimals keep two significant digits (5 printed "0.00000").
+            7,
+        ),
+        (
+            "held-out subject pref. acc. ↑",
+            |s| {
+                s.denoise
+                    .map(|d| d.subject_preference_accuracy)
+                    .filter(|x| x.is_finite())
+            },
+            3,
+        ),
+        (
+            "held-out subject reward ↑",
+            |s| s.denoise.map(|d| d.subject_preference_margin).filter(|x| x.is_finite()),
             7,
         ),
     ];

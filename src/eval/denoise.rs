@@ -11,7 +11,10 @@
 //!   improved on the reference more for the winner than for the loser, i.e. the implicit reward
 //!   `z = −[(e_θ(w) − e_ref(w)) − (e_θ(l) − e_ref(l))]` of Eq. 1 (without β, which does not change its sign) is
 //!   positive; `z = 0` counts ½, so a base without adapters scores exactly 0.5;
-//! - `preference_margin`: the mean of that `z` (per-element mean squared errors, so ×β gives Eq. 1's logit).
+//! - `preference_margin`: the mean of that `z` (per-element mean squared errors, so ×β gives Eq. 1's logit);
+//! - `subject_preference_accuracy` / `subject_preference_margin`: the same with the errors measured only on the
+//!   tokens of the subjects (the union of the item's masks on the token grid, `M_prior`'s pooling rule): the
+//!   region FocusDPO's mask concentrates the loss on, where the paper claims its gain.
 
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
@@ -21,6 +24,7 @@ use super::benchmark::{mean, union_mask};
 use super::metrics::psnr;
 use super::sampler::{SampleRequest, SampleSettings, predict_conditioned};
 use crate::dip::synth::SynthItem;
+use crate::masks::{PriorConfig, prior_token_mask};
 use crate::model::schedule::{add_noise, model_time, predicted_x0, schedule_time};
 use crate::model::{Adapters, BaseModel};
 use crate::rng::{normal_vec, stream_rng};
@@ -42,6 +46,17 @@ pub struct DenoiseScores {
     pub preference_accuracy: f64,
     /// Mean held-out implicit reward `z` (without β).
     pub preference_margin: f64,
+    /// Held-out preference accuracy with the errors measured on the subject tokens only (NaN in reports written
+    /// before it existed).
+    #[serde(default = "not_measured")]
+    pub subject_preference_accuracy: f64,
+    /// Mean held-out implicit reward on the subject tokens only.
+    #[serde(default = "not_measured")]
+    pub subject_preference_margin: f64,
+}
+
+fn not_measured() -> f64 {
+    f64::NAN
 }
 
 /// The implicit reward of one pair from the four per-sample errors (policy / reference × winner / loser), Eq. 1's
@@ -78,6 +93,15 @@ fn row_mse(a: &Tensor, b: &Tensor) -> Result<Vec<f64>, EvalError> {
     Ok(d.to_vec1::<f32>()?.into_iter().map(f64::from).collect())
 }
 
+/// Per-row mean squared error `[rows]` of `a` against `b` (`[rows, tokens, channels]`) over the tokens where
+/// `tokens` (`[tokens]`, 0/1) is 1.
+fn row_mse_on(a: &Tensor, b: &Tensor, tokens: &Tensor) -> Result<Vec<f64>, EvalError> {
+    let count = f64::from(tokens.sum_all()?.to_scalar::<f32>()?);
+    let per_token = (a - b)?.sqr()?.mean(2)?;
+    let d = per_token.broadcast_mul(&tokens.unsqueeze(0)?)?.sum(1)?;
+    Ok(d.to_vec1::<f32>()?.into_iter().map(|x| f64::from(x) / count).collect())
+}
+
 /// The denoising scores of `items` with `base` (an attached LoRA is the policy; without one the policy is the
 /// base). `settings` supplies the parameterisation, the reference size and the distilled guidance.
 pub fn denoise_split(
@@ -91,6 +115,11 @@ pub fn denoise_split(
     let times: Vec<f32> = DENOISE_TIMES.iter().map(|&f| schedule_time(param, f)).collect();
     let nt = times.len();
     let (mut psnrs, mut subject_psnrs, mut rewards) = (Vec::new(), Vec::new(), Vec::new());
+    let mut subject_rewards = Vec::new();
+    let token_rule = PriorConfig {
+        stride: base.codec.pixels_per_token(),
+        coverage_threshold: 0.5,
+    };
     for (k, item) in items.iter().enumerate() {
         let grid = base
             .codec
@@ -126,8 +155,23 @@ pub fn denoise_split(
         for i in 0..nt {
             rewards.push(implicit_reward(e_policy[i], e_ref[i], e_policy[nt + i], e_ref[nt + i]));
         }
-        let x0_hat = predicted_x0(param, &noised.x_t, &policy, &ts)?;
         let mask = union_mask(item);
+        let tokens = prior_token_mask(
+            mask.as_raw(),
+            mask.width() as usize,
+            mask.height() as usize,
+            &token_rule,
+        )
+        .map_err(|e| EvalError::Invalid(format!("{}: subject tokens: {e}", item.record.id)))?;
+        if tokens.l1_norm() > 0.0 {
+            let tokens = Tensor::from_slice(tokens.as_slice(), tokens.len(), &device)?;
+            let s_policy = row_mse_on(&policy, &noised.target, &tokens)?;
+            let s_ref = row_mse_on(&reference, &noised.target, &tokens)?;
+            for i in 0..nt {
+                subject_rewards.push(implicit_reward(s_policy[i], s_ref[i], s_policy[nt + i], s_ref[nt + i]));
+            }
+        }
+        let x0_hat = predicted_x0(param, &noised.x_t, &policy, &ts)?;
         for i in 0..nt {
             let img = base
                 .codec
@@ -146,6 +190,8 @@ pub fn denoise_split(
         subject_psnr: mean(&subject_psnrs),
         preference_accuracy: preference_accuracy(&rewards).unwrap_or(f64::NAN),
         preference_margin: mean(&rewards),
+        subject_preference_accuracy: preference_accuracy(&subject_rewards).unwrap_or(f64::NAN),
+        subject_preference_margin: mean(&subject_rewards),
     })
 }
 
@@ -168,6 +214,21 @@ mod tests {
         assert_eq!(preference_accuracy(&[]), None);
     }
 
+    /// The masked error by hand: two rows, three tokens of two channels, tokens 0 and 2 counted.
+    #[test]
+    fn masked_row_mse_hand_case() -> Result<(), EvalError> {
+        let dev = candle_core::Device::Cpu;
+        let a = Tensor::new(
+            &[[[1f32, 1.], [5., 5.], [3., 1.]], [[0., 0.], [0., 0.], [0., 0.]]],
+            &dev,
+        )?;
+        let b = Tensor::zeros((2, 3, 2), candle_core::DType::F32, &dev)?;
+        let tokens = Tensor::new(&[1f32, 0., 1.], &dev)?;
+        // Row 0: token 0 → (1 + 1)/2 = 1, token 2 → (9 + 1)/2 = 5; mean over the 2 tokens = 3. Row 1: 0.
+        assert_eq!(row_mse_on(&a, &b, &tokens)?, [3.0, 0.0]);
+        Ok(())
+    }
+
     /// A base without adapters is its own reference: every reward is exactly 0, the accuracy ½; the estimates are
     /// deterministic and finite.
     #[test]
@@ -182,6 +243,8 @@ mod tests {
         let a = denoise_split(&base, &items, &cfg.sampler)?;
         assert_eq!(a.preference_accuracy, 0.5);
         assert_eq!(a.preference_margin, 0.0);
+        assert_eq!(a.subject_preference_accuracy, 0.5);
+        assert_eq!(a.subject_preference_margin, 0.0);
         assert!(a.psnr.is_finite() && a.subject_psnr.is_finite(), "{a:?}");
         assert_eq!(a, denoise_split(&base, &items, &cfg.sampler)?);
         Ok(())

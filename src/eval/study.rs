@@ -40,7 +40,7 @@ pub struct MetricSpec {
 }
 
 /// The benchmark metrics per split, in table order: name (the part after `single.` / `multi.`), label, direction.
-pub const BENCHMARK_METRICS: [(&str, &str, Better); 18] = [
+pub const BENCHMARK_METRICS: [(&str, &str, Better); 20] = [
     ("identity_sim", "identity sim", Better::Higher),
     ("top1_identification", "top-1 id", Better::Higher),
     ("auc", "verif. AUC", Better::Higher),
@@ -59,6 +59,12 @@ pub const BENCHMARK_METRICS: [(&str, &str, Better); 18] = [
     ("denoise_subject_psnr", "x̂₀ subject PSNR", Better::Higher),
     ("heldout_accuracy", "held-out pref. acc.", Better::Higher),
     ("heldout_reward", "held-out reward", Better::Higher),
+    (
+        "heldout_subject_accuracy",
+        "held-out subject pref. acc.",
+        Better::Higher,
+    ),
+    ("heldout_subject_reward", "held-out subject reward", Better::Higher),
 ];
 
 /// The benchmark splits, in table order.
@@ -115,7 +121,7 @@ pub fn benchmark_values(report: &BenchmarkReport) -> BTreeMap<String, f64> {
     for (split, s) in &report.splits {
         let v = s.verification;
         let d = s.denoise;
-        let pairs: [(&str, Option<f64>); 18] = [
+        let pairs: [(&str, Option<f64>); 20] = [
             ("identity_sim", Some(s.identity_sim)),
             ("top1_identification", s.top1_identification),
             ("auc", v.map(|v| v.auc)),
@@ -134,6 +140,8 @@ pub fn benchmark_values(report: &BenchmarkReport) -> BTreeMap<String, f64> {
             ("denoise_subject_psnr", d.map(|d| d.subject_psnr)),
             ("heldout_accuracy", d.map(|d| d.preference_accuracy)),
             ("heldout_reward", d.map(|d| d.preference_margin)),
+            ("heldout_subject_accuracy", d.map(|d| d.subject_preference_accuracy)),
+            ("heldout_subject_reward", d.map(|d| d.subject_preference_margin)),
         ];
         for (name, value) in pairs {
             if let Some(x) = value.filter(|x| x.is_finite()) {

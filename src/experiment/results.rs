@@ -42,8 +42,18 @@ pub const METRIC_VALUES: &[(&str, &[&str])] = &[
         &["*.psnr", "*.subject_psnr", "*.denoise_psnr", "*.denoise_subject_psnr"],
     ),
     ("top1_identification", &["*.top1_identification"]),
-    ("implicit_accuracy", &["*.heldout_accuracy", "train.implicit_accuracy"]),
-    ("reward_margin", &["*.heldout_reward", "train.reward_margin"]),
+    (
+        "implicit_accuracy",
+        &[
+            "*.heldout_accuracy",
+            "*.heldout_subject_accuracy",
+            "train.implicit_accuracy",
+        ],
+    ),
+    (
+        "reward_margin",
+        &["*.heldout_reward", "*.heldout_subject_reward", "train.reward_margin"],
+    ),
     ("loss", &["train.loss"]),
     ("stability", &["train.loss_std", "train.grad_spikes"]),
     ("convergence_speed", &["train.convergence_steps"]),
@@ -52,9 +62,11 @@ pub const METRIC_VALUES: &[(&str, &[&str])] = &[
 /// Columns every study table shows, whatever it asked for (when some cell has them).
 /// The held-out preference accuracy comes first: it is the one preference measure of every evaluated cell, so a
 /// plan whose own metrics are all unavailable (001's aesthetic scorers) still gets a held-out comparison.
-pub const ALWAYS_SHOWN: [&str; 4] = [
+pub const ALWAYS_SHOWN: [&str; 6] = [
     "single.heldout_accuracy",
     "multi.heldout_accuracy",
+    "single.heldout_subject_accuracy",
+    "multi.heldout_subject_accuracy",
     "train.implicit_accuracy",
     "train.loss",
 ];
@@ -624,7 +636,9 @@ pub(crate) mod tests {
             value_ids("implicit_accuracy"),
             [
                 "single.heldout_accuracy",
+                "single.heldout_subject_accuracy",
                 "multi.heldout_accuracy",
+                "multi.heldout_subject_accuracy",
                 "train.implicit_accuracy"
             ]
         );

@@ -17,7 +17,7 @@
 //!   reference shot on a plain background is mostly background; [`ReferencePool::Foreground`] (default) averages
 //!   only the tokens [`reference_foreground`] finds to differ from the reference's border colour. On the bundled
 //!   base and dataset the mean gives A_focus ≈ 0.97 at every t — what a random top-K gives — and the foreground
-//!   0.39 (t = 0.1) to 0.92 (t = 0.9) (`docs/masks.md`).
+//!   0.49 (t = 0.1) to 0.95 (t = 0.9) (`docs/masks.md`).
 //! * Ties in the top-K are broken by the lower token index, so `M'` is deterministic.
 //! * A zero vector (a dead token or an all-zero reference) has similarity 0.
 

@@ -306,6 +306,9 @@ fn docs_example_plans_resolve_completely() {
         .collect();
     assert_eq!(variants, expected);
     assert_eq!(grid(&masks, 2)[1].1, ["objective=dpo"]);
+    let gamma = resolve_plan(&read_plan_file(&dir.join("focusdpo_a3_gamma_tau05.md")).expect("parses"));
+    assert!(gamma.unresolved.is_empty(), "{:?}", gamma.unresolved);
+    assert_eq!(grid(&gamma, 0)[0].1, ["masks.fusion.gamma=0.1"]);
 }
 
 /// Every override the seed plans and a plan of every existing knob resolve to applies to a default config and

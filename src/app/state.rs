@@ -154,13 +154,9 @@ pub struct AttentionChoice {
 }
 
 impl AttentionChoice {
-    /// A hashable key (policy?, layers, foreground pooling?) for caches.
-    pub fn key(&self) -> (bool, Vec<usize>, bool) {
-        (
-            self.source == HiddenSource::Policy,
-            self.layers.clone(),
-            self.pool == ReferencePool::Foreground,
-        )
+    /// A hashable key (policy?, layers, pooling) for caches.
+    pub fn key(&self) -> (bool, Vec<usize>, ReferencePool) {
+        (self.source == HiddenSource::Policy, self.layers.clone(), self.pool)
     }
 }
 

@@ -21,7 +21,7 @@ use candle_core::Device;
 use super::overlay::{MaskValues, RgbaPixels};
 use super::state::{AttentionChoice, TIMESTEPS, t_of_index};
 use crate::dip::DipDataset;
-use crate::masks::{Branch, FusionParams, Grid, MaskInputs, attention_field, fuse};
+use crate::masks::{Branch, FusionParams, Grid, MaskInputs, ReferencePool, attention_field, fuse};
 use crate::model::schedule::Parameterisation;
 use crate::model::{Adapters, BaseModel, BaseSource, Mmdit};
 use crate::pipeline::MaskSettings;
@@ -339,7 +339,7 @@ struct Current {
 }
 
 /// (dataset root, item index, timeline index, attention key): what an `M_s(t)` depends on.
-type CacheKey = (PathBuf, usize, usize, (bool, Vec<usize>, bool));
+type CacheKey = (PathBuf, usize, usize, (bool, Vec<usize>, ReferencePool));
 
 struct ModelThread {
     notify: Notifier,

@@ -118,7 +118,7 @@ pub fn denoise_split(
     let mut subject_rewards = Vec::new();
     let token_rule = PriorConfig {
         stride: base.codec.pixels_per_token(),
-        coverage_threshold: 0.5,
+        ..PriorConfig::default()
     };
     for (k, item) in items.iter().enumerate() {
         let grid = base

@@ -35,7 +35,7 @@ pub enum Similarity {
 }
 
 /// How Eq. 3's `CLS = pool(H_{x_r})` pools a reference's tokens.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ReferencePool {
     /// Mean over all reference tokens.
@@ -90,7 +90,7 @@ pub fn reference_foreground(rgb: &[u8], width: usize, height: usize, stride: usi
         height,
         &prior::PriorConfig {
             stride,
-            coverage_threshold: 0.5,
+            ..prior::PriorConfig::default()
         },
     )
 }

@@ -1,6 +1,6 @@
 //! Benchmarks of the Detail-Preserving Complexity Estimator (Eq. 7–8) on 1024×1024 images.
 
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{Criterion, criterion_group};
 use focusdpo::masks::complexity::{ComplexityConfig, complexity_mask, local_entropy_bits};
 use std::hint::black_box;
 
@@ -38,4 +38,11 @@ fn bench_entropy(c: &mut Criterion) {
 }
 
 criterion_group!(benches, bench_entropy);
-criterion_main!(benches);
+
+/// `criterion_main!` plus the font registration: criterion draws its report plots with plotters, whose `ab_glyph`
+/// text (this crate's plots enable it) panics without a registered font.
+fn main() {
+    focusdpo::experiment::plot::register_font().expect("the bundled plot font registers");
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

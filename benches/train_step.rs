@@ -1,11 +1,11 @@
 //! The training hot paths on the tiny default (random weights: speed does not depend on them) with one bundled
-//! single-subject pair: the MMDiT forward at batch 1 (256 target + 64 reference + 16 text tokens), a full
+//! single-subject pair: the MMDiT forward at batch 1 (256 target + 64 reference + 40 text tokens), a full
 //! Diffusion-DPO step and a full FocusDPO step (policy + reference pass at batch 2, masks, backward, AdamW).
 
 use std::hint::black_box;
 
 use candle_core::{Device, Tensor};
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{Criterion, criterion_group};
 use focusdpo::model::{Adapters, BaseModel, Config, ForwardOptions};
 use focusdpo::train::RunConfig;
 use focusdpo::train::objective::ObjectiveKind;
@@ -62,4 +62,11 @@ fn bench_steps(c: &mut Criterion) {
 }
 
 criterion_group!(benches, bench_steps);
-criterion_main!(benches);
+
+/// `criterion_main!` plus the font registration: criterion draws its report plots with plotters, whose `ab_glyph`
+/// text (this crate's plots enable it) panics without a registered font.
+fn main() {
+    focusdpo::experiment::plot::register_font().expect("the bundled plot font registers");
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -160,6 +160,13 @@ fn training_run_starts_streams_curves_and_stops_within_one_step() {
     step_until(&mut h, "two logged steps", |a| {
         a.training().live().is_some_and(|l| l.curves.len() >= 2)
     });
+    // The status bar shows the frame time while the run trains.
+    let frames = h.state().frame_stats().expect("frame times are recorded");
+    assert!(frames.frames > 0 && frames.worst >= frames.mean, "{frames:?}");
+    assert!(
+        h.query_by_label_contains("ms worst").is_some(),
+        "frame time in the status bar"
+    );
     h.get_by_label("Stop").click();
     let stopped_after = h.state().training().live().unwrap().curves.len() as u64;
     step_until(&mut h, "the run to stop", |a| {

@@ -66,12 +66,16 @@ fn static_variant_writes_prior_detail_and_fused_mask() {
         "3",
         "--timesteps",
         "250,750",
-        // No backbone: a variant without M_s still writes every static map.
+        // A variant without M_s never loads the backbone (this file does not exist) and runs no forward.
         "--base",
         "/nonexistent/base.safetensors",
     ]);
     assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("note: no M_s"), "{}", text(&out));
+    assert!(
+        text(&out).contains("M_s from none (variant no-ms does not use M_s; no backbone forward)"),
+        "{}",
+        text(&out)
+    );
     let bytes = std::fs::read(&out_file).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let (shape, prior) = read_f32(&st, "m_prior");

@@ -55,6 +55,86 @@ fn train_writes_a_run_and_resume_continues_it() {
 }
 
 #[test]
+fn resume_takes_the_original_command_and_skips_a_damaged_checkpoint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = dir.path().join("runs/r");
+    let run_s = run.to_str().expect("utf-8 path");
+    let command = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--base",
+            "random:0",
+            "--objective",
+            "dpo",
+            "--out",
+            run_s,
+            "--plain",
+            "--set",
+            r#"data.items=["synth-0002"]"#,
+            "--set",
+            "log.checkpoint_every=1",
+        ];
+        args.extend_from_slice(extra);
+        focusdpo(&args)
+    };
+    let out = command(&["--steps", "2"]);
+    assert!(out.status.success(), "{}", text(&out));
+    // The same command with --resume (and more steps) continues; equal values are not a change.
+    let out = command(&["--steps", "3", "--resume", "--set", "dpo.beta=2500.0"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("finished at step 3"), "{}", text(&out));
+    // A real change is refused, named key by key, and nothing is written.
+    let metrics_before = std::fs::read(run.join("metrics.jsonl")).expect("metrics");
+    let out = command(&["--resume", "--set", "dpo.beta=10", "--seed", "4"]);
+    assert!(!out.status.success());
+    let msg = text(&out);
+    assert!(
+        msg.contains("dpo.beta: 2500.0 → 10.0") && msg.contains("seed: 0 → 4") && !msg.contains("objective"),
+        "{msg}"
+    );
+    assert_eq!(
+        std::fs::read(run.join("metrics.jsonl")).expect("metrics"),
+        metrics_before
+    );
+    // A torn last line is kept and the next record starts on a new line; a damaged newest checkpoint is skipped.
+    let torn = r#"{"step":4,"lo"#;
+    let mut log = String::from_utf8(metrics_before).expect("utf-8");
+    log.push_str(torn);
+    std::fs::write(run.join("metrics.jsonl"), &log).expect("write");
+    std::fs::write(run.join("checkpoints/step-3/lora.safetensors"), b"garbage").expect("damage");
+    let out = command(&["--steps", "4", "--resume"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let msg = text(&out);
+    assert!(
+        msg.contains("warning: resuming from step 2") && msg.contains("step-3") && msg.contains("steps 3..4"),
+        "{msg}"
+    );
+    let log = std::fs::read_to_string(run.join("metrics.jsonl")).expect("metrics");
+    let after_torn = log
+        .split(&format!("{torn}\n"))
+        .nth(1)
+        .expect("the torn line is kept, then a newline");
+    let next: serde_json::Value = serde_json::from_str(after_torn.lines().next().unwrap_or("")).expect("a record");
+    assert!(next.get("event").is_some(), "{log}");
+    assert!(
+        log.contains(r#"{"event":"resume","from_step":2,"skipped":[{"error""#),
+        "{log}"
+    );
+    let (steps, _) = focusdpo::train::run_store::read_metrics(&run).expect("the log still reads");
+    assert_eq!(steps.len(), 4);
+    // With every checkpoint damaged, resume is a clear error.
+    for step in 1..=4 {
+        let lora = run.join(format!("checkpoints/step-{step}/lora.safetensors"));
+        if lora.is_file() {
+            std::fs::write(lora, b"garbage").expect("damage");
+        }
+    }
+    let out = command(&["--steps", "5", "--resume"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("no intact checkpoint"), "{}", text(&out));
+}
+
+#[test]
 fn train_reports_bad_settings_without_running() {
     let dir = tempfile::tempdir().expect("tempdir");
     let run = dir.path().join("r");

@@ -8,6 +8,7 @@
 pub mod controls;
 pub mod experiment_worker;
 pub mod experiments;
+pub mod frame_time;
 pub mod inspector;
 pub mod overlay;
 pub mod state;
@@ -36,6 +37,9 @@ pub struct StudioOptions {
     pub runs_dir: PathBuf,
     /// Read and write settings through eframe's storage.
     pub persist: bool,
+    /// Print the frame-time statistics to stderr once a second (`FOCUSDPO_FRAME_STATS=1`), for measuring the UI
+    /// under load without a screen.
+    pub frame_stats_to_stderr: bool,
 }
 
 impl Default for StudioOptions {
@@ -45,12 +49,53 @@ impl Default for StudioOptions {
             base: BaseSource::Bundled,
             runs_dir: PathBuf::from("runs"),
             persist: true,
+            frame_stats_to_stderr: false,
         }
     }
 }
 
-/// Opens the Studio window and runs it until it is closed.
+/// What the Studio needs from the machine, said whenever the window cannot open.
+const WINDOW_NEEDS: &str = "The Studio needs a display and a wgpu adapter: a GPU driver, or software Vulkan \
+     (Debian/Ubuntu: apt-get install mesa-vulkan-drivers libvulkan1). Without a display, run it under Xvfb \
+     (apt-get install xvfb; xvfb-run -a focusdpo). Every command of the CLI (focusdpo --help) works without a \
+     display.";
+
+/// Why the window cannot open on this machine, found before eframe tries (None: it may try).
+fn missing_display() -> Option<String> {
+    if !cfg!(all(unix, not(target_os = "macos"))) {
+        return None;
+    }
+    let set = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty());
+    (!set("DISPLAY") && !set("WAYLAND_DISPLAY"))
+        .then(|| "no display (neither DISPLAY nor WAYLAND_DISPLAY is set)".to_string())
+}
+
+/// Opens the Studio window and runs it until it is closed. Without a display or a wgpu adapter it returns an error
+/// that says what to install, instead of panicking.
 pub fn run(options: StudioOptions) -> anyhow::Result<()> {
+    if let Some(problem) = missing_display() {
+        anyhow::bail!("cannot open the Studio window: {problem}. {WINDOW_NEEDS}");
+    }
+    // eframe reports a missing adapter as an error; a panic deeper in winit or a driver is caught as a last
+    // guard, so that the user gets the same advice.
+    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| open_window(options)));
+    match opened {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(anyhow::anyhow!("cannot open the Studio window: {e}. {WINDOW_NEEDS}")),
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_string()))
+                .unwrap_or_else(|| "a panic".to_string());
+            Err(anyhow::anyhow!(
+                "the Studio window failed to start ({why}). {WINDOW_NEEDS}"
+            ))
+        }
+    }
+}
+
+fn open_window(options: StudioOptions) -> Result<(), eframe::Error> {
     let native = eframe::NativeOptions {
         viewport: egui::ViewportBuilder::default()
             .with_title("FocusDPO Studio")
@@ -64,7 +109,6 @@ pub fn run(options: StudioOptions) -> anyhow::Result<()> {
         native,
         Box::new(move |cc| Ok(Box::new(StudioApp::new(cc, options)))),
     )
-    .map_err(|e| anyhow::anyhow!("cannot open the Studio window: {e}"))
 }
 
 /// Severity of a message shown in the window.
@@ -148,6 +192,8 @@ pub struct StudioApp {
     policy: Option<(PathBuf, u64)>,
     training: training::TrainingPanel,
     experiments: experiments::ExperimentsPanel,
+    frame_times: frame_time::FrameTimes,
+    frame_stats_printed: Option<Instant>,
 }
 
 impl StudioApp {
@@ -209,6 +255,8 @@ impl StudioApp {
             policy: None,
             training,
             experiments,
+            frame_times: frame_time::FrameTimes::default(),
+            frame_stats_printed: None,
         };
         app.open_dataset(dataset_dir);
         app
@@ -247,6 +295,11 @@ impl StudioApp {
     /// Measured update latencies.
     pub fn latency(&self) -> Latency {
         self.latency
+    }
+
+    /// Mean and worst frame time over the last second (as the status bar shows them).
+    pub fn frame_stats(&self) -> Option<frame_time::FrameStats> {
+        self.frame_times.stats()
     }
 
     /// Pan and zoom of the interactive overlay views.
@@ -670,7 +723,29 @@ impl StudioApp {
                 ui.separator();
                 ui.label(format!("policy: {} @ step {step}", run.display()));
             }
+            if let Some(stats) = self.frame_times.stats() {
+                ui.separator();
+                ui.label(stats.to_string())
+                    .on_hover_text("CPU time per frame (update, tessellation, painting) over the last second");
+            }
         });
+    }
+
+    /// Records the frame time: eframe's CPU time of the previous frame when it reports one (a real window),
+    /// else this frame's update time (`update_started` = when `ui` began).
+    fn record_frame(&mut self, cpu_of_previous: Option<f32>, update_started: Instant) {
+        let now = Instant::now();
+        let took = cpu_of_previous.map_or_else(|| now.duration_since(update_started), Duration::from_secs_f32);
+        self.frame_times.push(now, took);
+        if self.options.frame_stats_to_stderr
+            && self
+                .frame_stats_printed
+                .is_none_or(|at| now.duration_since(at) >= frame_time::FRAME_WINDOW)
+            && let Some(stats) = self.frame_times.stats()
+        {
+            eprintln!("{stats}");
+            self.frame_stats_printed = Some(now);
+        }
     }
 }
 
@@ -678,7 +753,12 @@ impl StudioApp {
 pub const PLAY_STEP: Duration = Duration::from_millis(250);
 
 impl eframe::App for StudioApp {
-    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+    fn ui(&mut self, ui: &mut egui::Ui, frame: &mut eframe::Frame) {
+        let update_started = Instant::now();
+        let cpu_of_previous = frame.info().cpu_usage;
+        if let Some(cpu) = cpu_of_previous {
+            self.record_frame(Some(cpu), update_started);
+        }
         let ctx = ui.ctx().clone();
         self.drain_replies(&ctx);
         self.handle_dropped_files(&ctx);
@@ -718,6 +798,9 @@ impl eframe::App for StudioApp {
             Tab::Experiments => {
                 egui::CentralPanel::default().show(ui, |ui| experiments::experiments_ui(self, ui));
             }
+        }
+        if cpu_of_previous.is_none() {
+            self.record_frame(None, update_started);
         }
     }
 

@@ -282,6 +282,9 @@ impl TrainingPanel {
                         live.status = RunStatus::Failed { step, error };
                         ended = true;
                     }
+                    Event::Warning(text) => self
+                        .outcomes
+                        .push(Outcome::Info(format!("run `{}`: {text}", live.name))),
                     Event::Masks(_) | Event::Checkpoint(_) | Event::Dumped { .. } | Event::Pairs(_) => {}
                 }
             }

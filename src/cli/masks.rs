@@ -154,6 +154,11 @@ pub fn run(args: &MasksArgs) -> anyhow::Result<()> {
             .collect())
     };
     let (per_t, m_s_source) = match &args.ms_mask {
+        // The variant does not read M_s: no backbone is loaded and no forward runs.
+        None if !args.variant.needs_attention_field() => (
+            same_for_every_t(None)?,
+            format!("none (variant {} does not use M_s; no backbone forward)", args.variant),
+        ),
         Some(path) => {
             let m_s = attention_field_from_file(path, &item, &settings, &masks.m_prior)?;
             (
@@ -198,17 +203,13 @@ pub fn run(args: &MasksArgs) -> anyhow::Result<()> {
                     ),
                 )
             }
-            Err(e) if args.variant.needs_attention_field() => {
+            Err(e) => {
                 bail!(
                     "variant `{}` needs the attention field M_s (Eq. 3–6) from the backbone, which cannot be loaded: \
                      {e}. Choose --base random:SEED or a file, pass --ms-mask FILE.png, or choose a variant without \
                      M_s (uniform, prior, complexity, no-ms)",
                     args.variant
                 );
-            }
-            Err(e) => {
-                eprintln!("note: no M_s ({e}); writing the maps that do not need the backbone");
-                (same_for_every_t(None)?, "none".to_string())
             }
         },
     };

@@ -46,7 +46,11 @@ enum Command {
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let Some(command) = cli.command else {
-        return focusdpo::app::run(focusdpo::app::StudioOptions::default()).map(|()| ExitCode::SUCCESS);
+        let options = focusdpo::app::StudioOptions {
+            frame_stats_to_stderr: std::env::var_os("FOCUSDPO_FRAME_STATS").is_some_and(|v| v != "0" && !v.is_empty()),
+            ..focusdpo::app::StudioOptions::default()
+        };
+        return focusdpo::app::run(options).map(|()| ExitCode::SUCCESS);
     };
     match command {
         Command::Dip(cmd) => dip::run(cmd),

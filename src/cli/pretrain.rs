@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 use candle_core::{DType, Device};
 use clap::Args;
 use focusdpo::train::pretrain::{BASE_FILE, PretrainConfig, PretrainRecord, Pretrainer};
-use focusdpo::train::run_store::{RunStore, latest_checkpoint};
+use focusdpo::train::run_store::{RunStore, latest_checkpoint, restore_newest_intact};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Debug, Args)]
@@ -92,14 +92,16 @@ pub fn run(args: &PretrainArgs) -> anyhow::Result<()> {
         if args.config.is_some() || !args.set.is_empty() || args.seed.is_some() {
             bail!("--resume continues a run with its own config.toml; only --steps may change");
         }
-        let (store, mut cfg, ckpt) = RunStore::resume::<PretrainConfig>(&args.out)?;
+        let (mut store, mut cfg) = RunStore::resume::<PretrainConfig>(&args.out)?;
         if let Some(s) = args.steps {
             cfg.steps = s;
         }
         let mut trainer = Pretrainer::new(cfg, &device)?;
-        if let Some(ckpt) = ckpt {
-            trainer.restore(&ckpt)?;
+        let resumed = restore_newest_intact(&args.out, |c| trainer.restore(c).map_err(|e| e.to_string()))?;
+        if let Some(note) = resumed.fallback_note() {
+            eprintln!("warning: {note}");
         }
+        store.mark_resume(&resumed)?;
         (store, trainer)
     } else {
         let cfg = build_config(args)?;

@@ -7,7 +7,9 @@ use anyhow::{Context, bail};
 use clap::Args;
 use focusdpo::model::BaseSource;
 use focusdpo::train::RunConfig;
+use focusdpo::train::config::Preset;
 use focusdpo::train::objective::ObjectiveKind;
+use focusdpo::train::run_store::{CONFIG_FILE, read_config};
 use focusdpo::train::session::{Event, Launch, Session, SessionOptions};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -25,6 +27,10 @@ pub struct TrainArgs {
     /// Run directory (created; must not hold a run unless --resume).
     #[arg(long)]
     out: PathBuf,
+    /// Start from a named set of settings: `paper` (the FocusDPO paper's rank-32 LoRA, AdamW lr 1e-8, 2000
+    /// steps; docs/training.md). --config, the options and --set apply on top.
+    #[arg(long)]
+    preset: Option<Preset>,
     /// A run config (TOML); command-line options override it.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -48,11 +54,16 @@ pub struct TrainArgs {
     plain: bool,
 }
 
-fn build_config(args: &TrainArgs) -> anyhow::Result<RunConfig> {
-    let mut cfg = match &args.config {
-        Some(path) => RunConfig::from_file(path)?,
-        None => RunConfig::default(),
-    };
+/// The run config the command line asks for: `start` (the defaults for a new run, the run's own config on resume)
+/// with the preset's keys, then the config file's, then the options, then `--set` applied on top.
+fn build_config(args: &TrainArgs, start: Option<RunConfig>) -> anyhow::Result<RunConfig> {
+    let mut cfg = start.unwrap_or_default();
+    if let Some(preset) = args.preset {
+        cfg = cfg.with_preset(preset)?;
+    }
+    if let Some(path) = &args.config {
+        cfg = cfg.overlaid_with_file(path)?;
+    }
     if let Some(o) = args.objective {
         cfg.objective = o;
     }
@@ -90,16 +101,14 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         None => None,
     };
     let launch = if args.resume {
-        if args.config.is_some() || !args.set.is_empty() || args.objective.is_some() || args.base.is_some() {
-            bail!("--resume continues a run with its own config.toml; only --steps may change");
-        }
+        check_resume_keeps_settings(args)?;
         Launch::Resume {
             dir: args.out.clone(),
             steps: args.steps,
         }
     } else {
         Launch::New {
-            config: Box::new(build_config(args)?),
+            config: Box::new(build_config(args, None)?),
             dir: args.out.clone(),
         }
     };
@@ -172,6 +181,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
                 note(&bar, args.plain, line);
             }
             Event::Checkpoint(c) => note(&bar, args.plain, format!("checkpoint {}", c.dir.display())),
+            Event::Warning(text) => note(&bar, args.plain, format!("warning: {text}")),
             Event::Dumped { step, path } => note(&bar, args.plain, format!("step {step} tensors → {}", path.display())),
             Event::Finished { step, stopped } => {
                 bar.finish_and_clear();
@@ -201,6 +211,32 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     }
     session.join();
     Ok(())
+}
+
+/// `--resume` with the original command line: every setting the command states must equal the run's own
+/// (`config.toml`); only `--steps` may change. A setting that differs is named with both values.
+fn check_resume_keeps_settings(args: &TrainArgs) -> anyhow::Result<()> {
+    if !args.out.join(CONFIG_FILE).is_file() {
+        bail!(
+            "{}: no run to resume (no {CONFIG_FILE}); drop --resume to start one",
+            args.out.display()
+        );
+    }
+    let run: RunConfig = read_config(&args.out)?;
+    let mut wanted = build_config(args, Some(run.clone()))?;
+    wanted.steps = run.steps;
+    let changes = run.changes_to(&wanted);
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let lines: Vec<String> = changes.iter().map(|c| format!("  {c}")).collect();
+    bail!(
+        "--resume: this command changes settings of the run in {} (run's value → this command's):\n{}\nresume \
+         with the run's settings (drop or correct these options; only --steps may change), or start a new run \
+         with another --out",
+        args.out.display(),
+        lines.join("\n")
+    )
 }
 
 /// A line above the progress bar (or plain output).

@@ -97,7 +97,10 @@ impl DrawingBackend for ImageBackend<'_> {
     }
 }
 
-fn register_font() -> Result<(), PlotError> {
+/// Registers the plots' font with plotters (once per process). Plotters' `ab_glyph` text, which our plots use,
+/// has no system fonts: anything else in the process that draws text with plotters (criterion's bench reports)
+/// needs this call first.
+pub fn register_font() -> Result<(), PlotError> {
     static REGISTERED: OnceLock<Result<(), String>> = OnceLock::new();
     REGISTERED
         .get_or_init(|| {

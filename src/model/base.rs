@@ -3,8 +3,10 @@
 //! File layout: FLUX tensor names for the MMDiT (so a FLUX/UNO checkpoint is the same format), plus the tiny
 //! model's prompt tables (`prompt_embed.*`, see [`super::text`]). The safetensors metadata carries
 //! `focusdpo.config` (the [`Config`] as JSON) and `focusdpo.patch` (pixel-unshuffle factor). A file without
-//! them is read as FLUX.1-dev, which needs the FLUX autoencoder ([`BaseModel::with_autoencoder`]) and text
-//! encoders ([`BaseModel::with_text_encoders`]), given by path (see `docs/backbone.md`).
+//! them is a FLUX checkpoint in BFL naming whose sizes are read from its tensor shapes
+//! ([`super::flux_shapes`]: FLUX.1-dev, schnell or smaller; patch 2 on VAE latents), which needs the FLUX
+//! autoencoder ([`BaseModel::with_autoencoder`]) and text encoders ([`BaseModel::with_text_encoders`]), given by
+//! path, and may carry UNO's LoRA ([`BaseModel::with_base_lora`]); see `docs/backbone.md`.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -15,11 +17,13 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use super::codec::{CodecError, FluxAutoencoder, ImageCodec};
+use super::flux_shapes::flux_layout_from_shapes;
 use super::flux_text::{ClipTextEncoder, FluxTextEncoders, T5TextEncoder, TextConditioner};
 use super::hf::LoadError;
 use super::mmdit::{Mmdit, ModelError};
 use super::text::{PromptEncoder, random_prompt_tables};
-use super::weights::{WeightsError, read_header, var_builder};
+use super::weights::{WeightsError, read_header, tensor_shapes, var_builder};
+use super::xflux_lora::{is_xflux_lora, read_xflux_lora};
 use super::{Config, testing};
 
 /// Metadata key of the JSON config.
@@ -76,6 +80,53 @@ impl TryFrom<String> for BaseSource {
 impl From<BaseSource> for String {
     fn from(b: BaseSource) -> String {
         b.to_string()
+    }
+}
+
+/// A LoRA merged into the base when it loads (UNO's `dit_lora.safetensors`), with its scale (UNO's
+/// `lora_weight`). Written `FILE` or `FILE:SCALE` on the command line.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaseLora {
+    /// The LoRA file (x-flux naming).
+    pub path: PathBuf,
+    /// Its scale (1 = as trained).
+    #[serde(default = "unit_scale")]
+    pub scale: f64,
+}
+
+fn unit_scale() -> f64 {
+    1.0
+}
+
+impl FromStr for BaseLora {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err("empty base LoRA (use FILE or FILE:SCALE)".into());
+        }
+        let (path, scale) = match s.rsplit_once(':') {
+            Some((p, sc)) if !p.is_empty() && sc.parse::<f64>().is_ok() => (p, sc.parse::<f64>().unwrap_or(1.0)),
+            _ => (s, 1.0),
+        };
+        if !scale.is_finite() {
+            return Err(format!("`{s}`: the scale after `:` must be a finite number"));
+        }
+        Ok(Self {
+            path: PathBuf::from(path),
+            scale,
+        })
+    }
+}
+
+impl fmt::Display for BaseLora {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.scale == 1.0 {
+            write!(f, "{}", self.path.display())
+        } else {
+            write!(f, "{}:{}", self.path.display(), self.scale)
+        }
     }
 }
 
@@ -262,9 +313,16 @@ impl BaseModel {
             path: path.to_path_buf(),
             reason,
         };
-        let cfg: Config = match meta.get(META_CONFIG) {
-            Some(json) => serde_json::from_str(json).map_err(|e| fmt_err(format!("metadata `{META_CONFIG}`: {e}")))?,
-            None => Config::flux_dev(),
+        let (cfg, prefix): (Config, &str) = match meta.get(META_CONFIG) {
+            Some(json) => (
+                serde_json::from_str(json).map_err(|e| fmt_err(format!("metadata `{META_CONFIG}`: {e}")))?,
+                "",
+            ),
+            None => {
+                let shapes = tensor_shapes(path).map_err(|e| fmt_err(e.to_string()))?;
+                let layout = flux_layout_from_shapes(&shapes).map_err(|e| fmt_err(e.to_string()))?;
+                (layout.config, layout.prefix)
+            }
         };
         let patch = match meta.get(META_PATCH) {
             Some(p) => p
@@ -284,7 +342,40 @@ impl BaseModel {
                 reason: other.to_string(),
             },
         })?;
+        let vb = match prefix.strip_suffix('.') {
+            Some(p) => vb.pp(p),
+            None => vb,
+        };
         Self::from_var_builder(&cfg, patch, vb, BaseSource::File(path.to_path_buf())).map_err(model_err)
+    }
+
+    /// Merges a base LoRA (UNO's `dit_lora.safetensors`, x-flux naming: [`super::xflux_lora`]) into the weights,
+    /// scaled by `scale` (UNO's `lora_weight`, 1 by default). The merged model is the base that FocusDPO's own
+    /// LoRA trains on and the reference model of DPO.
+    pub fn with_base_lora(mut self, path: &Path, scale: f64) -> Result<Self, BaseError> {
+        let fmt_err = |reason: String| BaseError::Format {
+            path: path.to_path_buf(),
+            reason,
+        };
+        if !path.is_file() {
+            return Err(BaseError::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such base LoRA file"),
+            });
+        }
+        let tensors = candle_core::safetensors::load(path, self.mmdit.device()).map_err(|e| fmt_err(e.to_string()))?;
+        if !is_xflux_lora(tensors.keys()) {
+            return Err(fmt_err(
+                "not a LoRA in x-flux processor naming (`double_blocks.N.processor.qkv_lora1.down.weight`, …), the \
+                 naming of UNO's dit_lora.safetensors"
+                    .into(),
+            ));
+        }
+        let pieces = read_xflux_lora(&tensors, self.config()).map_err(|e| fmt_err(e.to_string()))?;
+        self.mmdit
+            .merge_base_lora(&pieces, scale)
+            .map_err(|e| fmt_err(e.to_string()))?;
+        Ok(self)
     }
 
     /// The model config.
@@ -420,6 +511,20 @@ fn source_name(seed: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn base_lora_parses_with_and_without_a_scale() {
+        let l: BaseLora = "dit_lora.safetensors".parse().expect("plain");
+        assert_eq!((l.path, l.scale), (PathBuf::from("dit_lora.safetensors"), 1.0));
+        let l: BaseLora = "c:/w/dit_lora.safetensors:0.8".parse().expect("scaled");
+        assert_eq!(
+            (l.path.clone(), l.scale),
+            (PathBuf::from("c:/w/dit_lora.safetensors"), 0.8)
+        );
+        assert_eq!(l.to_string(), "c:/w/dit_lora.safetensors:0.8");
+        assert!("".parse::<BaseLora>().is_err());
+        assert!("x.safetensors:inf".parse::<BaseLora>().is_err());
+    }
 
     #[test]
     fn base_source_parses_and_round_trips() {

@@ -86,6 +86,29 @@ impl Linear {
         })
     }
 
+    /// Adds `delta` [rows, in] to the weight rows `row_start..row_start + rows` (merging a frozen low-rank update
+    /// into the base, e.g. UNO's LoRA); computed in f32 and stored in the weight's dtype.
+    pub fn merge_into_weight(&mut self, delta: &Tensor, row_start: usize) -> Result<()> {
+        let (out_dim, in_dim) = self.weight.dims2()?;
+        let (rows, delta_in) = delta.dims2()?;
+        if delta_in != in_dim || row_start + rows > out_dim {
+            candle_core::bail!(
+                "update for `{}` is [{rows}, {delta_in}] at row {row_start}, the layer is [{out_dim}, {in_dim}]",
+                self.path
+            );
+        }
+        let dtype = self.weight.dtype();
+        let part = self
+            .weight
+            .narrow(0, row_start, rows)?
+            .to_dtype(candle_core::DType::F32)?;
+        let merged = (part + delta.to_dtype(candle_core::DType::F32)?)?.to_dtype(dtype)?;
+        self.weight = self
+            .weight
+            .slice_assign(&[row_start..row_start + rows, 0..in_dim], &merged)?;
+        Ok(())
+    }
+
     /// The weight, [out, in].
     pub fn weight(&self) -> &Tensor {
         &self.weight

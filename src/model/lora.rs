@@ -125,7 +125,10 @@ pub enum LoraError {
         found: Vec<usize>,
     },
     /// The file's tensors match neither naming.
-    #[error("no LoRA tensor in kohya (lora_unet_…) or PEFT (base_model.model.…) naming was found")]
+    #[error(
+        "no LoRA tensor in kohya (lora_unet_…), PEFT (base_model.model.…) or x-flux (…processor.qkv_lora1…) naming was \
+         found"
+    )]
     UnknownFormat,
     /// A candle error.
     #[error(transparent)]
@@ -209,6 +212,12 @@ impl LoraSet {
             adapters.insert(path.to_string(), LoraAdapter { a, b, scale });
         }
         Ok(Self { cfg, adapters })
+    }
+
+    /// A set of given adapters, keyed by the FLUX path of the layer each adapts (a LoRA read from a file rather
+    /// than initialised).
+    pub fn from_adapters(cfg: LoraConfig, adapters: BTreeMap<String, LoraAdapter>) -> Self {
+        Self { cfg, adapters }
     }
 
     /// Adapters for a FLUX-format model config (every `weight` [out, in] of its checkpoint naming).

@@ -559,6 +559,27 @@ impl Mmdit {
         out
     }
 
+    /// Merges frozen low-rank updates (a base LoRA such as UNO's, [`super::xflux_lora`]) into the weights they
+    /// adapt, each scaled by `scale`: the merged model is the new base (and the reference model of DPO).
+    pub fn merge_base_lora(&mut self, pieces: &[super::xflux_lora::BaseLoraPiece], scale: f64) -> Result<()> {
+        let mut pending: Vec<Option<&super::xflux_lora::BaseLoraPiece>> = pieces.iter().map(Some).collect();
+        for linear in self.linears_mut() {
+            for slot in pending.iter_mut() {
+                if let Some(piece) = slot.filter(|p| p.target == linear.path()) {
+                    linear.merge_into_weight(&piece.delta(scale)?, piece.rows.start)?;
+                    *slot = None;
+                }
+            }
+        }
+        if let Some(piece) = pending.into_iter().flatten().next() {
+            candle_core::bail!(
+                "the base LoRA adapts `{}`, which this model does not have",
+                piece.target
+            );
+        }
+        Ok(())
+    }
+
     /// Attaches the adapters of `lora` to the layers with the same FLUX path (the adapters share their `Var`s with
     /// the set, so an optimiser stepping `lora.vars()` trains this model). Every adapter of the set must find its
     /// layer with matching shapes; layers without an adapter in the set lose any previous one.
@@ -1159,6 +1180,136 @@ mod tests {
             target_ids(2, 2),
             vec![[0., 0., 0.], [0., 0., 1.], [0., 1., 0.], [0., 1., 1.]]
         );
+    }
+
+    fn max_rel_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        let diff = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        Ok(diff / scale.max(1e-12))
+    }
+
+    /// A FLUX-format file without our metadata, with the `model.diffusion_model.` prefix, of a size that is
+    /// neither FLUX.1-dev nor the tiny default: the sizes come from the shapes and the model is the same.
+    #[test]
+    fn a_flux_file_without_metadata_loads_with_the_sizes_of_its_shapes() -> Result<()> {
+        let cfg = Config {
+            in_channels: 64,
+            hidden_size: 64,
+            num_heads: 2,
+            axes_dim: crate::model::flux_shapes::flux_axes_dim(32),
+            depth: 2,
+            depth_single_blocks: 1,
+            mlp_ratio: 3.0,
+            guidance_embed: false,
+            ..Config::tiny()
+        };
+        let weights = random_weights(&cfg, SEED, &Device::Cpu)?;
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("flux-small.safetensors");
+        let prefixed: HashMap<String, Tensor> = weights
+            .iter()
+            .map(|(k, v)| (format!("model.diffusion_model.{k}"), v.clone()))
+            .collect();
+        candle_core::safetensors::save(&prefixed, &path)?;
+        let base = crate::model::BaseModel::load_file(&path, &Device::Cpu).expect("loads");
+        assert_eq!(base.config(), &cfg);
+        assert_eq!(base.patch, 2);
+        let direct = load_mmapped(&cfg, &weights, dir.path()).expect("direct");
+        let inputs = Inputs::new(&cfg, 1, 4, 1, SEED)?;
+        let a = inputs
+            .run(&base.mmdit, &inputs.img, ForwardOptions::default())?
+            .prediction;
+        let b = inputs.run(&direct, &inputs.img, ForwardOptions::default())?.prediction;
+        assert_eq!(max_rel_diff(&a, &b)?, 0.0);
+        // Not FLUX-format: the error names the file and the first tensor that does not fit.
+        let mut broken = prefixed.clone();
+        broken.remove("model.diffusion_model.single_blocks.0.linear2.bias");
+        candle_core::safetensors::save(&broken, &path)?;
+        let e = crate::model::BaseModel::load_file(&path, &Device::Cpu)
+            .expect_err("missing tensor")
+            .to_string();
+        assert!(
+            e.contains("flux-small.safetensors") && e.contains("single_blocks.0.linear2.bias"),
+            "{e}"
+        );
+        Ok(())
+    }
+
+    /// UNO's LoRA in x-flux naming on every block (image and text streams, the single blocks' q/k/v rows of
+    /// `linear1` and `linear2`): merged into the base, the forward equals the same LoRA applied as adapters.
+    #[test]
+    fn an_xflux_lora_merged_into_the_base_equals_the_unmerged_adapters() -> Result<()> {
+        use crate::model::lora::{LoraAdapter, LoraConfig, LoraSet};
+        use crate::model::xflux_lora::read_xflux_lora;
+        let cfg = Config::micro();
+        let (h, m, r) = (cfg.hidden_size, cfg.mlp_hidden_dim(), 3);
+        let dev = Device::Cpu;
+        let mut lora = HashMap::new();
+        let mut add = |stem: String, rows: usize, inp: usize, seed: u64| -> Result<()> {
+            lora.insert(
+                format!("{stem}.down.weight"),
+                random_tensor(&[r, inp], 0.2, seed, &dev)?,
+            );
+            lora.insert(
+                format!("{stem}.up.weight"),
+                random_tensor(&[rows, r], 0.2, seed + 1, &dev)?,
+            );
+            Ok(())
+        };
+        for i in 0..cfg.depth {
+            add(format!("double_blocks.{i}.processor.qkv_lora1"), 3 * h, h, 10)?;
+            add(format!("double_blocks.{i}.processor.proj_lora1"), h, h, 20)?;
+            add(format!("double_blocks.{i}.processor.qkv_lora2"), 3 * h, h, 30)?;
+            add(format!("double_blocks.{i}.processor.proj_lora2"), h, h, 40)?;
+        }
+        for i in 0..cfg.depth_single_blocks {
+            add(format!("single_blocks.{i}.processor.qkv_lora"), 3 * h, h, 50)?;
+            add(format!("single_blocks.{i}.processor.proj_lora"), h, h + m, 60)?;
+        }
+        let weights = random_weights(&cfg, SEED, &dev)?;
+        let dir = tempfile::tempdir()?;
+        let plain = load_mmapped(&cfg, &weights, dir.path()).expect("base");
+        let pieces = read_xflux_lora(&lora, &cfg).expect("x-flux LoRA");
+        let scale = 0.7;
+        let mut merged = plain.clone();
+        merged.merge_base_lora(&pieces, scale)?;
+        // Unmerged: each piece as an adapter whose B covers the layer's rows (zero outside the LoRA's rows).
+        let mut adapters = std::collections::BTreeMap::new();
+        for p in &pieces {
+            let out_dim = if p.target.ends_with("linear1") {
+                3 * h + m
+            } else {
+                p.rows.len()
+            };
+            let pad = out_dim - p.rows.len();
+            let b = if pad > 0 {
+                Tensor::cat(&[&p.up, &Tensor::zeros((pad, r), DType::F32, &dev)?], 0)?
+            } else {
+                p.up.clone()
+            };
+            adapters.insert(
+                p.target.clone(),
+                LoraAdapter {
+                    a: candle_core::Var::from_tensor(&p.down)?,
+                    b: candle_core::Var::from_tensor(&b)?,
+                    scale,
+                },
+            );
+        }
+        let mut unmerged = plain.clone();
+        unmerged.attach_lora(&LoraSet::from_adapters(LoraConfig::default(), adapters))?;
+        let inputs = Inputs::new(&cfg, 2, 4, 2, SEED)?;
+        let on = ForwardOptions::default();
+        let a = inputs.run(&merged, &inputs.img, on)?.prediction;
+        let b = inputs.run(&unmerged, &inputs.img, on)?.prediction;
+        let base = inputs.run(&plain, &inputs.img, on)?.prediction;
+        assert!(
+            max_rel_diff(&a, &b)? <= 1e-5,
+            "merged vs unmerged {}",
+            max_rel_diff(&a, &b)?
+        );
+        assert!(max_rel_diff(&a, &base)? > 1e-3, "the LoRA changes the model");
+        Ok(())
     }
 
     #[test]

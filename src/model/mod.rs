@@ -4,6 +4,7 @@ pub mod base;
 pub mod codec;
 pub mod config;
 pub mod encoder;
+pub mod flux_shapes;
 pub mod flux_text;
 pub mod hf;
 pub mod linear;
@@ -15,8 +16,9 @@ pub mod schedule;
 pub mod testing;
 pub mod text;
 pub mod weights;
+pub mod xflux_lora;
 
-pub use base::{BaseError, BaseModel, BaseSource};
+pub use base::{BaseError, BaseLora, BaseModel, BaseSource};
 pub use codec::ImageCodec;
 pub use config::{Config, ConfigError};
 pub use flux_text::TextConditioner;

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::masks::{FusionParams, ReferencePool, Similarity};
 use crate::model::lora::LoraConfig;
 use crate::model::schedule::Parameterisation;
-use crate::model::{BaseError, BaseModel, BaseSource};
+use crate::model::{BaseError, BaseLora, BaseModel, BaseSource};
 use crate::pipeline::MaskSettings;
 
 use super::negatives::{BaseNegativesConfig, LoserSource};
@@ -113,6 +113,9 @@ impl ScheduleConfig {
 pub struct ModelSettings {
     /// `bundled`, `random:SEED` or a safetensors path.
     pub base: BaseSource,
+    /// LoRAs merged into the base when it loads, in order (UNO's `dit_lora.safetensors`: x-flux naming), each
+    /// `{ path = "…", scale = 1.0 }`. FocusDPO's own LoRA trains on top of the merged base.
+    pub base_loras: Vec<BaseLora>,
     /// Side of the reference images fed to the model, in pixels (UNO also feeds references smaller than the
     /// target); a multiple of the patch size.
     pub reference_px: u32,
@@ -141,6 +144,7 @@ impl Default for ModelSettings {
     fn default() -> Self {
         Self {
             base: BaseSource::Bundled,
+            base_loras: Vec::new(),
             reference_px: 32,
             device: "cpu".into(),
             autoencoder: None,
@@ -205,6 +209,9 @@ impl ModelSettings {
     /// Loads the base on `device` with the autoencoder and text encoders these settings name.
     pub fn load_base(&self, device: &candle_core::Device) -> Result<BaseModel, BaseError> {
         let mut base = BaseModel::load(&self.base, device)?;
+        for lora in &self.base_loras {
+            base = base.with_base_lora(&lora.path, lora.scale)?;
+        }
         base.train_guidance = self.guidance;
         if let Some(ae) = &self.autoencoder {
             base = base.with_autoencoder(ae)?;
@@ -401,6 +408,53 @@ impl RunConfig {
         apply_overrides(self, overrides)
     }
 
+    /// This config with the keys that the TOML file at `path` sets replaced by the file's values (keys the file
+    /// does not mention keep this config's values).
+    pub fn overlaid_with_file(&self, path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        self.overlaid_with_toml(&text, path)
+    }
+
+    /// This config with the keys that `text` (TOML) sets replaced; errors name `origin`.
+    fn overlaid_with_toml(&self, text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        let parse = |message: String| ConfigError::Parse {
+            path: origin.to_path_buf(),
+            message,
+        };
+        // Parsed on its own first (every field has a default): type errors and unknown keys come with the text's
+        // line and column, which the merged table below no longer knows.
+        Self::from_toml(text).map_err(parse)?;
+        let overlay: toml::Table = toml::from_str(text).map_err(|e| parse(e.to_string().trim_end().to_string()))?;
+        let mut root = toml::Table::try_from(self).map_err(|e| parse(e.to_string()))?;
+        merge_tables(&mut root, overlay);
+        root.try_into()
+            .map_err(|e: toml::de::Error| parse(e.message().to_string()))
+    }
+
+    /// This config with a preset's keys applied ([`Preset`]).
+    pub fn with_preset(&self, preset: Preset) -> Result<Self, ConfigError> {
+        self.overlaid_with_toml(preset.toml(), &PathBuf::from(preset.file()))
+    }
+
+    /// The settings in which `other` differs from this config, key by key (dotted paths in file order).
+    pub fn changes_to(&self, other: &Self) -> Vec<ConfigChange> {
+        let (mine, theirs) = (flatten(self), flatten(other));
+        let mut keys: Vec<&String> = mine.keys().chain(theirs.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        keys.into_iter()
+            .filter(|k| mine.get(*k) != theirs.get(*k))
+            .map(|k| ConfigChange {
+                key: k.clone(),
+                from: mine.get(k).cloned().unwrap_or_else(|| UNSET.to_string()),
+                to: theirs.get(k).cloned().unwrap_or_else(|| UNSET.to_string()),
+            })
+            .collect()
+    }
+
     /// Checks ranges that the types do not.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let inv = |field, message: String| Err(ConfigError::Invalid { field, message });
@@ -458,6 +512,113 @@ impl RunConfig {
             return inv("data.base_negatives.shift", format!("must be > 0, got {}", b.shift));
         }
         self.model.validate()
+    }
+}
+
+/// Named sets of settings a run can start from (`focusdpo train --preset NAME`); each is a TOML file under
+/// `assets/presets/`, embedded in the binary, that overlays the defaults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Preset {
+    /// The paper's training settings (§5.0.1): rank-32 LoRA, AdamW lr 1e-8, 2000 steps, τ = 0.1, γ = 0.3.
+    Paper,
+}
+
+impl Preset {
+    /// Every preset.
+    pub const ALL: [Preset; 1] = [Preset::Paper];
+
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::Paper => "paper",
+        }
+    }
+
+    /// The preset's file in the repository (also named in errors).
+    pub fn file(self) -> &'static str {
+        match self {
+            Preset::Paper => "assets/presets/paper.toml",
+        }
+    }
+
+    /// The preset's TOML.
+    pub fn toml(self) -> &'static str {
+        match self {
+            Preset::Paper => include_str!("../../assets/presets/paper.toml"),
+        }
+    }
+}
+
+impl std::fmt::Display for Preset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Preset {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL.into_iter().find(|p| p.name() == s).ok_or_else(|| {
+            let names: Vec<&str> = Self::ALL.iter().map(|p| p.name()).collect();
+            format!("unknown preset `{s}` (presets: {})", names.join(", "))
+        })
+    }
+}
+
+/// How a key without a value (an unset option) shows in a [`ConfigChange`].
+const UNSET: &str = "(unset)";
+
+/// One setting that differs between two configs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigChange {
+    /// Dotted key (`dpo.beta`).
+    pub key: String,
+    /// The value in the first config, as TOML.
+    pub from: String,
+    /// The value in the second config, as TOML.
+    pub to: String,
+}
+
+impl std::fmt::Display for ConfigChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {} → {}", self.key, self.from, self.to)
+    }
+}
+
+/// Every leaf of a config as `dotted.key → TOML value` (arrays are leaves).
+fn flatten<T: Serialize>(config: &T) -> std::collections::BTreeMap<String, String> {
+    fn walk(prefix: &str, table: &toml::Table, out: &mut std::collections::BTreeMap<String, String>) {
+        for (key, value) in table {
+            let path = if prefix.is_empty() {
+                key.clone()
+            } else {
+                format!("{prefix}.{key}")
+            };
+            match value {
+                toml::Value::Table(t) => walk(&path, t, out),
+                v => {
+                    out.insert(path, v.to_string());
+                }
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    if let Ok(table) = toml::Table::try_from(config) {
+        walk("", &table, &mut out);
+    }
+    out
+}
+
+/// Deep-merges `overlay` into `root`: tables merge key by key, any other value replaces.
+fn merge_tables(root: &mut toml::Table, overlay: toml::Table) {
+    for (key, value) in overlay {
+        match (root.get_mut(&key), value) {
+            (Some(toml::Value::Table(mine)), toml::Value::Table(theirs)) => merge_tables(mine, theirs),
+            (_, value) => {
+                root.insert(key, value);
+            }
+        }
     }
 }
 
@@ -612,6 +773,73 @@ mod tests {
             .with_overrides(&["data.negatives=elsewhere".into()])
             .expect_err("unknown variant");
         assert!(bad.to_string().contains("elsewhere"), "{bad}");
+    }
+
+    #[test]
+    fn changes_are_named_key_by_key_and_equal_values_are_no_change() {
+        let run = RunConfig::default()
+            .with_overrides(&["dpo.beta=5000".into(), "data.dir=d".into()])
+            .expect("run");
+        assert!(run.changes_to(&run.clone()).is_empty());
+        let same_by_another_path = run.with_overrides(&["dpo.beta=5000.0".into()]).expect("same");
+        assert!(
+            run.changes_to(&same_by_another_path).is_empty(),
+            "5000 and 5000.0 are one value"
+        );
+        let other = run
+            .with_overrides(&["dpo.beta=2500".into(), "objective=dpo".into()])
+            .expect("other");
+        let mut other = other;
+        other.data.dir = None;
+        let changes: Vec<String> = run.changes_to(&other).iter().map(ToString::to_string).collect();
+        assert_eq!(
+            changes,
+            [
+                "data.dir: \"d\" → (unset)",
+                "dpo.beta: 5000.0 → 2500.0",
+                "objective: \"focus-dpo\" → \"dpo\""
+            ]
+        );
+    }
+
+    #[test]
+    fn a_file_overlay_changes_only_the_keys_it_names() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let path = tmp.path().join("c.toml");
+        std::fs::write(&path, "steps = 7\n[dpo]\nbeta = 10.0\n").expect("write");
+        let start = RunConfig::default()
+            .with_overrides(&["masks.fusion.tau=0.2".into()])
+            .expect("start");
+        let cfg = start.overlaid_with_file(&path).expect("overlay");
+        assert_eq!((cfg.steps, cfg.dpo.beta, cfg.masks.fusion.tau), (7, 10.0, 0.2));
+        std::fs::write(&path, "[dpo]\nbeta = \"x\"\n").expect("write");
+        let e = start.overlaid_with_file(&path).expect_err("type").to_string();
+        assert!(e.contains("c.toml") && e.contains("beta"), "{e}");
+    }
+
+    #[test]
+    fn the_paper_preset_holds_the_papers_settings_and_nothing_else_changes() {
+        let paper = RunConfig::default()
+            .with_preset(Preset::Paper)
+            .expect("the preset parses");
+        assert!(paper.validate().is_ok());
+        assert_eq!(paper.steps, 2000);
+        assert_eq!((paper.lora.rank, paper.lora.alpha), (32, 32.0));
+        assert_eq!(paper.optim.adamw.lr, 1e-8);
+        assert_eq!((paper.masks.fusion.tau, paper.masks.fusion.gamma), (0.1, 0.3));
+        let changed: Vec<String> = RunConfig::default()
+            .changes_to(&paper)
+            .into_iter()
+            .map(|c| c.key)
+            .collect();
+        assert_eq!(changed, ["lora.alpha", "lora.rank", "optim.adamw.lr", "steps"]);
+        assert_eq!("paper".parse::<Preset>(), Ok(Preset::Paper));
+        assert!(
+            "papr"
+                .parse::<Preset>()
+                .expect_err("unknown")
+                .contains("presets: paper")
+        );
     }
 
     #[test]

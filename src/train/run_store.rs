@@ -9,10 +9,12 @@
 //! ```
 //!
 //! **Resume.** A checkpoint folder exists only once all its files are written and synced (the rename is the commit
-//! point), so [`RunStore::latest_checkpoint`] never sees a torn checkpoint. Metrics logged after the last checkpoint
-//! are kept (append-only); on resume a `{"event":"resume","from_step":K}` line is appended and the steps after `K`
-//! are logged again. Readers ([`read_metrics`]) keep the **last** record of each step, and ignore a torn final line
-//! left by a crash mid-write.
+//! point), so [`RunStore::latest_checkpoint`] never sees a half-written checkpoint. A checkpoint damaged later (a
+//! disk error, a file truncated by hand) is skipped by [`restore_newest_intact`], which falls back to the newest
+//! one that restores and says which it skipped and why. Metrics logged after the last checkpoint are kept
+//! (append-only); on resume a `{"event":"resume","from_step":K}` line is appended and the steps after `K` are
+//! logged again. A torn final line left by a crash mid-write is left as it is, and the next record starts on a
+//! line of its own. Readers ([`read_metrics`]) keep the **last** record of each step, and skip torn lines.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Write};
@@ -75,6 +77,19 @@ pub enum RunStoreError {
     /// A checkpoint file name that is not a plain file name.
     #[error("checkpoint file name \"{0}\" must be a plain file name")]
     BadFileName(String),
+    /// Every checkpoint of the run failed to restore.
+    #[error(
+        "{}: no intact checkpoint to resume from ({}); delete the damaged checkpoint folders to resume from an \
+         older one, or start a new run",
+        dir.display(),
+        failures.join("; ")
+    )]
+    NoIntactCheckpoint {
+        /// The run folder.
+        dir: PathBuf,
+        /// `step-N: why` for each checkpoint tried, newest first.
+        failures: Vec<String>,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RunStoreError + '_ {
@@ -118,32 +133,51 @@ impl RunStore {
         Self::open_log(dir)
     }
 
-    /// Opens an existing run for resuming: reads its config and latest checkpoint, and appends a resume marker to
-    /// the metrics log.
-    pub fn resume<C: DeserializeOwned>(dir: impl AsRef<Path>) -> Result<(Self, C, Option<Checkpoint>), RunStoreError> {
+    /// Opens an existing run for resuming and reads its config. The caller restores a checkpoint
+    /// ([`restore_newest_intact`]) and then records where it resumed with [`RunStore::mark_resume`].
+    pub fn resume<C: DeserializeOwned>(dir: impl AsRef<Path>) -> Result<(Self, C), RunStoreError> {
         let dir = dir.as_ref().to_path_buf();
         if !dir.join(CONFIG_FILE).is_file() {
             return Err(RunStoreError::NoRun { dir });
         }
         let config = read_config(&dir)?;
-        let checkpoint = latest_checkpoint(&dir)?;
-        let mut store = Self::open_log(dir)?;
-        let from_step = checkpoint.as_ref().map_or(0, |c| c.step);
-        store.append(&serde_json::json!({"event": "resume", "from_step": from_step}))?;
-        Ok((store, config, checkpoint))
+        let store = Self::open_log(dir)?;
+        Ok((store, config))
     }
 
+    /// Appends the resume marker `{"event":"resume","from_step":K}` (with the checkpoints skipped on the way, if
+    /// any): the steps after `K` are logged again after it.
+    pub fn mark_resume(&mut self, resumed: &Resumed) -> Result<(), RunStoreError> {
+        let from_step = resumed.checkpoint.as_ref().map_or(0, |c| c.step);
+        let mut marker = serde_json::json!({"event": "resume", "from_step": from_step});
+        if !resumed.skipped.is_empty() {
+            marker["skipped"] = resumed
+                .skipped
+                .iter()
+                .map(|s| serde_json::json!({"step": s.checkpoint.step, "error": s.error}))
+                .collect();
+        }
+        self.append(&marker)
+    }
+
+    /// Opens the metrics log for appending. A log whose last line was torn by a crash (no final newline) is left
+    /// as it is, and gets the newline, so that the next record starts on a line of its own.
     fn open_log(dir: PathBuf) -> Result<Self, RunStoreError> {
         let path = dir.join(METRICS_FILE);
+        let torn = ends_without_newline(&path).map_err(io_err(&path))?;
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
             .map_err(io_err(&path))?;
-        Ok(Self {
-            dir,
-            metrics: BufWriter::new(file),
-        })
+        let mut metrics = BufWriter::new(file);
+        if torn {
+            metrics
+                .write_all(b"\n")
+                .and_then(|()| metrics.flush())
+                .map_err(io_err(&path))?;
+        }
+        Ok(Self { dir, metrics })
     }
 
     /// The run folder.
@@ -204,6 +238,99 @@ impl RunStore {
     }
 }
 
+/// Whether `path` exists, is not empty and does not end with a newline.
+fn ends_without_newline(path: &Path) -> std::io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if file.metadata()?.len() == 0 {
+        return Ok(false);
+    }
+    file.seek(SeekFrom::End(-1))?;
+    let mut last = [0u8; 1];
+    file.read_exact(&mut last)?;
+    Ok(last[0] != b'\n')
+}
+
+/// A checkpoint that could not be restored, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SkippedCheckpoint {
+    /// The checkpoint.
+    pub checkpoint: Checkpoint,
+    /// What restoring it said.
+    pub error: String,
+}
+
+/// Where a resumed run continues from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Resumed {
+    /// The checkpoint restored (None: the run had none, it starts again from step 0).
+    pub checkpoint: Option<Checkpoint>,
+    /// Newer checkpoints that failed to restore, newest first.
+    pub skipped: Vec<SkippedCheckpoint>,
+}
+
+impl Resumed {
+    /// A sentence for the user when checkpoints were skipped (None when the newest one restored).
+    pub fn fallback_note(&self) -> Option<String> {
+        if self.skipped.is_empty() {
+            return None;
+        }
+        let skipped: Vec<String> = self
+            .skipped
+            .iter()
+            .map(|s| format!("{}: {}", s.checkpoint.dir.display(), s.error))
+            .collect();
+        let to = self
+            .checkpoint
+            .as_ref()
+            .map_or_else(|| "step 0".to_string(), |c| format!("step {}", c.step));
+        Some(format!(
+            "resuming from {to}: skipped damaged checkpoint(s) {}",
+            skipped.join("; ")
+        ))
+    }
+}
+
+/// Restores the newest checkpoint of the run in `dir` that `restore` accepts, trying older ones when a newer one
+/// is damaged. A run without checkpoints resumes from step 0; a run whose checkpoints all fail is an error that
+/// lists each failure. `restore` must leave its target fully restored or fail (a failed attempt may leave it
+/// half-written: the next attempt overwrites everything).
+pub fn restore_newest_intact<E: std::fmt::Display>(
+    dir: &Path,
+    mut restore: impl FnMut(&Checkpoint) -> Result<(), E>,
+) -> Result<Resumed, RunStoreError> {
+    let all = checkpoints(dir)?;
+    if all.is_empty() {
+        return Ok(Resumed::default());
+    }
+    let mut skipped = Vec::new();
+    for checkpoint in all {
+        match restore(&checkpoint) {
+            Ok(()) => {
+                return Ok(Resumed {
+                    checkpoint: Some(checkpoint),
+                    skipped,
+                });
+            }
+            Err(e) => skipped.push(SkippedCheckpoint {
+                checkpoint,
+                error: e.to_string(),
+            }),
+        }
+    }
+    Err(RunStoreError::NoIntactCheckpoint {
+        dir: dir.to_path_buf(),
+        failures: skipped
+            .iter()
+            .map(|s| format!("step-{}: {}", s.checkpoint.step, s.error))
+            .collect(),
+    })
+}
+
 /// Reads and parses a run's `config.toml`.
 pub fn read_config<C: DeserializeOwned>(dir: &Path) -> Result<C, RunStoreError> {
     let path = dir.join(CONFIG_FILE);
@@ -216,11 +343,16 @@ pub fn read_config<C: DeserializeOwned>(dir: &Path) -> Result<C, RunStoreError> 
 
 /// The newest complete checkpoint under `dir/checkpoints` (folders named `step-<N>`; temporary folders ignored).
 pub fn latest_checkpoint(dir: &Path) -> Result<Option<Checkpoint>, RunStoreError> {
+    Ok(checkpoints(dir)?.into_iter().next())
+}
+
+/// Every complete checkpoint under `dir/checkpoints`, newest first (temporary folders ignored).
+pub fn checkpoints(dir: &Path) -> Result<Vec<Checkpoint>, RunStoreError> {
     let root = dir.join(CHECKPOINT_DIR);
     if !root.is_dir() {
-        return Ok(None);
+        return Ok(Vec::new());
     }
-    let mut best: Option<Checkpoint> = None;
+    let mut all = Vec::new();
     for entry in fs::read_dir(&root).map_err(io_err(&root))? {
         let entry = entry.map_err(io_err(&root))?;
         let name = entry.file_name();
@@ -231,19 +363,21 @@ pub fn latest_checkpoint(dir: &Path) -> Result<Option<Checkpoint>, RunStoreError
         else {
             continue;
         };
-        if entry.path().is_dir() && best.as_ref().is_none_or(|b| step > b.step) {
-            best = Some(Checkpoint {
+        if entry.path().is_dir() {
+            all.push(Checkpoint {
                 step,
                 dir: entry.path(),
             });
         }
     }
-    Ok(best)
+    all.sort_by_key(|c| std::cmp::Reverse(c.step));
+    Ok(all)
 }
 
 /// Reads `metrics.jsonl`: step records (objects with a numeric `step`), the last record of each step kept, in step
-/// order, plus event records in file order. A torn final line (crash mid-write) is ignored; any other malformed
-/// line is an error naming its line.
+/// order, plus event records in file order. A torn line (a record cut short by a crash mid-write) is skipped,
+/// wherever it is (a resumed run goes on after it on a new line); any other malformed line is an error naming its
+/// line.
 pub fn read_metrics(dir: &Path) -> Result<(Vec<Value>, Vec<Value>), RunStoreError> {
     let path = dir.join(METRICS_FILE);
     let bytes = fs::read(&path).map_err(io_err(&path))?;
@@ -259,6 +393,8 @@ pub fn read_metrics(dir: &Path) -> Result<(Vec<Value>, Vec<Value>), RunStoreErro
         let value: Value = match serde_json::from_str(line) {
             Ok(v) => v,
             Err(_) if i + 1 == lines.len() && !complete => break,
+            // A record cut short by a crash (the next run went on after it on a new line).
+            Err(e) if e.is_eof() => continue,
             Err(e) => {
                 return Err(RunStoreError::Metrics {
                     path,
@@ -317,11 +453,14 @@ mod tests {
             Err(RunStoreError::AlreadyExists { .. })
         ));
 
-        let (mut store, config, ckpt): (RunStore, Cfg, _) = RunStore::resume(&dir).unwrap();
+        let (mut store, config): (RunStore, Cfg) = RunStore::resume(&dir).unwrap();
         assert_eq!(config, cfg());
-        let ckpt = ckpt.unwrap();
+        let resumed = restore_newest_intact(&dir, |_| Ok::<(), String>(())).unwrap();
+        let ckpt = resumed.checkpoint.clone().unwrap();
         assert_eq!(ckpt.step, 3);
+        assert_eq!(resumed.fallback_note(), None);
         assert_eq!(fs::read(ckpt.dir.join("lora.safetensors")).unwrap(), b"three");
+        store.mark_resume(&resumed).unwrap();
         store.append(&serde_json::json!({"step": 3, "loss": 0.25})).unwrap();
         let (steps, events) = read_metrics(&dir).unwrap();
         assert_eq!(steps.len(), 3);
@@ -339,6 +478,75 @@ mod tests {
         fs::write(dir.join(METRICS_FILE), "{\"step\":1}\nnot json\n{\"step\":2}\n").unwrap();
         let e = read_metrics(dir).unwrap_err();
         assert!(matches!(e, RunStoreError::Metrics { line: 2, .. }), "{e}");
+    }
+
+    #[test]
+    fn a_torn_last_line_stays_and_the_next_record_starts_on_its_own_line() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("run");
+        let mut store = RunStore::create(&dir, &cfg()).unwrap();
+        store.append(&serde_json::json!({"step": 1, "loss": 0.5})).unwrap();
+        drop(store);
+        let torn = "{\"step\":1,\"loss\":0.5}\n{\"step\":2,\"lo";
+        fs::write(dir.join(METRICS_FILE), torn).unwrap();
+        let (mut store, _): (RunStore, Cfg) = RunStore::resume(&dir).unwrap();
+        store.mark_resume(&Resumed::default()).unwrap();
+        store.append(&serde_json::json!({"step": 1, "loss": 0.25})).unwrap();
+        let text = fs::read_to_string(dir.join(METRICS_FILE)).unwrap();
+        assert_eq!(
+            text,
+            format!("{torn}\n{{\"event\":\"resume\",\"from_step\":0}}\n{{\"loss\":0.25,\"step\":1}}\n"),
+            "the torn line is kept byte for byte, the marker is on a line of its own"
+        );
+        let (steps, events) = read_metrics(&dir).unwrap();
+        assert_eq!(steps, [serde_json::json!({"step": 1, "loss": 0.25})]);
+        assert_eq!(events.len(), 1);
+        // A second resume of a log that ends cleanly adds no blank line.
+        let (mut store, _): (RunStore, Cfg) = RunStore::resume(&dir).unwrap();
+        store.mark_resume(&Resumed::default()).unwrap();
+        let again = fs::read_to_string(dir.join(METRICS_FILE)).unwrap();
+        assert!(!again.contains("\n\n"), "{again}");
+    }
+
+    #[test]
+    fn a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("run");
+        let store = RunStore::create(&dir, &cfg()).unwrap();
+        for (step, bytes) in [(10, b"good".as_slice()), (20, b"good"), (30, b"torn")] {
+            store.write_checkpoint(step, &[("lora.safetensors", bytes)]).unwrap();
+        }
+        let restore = |c: &Checkpoint| match fs::read(c.dir.join("lora.safetensors")).unwrap().as_slice() {
+            b"good" => Ok(()),
+            _ => Err(format!("{}: truncated", c.dir.join("lora.safetensors").display())),
+        };
+        let resumed = restore_newest_intact(&dir, restore).unwrap();
+        assert_eq!(resumed.checkpoint.as_ref().map(|c| c.step), Some(20));
+        assert_eq!(resumed.skipped.len(), 1);
+        assert_eq!(resumed.skipped[0].checkpoint.step, 30);
+        let note = resumed.fallback_note().unwrap();
+        assert!(
+            note.contains("step 20") && note.contains("step-30") && note.contains("truncated"),
+            "{note}"
+        );
+        let (mut store, _): (RunStore, Cfg) = RunStore::resume(&dir).unwrap();
+        store.mark_resume(&resumed).unwrap();
+        let (_, events) = read_metrics(&dir).unwrap();
+        assert_eq!(events[0]["from_step"], 20);
+        assert_eq!(events[0]["skipped"][0]["step"], 30);
+
+        let none = restore_newest_intact(&dir, |c: &Checkpoint| Err::<(), _>(format!("bad {}", c.step)));
+        let e = none.unwrap_err().to_string();
+        assert!(
+            e.contains("no intact checkpoint") && e.contains("step-30: bad 30") && e.contains("step-10: bad 10"),
+            "{e}"
+        );
+        let fresh = tmp.path().join("fresh");
+        RunStore::create(&fresh, &cfg()).unwrap();
+        assert_eq!(
+            restore_newest_intact(&fresh, |_| Err::<(), _>("never called")).unwrap(),
+            Resumed::default()
+        );
     }
 
     #[test]

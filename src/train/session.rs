@@ -46,7 +46,7 @@ use super::negatives::{
 use super::objective::{ObjectiveKind, PairPredictions, StepStats, eq1_diffusion_dpo, eq10_focus_dpo, sft};
 use super::optim::{AdamW, clip_grad_norm, lr_at};
 use super::pairs::{PairInput, PairsError, PairsReport, PairsSummary, psi, reference_descriptors, score_and_select};
-use super::run_store::{Checkpoint, RunStore, RunStoreError};
+use super::run_store::{Checkpoint, RunStore, RunStoreError, restore_newest_intact};
 
 /// File names inside a checkpoint folder.
 pub const LORA_FILE: &str = "lora.safetensors";
@@ -661,6 +661,9 @@ pub enum Event {
     Masks(Box<MaskSnapshot>),
     /// A checkpoint was written.
     Checkpoint(Checkpoint),
+    /// Something the user should know that did not stop the run (e.g. resume fell back to an older checkpoint
+    /// because the newest one is damaged).
+    Warning(String),
     /// A step's tensors were written (`--dump-step`).
     Dumped {
         /// Step.
@@ -823,17 +826,17 @@ fn run_worker(
     stop: &AtomicBool,
     last: &mut u64,
 ) -> Result<(), TrainError> {
-    let (mut store, cfg, resume_from) = match launch {
+    let (mut store, cfg, resuming) = match launch {
         Launch::New { config, dir } => {
             config.validate()?;
-            (RunStore::create(&dir, &*config)?, *config, None)
+            (RunStore::create(&dir, &*config)?, *config, false)
         }
         Launch::Resume { dir, steps } => {
-            let (store, mut cfg, ckpt): (RunStore, RunConfig, _) = RunStore::resume(&dir)?;
+            let (store, mut cfg): (RunStore, RunConfig) = RunStore::resume(&dir)?;
             if let Some(s) = steps {
                 cfg.steps = s;
             }
-            (store, cfg, ckpt)
+            (store, cfg, true)
         }
     };
     let device = cfg.model.device()?;
@@ -852,8 +855,11 @@ fn run_worker(
     store.append(&serde_json::json!({"event": "pairs", "summary": data.pairs.summary}))?;
     let n_items = data.items.len();
     let mut trainer = Trainer::new(cfg.clone(), base, data.items)?;
-    if let Some(ckpt) = &resume_from {
-        trainer.restore(ckpt)?;
+    let mut fallback_note = None;
+    if resuming {
+        let resumed = restore_newest_intact(store.dir(), |c| trainer.restore(c))?;
+        store.mark_resume(&resumed)?;
+        fallback_note = resumed.fallback_note();
     }
     *last = trainer.completed_steps();
     let _ = tx.send(Event::Started {
@@ -863,6 +869,9 @@ fn run_worker(
         trainable: trainer.lora().parameter_count(),
         items: n_items,
     });
+    if let Some(note) = fallback_note {
+        let _ = tx.send(Event::Warning(note));
+    }
     let _ = tx.send(Event::Pairs(data.pairs.summary));
     let mut last_ckpt = trainer.completed_steps();
     while trainer.completed_steps() < cfg.steps {

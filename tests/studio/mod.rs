@@ -18,6 +18,7 @@ pub fn studio(runs_dir: &Path, persist: bool) -> Harness<'static, StudioApp> {
         base: BaseSource::Random(0),
         runs_dir: runs_dir.to_path_buf(),
         persist,
+        frame_stats_to_stderr: false,
     };
     Harness::builder()
         .with_size(egui::vec2(1400.0, 900.0))

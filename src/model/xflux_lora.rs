@@ -249,6 +249,67 @@ mod tests {
     }
 
     #[test]
+    fn adapters_written_in_xflux_naming_read_back_as_the_same_updates() {
+        let cfg = micro();
+        let (h, m, r) = (cfg.hidden_size, cfg.mlp_hidden_dim(), 2);
+        let rnd = |rows: usize, cols: usize, seed: u64| {
+            crate::model::testing::random_tensor(&[rows, cols], 0.3, seed, &Device::Cpu).expect("random")
+        };
+        let (a1, b1) = (rnd(r, h, 1), rnd(3 * h, r, 2));
+        let (a2, b2) = (rnd(r, h, 3), rnd(h, r, 4));
+        // linear1 adapter whose MLP rows are zero: expressible.
+        let b3 = Tensor::cat(
+            &[
+                &rnd(3 * h, r, 6),
+                &Tensor::zeros((m, r), DType::F32, &Device::Cpu).expect("z"),
+            ],
+            0,
+        )
+        .expect("cat");
+        let a3 = rnd(r, h, 5);
+        let adapters = [
+            ("double_blocks.0.txt_attn.qkv", &a1, &b1, 0.5),
+            ("double_blocks.0.img_attn.proj", &a2, &b2, 2.0),
+            ("single_blocks.0.linear1", &a3, &b3, 1.0),
+        ];
+        let tensors = to_xflux_tensors(adapters, &cfg).expect("exports");
+        assert!(tensors.contains_key("double_blocks.0.processor.qkv_lora2.up.weight"));
+        assert!(tensors.contains_key("double_blocks.0.processor.proj_lora1.down.weight"));
+        let pieces = read_xflux_lora(&tensors, &cfg).expect("reads back");
+        for (path, a, b, scale) in adapters {
+            let piece = pieces.iter().find(|p| p.target == path).expect("piece");
+            let want = b
+                .narrow(0, 0, piece.rows.len())
+                .expect("rows")
+                .matmul(a)
+                .expect("BA")
+                .affine(scale, 0.0)
+                .expect("scale");
+            let got = piece.delta(1.0).expect("delta");
+            let diff = (got - want)
+                .expect("d")
+                .abs()
+                .expect("a")
+                .flatten_all()
+                .expect("f")
+                .max(0)
+                .expect("m");
+            assert!(diff.to_scalar::<f32>().expect("s") < 1e-6, "{path}");
+        }
+        // What x-flux cannot express is refused, naming the layer.
+        let mlp = [("double_blocks.0.img_mlp.0", &a1, &b1, 1.0)];
+        let e = to_xflux_tensors(mlp, &cfg).expect_err("mlp").to_string();
+        assert!(
+            e.contains("double_blocks.0.img_mlp.0") && e.contains("lora.targets.mlp"),
+            "{e}"
+        );
+        let b4 = rnd(3 * h + m, r, 7);
+        let full = [("single_blocks.0.linear1", &a3, &b4, 1.0)];
+        let e = to_xflux_tensors(full, &cfg).expect_err("mlp rows").to_string();
+        assert!(e.contains("MLP rows"), "{e}");
+    }
+
+    #[test]
     fn bad_names_half_pairs_and_shapes_are_named() {
         let cfg = micro();
         let h = cfg.hidden_size;

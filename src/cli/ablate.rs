@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 
+use super::backbone::BackboneArgs;
 use anyhow::Context;
 use clap::Args;
 use focusdpo::eval::benchmark::BenchmarkConfig;
@@ -14,7 +15,6 @@ use focusdpo::experiment::read_plan_file;
 use focusdpo::experiment::resolve::{MetricMatch, Override, Resolution, resolve_plan};
 use focusdpo::experiment::runner::{Progress, cell_benchmark, run_grid};
 use focusdpo::experiment::store::ResultStore;
-use focusdpo::model::BaseSource;
 use focusdpo::train::RunConfig;
 
 #[derive(Debug, Args)]
@@ -30,9 +30,9 @@ pub struct AblateArgs {
     /// Seeds per cell: 0..K.
     #[arg(long, default_value_t = 1)]
     seeds: u64,
-    /// Base model of every cell: `bundled`, `random:SEED` or a safetensors file.
-    #[arg(long)]
-    base: Option<BaseSource>,
+    /// The backbone of every cell (default: the bundled tiny base).
+    #[command(flatten)]
+    backbone: BackboneArgs,
     /// A plan-wide override of every cell, before the study's own (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
@@ -85,8 +85,23 @@ fn eval_config(args: &AblateArgs) -> anyhow::Result<Option<BenchmarkConfig>> {
 
 fn plan_wide_overrides(args: &AblateArgs) -> anyhow::Result<Vec<Override>> {
     let mut out = Vec::new();
-    if let Some(b) = &args.base {
+    if let (Some(b), None, true) = (
+        &args.backbone.base,
+        &args.backbone.backbone,
+        args.backbone.base_loras.is_empty(),
+    ) {
+        // The transformer alone: one override, so cells stay those of the Studio and of earlier grids.
         out.push(Override::string("model.base", &b.to_string()));
+    } else if args.backbone.given() {
+        // Every model setting the options imply, as plan-wide overrides of each cell's `[model]`.
+        let settings = args.backbone.settings()?;
+        let table = toml::Table::try_from(&settings).context("backbone settings")?;
+        for (key, value) in table {
+            out.push(Override {
+                key: format!("model.{key}"),
+                value: value.to_string(),
+            });
+        }
     }
     if let Some(s) = args.steps {
         out.push(Override {

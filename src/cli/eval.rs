@@ -4,25 +4,26 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use candle_core::Device;
 use clap::Args;
 use focusdpo::eval::benchmark::{BenchmarkConfig, ExtraEmbedders, report_markdown, run_benchmark};
 use focusdpo::eval::pretrained::{ClipEmbedder, ClipModelConfig, DinoV2Config, DinoV2Embedder};
 use focusdpo::eval::sampler::{SampleRequest, SampleSettings, sample};
 use focusdpo::eval::study::{RunMetrics, aggregate, benchmark_values, comparison_markdown, group_of, training_values};
 use focusdpo::eval::{ImageEmbedder, TextEmbedder};
-use focusdpo::model::{Adapters, BaseModel, BaseSource};
+use focusdpo::model::{Adapters, BaseModel};
 use image::RgbImage;
+
+use super::backbone::BackboneArgs;
 
 /// Which model: a run (its base + latest LoRA) or a base alone.
 #[derive(Debug, Args)]
 pub struct ModelArgs {
-    /// A run directory: its base with the LoRA of its latest checkpoint.
-    #[arg(long, conflicts_with = "base")]
+    /// A run directory: its base (with its base LoRAs and encoders) and the LoRA of its latest checkpoint.
+    #[arg(long, conflicts_with_all = ["base", "backbone", "base_loras"])]
     run: Option<PathBuf>,
-    /// A base alone: `bundled` (default), `random:SEED` or a safetensors file.
-    #[arg(long)]
-    base: Option<BaseSource>,
+    /// A base alone (default: the bundled tiny base).
+    #[command(flatten)]
+    backbone: BackboneArgs,
 }
 
 /// Sampler options shared by eval and sample.
@@ -83,10 +84,12 @@ pub struct EvalArgs {
     clip_tokenizer: Option<PathBuf>,
 }
 
-/// Loads the model named by `args` and a name for reports.
-pub fn load_model(args: &ModelArgs, device: &Device) -> anyhow::Result<(BaseModel, String)> {
+/// Loads the model named by `args` on the device its settings name, and a name for reports.
+pub fn load_model(args: &ModelArgs) -> anyhow::Result<(BaseModel, String)> {
     if let Some(run) = &args.run {
-        let (base, step) = focusdpo::train::session::load_run_model(run, device)
+        let cfg: focusdpo::train::RunConfig = focusdpo::train::run_store::read_config(run)?;
+        let device = cfg.model.device()?;
+        let (base, step) = focusdpo::train::session::load_run_model(run, &device)
             .with_context(|| format!("{}: cannot load the run's model", run.display()))?;
         let name = if step == 0 {
             format!("{} (no checkpoint: base only)", run.display())
@@ -95,9 +98,9 @@ pub fn load_model(args: &ModelArgs, device: &Device) -> anyhow::Result<(BaseMode
         };
         return Ok((base, name));
     }
-    let source = args.base.clone().unwrap_or_default();
-    let base = BaseModel::load(&source, device)?;
-    Ok((base, format!("base {source}")))
+    let settings = args.backbone.settings()?;
+    let base = settings.load_base(&settings.device()?)?;
+    Ok((base, args.backbone.describe(&settings)))
 }
 
 /// A sheet: one row per item (references, ideal target, generated images), 2 px gaps on white.
@@ -134,8 +137,8 @@ fn write_png(path: &Path, img: &RgbImage) -> anyhow::Result<()> {
 }
 
 pub fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
-    let device = Device::Cpu;
-    let (base, name) = load_model(&args.model, &device)?;
+    let (base, name) = load_model(&args.model)?;
+    let device = base.mmdit.device().clone();
     let cfg = BenchmarkConfig {
         single_items: args.single,
         multi_items: args.multi,
@@ -226,8 +229,7 @@ pub struct SampleArgs {
 }
 
 pub fn run_sample(args: &SampleArgs) -> anyhow::Result<()> {
-    let device = Device::Cpu;
-    let (base, name) = load_model(&args.model, &device)?;
+    let (base, name) = load_model(&args.model)?;
     let (prompt, references) = match (&args.item, &args.prompt) {
         (Some(id), _) => {
             let dir = args.data.clone().unwrap_or_else(focusdpo::dip::bundled_dataset_dir);

@@ -4,7 +4,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use candle_core::Device;
 use clap::Args;
 use focusdpo::dip::dataset::read_binary_mask;
 use focusdpo::dip::{DipDataset, LoadedItem, bundled_dataset_dir};
@@ -12,12 +11,14 @@ use focusdpo::masks::{
     ComplexityConfig, FusionOutput, FusionParams, Grid, MaskInputs, MaskVariant, PriorConfig, ReferencePool,
     Similarity, fuse,
 };
+use focusdpo::model::Adapters;
 use focusdpo::model::schedule::Parameterisation;
-use focusdpo::model::{Adapters, BaseModel, BaseSource};
 use focusdpo::pipeline::{ItemMasks, MaskSettings, item_masks, subject_prior};
 use focusdpo::store::{NamedTensor, grid_to_grey, overlay_red, safetensors_bytes, write_atomic};
 use focusdpo::train::config::{AttentionConfig, HiddenSource};
 use focusdpo::train::data::prepare_item;
+
+use super::backbone::BackboneArgs;
 use focusdpo::train::focus::{Probe, masks_at};
 
 #[derive(Debug, Args)]
@@ -43,9 +44,9 @@ pub struct MasksArgs {
     /// Also write PNG views of every map (and the fused map over the winner) into this folder.
     #[arg(long)]
     png: Option<PathBuf>,
-    /// Token side in pixels (4 for the tiny model, 16 for FLUX).
-    #[arg(long, default_value_t = 4)]
-    stride: usize,
+    /// Token side in pixels. Default: the backbone's (4 for the tiny model, 16 for FLUX); 4 when M_s is not used.
+    #[arg(long)]
+    stride: Option<usize>,
     /// Minimum fraction of a token's pixels inside a subject mask for the token to be in M_prior.
     #[arg(long, default_value_t = 0.5)]
     coverage: f32,
@@ -62,9 +63,9 @@ pub struct MasksArgs {
     /// the backbone's attention field.
     #[arg(long)]
     ms_mask: Option<PathBuf>,
-    /// Backbone for M_s: `bundled`, `random:SEED` or a safetensors file.
-    #[arg(long, default_value = "bundled")]
-    base: BaseSource,
+    /// The backbone for M_s (not loaded for variants without M_s or with --ms-mask).
+    #[command(flatten)]
+    backbone: BackboneArgs,
     /// Seed of the noise ε used to make x_t from the winner.
     #[arg(long, default_value_t = 0)]
     noise_seed: u64,
@@ -77,9 +78,9 @@ pub struct MasksArgs {
     /// Eq. 3's CLS pooling: mean (all reference tokens) or foreground (the reference's non-background tokens).
     #[arg(long, default_value = "foreground")]
     pool: String,
-    /// Side of the reference images fed to the backbone, in pixels.
-    #[arg(long, default_value_t = 32)]
-    reference_px: u32,
+    /// Side of the reference images fed to the backbone, in pixels. Default: the backbone's `reference_px`.
+    #[arg(long)]
+    reference_px: Option<u32>,
 }
 
 /// M_s and the fused map at one timestep.
@@ -88,6 +89,9 @@ struct AtTimestep {
     m_s: Option<Grid>,
     fused: FusionOutput,
 }
+
+/// Token side without a backbone: the tiny default's.
+const DEFAULT_STRIDE: usize = 4;
 
 pub fn run(args: &MasksArgs) -> anyhow::Result<()> {
     if let Some(&bad) = args.timesteps.iter().find(|&&t| t > 1000) {
@@ -99,16 +103,6 @@ pub fn run(args: &MasksArgs) -> anyhow::Result<()> {
         gamma: args.gamma,
     };
     params.validate().context("--tau/--gamma")?;
-    let settings = MaskSettings {
-        prior: PriorConfig {
-            stride: args.stride,
-            coverage_threshold: args.coverage,
-        },
-        complexity: ComplexityConfig {
-            window_px: args.window,
-            ..ComplexityConfig::default()
-        },
-    };
     let dir = args.data.clone().unwrap_or_else(bundled_dataset_dir);
     let dataset = DipDataset::open(&dir)?;
     let item = match &args.item {
@@ -116,7 +110,6 @@ pub fn run(args: &MasksArgs) -> anyhow::Result<()> {
         None if dataset.is_empty() => bail!("{}: the dataset has no valid item", dir.display()),
         None => dataset.load_item(0)?,
     };
-    let masks = item_masks(&item, &settings).context("computing masks")?;
     let similarity = match args.similarity.as_str() {
         "cosine" => Similarity::Cosine,
         "squared-norm" => Similarity::SquaredNorm,
@@ -133,6 +126,46 @@ pub fn run(args: &MasksArgs) -> anyhow::Result<()> {
         similarity,
         pool,
     };
+    // The backbone is loaded only when the variant reads M_s and no --ms-mask replaces it.
+    let model_settings = args.backbone.settings()?;
+    let base = if args.ms_mask.is_none() && args.variant.needs_attention_field() {
+        let loaded = model_settings
+            .device()
+            .map_err(anyhow::Error::from)
+            .and_then(|device| Ok(model_settings.load_base(&device)?));
+        match loaded {
+            Ok(base) => Some(base),
+            Err(e) => bail!(
+                "variant `{}` needs the attention field M_s (Eq. 3–6) from the backbone, which cannot be loaded: \
+                 {e:#}. Choose --base random:SEED or a file, pass --ms-mask FILE.png, or choose a variant without \
+                 M_s (uniform, prior, complexity, no-ms)",
+                args.variant
+            ),
+        }
+    } else {
+        None
+    };
+    let stride = match (args.stride, &base) {
+        (Some(s), Some(b)) if s != b.pixels_per_token() => bail!(
+            "--stride {s} differs from the backbone's {} pixels per token; M_s lives on the model's token grid",
+            b.pixels_per_token()
+        ),
+        (Some(s), _) => s,
+        (None, Some(b)) => b.pixels_per_token(),
+        (None, None) => DEFAULT_STRIDE,
+    };
+    let reference_px = args.reference_px.unwrap_or(model_settings.reference_px);
+    let settings = MaskSettings {
+        prior: PriorConfig {
+            stride,
+            coverage_threshold: args.coverage,
+        },
+        complexity: ComplexityConfig {
+            window_px: args.window,
+            ..ComplexityConfig::default()
+        },
+    };
+    let masks = item_masks(&item, &settings).context("computing masks")?;
     // Maps that do not depend on t (M_s from a file, or no M_s): fused once, repeated for every timestep.
     let same_for_every_t = |m_s: Option<Grid>| -> anyhow::Result<Vec<AtTimestep>> {
         let fused = fuse(
@@ -153,65 +186,49 @@ pub fn run(args: &MasksArgs) -> anyhow::Result<()> {
             })
             .collect())
     };
-    let (per_t, m_s_source) = match &args.ms_mask {
-        // The variant does not read M_s: no backbone is loaded and no forward runs.
-        None if !args.variant.needs_attention_field() => (
-            same_for_every_t(None)?,
-            format!("none (variant {} does not use M_s; no backbone forward)", args.variant),
-        ),
-        Some(path) => {
+    let (per_t, m_s_source) = match (&args.ms_mask, &base) {
+        (Some(path), _) => {
             let m_s = attention_field_from_file(path, &item, &settings, &masks.m_prior)?;
             (
                 same_for_every_t(Some(m_s))?,
                 format!("file:{} (same for every timestep)", path.display()),
             )
         }
-        None => match BaseModel::load(&args.base, &Device::Cpu) {
-            Ok(base) => {
-                if base.pixels_per_token() != args.stride {
-                    bail!(
-                        "--stride {} differs from the backbone's {} pixels per token; M_s lives on the model's \
-                         token grid",
-                        args.stride,
-                        base.pixels_per_token()
-                    );
-                }
-                let prepared = prepare_item(&base, &item, &settings, args.reference_px, &Device::Cpu)?;
-                let per_t = args
-                    .timesteps
-                    .iter()
-                    .map(|&t| {
-                        let probe = Probe {
-                            t: t as f32 / 1000.0,
-                            parameterisation: Parameterisation::RectifiedFlow,
-                            noise_seed: args.noise_seed,
-                            adapters: Adapters::Off,
-                        };
-                        let sm = masks_at(&base.mmdit, &prepared, probe, &attention, &params)?;
-                        Ok(AtTimestep {
-                            t,
-                            m_s: sm.m_s,
-                            fused: sm.fused,
-                        })
+        (None, Some(base)) => {
+            let device = base.mmdit.device().clone();
+            let prepared = prepare_item(base, &item, &settings, reference_px, &device)?;
+            let per_t = args
+                .timesteps
+                .iter()
+                .map(|&t| {
+                    let probe = Probe {
+                        t: t as f32 / 1000.0,
+                        parameterisation: Parameterisation::RectifiedFlow,
+                        noise_seed: args.noise_seed,
+                        adapters: Adapters::Off,
+                    };
+                    let sm = masks_at(&base.mmdit, &prepared, probe, &attention, &params)?;
+                    Ok(AtTimestep {
+                        t,
+                        m_s: sm.m_s,
+                        fused: sm.fused,
                     })
-                    .collect::<anyhow::Result<Vec<_>>>()?;
-                (
-                    per_t,
-                    format!(
-                        "backbone {} (reference hidden states, noise seed {})",
-                        args.base, args.noise_seed
-                    ),
-                )
-            }
-            Err(e) => {
-                bail!(
-                    "variant `{}` needs the attention field M_s (Eq. 3–6) from the backbone, which cannot be loaded: \
-                     {e}. Choose --base random:SEED or a file, pass --ms-mask FILE.png, or choose a variant without \
-                     M_s (uniform, prior, complexity, no-ms)",
-                    args.variant
-                );
-            }
-        },
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            (
+                per_t,
+                format!(
+                    "{} (reference hidden states, noise seed {})",
+                    args.backbone.describe(&model_settings),
+                    args.noise_seed
+                ),
+            )
+        }
+        // The variant does not read M_s: no backbone is loaded and no forward runs.
+        (None, None) => (
+            same_for_every_t(None)?,
+            format!("none (variant {} does not use M_s; no backbone forward)", args.variant),
+        ),
     };
 
     let mut tensors = vec![
@@ -244,7 +261,7 @@ pub fn run(args: &MasksArgs) -> anyhow::Result<()> {
         ("variant".to_string(), args.variant.to_string()),
         ("tau".to_string(), args.tau.to_string()),
         ("gamma".to_string(), args.gamma.to_string()),
-        ("stride".to_string(), args.stride.to_string()),
+        ("stride".to_string(), stride.to_string()),
         ("coverage_threshold".to_string(), args.coverage.to_string()),
         ("entropy_window".to_string(), args.window.to_string()),
         ("branch".to_string(), branches.join(",")),
@@ -280,7 +297,15 @@ pub fn run(args: &MasksArgs) -> anyhow::Result<()> {
     }
     println!("wrote {}", args.out.display());
     if let (Some(png_dir), Some(first)) = (&args.png, per_t.first()) {
-        write_pngs(png_dir, &item, &masks, first.m_s.as_ref(), &first.fused.mask, args)?;
+        write_pngs(
+            png_dir,
+            &item,
+            &masks,
+            first.m_s.as_ref(),
+            &first.fused.mask,
+            stride,
+            args,
+        )?;
         println!("wrote PNG views (T={}) to {}", first.t, png_dir.display());
     }
     Ok(())
@@ -313,6 +338,7 @@ fn write_pngs(
     masks: &ItemMasks,
     m_s: Option<&Grid>,
     m: &Grid,
+    stride: usize,
     args: &MasksArgs,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -322,7 +348,7 @@ fn write_pngs(
             .save(&path)
             .with_context(|| format!("writing {}", path.display()))
     };
-    let s = args.stride;
+    let s = stride;
     save_grey("m_prior.png", &masks.m_prior, s, 1.0)?;
     save_grey("m_d.png", &masks.m_d, s, 1.0)?;
     save_grey("m.png", m, s, 1.0)?;

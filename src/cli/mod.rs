@@ -2,6 +2,7 @@
 //! `anyhow` with context, reported once in `main`.
 
 mod ablate;
+mod backbone;
 mod dip;
 mod eval;
 mod masks;

@@ -5,13 +5,14 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use focusdpo::model::BaseSource;
 use focusdpo::train::RunConfig;
 use focusdpo::train::config::Preset;
 use focusdpo::train::objective::ObjectiveKind;
 use focusdpo::train::run_store::{CONFIG_FILE, read_config};
 use focusdpo::train::session::{Event, Launch, Session, SessionOptions};
 use indicatif::{ProgressBar, ProgressStyle};
+
+use super::backbone::BackboneArgs;
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
@@ -37,9 +38,8 @@ pub struct TrainArgs {
     /// Override any config field: --set dpo.beta=5000 --set masks.fusion.tau=0.2 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
-    /// Base model: `bundled`, `random:SEED` or a safetensors file.
-    #[arg(long)]
-    base: Option<BaseSource>,
+    #[command(flatten)]
+    backbone: BackboneArgs,
     /// Seed of every random choice.
     #[arg(long)]
     seed: Option<u64>,
@@ -76,8 +76,8 @@ fn build_config(args: &TrainArgs, start: Option<RunConfig>) -> anyhow::Result<Ru
     if let Some(d) = &args.data {
         cfg.data.dir = Some(d.clone());
     }
-    if let Some(b) = &args.base {
-        cfg.model.base = b.clone();
+    if args.backbone.given() {
+        cfg.model = args.backbone.apply(cfg.model)?;
     }
     let cfg = cfg.with_overrides(&args.set)?;
     cfg.validate()?;

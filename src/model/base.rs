@@ -162,6 +162,9 @@ pub enum BaseError {
         /// Cause.
         source: ModelError,
     },
+    /// Files a backbone names do not exist (`key = path (not found…)` each); nothing was loaded.
+    #[error("backbone files missing (nothing was loaded): {}", .0.join("; "))]
+    MissingFiles(Vec<String>),
     /// The bundled base is missing.
     #[error("the bundled base {0} is missing (set FOCUSDPO_ASSETS, or choose another base: `random:SEED` or a file)")]
     NoBundled(PathBuf),

@@ -255,8 +255,8 @@ impl FluxTextEncoders {
     }
 }
 
-/// Test helpers: tiny T5 / CLIP checkpoints in the HF folder layout, with their tokenizers.
-#[cfg(test)]
+/// Tiny T5 / CLIP checkpoints in the HF folder layout, with their tokenizers: for tests and for trying a FLUX-format
+/// backbone without downloads ([`crate::model::testing::write_tiny_flux_folder`]).
 pub mod testing {
     use std::collections::HashMap;
 

@@ -283,7 +283,6 @@ pub fn clip_vision_config_from_json(value: &serde_json::Value, path: &Path) -> R
 
 /// Writes a tiny `tokenizer.json` for tests: a lower-casing whitespace WordLevel tokenizer over `words`, with
 /// `special` tokens first (ids 0, 1, …) and a template that wraps each text as `prefix $A suffix`.
-#[cfg(test)]
 pub fn write_test_tokenizer(
     path: &Path,
     special: &[&str],

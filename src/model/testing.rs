@@ -75,6 +75,92 @@ pub fn random_named_weights(
         .collect()
 }
 
+/// The sizes of [`write_tiny_flux_folder`]'s transformer: FLUX-format (64 channels per token = 16 latent channels
+/// packed 2×2, guidance-distilled like FLUX.1-dev) at the widths of the tiny T5 (24) and CLIP (16) test encoders.
+pub fn tiny_flux_config() -> Config {
+    Config {
+        in_channels: 64,
+        vec_in_dim: 16,
+        context_in_dim: 24,
+        hidden_size: 64,
+        num_heads: 1,
+        depth: 1,
+        depth_single_blocks: 1,
+        axes_dim: vec![8, 28, 28],
+        guidance_embed: true,
+        ..Config::tiny()
+    }
+}
+
+/// Writes a FLUX.1-dev folder as downloaded, at tiny sizes with random weights (deterministic per `seed`):
+/// `flux1-dev.safetensors` (BFL naming, no metadata: [`tiny_flux_config`]), `ae.safetensors`,
+/// `text_encoder/` (CLIP) + `tokenizer/tokenizer.json`, `text_encoder_2/` (T5) + `tokenizer_2/tokenizer.json`.
+/// For tests and for trying the FLUX code paths (`--backbone DIR`) without downloads.
+pub fn write_tiny_flux_folder(dir: &std::path::Path, seed: u64) -> anyhow::Result<()> {
+    use super::flux_text::testing::{write_tiny_clip, write_tiny_t5};
+    std::fs::create_dir_all(dir)?;
+    candle_core::safetensors::save(
+        &random_weights(&tiny_flux_config(), seed, &Device::Cpu)?,
+        dir.join("flux1-dev.safetensors"),
+    )?;
+    candle_core::safetensors::save(
+        &super::codec::random_autoencoder_weights(&super::codec::tiny_autoencoder_config(), seed + 1, &Device::Cpu)?,
+        dir.join("ae.safetensors"),
+    )?;
+    for (encoder, tokenizer, write) in [
+        (
+            "text_encoder",
+            "tokenizer",
+            write_tiny_clip as fn(&std::path::Path, u64) -> anyhow::Result<()>,
+        ),
+        ("text_encoder_2", "tokenizer_2", write_tiny_t5),
+    ] {
+        write(&dir.join(encoder), seed + 2)?;
+        std::fs::create_dir_all(dir.join(tokenizer))?;
+        std::fs::rename(
+            dir.join(encoder).join("tokenizer.json"),
+            dir.join(tokenizer).join("tokenizer.json"),
+        )?;
+    }
+    Ok(())
+}
+
+/// Writes a LoRA in x-flux processor naming (UNO's `dit_lora.safetensors` format) for a model of config `cfg`:
+/// every processor LoRA of every block, rank `rank`, random values (std 0.05).
+pub fn write_tiny_uno_lora(path: &std::path::Path, cfg: &Config, rank: usize, seed: u64) -> anyhow::Result<()> {
+    let (h, m) = (cfg.hidden_size, cfg.mlp_hidden_dim());
+    let mut tensors = HashMap::new();
+    let mut k = seed;
+    let mut add = |stem: String, rows: usize, inp: usize| -> Result<()> {
+        k += 2;
+        tensors.insert(
+            format!("{stem}.down.weight"),
+            random_tensor(&[rank, inp], 0.05, k, &Device::Cpu)?,
+        );
+        tensors.insert(
+            format!("{stem}.up.weight"),
+            random_tensor(&[rows, rank], 0.05, k + 1, &Device::Cpu)?,
+        );
+        Ok(())
+    };
+    for i in 0..cfg.depth {
+        for (lora, rows) in [
+            ("qkv_lora1", 3 * h),
+            ("proj_lora1", h),
+            ("qkv_lora2", 3 * h),
+            ("proj_lora2", h),
+        ] {
+            add(format!("double_blocks.{i}.processor.{lora}"), rows, h)?;
+        }
+    }
+    for i in 0..cfg.depth_single_blocks {
+        add(format!("single_blocks.{i}.processor.qkv_lora"), 3 * h, h)?;
+        add(format!("single_blocks.{i}.processor.proj_lora"), h, h + m)?;
+    }
+    candle_core::safetensors::save(&tensors, path)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

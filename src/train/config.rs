@@ -111,7 +111,8 @@ impl ScheduleConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelSettings {
-    /// `bundled`, `random:SEED` or a safetensors path.
+    /// The transformer: `bundled`, `random:SEED` or a safetensors path (`transformer` in a backbone profile).
+    #[serde(alias = "transformer")]
     pub base: BaseSource,
     /// LoRAs merged into the base when it loads, in order (UNO's `dit_lora.safetensors`: x-flux naming), each
     /// `{ path = "…", scale = 1.0 }`. FocusDPO's own LoRA trains on top of the merged base.
@@ -206,8 +207,40 @@ impl ModelSettings {
         Ok(())
     }
 
-    /// Loads the base on `device` with the autoencoder and text encoders these settings name.
+    /// Makes every relative path of these settings relative to `dir` (a backbone profile's folder).
+    pub fn resolve_paths(&mut self, dir: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        };
+        if let BaseSource::File(p) = &mut self.base {
+            resolve(p);
+        }
+        for lora in &mut self.base_loras {
+            resolve(&mut lora.path);
+        }
+        for p in [
+            &mut self.autoencoder,
+            &mut self.t5,
+            &mut self.t5_tokenizer,
+            &mut self.clip,
+            &mut self.clip_tokenizer,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            resolve(p);
+        }
+    }
+
+    /// Loads the base on `device` with the base LoRAs, autoencoder and text encoders these settings name. Every
+    /// named file is checked first: missing ones are reported together, before any weight is read.
     pub fn load_base(&self, device: &candle_core::Device) -> Result<BaseModel, BaseError> {
+        let missing = super::backbone::missing_files(self);
+        if !missing.is_empty() {
+            return Err(BaseError::MissingFiles(missing));
+        }
         let mut base = BaseModel::load(&self.base, device)?;
         for lora in &self.base_loras {
             base = base.with_base_lora(&lora.path, lora.scale)?;

@@ -1,6 +1,7 @@
 //! Training: objectives (Eq. 1, Eq. 10, SFT), run configuration, data preparation, the FocusDPO weight map of a
 //! step, the optimiser, run directories and the threaded training session.
 
+pub mod backbone;
 pub mod config;
 pub mod data;
 pub mod focus;

@@ -1,0 +1,204 @@
+//! Every command on a FLUX-format backbone: a FLUX.1-dev folder as downloaded (tiny random weights, BFL naming, no
+//! metadata) plus UNO's LoRA in x-flux naming, opened with `--backbone DIR --base-lora FILE`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{focusdpo, text};
+use focusdpo::model::testing::{tiny_flux_config, write_tiny_flux_folder, write_tiny_uno_lora};
+
+struct Backbone {
+    _dir: tempfile::TempDir,
+    flux: PathBuf,
+    lora: PathBuf,
+}
+
+fn backbone() -> Backbone {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let flux = dir.path().join("FLUX.1-dev");
+    write_tiny_flux_folder(&flux, 1).expect("flux folder");
+    let lora = dir.path().join("dit_lora.safetensors");
+    write_tiny_uno_lora(&lora, &tiny_flux_config(), 4, 2).expect("lora");
+    Backbone { _dir: dir, flux, lora }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+#[test]
+fn masks_train_and_sample_run_on_a_flux_folder_with_unos_lora() {
+    let b = backbone();
+    let out = tempfile::tempdir().expect("tempdir");
+    let masks = out.path().join("m.safetensors");
+    let run = focusdpo(&[
+        "masks",
+        "--item",
+        "synth-0001",
+        "--backbone",
+        s(&b.flux),
+        "--base-lora",
+        s(&b.lora),
+        "--reference-px",
+        "32",
+        "--timesteps",
+        "500",
+        "--out",
+        s(&masks),
+    ]);
+    assert!(run.status.success(), "{}", text(&run));
+    let msg = text(&run);
+    assert!(
+        msg.contains("token grid 4×4") && msg.contains("dit_lora.safetensors"),
+        "{msg}"
+    );
+
+    let run_dir = out.path().join("runs/flux");
+    let run = focusdpo(&[
+        "train",
+        "--backbone",
+        s(&b.flux),
+        "--base-lora",
+        &format!("{}:0.5", s(&b.lora)),
+        "--set",
+        "model.reference_px=32",
+        "--set",
+        r#"data.items=["synth-0001"]"#,
+        "--steps",
+        "1",
+        "--out",
+        s(&run_dir),
+        "--plain",
+    ]);
+    assert!(run.status.success(), "{}", text(&run));
+    let config = std::fs::read_to_string(run_dir.join("config.toml")).expect("config");
+    assert!(
+        config.contains("flux1-dev.safetensors") && config.contains("dit_lora.safetensors") && config.contains("0.5"),
+        "{config}"
+    );
+    // The run resumes with the same command, and its model samples.
+    let run = focusdpo(&[
+        "train",
+        "--backbone",
+        s(&b.flux),
+        "--base-lora",
+        &format!("{}:0.5", s(&b.lora)),
+        "--set",
+        "model.reference_px=32",
+        "--set",
+        r#"data.items=["synth-0001"]"#,
+        "--steps",
+        "2",
+        "--out",
+        s(&run_dir),
+        "--plain",
+        "--resume",
+    ]);
+    assert!(run.status.success(), "{}", text(&run));
+    let sheet = out.path().join("samples.png");
+    let run = focusdpo(&[
+        "sample",
+        "--run",
+        s(&run_dir),
+        "--item",
+        "synth-0001",
+        "--seeds",
+        "0",
+        "--steps",
+        "2",
+        "--out",
+        s(&sheet),
+    ]);
+    assert!(run.status.success(), "{}", text(&run));
+    assert!(sheet.is_file());
+    let eval = out.path().join("eval");
+    let run = focusdpo(&[
+        "eval",
+        "--backbone",
+        s(&b.flux),
+        "--base-lora",
+        s(&b.lora),
+        "--single",
+        "1",
+        "--multi",
+        "1",
+        "--samples",
+        "1",
+        "--steps",
+        "2",
+        "--out",
+        s(&eval),
+    ]);
+    assert!(run.status.success(), "{}", text(&run));
+    let report = std::fs::read_to_string(eval.join("eval.md")).expect("eval.md");
+    assert!(report.contains("dit_lora.safetensors"), "{report}");
+    let plan = out.path().join("plan.md");
+    std::fs::write(
+        &plan,
+        "# Plan\n\n## Study: Focus coverage threshold\n- **Ablated Part**: the focus coverage threshold τ\n- \
+         **Replacement**: 0.3\n",
+    )
+    .expect("plan");
+    let run = focusdpo(&[
+        "ablate",
+        s(&plan),
+        "--backbone",
+        s(&b.flux),
+        "--base-lora",
+        s(&b.lora),
+        "--set",
+        "model.reference_px=32",
+        "--set",
+        r#"data.items=["synth-0001"]"#,
+        "--steps",
+        "1",
+        "--no-eval",
+        "--no-plots",
+        "--out",
+        s(&out.path().join("grid")),
+    ]);
+    assert!(run.status.success(), "{}", text(&run));
+    assert!(text(&run).contains("grid: 2 cells"), "{}", text(&run));
+    let cells = std::fs::read_dir(out.path().join("grid/cells")).expect("cells").count();
+    assert_eq!(cells, 2);
+}
+
+#[test]
+fn missing_backbone_files_are_named_before_anything_loads() {
+    let b = backbone();
+    std::fs::remove_file(b.flux.join("ae.safetensors")).expect("rm");
+    std::fs::remove_dir_all(b.flux.join("tokenizer")).expect("rm");
+    let out = tempfile::tempdir().expect("tempdir");
+    let run = focusdpo(&[
+        "masks",
+        "--item",
+        "synth-0001",
+        "--backbone",
+        s(&b.flux),
+        "--base-lora",
+        "/nowhere/dit_lora.safetensors",
+        "--out",
+        s(&out.path().join("m.safetensors")),
+    ]);
+    assert!(!run.status.success());
+    let msg = text(&run);
+    assert!(
+        msg.contains("nothing was loaded")
+            && msg.contains("base_loras[0] = /nowhere/dit_lora.safetensors")
+            && msg.contains("autoencoder = ")
+            && msg.contains("clip_tokenizer"),
+        "{msg}"
+    );
+    let run = focusdpo(&[
+        "masks",
+        "--item",
+        "synth-0001",
+        "--backbone",
+        s(&b.lora),
+        "--out",
+        s(&out.path().join("m.safetensors")),
+    ]);
+    assert!(!run.status.success());
+    assert!(text(&run).contains("dit_lora.safetensors"), "{}", text(&run));
+}

@@ -1,0 +1,92 @@
+//! Parity with the reference implementations, on tiny random weights: fixtures written by the committed scripts in
+//! `scripts/parity/` (torch + diffusers/transformers), read here. Regenerate with the commands in each script.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use focusdpo::model::{
+    Config, ForwardOptions, Mmdit, MmditInput, Reference, ids_tensor, reference_ids, target_ids, text_ids,
+    uno_reference_offsets,
+};
+
+fn fixture(name: &str) -> (HashMap<String, Tensor>, HashMap<String, String>) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/parity")
+        .join(name);
+    let tensors = candle_core::safetensors::load(&path, &Device::Cpu).expect("the fixture reads");
+    let bytes = std::fs::read(&path).expect("fixture");
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).expect("header");
+    let meta = meta.metadata().clone().unwrap_or_default();
+    (tensors, meta)
+}
+
+fn max_rel_err(ours: &Tensor, reference: &Tensor) -> f32 {
+    let diff = (ours - reference)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.max(0));
+    let scale = reference.abs().and_then(|d| d.flatten_all()).and_then(|d| d.max(0));
+    diff.and_then(|d| d.to_scalar::<f32>()).expect("diff") / scale.and_then(|s| s.to_scalar::<f32>()).expect("scale")
+}
+
+/// Our MMDiT against diffusers' `FluxTransformer2DModel` (BFL weights converted from it), with 0, 1 and 2 UNO
+/// references (UnoPE ids) and guidance: every prediction within 1e-4 relative (f32).
+#[test]
+fn the_mmdit_equals_diffusers_flux_transformer_with_uno_references() {
+    let (t, meta) = fixture("flux_transformer.safetensors");
+    let cfg: Config = serde_json::from_str(&meta["config"]).expect("config");
+    let grid: usize = meta["grid"].parse().expect("grid");
+    let ref_grids: Vec<(usize, usize)> = serde_json::from_str(&meta["ref_grids"]).expect("ref grids");
+    let weights: HashMap<String, Tensor> = t
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix("weights.").map(|n| (n.to_string(), v.clone())))
+        .collect();
+    let model = Mmdit::new(&cfg, VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu)).expect("model");
+    let dev = Device::Cpu;
+    let batch = t["input.img"].dim(0).expect("batch");
+    let text_tokens = t["input.txt"].dim(1).expect("text");
+    let offsets = uno_reference_offsets((grid, grid), &ref_grids);
+    let img_ids = ids_tensor(&target_ids(grid, grid), batch, &dev).expect("ids");
+    let txt_ids = text_ids(text_tokens, batch, &dev).expect("txt ids");
+    let ref_ids: Vec<Tensor> = ref_grids
+        .iter()
+        .zip(&offsets)
+        .map(|(&(h, w), &off)| ids_tensor(&reference_ids(h, w, off), batch, &dev).expect("ref ids"))
+        .collect();
+    for n_refs in 0..=ref_grids.len() {
+        // Our UnoPE ids are UNO's (the script builds them as `prepare_multi_ip` does).
+        let mut ours = vec![img_ids.get(0).expect("row")];
+        ours.extend(ref_ids[..n_refs].iter().map(|r| r.get(0).expect("row")));
+        let ours = Tensor::cat(&ours, 0).expect("cat");
+        assert_eq!(
+            max_rel_err(&ours, &t[&format!("input.ids.refs{n_refs}")]),
+            0.0,
+            "UnoPE ids, {n_refs} refs"
+        );
+        let refs: Vec<Reference> = (0..n_refs)
+            .map(|k| Reference {
+                tokens: &t[&format!("input.ref{k}")],
+                ids: &ref_ids[k],
+            })
+            .collect();
+        let input = MmditInput {
+            img: &t["input.img"],
+            img_ids: &img_ids,
+            txt: &t["input.txt"],
+            txt_ids: &txt_ids,
+            timesteps: &t["input.t"],
+            y: &t["input.y"],
+            guidance: Some(&t["input.guidance"]),
+            references: &refs,
+        };
+        let pred = model
+            .forward_with(&input, ForwardOptions::default())
+            .expect("forward")
+            .prediction;
+        let err = max_rel_err(&pred, &t[&format!("output.refs{n_refs}")]);
+        assert!(err <= 1e-4, "{n_refs} references: max relative error {err:e}");
+        eprintln!("MMDiT vs diffusers, {n_refs} references: max relative error {err:e}");
+    }
+}

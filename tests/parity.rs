@@ -6,6 +6,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use focusdpo::model::xflux_lora::read_xflux_lora;
 use focusdpo::model::{
     Config, ForwardOptions, Mmdit, MmditInput, Reference, ids_tensor, reference_ids, target_ids, text_ids,
     uno_reference_offsets,
@@ -88,5 +89,27 @@ fn the_mmdit_equals_diffusers_flux_transformer_with_uno_references() {
         let err = max_rel_err(&pred, &t[&format!("output.refs{n_refs}")]);
         assert!(err <= 1e-4, "{n_refs} references: max relative error {err:e}");
         eprintln!("MMDiT vs diffusers, {n_refs} references: max relative error {err:e}");
+        if n_refs != 1 {
+            continue;
+        }
+        // UNO's LoRA in x-flux naming, merged into our base, against diffusers' own x-flux converter + peft.
+        let lora: HashMap<String, Tensor> = t
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix("lora.").map(|n| (n.to_string(), v.clone())))
+            .collect();
+        let pieces = read_xflux_lora(&lora, &cfg).expect("x-flux LoRA");
+        let mut merged = model.clone();
+        merged.merge_base_lora(&pieces, 1.0).expect("merge");
+        let pred = merged
+            .forward_with(&input, ForwardOptions::default())
+            .expect("forward")
+            .prediction;
+        let err = max_rel_err(&pred, &t["output.lora.refs1"]);
+        assert!(err <= 1e-4, "UNO LoRA: max relative error {err:e}");
+        assert!(
+            max_rel_err(&pred, &t["output.refs1"]) > 1e-3,
+            "the LoRA changes the output"
+        );
+        eprintln!("UNO LoRA merged vs diffusers + peft, 1 reference: max relative error {err:e}");
     }
 }

@@ -1,13 +1,18 @@
-"""Parity fixture of the MMDiT against diffusers' FluxTransformer2DModel (the reference implementation of FLUX).
+"""Parity fixture of the MMDiT and of UNO's LoRA against diffusers (the reference implementation of FLUX).
 
-Builds tiny FLUX transformers with random weights in diffusers, runs them on random inputs with 0, 1 and 2 UNO
+Builds a tiny FLUX transformer with random weights in diffusers, runs it on random inputs with 0, 1 and 2 UNO
 in-context references (their tokens appended after the target's, UnoPE diagonal position ids as UNO's
 `prepare_multi_ip` makes them, the output sliced back to the target like UNO's `Flux.forward`), and writes the
 weights in BFL naming (the naming of flux1-dev.safetensors, which our model reads) with the inputs and outputs to
-tests/data/parity/flux_transformer.safetensors. `cargo test --test parity` compares our model with them.
+tests/data/parity/flux_transformer.safetensors.
+
+Then a random LoRA in x-flux processor naming (the format of UNO's dit_lora.safetensors) on every block is loaded
+into the same model with diffusers' own x-flux converter (`_convert_xlabs_flux_lora_to_diffusers`, through peft),
+and its output with one reference is written too (`lora.*`, `output.lora.refs1`). `cargo test --test parity`
+compares our model (and our merge of that LoRA) with them.
 
 Regenerate (any machine, CPU is enough):
-    python3 -m venv .venv && .venv/bin/pip install torch diffusers safetensors
+    python3 -m venv .venv && .venv/bin/pip install torch diffusers peft safetensors
     .venv/bin/python scripts/parity/flux_transformer.py
 The versions used are written into the file's metadata.
 """
@@ -42,6 +47,7 @@ GRID = 4  # target tokens: GRID × GRID
 REF_GRIDS = [(3, 3), (2, 4)]  # reference token grids
 TEXT_TOKENS = 5
 BATCH = 2
+LORA_RANK = 4
 
 
 def diffusers_model() -> FluxTransformer2DModel:
@@ -166,12 +172,46 @@ def main():
             )[0]
         tensors[f"output.refs{n_refs}"] = pred[:, : GRID * GRID].contiguous()
         tensors[f"input.ids.refs{n_refs}"] = torch.cat(ids).contiguous()
+    # UNO's LoRA (x-flux naming) on every block, applied by diffusers' converter + peft.
+    from diffusers.loaders.lora_conversion_utils import _convert_xlabs_flux_lora_to_diffusers
+
+    h, m, rank = c["hidden_size"], int(c["hidden_size"] * c["mlp_ratio"]), LORA_RANK
+    xflux = {}
+    for i in range(c["depth"]):
+        for name, rows in [("qkv_lora1", 3 * h), ("proj_lora1", h), ("qkv_lora2", 3 * h), ("proj_lora2", h)]:
+            xflux[f"double_blocks.{i}.processor.{name}.down.weight"] = 0.2 * rnd(rank, h)
+            xflux[f"double_blocks.{i}.processor.{name}.up.weight"] = 0.2 * rnd(rows, rank)
+    for i in range(c["depth_single_blocks"]):
+        xflux[f"single_blocks.{i}.processor.qkv_lora.down.weight"] = 0.2 * rnd(rank, h)
+        xflux[f"single_blocks.{i}.processor.qkv_lora.up.weight"] = 0.2 * rnd(3 * h, rank)
+        xflux[f"single_blocks.{i}.processor.proj_lora.down.weight"] = 0.2 * rnd(rank, h + m)
+        xflux[f"single_blocks.{i}.processor.proj_lora.up.weight"] = 0.2 * rnd(h, rank)
+    tensors.update({f"lora.{k}": v.contiguous() for k, v in xflux.items()})
+    converted = _convert_xlabs_flux_lora_to_diffusers({k: v.clone() for k, v in xflux.items()})
+    model.load_lora_adapter(converted, prefix="transformer", adapter_name="uno")
+    ids = torch.cat([grid_ids(GRID, GRID), grid_ids(*REF_GRIDS[0], GRID, GRID)])
+    with torch.no_grad():
+        pred = model(
+            hidden_states=torch.cat([img, refs[0]], dim=1),
+            encoder_hidden_states=txt,
+            pooled_projections=y,
+            timestep=t,
+            img_ids=ids,
+            txt_ids=torch.zeros(TEXT_TOKENS, 3),
+            guidance=guidance,
+            return_dict=False,
+        )[0]
+    tensors["output.lora.refs1"] = pred[:, : GRID * GRID].contiguous()
+    if torch.equal(tensors["output.lora.refs1"], tensors["output.refs1"]):
+        raise SystemExit("the LoRA did not change the model: it was not applied")
+
     meta = {
         "config": json.dumps(c),
         "ref_grids": json.dumps(REF_GRIDS),
         "grid": str(GRID),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
+        "peft": __import__("peft").__version__,
         "generator": "scripts/parity/flux_transformer.py",
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)

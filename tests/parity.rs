@@ -113,3 +113,27 @@ fn the_mmdit_equals_diffusers_flux_transformer_with_uno_references() {
         eprintln!("UNO LoRA merged vs diffusers + peft, 1 reference: max relative error {err:e}");
     }
 }
+
+/// FLUX's text encoders against transformers: T5 `last_hidden_state` (fixed-length padding, no mask) and the CLIP
+/// text tower's `pooler_output`, read from `save_pretrained` folders (FLUX.1-dev's layout) with their tokenizers.
+#[test]
+fn the_text_encoders_equal_transformers_t5_and_clip() {
+    use focusdpo::model::flux_text::{ClipTextEncoder, T5TextEncoder};
+    let (t, meta) = fixture("text_encoders.safetensors");
+    let prompts: Vec<String> = serde_json::from_str(&meta["prompts"]).expect("prompts");
+    let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
+    let t5_tokens: usize = meta["t5_tokens"].parse().expect("t5 tokens");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/parity");
+    let t5 = T5TextEncoder::load(&dir.join("t5"), &dir.join("t5/tokenizer.json"), t5_tokens, &Device::Cpu)
+        .expect("T5 loads");
+    let states = t5.encode(&prompts).expect("T5 encodes");
+    let err = max_rel_err(&states, &t["t5.last_hidden_state"]);
+    eprintln!("T5 vs transformers: max relative error {err:e}");
+    assert!(err <= 1e-4, "T5: {err:e}");
+    let clip =
+        ClipTextEncoder::load(&dir.join("clip"), &dir.join("clip/tokenizer.json"), &Device::Cpu).expect("CLIP loads");
+    let pooled = clip.encode(&prompts).expect("CLIP encodes");
+    let err = max_rel_err(&pooled, &t["clip.pooler_output"]);
+    eprintln!("CLIP text vs transformers: max relative error {err:e}");
+    assert!(err <= 1e-4, "CLIP: {err:e}");
+}

@@ -152,7 +152,8 @@ pub struct ClipTextEncoder {
 
 impl ClipTextEncoder {
     /// Loads the CLIP text tower from `weights` (a file with CLIP-L sizes, or a folder with `config.json`;
-    /// HF names `text_model.*`, as in `CLIPTextModel` or a full `CLIPModel`) and `tokenizer`.
+    /// HF names `text_model.*`, as in a `CLIPTextModel` saved by transformers 4.x or a full `CLIPModel`, or without
+    /// the prefix, as transformers 5.x saves a `CLIPTextModel`) and `tokenizer`.
     pub fn load(weights: &Path, tokenizer: &Path, device: &Device) -> Result<Self, LoadError> {
         let ckpt = Checkpoint::open(weights, device)?;
         let cfg = match &ckpt.config {
@@ -169,7 +170,14 @@ impl ClipTextEncoder {
         tokenizer: &Path,
         device: &Device,
     ) -> Result<Self, LoadError> {
-        let model = ClipTextTransformer::new(ckpt.vb.pp("text_model"), cfg).map_err(|e| ckpt.model_err(e))?;
+        // transformers 4.x saves a `CLIPTextModel` (FLUX.1-dev's `text_encoder/`) under `text_model.`; 5.x saves it
+        // without the prefix.
+        let vb = if ckpt.vb.contains_tensor("embeddings.token_embedding.weight") {
+            ckpt.vb.clone()
+        } else {
+            ckpt.vb.pp("text_model")
+        };
+        let model = ClipTextTransformer::new(vb, cfg).map_err(|e| ckpt.model_err(e))?;
         let raw = hf::load_tokenizer(tokenizer)?;
         let eot_id = hf::token_id(&raw, CLIP_EOT, tokenizer)?;
         let tok = fixed_length(raw, cfg.max_position_embeddings, CLIP_EOT, tokenizer)?;

@@ -137,3 +137,27 @@ fn the_text_encoders_equal_transformers_t5_and_clip() {
     eprintln!("CLIP text vs transformers: max relative error {err:e}");
     assert!(err <= 1e-4, "CLIP: {err:e}");
 }
+
+/// The FLUX autoencoder against diffusers' `AutoencoderKL` (FLUX layout, weights converted to BFL naming and read
+/// back with the config from their shapes): the normalised posterior mean and the decoder output.
+#[test]
+fn the_autoencoder_equals_diffusers_autoencoder_kl() {
+    use focusdpo::model::codec::FluxAutoencoder;
+    let (t, _) = fixture("autoencoder.safetensors");
+    let weights: HashMap<String, Tensor> = t
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix("weights.").map(|n| (n.to_string(), v.clone())))
+        .collect();
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("ae.safetensors");
+    candle_core::safetensors::save(&weights, &path).expect("save");
+    let ae = FluxAutoencoder::load(&path, &Device::Cpu).expect("the autoencoder loads");
+    let latents = ae.encode(&t["input.image"]).expect("encode");
+    let err = max_rel_err(&latents, &t["output.latents"]);
+    eprintln!("autoencoder encode vs diffusers: max relative error {err:e}");
+    assert!(err <= 1e-4, "encode: {err:e}");
+    let decoded = ae.decode(&t["input.latents"]).expect("decode");
+    let err = max_rel_err(&decoded, &t["output.decoded"]);
+    eprintln!("autoencoder decode vs diffusers: max relative error {err:e}");
+    assert!(err <= 1e-4, "decode: {err:e}");
+}

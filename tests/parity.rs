@@ -161,3 +161,60 @@ fn the_autoencoder_equals_diffusers_autoencoder_kl() {
     eprintln!("autoencoder decode vs diffusers: max relative error {err:e}");
     assert!(err <= 1e-4, "decode: {err:e}");
 }
+
+/// The metric embedders against transformers: DINOv2's final-normed CLS token (`Dinov2Model.pooler_output`, Meta
+/// naming, position embeddings interpolated bicubically from the 37 × 37 grid) and CLIP's projected image features
+/// and unit text features (`CLIPModel.get_image_features` / `get_text_features`).
+#[test]
+fn the_metric_towers_equal_transformers_dinov2_and_clip() {
+    use focusdpo::eval::TextEmbedder;
+    use focusdpo::eval::pretrained::{ClipEmbedder, ClipModelConfig, DinoV2Config, DinoV2Embedder};
+    let (t, meta) = fixture("metric_towers.safetensors");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/parity");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dino_path = tmp.path().join("dinov2.safetensors");
+    let dino_weights: HashMap<String, Tensor> = t
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix("dino.weights.").map(|n| (n.to_string(), v.clone())))
+        .collect();
+    candle_core::safetensors::save(&dino_weights, &dino_path).expect("save");
+    let cfg = DinoV2Config {
+        name: "dinov2-tiny".into(),
+        depth: 2,
+        embed_dim: 16,
+        num_heads: 2,
+        image_px: meta["dino_px"].parse().expect("px"),
+    };
+    let dino = DinoV2Embedder::load(&dino_path, &cfg, &Device::Cpu).expect("DINOv2 loads");
+    let pixels = &t["dino.pixels"];
+    let cls: Vec<Tensor> = (0..pixels.dim(0).expect("batch"))
+        .map(|i| {
+            dino.cls_embedding(&pixels.narrow(0, i, 1).expect("image"))
+                .expect("embeds")
+        })
+        .collect();
+    let cls = Tensor::cat(&cls, 0).expect("cat");
+    let err = max_rel_err(&cls, &t["dino.cls"]);
+    eprintln!("DINOv2 CLS vs transformers: max relative error {err:e}");
+    assert!(err <= 1e-4, "DINOv2: {err:e}");
+
+    let clip_dir = dir.join("clip_model");
+    let clip = ClipEmbedder::load(
+        &clip_dir,
+        &clip_dir.join("tokenizer.json"),
+        &ClipModelConfig::vit_base_patch32(),
+        &Device::Cpu,
+    )
+    .expect("CLIP loads");
+    let image = clip.image_features(&t["clip.pixels"]).expect("image features");
+    let err = max_rel_err(&image, &t["clip.image_features"]);
+    eprintln!("CLIP image features vs transformers: max relative error {err:e}");
+    assert!(err <= 1e-4, "CLIP-I: {err:e}");
+    let prompts: Vec<String> = serde_json::from_str(&meta["prompts"]).expect("prompts");
+    let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
+    let text = clip.embed_texts(&prompts).expect("text features");
+    let text = Tensor::new(text, &Device::Cpu).expect("tensor");
+    let err = max_rel_err(&text, &t["clip.text_features_unit"]);
+    eprintln!("CLIP text features vs transformers: max relative error {err:e}");
+    assert!(err <= 1e-4, "CLIP-T: {err:e}");
+}

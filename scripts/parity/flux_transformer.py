@@ -73,6 +73,9 @@ def diffusers_model() -> FluxTransformer2DModel:
             std = 0.3 if name.endswith("norm_q.weight") or "norm_k" in name or "norm_added" in name else 0.05
             base = 1.0 if std == 0.3 else 0.0
             p.copy_(base + std * torch.randn(p.shape, generator=gen))
+            # f16-exact values: the fixture stores the weights in f16 (half the bytes), and both sides compute in
+            # f32 from exactly these values.
+            p.copy_(p.half().float())
     return model.eval()
 
 
@@ -126,7 +129,7 @@ def bfl_weights(model: FluxTransformer2DModel) -> dict:
         scale, shift = sd[f"norm_out.linear.{suffix}"].chunk(2, dim=0)
         out[f"final_layer.adaLN_modulation.1.{suffix}"] = torch.cat([shift, scale])
     lin("final_layer.linear", "proj_out")
-    return {k: v.contiguous().float() for k, v in out.items()}
+    return {k: v.contiguous().half() for k, v in out.items()}
 
 
 def grid_ids(h, w, dr=0, dc=0):

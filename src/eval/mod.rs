@@ -3,6 +3,7 @@
 
 pub mod benchmark;
 pub mod denoise;
+pub mod dinov2;
 pub mod identity;
 pub mod metrics;
 pub mod pretrained;

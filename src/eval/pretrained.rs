@@ -17,11 +17,11 @@ use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
 use candle_transformers::models::clip::text_model::{ClipTextConfig, ClipTextTransformer};
 use candle_transformers::models::clip::vision_model::{ClipVisionConfig, ClipVisionTransformer};
-use candle_transformers::models::dinov2::DinoVisionTransformer;
 use image::RgbImage;
 use image::imageops::FilterType;
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
+use super::dinov2::DinoV2;
 use super::{EvalError, ImageEmbedder, TextEmbedder};
 use crate::model::flux_text::CLIP_EOT;
 use crate::model::hf::{self, Checkpoint, LoadError};
@@ -36,10 +36,8 @@ pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 /// CLIP's pixel std (RGB).
 pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 
-/// candle-transformers' DINOv2 always builds an ImageNet head of this many classes.
-const DINO_HEAD_CLASSES: usize = 1000;
-/// DINOv2's patch side (fixed in candle-transformers).
-const DINO_PATCH: usize = 14;
+/// DINOv2's patch side.
+const DINO_PATCH: usize = super::dinov2::PATCH;
 
 fn weights_err(e: LoadError) -> EvalError {
     let path = e.path();
@@ -132,26 +130,22 @@ impl DinoV2Config {
 
 /// DINOv2 CLS-token embedder (DINO score).
 pub struct DinoV2Embedder {
-    model: DinoVisionTransformer,
+    model: DinoV2,
     cfg: DinoV2Config,
     device: Device,
 }
 
 impl DinoV2Embedder {
-    /// Loads a DINOv2 backbone checkpoint (Meta naming; an ImageNet `head.*` in the file is ignored).
-    ///
-    /// candle-transformers' model has no CLS-token output: its `forward` returns `head([cls, mean(patches)])`
-    /// of a fixed 1000-class head. The loader replaces that head with one that copies the normed CLS token into
-    /// the first `embed_dim` outputs, so the backbone is candle-transformers' own code, unchanged; this needs
-    /// `embed_dim ≤ 1000` (ViT-S and ViT-B, not ViT-L/g).
+    /// Loads a DINOv2 backbone checkpoint (Meta naming; an ImageNet `head.*` in the file is ignored) with our
+    /// DINOv2 ([`super::dinov2`], checked against transformers' `Dinov2Model`).
     pub fn load(path: &Path, cfg: &DinoV2Config, device: &Device) -> Result<Self, EvalError> {
         let err = |message: String| EvalError::Weights {
             path: path.to_path_buf(),
             message,
         };
-        if cfg.embed_dim > DINO_HEAD_CLASSES || cfg.embed_dim == 0 || cfg.num_heads == 0 {
+        if cfg.embed_dim == 0 || cfg.num_heads == 0 || !cfg.embed_dim.is_multiple_of(cfg.num_heads) {
             return Err(err(format!(
-                "DINOv2 width {} with {} heads is not supported (width 1..={DINO_HEAD_CLASSES})",
+                "DINOv2 width {} with {} heads is not supported (the width must split into the heads)",
                 cfg.embed_dim, cfg.num_heads
             )));
         }
@@ -161,19 +155,10 @@ impl DinoV2Embedder {
                 cfg.image_px
             )));
         }
-        let mut tensors: HashMap<String, Tensor> =
+        let tensors: HashMap<String, Tensor> =
             candle_core::safetensors::load(path, device).map_err(|e| err(e.to_string()))?;
-        let d = cfg.embed_dim;
-        let select_cls = Tensor::eye(d, DType::F32, device)?
-            .pad_with_zeros(1, 0, d)?
-            .pad_with_zeros(0, 0, DINO_HEAD_CLASSES - d)?;
-        tensors.insert("head.weight".into(), select_cls);
-        tensors.insert(
-            "head.bias".into(),
-            Tensor::zeros(DINO_HEAD_CLASSES, DType::F32, device)?,
-        );
         let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
-        let model = DinoVisionTransformer::new(vb, cfg.depth, d, cfg.num_heads).map_err(|e| err(e.to_string()))?;
+        let model = DinoV2::new(vb, cfg.depth, cfg.embed_dim, cfg.num_heads).map_err(|e| err(e.to_string()))?;
         Ok(Self {
             model,
             cfg: cfg.clone(),
@@ -185,6 +170,12 @@ impl DinoV2Embedder {
     pub fn dim(&self) -> usize {
         self.cfg.embed_dim
     }
+
+    /// The final-normed CLS tokens `[B, embed_dim]` of preprocessed images `[B, 3, H, W]` (not unit-normed): what
+    /// `Dinov2Model`'s `pooler_output` is.
+    pub fn cls_embedding(&self, pixels: &Tensor) -> Result<Tensor, EvalError> {
+        Ok(self.model.cls(pixels)?)
+    }
 }
 
 impl ImageEmbedder for DinoV2Embedder {
@@ -193,14 +184,14 @@ impl ImageEmbedder for DinoV2Embedder {
     }
 
     fn embed_images(&self, images: &[RgbImage]) -> Result<Vec<Vec<f32>>, EvalError> {
-        // candle-transformers' DINOv2 concatenates a batch-1 CLS token, so images go one at a time.
-        let mut out = Vec::with_capacity(images.len());
-        for img in images {
-            let x = preprocess(img, self.cfg.image_px, IMAGENET_MEAN, IMAGENET_STD, &self.device)?;
-            let cls = self.model.forward(&x)?.narrow(1, 0, self.cfg.embed_dim)?;
-            out.extend(unit_rows(&cls)?);
+        if images.is_empty() {
+            return Ok(Vec::new());
         }
-        Ok(out)
+        let xs = images
+            .iter()
+            .map(|img| preprocess(img, self.cfg.image_px, IMAGENET_MEAN, IMAGENET_STD, &self.device))
+            .collect::<Result<Vec<_>, _>>()?;
+        unit_rows(&self.cls_embedding(&Tensor::cat(&xs, 0)?)?)
     }
 }
 
@@ -337,6 +328,12 @@ impl ClipEmbedder {
     pub fn dim(&self) -> usize {
         self.visual_projection.weight().dim(0).unwrap_or(0)
     }
+
+    /// Projected image features `[B, dim]` of preprocessed images `[B, 3, H, W]` (not unit-normed): what
+    /// `CLIPModel.get_image_features` computes.
+    pub fn image_features(&self, pixels: &Tensor) -> Result<Tensor, EvalError> {
+        Ok(self.vision.forward(pixels)?.apply(&self.visual_projection)?)
+    }
 }
 
 impl ImageEmbedder for ClipEmbedder {
@@ -353,8 +350,7 @@ impl ImageEmbedder for ClipEmbedder {
             .map(|img| preprocess(img, self.image_px, CLIP_MEAN, CLIP_STD, &self.device))
             .collect::<Result<Vec<_>, _>>()?;
         let x = Tensor::cat(&xs, 0)?;
-        let features = self.vision.forward(&x)?.apply(&self.visual_projection)?;
-        unit_rows(&features)
+        unit_rows(&self.image_features(&x)?)
     }
 }
 
@@ -412,8 +408,10 @@ mod tests {
 
     fn write_tiny_dino(path: &Path, seed: u64) -> anyhow::Result<()> {
         let cfg = tiny_dino();
+        // candle-transformers' DINOv2 asks for exactly the tensors of Meta's naming (pos_embed for 37 × 37 patches).
         let mut w = random_named(seed, |vb| {
-            DinoVisionTransformer::new(vb, cfg.depth, cfg.embed_dim, cfg.num_heads).map(|_| ())
+            candle_transformers::models::dinov2::DinoVisionTransformer::new(vb, cfg.depth, cfg.embed_dim, cfg.num_heads)
+                .map(|_| ())
         })?;
         // The backbone checkpoint has no ImageNet head; the loader brings its own.
         w.retain(|name, _| !name.starts_with("head."));
@@ -471,7 +469,7 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(
-            err.contains("dino.safetensors") && err.contains("patch_embed.proj.weight"),
+            err.contains("dino.safetensors") && err.contains("pos_embed is [1, 1370, 16]"),
             "{err}"
         );
         let missing = DinoV2Embedder::load(&dir.path().join("none.safetensors"), &tiny_dino(), &Device::Cpu);

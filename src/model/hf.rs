@@ -238,7 +238,16 @@ fn clip_tower(value: &serde_json::Value, key: &str, path: &Path) -> Result<HfCli
             "{key}.hidden_act = `{act}`: candle-transformers' CLIP supports only quick_gelu"
         )));
     }
-    if t.projection_dim.is_none() {
+    // A full CLIPModel's projections are sized by its top-level `projection_dim`; the towers' own entry is
+    // transformers' default (512) unless the saving version wrote the real value there too.
+    let top = value
+        .get(key)
+        .and(value.get("projection_dim"))
+        .and_then(serde_json::Value::as_u64)
+        .map(|v| v as usize);
+    if top.is_some() {
+        t.projection_dim = top;
+    } else if t.projection_dim.is_none() {
         t.projection_dim = value
             .get("projection_dim")
             .and_then(serde_json::Value::as_u64)

@@ -133,6 +133,35 @@ fn masks_train_and_sample_run_on_a_flux_folder_with_unos_lora() {
     assert!(run.status.success(), "{}", text(&run));
     let report = std::fs::read_to_string(eval.join("eval.md")).expect("eval.md");
     assert!(report.contains("dit_lora.safetensors"), "{report}");
+    // The paper's benchmark on the same backbone (UNO's JSON format).
+    let refs = out.path().join("refs");
+    std::fs::create_dir_all(&refs).expect("mkdir");
+    image::RgbImage::from_pixel(40, 40, image::Rgb([200, 30, 30]))
+        .save(refs.join("00.png"))
+        .expect("png");
+    let json = out.path().join("dreambench_singleip.json");
+    std::fs::write(&json, r#"[{"prompt": "a red cat", "image_paths": ["refs/00.png"]}]"#).expect("json");
+    let run = focusdpo(&[
+        "eval",
+        "--backbone",
+        s(&b.flux),
+        "--base-lora",
+        s(&b.lora),
+        "--dreambench",
+        s(&json),
+        "--samples",
+        "1",
+        "--steps",
+        "2",
+        "--size",
+        "32",
+        "--reference-px",
+        "32",
+        "--out",
+        s(&eval),
+    ]);
+    assert!(run.status.success(), "{}", text(&run));
+    assert!(eval.join("dreambench_singleip/0_0.png").is_file());
     let plan = out.path().join("plan.md");
     std::fs::write(
         &plan,

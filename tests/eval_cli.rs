@@ -157,3 +157,72 @@ fn eval_then_report_compares_a_base_with_a_run() {
     assert!(!out.status.success());
     assert!(text(&out).contains("empty"), "{}", text(&out));
 }
+
+/// The paper's benchmark: a DreamBench file in UNO's format (paths relative to it), images saved per set,
+/// CLIP-I / CLIP-T from CLIP weights (a tiny CLIP of the parity fixtures), DINO absent without DINOv2 weights.
+#[test]
+fn eval_reads_unos_dreambench_json_and_reports_clip_scores() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let refs = dir.path().join("dreambooth/dataset");
+    std::fs::create_dir_all(refs.join("cat")).expect("mkdir");
+    image::RgbImage::from_fn(40, 40, |x, y| image::Rgb([200, (x * 6) as u8, (y * 6) as u8]))
+        .save(refs.join("cat/00.png"))
+        .expect("png");
+    image::RgbImage::from_pixel(30, 30, image::Rgb([20, 90, 200]))
+        .save(refs.join("cat/01.png"))
+        .expect("png");
+    let json = dir.path().join("dreambench_multiip.json");
+    std::fs::write(
+        &json,
+        r#"[{"prompt": "a red cat on grass", "image_paths": ["./dreambooth/dataset/cat/00.png"]},
+            {"prompt": "a red cat and a blue dog", "image_paths": ["./dreambooth/dataset/cat/00.png", "./dreambooth/dataset/cat/01.png"]},
+            {"prompt": "a cat", "image_paths": ["./dreambooth/dataset/cat/01.png"]}]"#,
+    )
+    .expect("json");
+    let clip = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/parity/clip_model");
+    let out = dir.path().join("eval");
+    let run = focusdpo(&[
+        "eval",
+        "--base",
+        "random:0",
+        "--dreambench",
+        json.to_str().expect("utf-8"),
+        "--limit",
+        "2",
+        "--samples",
+        "2",
+        "--steps",
+        "2",
+        "--clip",
+        clip.to_str().expect("utf-8"),
+        "--clip-tokenizer",
+        clip.join("tokenizer.json").to_str().expect("utf-8"),
+        "--out",
+        out.to_str().expect("utf-8"),
+    ]);
+    assert!(run.status.success(), "{}", text(&run));
+    let md = std::fs::read_to_string(out.join("dreambench.md")).expect("dreambench.md");
+    assert!(md.contains("| dreambench_multiip | 2 | 4 | – | 0."), "{md}");
+    assert!(out.join("dreambench_multiip/1_1.png").is_file());
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("dreambench.json")).expect("json")).expect("parses");
+    assert_eq!(report["seed"], 3407);
+    assert!(report["sets"][0]["clip_t"].is_number());
+    // A missing reference is named with its entry.
+    std::fs::write(&json, r#"[{"prompt": "x", "image_paths": ["missing.jpg"]}]"#).expect("json");
+    let run = focusdpo(&[
+        "eval",
+        "--base",
+        "random:0",
+        "--dreambench",
+        json.to_str().expect("utf-8"),
+        "--out",
+        out.to_str().expect("utf-8"),
+    ]);
+    assert!(!run.status.success());
+    assert!(
+        text(&run).contains("entry 0") && text(&run).contains("missing.jpg"),
+        "{}",
+        text(&run)
+    );
+}

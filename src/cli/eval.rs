@@ -4,8 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use candle_core::Device;
 use clap::Args;
 use focusdpo::eval::benchmark::{BenchmarkConfig, ExtraEmbedders, report_markdown, run_benchmark};
+use focusdpo::eval::dreambench::{DreamBenchConfig, dreambench_markdown, read_dreambench, run_dreambench};
 use focusdpo::eval::pretrained::{ClipEmbedder, ClipModelConfig, DinoV2Config, DinoV2Embedder};
 use focusdpo::eval::sampler::{SampleRequest, SampleSettings, sample};
 use focusdpo::eval::study::{RunMetrics, aggregate, benchmark_values, comparison_markdown, group_of, training_values};
@@ -82,6 +84,24 @@ pub struct EvalArgs {
     /// CLIP tokenizer.json.
     #[arg(long)]
     clip_tokenizer: Option<PathBuf>,
+    /// The paper's benchmark instead of the synthetic one: a DreamBench file in UNO's format (a JSON list of
+    /// `{"prompt", "image_paths"}`, paths relative to the file; repeatable: one row per file, e.g. UNO's
+    /// dreambench_singleip.json and dreambench_multiip.json). Uses --samples images per prompt.
+    #[arg(long, value_name = "FILE.json")]
+    dreambench: Vec<PathBuf>,
+    /// DreamBench: only the first N prompts of each file.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// DreamBench: seed of each prompt's first image (the others follow); UNO's inference uses 3407.
+    #[arg(long, default_value_t = 3407)]
+    seed: u64,
+    /// DreamBench: side of the generated images in pixels (default: 512 on a FLUX backbone, 64 on the tiny base).
+    #[arg(long)]
+    size: Option<u32>,
+    /// DreamBench: side of the references fed to the model (default: 512 on a FLUX backbone, the sampler's on the
+    /// tiny base).
+    #[arg(long)]
+    reference_px: Option<u32>,
 }
 
 /// Loads the model named by `args` on the device its settings name, and a name for reports.
@@ -136,8 +156,81 @@ fn write_png(path: &Path, img: &RgbImage) -> anyhow::Result<()> {
     focusdpo::store::write_atomic(path, &bytes).with_context(|| format!("{}: cannot write", path.display()))
 }
 
+/// The DINOv2 and CLIP embedders the arguments name.
+fn extra_embedders(args: &EvalArgs, device: &Device) -> anyhow::Result<(Option<DinoV2Embedder>, Option<ClipEmbedder>)> {
+    let dino = match &args.dino {
+        Some(p) => Some(DinoV2Embedder::load(p, &DinoV2Config::vit_small_14(), device)?),
+        None => None,
+    };
+    let clip = match (&args.clip, &args.clip_tokenizer) {
+        (Some(w), Some(t)) => Some(ClipEmbedder::load(w, t, &ClipModelConfig::vit_base_patch32(), device)?),
+        _ => None,
+    };
+    Ok((dino, clip))
+}
+
+/// `focusdpo eval --dreambench FILE…`: UNO's DreamBench prompts, images saved per set, DINO / CLIP-I / CLIP-T.
+fn run_dreambench_eval(args: &EvalArgs, base: &BaseModel, name: &str) -> anyhow::Result<()> {
+    let device = base.mmdit.device().clone();
+    let flux = base.pixels_per_token() >= 16;
+    let cfg = DreamBenchConfig {
+        samples: args.samples,
+        seed: args.seed,
+        size_px: args.size.unwrap_or(if flux { 512 } else { 64 }),
+        sampler: SampleSettings {
+            reference_px: args.reference_px.unwrap_or(if flux {
+                512
+            } else {
+                SampleSettings::default().reference_px
+            }),
+            ..args.sampler.settings()
+        },
+    };
+    let sets = args
+        .dreambench
+        .iter()
+        .map(|p| read_dreambench(p, args.limit))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (dino, clip) = extra_embedders(args, &device)?;
+    if dino.is_none() && clip.is_none() {
+        eprintln!("note: without --dino or --clip only the images are written (the scores need their weights)");
+    }
+    let extra = ExtraEmbedders {
+        dino: dino.as_ref().map(|d| d as &dyn ImageEmbedder),
+        clip: clip.as_ref().map(|c| (c as &dyn ImageEmbedder, c as &dyn TextEmbedder)),
+    };
+    let started = std::time::Instant::now();
+    let mut scores = Vec::new();
+    for set in &sets {
+        let dir = args.out.join(&set.name);
+        let s = run_dreambench(base, set, &cfg, &extra, Adapters::On, Some(&dir), |k, n| {
+            eprint!("\r{}: {k}/{n} prompts   ", set.name);
+        })?;
+        eprintln!();
+        scores.push(s);
+    }
+    std::fs::create_dir_all(&args.out).with_context(|| format!("{}: cannot create", args.out.display()))?;
+    let json = serde_json::json!({ "model": name, "seed": cfg.seed, "samples": cfg.samples, "size_px": cfg.size_px,
+        "sets": scores });
+    focusdpo::store::write_atomic(&args.out.join("dreambench.json"), &serde_json::to_vec_pretty(&json)?)
+        .with_context(|| format!("{}: cannot write dreambench.json", args.out.display()))?;
+    let md = dreambench_markdown(name, &scores);
+    focusdpo::store::write_atomic(&args.out.join("dreambench.md"), md.as_bytes())
+        .with_context(|| format!("{}: cannot write dreambench.md", args.out.display()))?;
+    println!("{md}");
+    println!(
+        "DreamBench of {name} in {:.0} s → {}",
+        started.elapsed().as_secs_f64(),
+        args.out.join("dreambench.json").display()
+    );
+    Ok(())
+}
+
 pub fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
     let (base, name) = load_model(&args.model)?;
+    if !args.dreambench.is_empty() {
+        return run_dreambench_eval(args, &base, &name);
+    }
     let device = base.mmdit.device().clone();
     let cfg = BenchmarkConfig {
         single_items: args.single,
@@ -152,14 +245,7 @@ pub fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
     if cfg.samples_per_item == 0 || cfg.single_items + cfg.multi_items == 0 {
         bail!("nothing to evaluate: --samples and --single/--multi must not all be 0");
     }
-    let dino = match &args.dino {
-        Some(p) => Some(DinoV2Embedder::load(p, &DinoV2Config::vit_small_14(), &device)?),
-        None => None,
-    };
-    let clip = match (&args.clip, &args.clip_tokenizer) {
-        (Some(w), Some(t)) => Some(ClipEmbedder::load(w, t, &ClipModelConfig::vit_base_patch32(), &device)?),
-        _ => None,
-    };
+    let (dino, clip) = extra_embedders(args, &device)?;
     let extra = ExtraEmbedders {
         dino: dino.as_ref().map(|d| d as &dyn ImageEmbedder),
         clip: clip.as_ref().map(|c| (c as &dyn ImageEmbedder, c as &dyn TextEmbedder)),

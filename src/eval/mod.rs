@@ -4,6 +4,7 @@
 pub mod benchmark;
 pub mod denoise;
 pub mod dinov2;
+pub mod dreambench;
 pub mod identity;
 pub mod metrics;
 pub mod pretrained;

@@ -20,12 +20,12 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use crate::eval::benchmark::BenchmarkConfig;
 use crate::experiment::grid::{Cell, build_grid};
 use crate::experiment::plan::PlanWarning;
-use crate::experiment::resolve::{Override, Resolution, resolve_plan};
+use crate::experiment::resolve::{Override, Resolution, model_overrides, resolve_plan};
 use crate::experiment::runner::{Progress, RunReport, run_grid};
 use crate::experiment::store::ResultStore;
 use crate::experiment::{parse_plan, read_plan_file};
-use crate::model::BaseSource;
 use crate::train::RunConfig;
+use crate::train::config::ModelSettings;
 
 /// A cell's results: metric id → value.
 pub type Metrics = BTreeMap<String, f64>;
@@ -96,8 +96,8 @@ pub struct GridRequest {
     pub seeds: u64,
     /// Optimiser steps of every cell.
     pub steps: u64,
-    /// Base model of every cell.
-    pub base: BaseSource,
+    /// The backbone of every cell.
+    pub base: ModelSettings,
     /// The DIP dataset every cell trains on (the one open in the inspector); `None` = the bundled dataset.
     pub dataset: Option<PathBuf>,
     /// Results folder.
@@ -108,13 +108,11 @@ impl GridRequest {
     /// The plan-wide overrides: the same as `focusdpo ablate --base B --steps N [--set data.dir=D]`, so the CLI
     /// and the Studio share cells (and resume each other's grids). The bundled dataset adds no override.
     pub fn overrides(&self) -> Vec<Override> {
-        let mut out = vec![
-            Override::string("model.base", &self.base.to_string()),
-            Override {
-                key: "steps".into(),
-                value: self.steps.to_string(),
-            },
-        ];
+        let mut out = model_overrides(&self.base);
+        out.push(Override {
+            key: "steps".into(),
+            value: self.steps.to_string(),
+        });
         if let Some(dir) = &self.dataset {
             out.push(Override::string("data.dir", &dir.display().to_string()));
         }
@@ -156,8 +154,8 @@ pub enum ExperimentCommand {
         generation: u64,
         /// The resolved plan.
         resolution: Arc<Resolution>,
-        /// Seeds, steps, base, folder.
-        request: GridRequest,
+        /// Seeds, steps, backbone, folder (boxed: a backbone's settings are large).
+        request: Box<GridRequest>,
     },
 }
 
@@ -337,7 +335,7 @@ fn handle(command: ExperimentCommand, notify: &Notifier) {
             request,
         } => notify.send(ExperimentEvent::Grid {
             generation,
-            result: grid_view(&resolution, request).map(Box::new),
+            result: grid_view(&resolution, *request).map(Box::new),
         }),
     }
 }
@@ -505,6 +503,7 @@ fn run_cells(job: &GridJob, stop: &AtomicBool, notify: &Notifier) -> Result<(Run
 mod tests {
     use super::*;
     use crate::experiment::store::FINISHED_FILE;
+    use crate::model::BaseSource;
 
     #[test]
     fn metrics_are_every_finite_number_by_path() {
@@ -535,7 +534,10 @@ mod tests {
         let request = GridRequest {
             seeds: 2,
             steps: 5,
-            base: BaseSource::Random(0),
+            base: ModelSettings {
+                base: BaseSource::Random(0),
+                ..ModelSettings::default()
+            },
             dataset: None,
             out: tmp.path().to_path_buf(),
         };
@@ -565,7 +567,10 @@ mod tests {
         let request = GridRequest {
             seeds: 1,
             steps: 5,
-            base: BaseSource::Random(0),
+            base: ModelSettings {
+                base: BaseSource::Random(0),
+                ..ModelSettings::default()
+            },
             dataset: Some(PathBuf::from(r#"C:\data\my "dip""#)),
             out: PathBuf::from("unused"),
         };

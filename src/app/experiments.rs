@@ -21,7 +21,7 @@ use super::training::Outcome;
 use crate::eval::metrics::mean_ci95;
 use crate::experiment::grid::{BASELINE, Cell, unique_ids};
 use crate::experiment::resolve::{MetricMatch, Override, Resolution};
-use crate::model::BaseSource;
+use crate::train::config::ModelSettings;
 
 /// The persisted part of the tab.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -173,7 +173,7 @@ struct RunState {
 pub struct ExperimentsPanel {
     worker: ExperimentWorker,
     runs_dir: PathBuf,
-    base: Option<BaseSource>,
+    base: Option<ModelSettings>,
     dataset: Option<PathBuf>,
     load_generation: u64,
     loading: Option<PlanSource>,
@@ -223,7 +223,7 @@ impl ExperimentsPanel {
     }
 
     /// The base every cell trains from (the inspector's, once resolved): part of every cell's overrides.
-    pub fn set_base(&mut self, base: BaseSource) {
+    pub fn set_base(&mut self, base: ModelSettings) {
         self.base = Some(base);
     }
 
@@ -413,7 +413,7 @@ impl ExperimentsPanel {
         self.worker.send(ExperimentCommand::Grid {
             generation: self.grid_generation,
             resolution: plan.resolution.clone(),
-            request: wanted,
+            request: Box::new(wanted),
         });
     }
 
@@ -705,8 +705,11 @@ fn grid_form_ui(app: &mut StudioApp, ui: &mut egui::Ui) {
             ui.end_row();
         });
     });
-    let base = panel.base.as_ref().map_or("loading…".to_string(), ToString::to_string);
-    ui.label(egui::RichText::new(format!("base: {base} (the inspector's)")).small());
+    let base = panel
+        .base
+        .as_ref()
+        .map_or("loading…".to_string(), super::backbone_label);
+    ui.label(egui::RichText::new(format!("backbone: {base} (the inspector's)")).small());
     let data = panel
         .dataset
         .as_ref()
@@ -728,9 +731,9 @@ fn grid_form_ui(app: &mut StudioApp, ui: &mut egui::Ui) {
         ));
         ui.label(
             egui::RichText::new(format!(
-                "same cells as: focusdpo ablate PLAN --out {} --base {} --steps {} --seeds {}",
+                "same cells as: focusdpo ablate PLAN --out {} {} --steps {} --seeds {}",
                 grid.request.out.display(),
-                grid.request.base,
+                backbone_option(&grid.request.base),
                 grid.request.steps,
                 grid.request.seeds
             ))
@@ -974,6 +977,15 @@ fn study_plot_ui(table: &StudyResults, metric: &str, i: usize, ui: &mut egui::Ui
                 plot.line(Line::new("95 % CI", PlotPoints::from(bar.to_vec())));
             }
         });
+}
+
+/// The `focusdpo ablate` option that puts cells on `backbone`: `--base B` for a transformer alone, else the profile.
+fn backbone_option(backbone: &ModelSettings) -> String {
+    if crate::experiment::resolve::model_overrides(backbone).len() == 1 {
+        format!("--base {}", backbone.base)
+    } else {
+        "--backbone PROFILE (the Studio's backbone)".to_string()
+    }
 }
 
 #[cfg(test)]

@@ -23,6 +23,8 @@ use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use crate::model::BaseSource;
+use crate::train::backbone::read_profile;
+use crate::train::config::ModelSettings;
 use state::{MaskKind, PanZoom, Settings, SubjectChoice, Tab};
 use worker::{AttentionAt, Command, DatasetSummary, FuseRequest, FusedView, ItemView, Reply, Worker};
 
@@ -31,8 +33,9 @@ use worker::{AttentionAt, Command, DatasetSummary, FuseRequest, FusedView, ItemV
 pub struct StudioOptions {
     /// Dataset to open (None: the last one opened, else the bundled `assets/dip-default`).
     pub dataset: Option<PathBuf>,
-    /// Base model for `M_s` (the bundled base falls back to `random:0` with a notice when its file is missing).
-    pub base: BaseSource,
+    /// The backbone (None: the profile opened last, else the bundled base; the bundled base falls back to
+    /// `random:0` with a notice when its file is missing).
+    pub backbone: Option<ModelSettings>,
     /// Folder of training runs (`runs/` like the CLI).
     pub runs_dir: PathBuf,
     /// Read and write settings through eframe's storage.
@@ -46,7 +49,7 @@ impl Default for StudioOptions {
     fn default() -> Self {
         Self {
             dataset: None,
-            base: BaseSource::Bundled,
+            backbone: None,
             runs_dir: PathBuf::from("runs"),
             persist: true,
             frame_stats_to_stderr: false,
@@ -173,7 +176,7 @@ pub struct StudioApp {
     options: StudioOptions,
     worker: Worker,
     gpu: bool,
-    base: Option<(BaseSource, usize)>,
+    base: Option<(ModelSettings, usize)>,
     dataset: Option<DatasetView>,
     item: Option<ItemView>,
     attention: BTreeMap<usize, AttentionAt>,
@@ -188,7 +191,7 @@ pub struct StudioApp {
     pan_zoom: PanZoom,
     playing: Option<Instant>,
     path_input: String,
-    dialog: Option<Receiver<Option<PathBuf>>>,
+    dialog: Option<(Pick, Receiver<Option<PathBuf>>)>,
     policy: Option<(PathBuf, u64)>,
     training: training::TrainingPanel,
     experiments: experiments::ExperimentsPanel,
@@ -211,9 +214,20 @@ impl StudioApp {
             }
             None => false,
         };
-        let ctx = cc.egui_ctx.clone();
-        let worker = Worker::start(options.base.clone(), move || ctx.request_repaint());
         let mut notices = Vec::new();
+        let backbone = match (&options.backbone, &settings.backbone_path) {
+            (Some(b), _) => b.clone(),
+            (None, Some(path)) => read_profile(path).unwrap_or_else(|e| {
+                notices.push(Notice {
+                    level: Level::Error,
+                    text: format!("the backbone opened last cannot be read ({e}); using the bundled base"),
+                });
+                ModelSettings::default()
+            }),
+            (None, None) => ModelSettings::default(),
+        };
+        let ctx = cc.egui_ctx.clone();
+        let worker = Worker::start(backbone, move || ctx.request_repaint());
         if !gpu {
             notices.push(Notice {
                 level: Level::Error,
@@ -435,12 +449,15 @@ impl StudioApp {
                 training::Outcome::Info(i) => self.info(i),
             }
         }
-        if let Some(rx) = &self.dialog
+        if let Some((pick, rx)) = &self.dialog
             && let Ok(choice) = rx.try_recv()
         {
+            let pick = *pick;
             self.dialog = None;
-            if let Some(dir) = choice {
-                self.open_dataset(dir);
+            match (pick, choice) {
+                (Pick::Dataset, Some(dir)) => self.open_dataset(dir),
+                (Pick::BackboneFolder | Pick::BackboneProfile, Some(path)) => self.open_backbone(path),
+                (_, None) => {}
             }
         }
     }
@@ -448,16 +465,21 @@ impl StudioApp {
     fn apply(&mut self, reply: Reply, ctx: &egui::Context) {
         match reply {
             Reply::BaseReady {
-                source,
+                backbone,
                 double_blocks,
                 notice,
             } => {
                 if let Some(n) = notice {
                     self.info(n);
                 }
-                self.training.set_base(source.clone());
-                self.experiments.set_base(source.clone());
-                self.base = Some((source, double_blocks));
+                self.training.set_base((*backbone).clone());
+                self.experiments.set_base((*backbone).clone());
+                if self.base.as_ref().is_some_and(|(old, _)| *old != *backbone) {
+                    // Maps of the old backbone are stale; the model thread computes them again.
+                    self.attention.clear();
+                    self.policy = None;
+                }
+                self.base = Some((*backbone, double_blocks));
                 let choice = self.settings.attention.clone();
                 if choice != state::AttentionChoice::default() {
                     self.worker.send(Command::SetAttention(choice));
@@ -575,23 +597,56 @@ impl StudioApp {
         }
     }
 
-    fn pick_folder(&mut self) {
+    fn pick(&mut self, pick: Pick) {
         if self.dialog.is_some() {
             return;
         }
         let (tx, rx) = std::sync::mpsc::channel();
         // The native dialog blocks its thread; it gets one of its own.
         let spawned = std::thread::Builder::new().name("studio-dialog".into()).spawn(move || {
-            let _ = tx.send(
-                rfd::FileDialog::new()
+            let _ = tx.send(match pick {
+                Pick::Dataset => rfd::FileDialog::new()
                     .set_title("Open a DIP dataset folder")
                     .pick_folder(),
-            );
+                Pick::BackboneFolder => rfd::FileDialog::new()
+                    .set_title("Open a FLUX.1 folder (flux1-dev.safetensors, ae.safetensors, text_encoder/, …)")
+                    .pick_folder(),
+                Pick::BackboneProfile => rfd::FileDialog::new()
+                    .set_title("Open a backbone profile")
+                    .add_filter("backbone profile", &["toml"])
+                    .pick_file(),
+            });
         });
         match spawned {
-            Ok(_) => self.dialog = Some(rx),
-            Err(e) => self.error(format!("cannot open the folder dialog: {e}")),
+            Ok(_) => self.dialog = Some((pick, rx)),
+            Err(e) => self.error(format!("cannot open the dialog: {e}")),
         }
+    }
+
+    /// Opens a backbone profile (a TOML file or a FLUX.1 folder): checked here, loaded on the model thread;
+    /// remembered for the next launch once it reads.
+    pub fn open_backbone(&mut self, path: PathBuf) {
+        let read = read_profile(&path).map_err(|e| e.to_string()).and_then(|backbone| {
+            let missing = crate::train::backbone::missing_files(&backbone);
+            if missing.is_empty() {
+                Ok(backbone)
+            } else {
+                Err(format!("files missing: {}", missing.join("; ")))
+            }
+        });
+        match read {
+            Ok(backbone) => {
+                // The current backbone stays until the new one has loaded on the model thread.
+                self.settings.backbone_path = Some(path);
+                self.worker.send(Command::LoadBackbone(Box::new(backbone)));
+            }
+            Err(e) => self.error(format!("backbone {}: {e}", path.display())),
+        }
+    }
+
+    /// The backbone in use, once loaded.
+    pub fn backbone(&self) -> Option<&ModelSettings> {
+        self.base.as_ref().map(|(b, _)| b)
     }
 
     fn handle_dropped_files(&mut self, ctx: &egui::Context) {
@@ -600,6 +655,10 @@ impl StudioApp {
             if experiments::is_plan_file(&path) {
                 self.tab = Tab::Experiments;
                 self.experiments.load(experiments::PlanSource::File(path));
+                return;
+            }
+            if is_backbone(&path) {
+                self.open_backbone(path);
                 return;
             }
             // A dropped manifest opens its folder.
@@ -663,11 +722,11 @@ impl StudioApp {
             ui.selectable_value(&mut self.tab, Tab::Experiments, "Experiments");
             ui.separator();
             if ui.button("Open dataset…").clicked() {
-                self.pick_folder();
+                self.pick(Pick::Dataset);
             }
             let edit = ui.add(
                 egui::TextEdit::singleline(&mut self.path_input)
-                    .desired_width(360.0)
+                    .desired_width(280.0)
                     .hint_text("dataset folder"),
             );
             let enter = edit.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
@@ -676,9 +735,19 @@ impl StudioApp {
                 self.open_dataset(dir);
             }
             ui.separator();
+            ui.menu_button("Open backbone…", |ui| {
+                if ui.button("FLUX.1 folder…").clicked() {
+                    self.pick(Pick::BackboneFolder);
+                    ui.close();
+                }
+                if ui.button("Profile (.toml)…").clicked() {
+                    self.pick(Pick::BackboneProfile);
+                    ui.close();
+                }
+            });
             match &self.base {
-                Some((source, _)) => ui.label(format!("base: {source}")),
-                None => ui.label("base: loading…"),
+                Some((backbone, _)) => ui.label(format!("backbone: {}", backbone_label(backbone))),
+                None => ui.label("backbone: loading…"),
             };
         });
     }
@@ -747,6 +816,40 @@ impl StudioApp {
             self.frame_stats_printed = Some(now);
         }
     }
+}
+
+/// What a file dialog is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pick {
+    Dataset,
+    BackboneFolder,
+    BackboneProfile,
+}
+
+/// Whether a dropped path is a backbone: a `.toml` profile, or a folder with a FLUX.1 transformer.
+fn is_backbone(path: &std::path::Path) -> bool {
+    if path.is_file() {
+        return path.extension().is_some_and(|e| e == "toml");
+    }
+    ["flux1-dev.safetensors", "flux1-schnell.safetensors", "ae.safetensors"]
+        .iter()
+        .any(|f| path.join(f).is_file())
+}
+
+/// A short name of a backbone for the top bar: the transformer's file name and the base LoRAs.
+pub fn backbone_label(backbone: &ModelSettings) -> String {
+    let name = |p: &std::path::Path| {
+        p.file_name()
+            .map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into())
+    };
+    let mut label = match &backbone.base {
+        BaseSource::File(p) => name(p),
+        other => other.to_string(),
+    };
+    for lora in &backbone.base_loras {
+        label.push_str(&format!(" + {}", name(&lora.path)));
+    }
+    label
 }
 
 /// Time per timeline step while playing.

@@ -230,6 +230,8 @@ pub struct Settings {
     pub training: TrainingForm,
     /// Experiments tab: last plan, seeds, steps.
     pub experiments: super::experiments::ExperimentSettings,
+    /// Last opened backbone profile (a TOML file or a FLUX.1 folder; None = the bundled base).
+    pub backbone_path: Option<PathBuf>,
 }
 
 /// Which central tab is shown.

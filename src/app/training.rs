@@ -13,7 +13,7 @@ use super::StudioApp;
 use super::state::TrainingForm;
 use super::worker::Command;
 use crate::masks::{FusionParams, MaskVariant};
-use crate::model::BaseSource;
+use crate::train::config::ModelSettings;
 use crate::train::config::RunConfig;
 use crate::train::objective::ObjectiveKind;
 use crate::train::run_store::{METRICS_FILE, read_metrics};
@@ -154,7 +154,7 @@ type Scan = Result<Vec<Result<PastRun, String>>, String>;
 /// State of the training tab.
 pub struct TrainingPanel {
     runs_dir: PathBuf,
-    base: Option<BaseSource>,
+    base: Option<ModelSettings>,
     dataset: Option<PathBuf>,
     live: Option<LiveRun>,
     past: Vec<PastRun>,
@@ -179,7 +179,7 @@ impl TrainingPanel {
     }
 
     /// The base runs are trained on (the inspector's, once its model thread has resolved it).
-    pub fn set_base(&mut self, base: BaseSource) {
+    pub fn set_base(&mut self, base: ModelSettings) {
         self.base = Some(base);
     }
 
@@ -357,7 +357,7 @@ impl TrainingPanel {
 }
 
 /// The run config of a form: defaults for everything else, the inspector's dataset and base.
-pub fn run_config(form: &TrainingForm, base: &BaseSource, dataset: Option<PathBuf>) -> RunConfig {
+pub fn run_config(form: &TrainingForm, base: &ModelSettings, dataset: Option<PathBuf>) -> RunConfig {
     let mut cfg = RunConfig {
         objective: form.objective,
         steps: form.steps,
@@ -373,7 +373,7 @@ pub fn run_config(form: &TrainingForm, base: &BaseSource, dataset: Option<PathBu
         gamma: form.gamma,
     };
     cfg.data.dir = dataset;
-    cfg.model.base = base.clone();
+    cfg.model = base.clone();
     cfg
 }
 
@@ -479,10 +479,10 @@ fn form_ui(app: &mut StudioApp, ui: &mut egui::Ui) {
         .training
         .base
         .as_ref()
-        .map_or("loading…".to_string(), ToString::to_string);
+        .map_or("loading…".to_string(), super::backbone_label);
     ui.label(
         egui::RichText::new(format!(
-            "base: {base} · writes {}/NAME",
+            "backbone: {base} · writes {}/NAME",
             app.training.runs_dir.display()
         ))
         .small(),
@@ -580,6 +580,7 @@ fn plots_ui(panel: &TrainingPanel, ui: &mut egui::Ui) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::BaseSource;
 
     #[test]
     fn curves_from_metrics_lines_skip_missing_values() {
@@ -601,7 +602,11 @@ mod tests {
             tau: 0.2,
             ..TrainingForm::default()
         };
-        let cfg = run_config(&form, &BaseSource::Random(3), None);
+        let backbone = ModelSettings {
+            base: BaseSource::Random(3),
+            ..ModelSettings::default()
+        };
+        let cfg = run_config(&form, &backbone, None);
         assert!(cfg.validate().is_ok());
         assert_eq!(cfg.masks.fusion.variant, MaskVariant::NoMs);
         assert_eq!(cfg.masks.fusion.tau, 0.2);

@@ -53,6 +53,8 @@ pub enum Command {
     SetAttention(AttentionChoice),
     /// Use the latest checkpoint of a run as the policy (`HiddenSource::Policy`).
     LoadPolicy(PathBuf),
+    /// Load another backbone (a profile, [`crate::train::backbone`]); the selected item is prepared again on it.
+    LoadBackbone(Box<ModelSettings>),
 }
 
 /// A summary of one item for the list.
@@ -190,8 +192,8 @@ pub struct FusedView {
 pub enum Reply {
     /// The base model is loaded.
     BaseReady {
-        /// Which base.
-        source: BaseSource,
+        /// Which backbone (after the bundled-base fallback).
+        backbone: Box<ModelSettings>,
         /// Double-stream blocks (the layers Eq. 3 can average).
         double_blocks: usize,
         /// Shown in the window (e.g. the bundled base is missing and a random one is used).
@@ -237,7 +239,7 @@ pub struct Worker {
 impl Worker {
     /// Starts both threads. The model thread loads `base` first; `repaint` is called after every reply so the UI
     /// wakes up.
-    pub fn start(base: BaseSource, repaint: impl Fn() + Send + Sync + 'static) -> Self {
+    pub fn start(base: ModelSettings, repaint: impl Fn() + Send + Sync + 'static) -> Self {
         let (cmd_tx, cmd_rx) = mpsc::channel();
         let (fuse_tx, fuse_rx) = mpsc::channel();
         let (reply_tx, reply_rx) = mpsc::channel();
@@ -343,7 +345,7 @@ type CacheKey = (PathBuf, usize, usize, (bool, Vec<usize>, ReferencePool));
 
 struct ModelThread {
     notify: Notifier,
-    source: BaseSource,
+    backbone: ModelSettings,
     base: Option<BaseModel>,
     policy: Option<Mmdit>,
     device: Device,
@@ -354,10 +356,10 @@ struct ModelThread {
 }
 
 impl ModelThread {
-    fn new(source: BaseSource, notify: Notifier) -> Self {
+    fn new(backbone: ModelSettings, notify: Notifier) -> Self {
         Self {
             notify,
-            source,
+            backbone,
             base: None,
             policy: None,
             device: Device::Cpu,
@@ -391,24 +393,45 @@ impl ModelThread {
     }
 
     fn load_base(&mut self) {
-        let (source, notice) = match &self.source {
-            BaseSource::Bundled if !crate::model::base::bundled_base_path().is_file() => (
-                BaseSource::Random(0),
-                Some("bundled base missing: masks M_s use a random base (random:0)".to_string()),
-            ),
-            other => (other.clone(), None),
-        };
-        match BaseModel::load(&source, &self.device) {
-            Ok(base) => {
-                self.notify.send(Reply::BaseReady {
-                    source: source.clone(),
-                    double_blocks: base.config().depth,
-                    notice,
-                });
-                self.source = source;
-                self.base = Some(base);
-            }
-            Err(e) => self.notify.send(Reply::Error(format!("base model: {e}"))),
+        match self.try_load(self.backbone.clone()) {
+            Ok(()) => {}
+            Err(e) => self.notify.send(Reply::Error(format!("backbone: {e}"))),
+        }
+    }
+
+    /// Loads `backbone` (the bundled base falls back to `random:0` when its file is missing) and makes it the
+    /// current one; on failure the current one stays.
+    fn try_load(&mut self, mut backbone: ModelSettings) -> Result<(), String> {
+        let mut notice = None;
+        if backbone.base == BaseSource::Bundled && !crate::model::base::bundled_base_path().is_file() {
+            backbone.base = BaseSource::Random(0);
+            notice = Some("bundled base missing: masks M_s use a random base (random:0)".to_string());
+        }
+        let device = backbone.device().map_err(|e| e.to_string())?;
+        let base = backbone.load_base(&device).map_err(|e| e.to_string())?;
+        self.notify.send(Reply::BaseReady {
+            backbone: Box::new(backbone.clone()),
+            double_blocks: base.config().depth,
+            notice,
+        });
+        self.backbone = backbone;
+        self.device = device;
+        self.base = Some(base);
+        Ok(())
+    }
+
+    /// Replaces the backbone once the new one loads: everything computed on the old one is dropped and the
+    /// selected item is prepared again. When it does not load, the old one stays and the error is shown.
+    fn load_backbone(&mut self, backbone: ModelSettings) {
+        if let Err(e) = self.try_load(backbone) {
+            self.notify.send(Reply::Error(format!("backbone not changed: {e}")));
+            return;
+        }
+        self.policy = None;
+        self.cache.clear();
+        if let Some(cur) = self.current.take() {
+            let first = cur.pending.front().copied().unwrap_or(0);
+            self.select_item(cur.index, first);
         }
     }
 
@@ -436,6 +459,7 @@ impl ModelThread {
                 }
             }
             Command::LoadPolicy(dir) => self.load_policy(&dir),
+            Command::LoadBackbone(backbone) => self.load_backbone(*backbone),
         }
     }
 
@@ -479,13 +503,7 @@ impl ModelThread {
         };
         let mut settings = MaskSettings::default();
         settings.prior.stride = base.pixels_per_token();
-        let prepared = match prepare_item(
-            base,
-            &item,
-            &settings,
-            ModelSettings::default().reference_px,
-            &self.device,
-        ) {
+        let prepared = match prepare_item(base, &item, &settings, self.backbone.reference_px, &self.device) {
             Ok(p) => p,
             Err(e) => {
                 self.notify.send(Reply::Error(e.to_string()));
@@ -526,10 +544,12 @@ impl ModelThread {
         let result = (|| -> Result<(Mmdit, u64), String> {
             let base = self.base.as_ref().ok_or("the base model is not loaded")?;
             let cfg: RunConfig = crate::train::run_store::read_config(dir).map_err(|e| e.to_string())?;
-            if cfg.model.base != self.source && !(cfg.model.base == BaseSource::Bundled && self.source == base.source) {
+            let same_base = cfg.model.base == self.backbone.base
+                || (cfg.model.base == BaseSource::Bundled && self.backbone.base == base.source);
+            if !same_base || cfg.model.base_loras != self.backbone.base_loras {
                 return Err(format!(
                     "the run was trained on base `{}`, the inspector uses `{}`",
-                    cfg.model.base, self.source
+                    cfg.model.base, self.backbone.base
                 ));
             }
             let ckpt = crate::train::run_store::latest_checkpoint(dir)
@@ -707,7 +727,13 @@ mod tests {
     /// sub-millisecond on a 16×16 grid; the round trip adds only a thread hand-off.
     #[test]
     fn fusion_round_trip_is_fast() {
-        let worker = Worker::start(BaseSource::Random(0), || {});
+        let worker = Worker::start(
+            ModelSettings {
+                base: BaseSource::Random(0),
+                ..ModelSettings::default()
+            },
+            || {},
+        );
         let prior = Arc::new(Grid::from_fn(16, 16, |y, x| {
             f32::from(u8::from((4..10).contains(&y) && x < 8))
         }));

@@ -12,7 +12,7 @@ use focusdpo::eval::benchmark::BenchmarkConfig;
 use focusdpo::eval::sampler::SampleSettings;
 use focusdpo::experiment::grid::{BASELINE, Cell, build_grid, unique_ids};
 use focusdpo::experiment::read_plan_file;
-use focusdpo::experiment::resolve::{MetricMatch, Override, Resolution, resolve_plan};
+use focusdpo::experiment::resolve::{MetricMatch, Override, Resolution, model_overrides, resolve_plan};
 use focusdpo::experiment::runner::{Progress, cell_benchmark, run_grid};
 use focusdpo::experiment::store::ResultStore;
 use focusdpo::train::RunConfig;
@@ -85,23 +85,8 @@ fn eval_config(args: &AblateArgs) -> anyhow::Result<Option<BenchmarkConfig>> {
 
 fn plan_wide_overrides(args: &AblateArgs) -> anyhow::Result<Vec<Override>> {
     let mut out = Vec::new();
-    if let (Some(b), None, true) = (
-        &args.backbone.base,
-        &args.backbone.backbone,
-        args.backbone.base_loras.is_empty(),
-    ) {
-        // The transformer alone: one override, so cells stay those of the Studio and of earlier grids.
-        out.push(Override::string("model.base", &b.to_string()));
-    } else if args.backbone.given() {
-        // Every model setting the options imply, as plan-wide overrides of each cell's `[model]`.
-        let settings = args.backbone.settings()?;
-        let table = toml::Table::try_from(&settings).context("backbone settings")?;
-        for (key, value) in table {
-            out.push(Override {
-                key: format!("model.{key}"),
-                value: value.to_string(),
-            });
-        }
+    if args.backbone.given() {
+        out.extend(model_overrides(&args.backbone.settings()?));
     }
     if let Some(s) = args.steps {
         out.push(Override {

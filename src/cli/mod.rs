@@ -20,6 +20,12 @@ pub struct Cli {
     /// Without a subcommand the Studio window opens.
     #[command(subcommand)]
     command: Option<Command>,
+    /// The Studio: open this backbone profile (a TOML file or a FLUX.1 folder) instead of the one opened last.
+    #[arg(long, value_name = "PROFILE")]
+    backbone: Option<std::path::PathBuf>,
+    /// The Studio: open this DIP dataset folder instead of the one opened last.
+    #[arg(long, value_name = "DIR")]
+    data: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -47,7 +53,16 @@ enum Command {
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let Some(command) = cli.command else {
+        let backbone = match &cli.backbone {
+            Some(p) => Some(
+                focusdpo::train::backbone::read_profile(p)
+                    .map_err(|e| anyhow::anyhow!("--backbone {}: {e}", p.display()))?,
+            ),
+            None => None,
+        };
         let options = focusdpo::app::StudioOptions {
+            backbone,
+            dataset: cli.data.clone(),
             frame_stats_to_stderr: std::env::var_os("FOCUSDPO_FRAME_STATS").is_some_and(|v| v != "0" && !v.is_empty()),
             ..focusdpo::app::StudioOptions::default()
         };

@@ -29,6 +29,26 @@ pub struct Override {
     pub value: String,
 }
 
+/// The plan-wide overrides that put every cell of a grid on `backbone`: only `model.base` when the rest are the
+/// defaults (so the cells of `--base B` stay those of the Studio and of earlier grids), else every model setting.
+pub fn model_overrides(backbone: &crate::train::config::ModelSettings) -> Vec<Override> {
+    let defaults = crate::train::config::ModelSettings {
+        base: backbone.base.clone(),
+        ..Default::default()
+    };
+    if *backbone == defaults {
+        return vec![Override::string("model.base", &backbone.base.to_string())];
+    }
+    toml::Table::try_from(backbone)
+        .map(|table| {
+            table
+                .into_iter()
+                .map(|(key, value)| Override::new(&format!("model.{key}"), value.to_string()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 impl Override {
     fn new(key: &str, value: impl Into<String>) -> Self {
         Self {

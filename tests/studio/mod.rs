@@ -10,12 +10,16 @@ use eframe::egui;
 use egui_kittest::Harness;
 use focusdpo::app::{StudioApp, StudioOptions};
 use focusdpo::model::BaseSource;
+use focusdpo::train::config::ModelSettings;
 
 /// The Studio at 1400 × 900 on the bundled dataset and base `random:0`, runs under `runs_dir`.
 pub fn studio(runs_dir: &Path, persist: bool) -> Harness<'static, StudioApp> {
     let options = StudioOptions {
         dataset: Some(focusdpo::dip::bundled_dataset_dir()),
-        base: BaseSource::Random(0),
+        backbone: Some(ModelSettings {
+            base: BaseSource::Random(0),
+            ..ModelSettings::default()
+        }),
         runs_dir: runs_dir.to_path_buf(),
         persist,
         frame_stats_to_stderr: false,

@@ -55,22 +55,28 @@ fn masks_train_and_sample_run_on_a_flux_folder_with_unos_lora() {
     );
 
     let run_dir = out.path().join("runs/flux");
-    let run = focusdpo(&[
-        "train",
-        "--backbone",
-        s(&b.flux),
-        "--base-lora",
-        &format!("{}:0.5", s(&b.lora)),
-        "--set",
-        "model.reference_px=32",
-        "--set",
-        r#"data.items=["synth-0001"]"#,
-        "--steps",
-        "1",
-        "--out",
-        s(&run_dir),
-        "--plain",
-    ]);
+    let lora = format!("{}:0.5", s(&b.lora));
+    let train = |steps: &str, extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--backbone",
+            s(&b.flux),
+            "--base-lora",
+            &lora,
+            "--set",
+            "model.reference_px=32",
+            "--set",
+            r#"data.items=["synth-0001"]"#,
+            "--steps",
+            steps,
+            "--out",
+            s(&run_dir),
+            "--plain",
+        ];
+        args.extend_from_slice(extra);
+        focusdpo(&args)
+    };
+    let run = train("1", &[]);
     assert!(run.status.success(), "{}", text(&run));
     let config = std::fs::read_to_string(run_dir.join("config.toml")).expect("config");
     assert!(
@@ -78,23 +84,7 @@ fn masks_train_and_sample_run_on_a_flux_folder_with_unos_lora() {
         "{config}"
     );
     // The run resumes with the same command, and its model samples.
-    let run = focusdpo(&[
-        "train",
-        "--backbone",
-        s(&b.flux),
-        "--base-lora",
-        &format!("{}:0.5", s(&b.lora)),
-        "--set",
-        "model.reference_px=32",
-        "--set",
-        r#"data.items=["synth-0001"]"#,
-        "--steps",
-        "2",
-        "--out",
-        s(&run_dir),
-        "--plain",
-        "--resume",
-    ]);
+    let run = train("2", &["--resume"]);
     assert!(run.status.success(), "{}", text(&run));
     let sheet = out.path().join("samples.png");
     let run = focusdpo(&[

@@ -23,6 +23,13 @@ fn fixture(name: &str) -> (HashMap<String, Tensor>, HashMap<String, String>) {
     (tensors, meta)
 }
 
+/// The fixture's tensors whose names start with `prefix`, without it.
+fn prefixed(t: &HashMap<String, Tensor>, prefix: &str) -> HashMap<String, Tensor> {
+    t.iter()
+        .filter_map(|(k, v)| k.strip_prefix(prefix).map(|n| (n.to_string(), v.clone())))
+        .collect()
+}
+
 fn max_rel_err(ours: &Tensor, reference: &Tensor) -> f32 {
     let diff = (ours - reference)
         .and_then(|d| d.abs())
@@ -40,10 +47,7 @@ fn the_mmdit_equals_diffusers_flux_transformer_with_uno_references() {
     let cfg: Config = serde_json::from_str(&meta["config"]).expect("config");
     let grid: usize = meta["grid"].parse().expect("grid");
     let ref_grids: Vec<(usize, usize)> = serde_json::from_str(&meta["ref_grids"]).expect("ref grids");
-    let weights: HashMap<String, Tensor> = t
-        .iter()
-        .filter_map(|(k, v)| k.strip_prefix("weights.").map(|n| (n.to_string(), v.clone())))
-        .collect();
+    let weights: HashMap<String, Tensor> = prefixed(&t, "weights.");
     let model = Mmdit::new(&cfg, VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu)).expect("model");
     let dev = Device::Cpu;
     let batch = t["input.img"].dim(0).expect("batch");
@@ -93,10 +97,7 @@ fn the_mmdit_equals_diffusers_flux_transformer_with_uno_references() {
             continue;
         }
         // UNO's LoRA in x-flux naming, merged into our base, against diffusers' own x-flux converter + peft.
-        let lora: HashMap<String, Tensor> = t
-            .iter()
-            .filter_map(|(k, v)| k.strip_prefix("lora.").map(|n| (n.to_string(), v.clone())))
-            .collect();
+        let lora: HashMap<String, Tensor> = prefixed(&t, "lora.");
         let pieces = read_xflux_lora(&lora, &cfg).expect("x-flux LoRA");
         let mut merged = model.clone();
         merged.merge_base_lora(&pieces, 1.0).expect("merge");
@@ -144,10 +145,7 @@ fn the_text_encoders_equal_transformers_t5_and_clip() {
 fn the_autoencoder_equals_diffusers_autoencoder_kl() {
     use focusdpo::model::codec::FluxAutoencoder;
     let (t, _) = fixture("autoencoder.safetensors");
-    let weights: HashMap<String, Tensor> = t
-        .iter()
-        .filter_map(|(k, v)| k.strip_prefix("weights.").map(|n| (n.to_string(), v.clone())))
-        .collect();
+    let weights: HashMap<String, Tensor> = prefixed(&t, "weights.");
     let dir = tempfile::tempdir().expect("tmp");
     let path = dir.path().join("ae.safetensors");
     candle_core::safetensors::save(&weights, &path).expect("save");
@@ -173,10 +171,7 @@ fn the_metric_towers_equal_transformers_dinov2_and_clip() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/parity");
     let tmp = tempfile::tempdir().expect("tmp");
     let dino_path = tmp.path().join("dinov2.safetensors");
-    let dino_weights: HashMap<String, Tensor> = t
-        .iter()
-        .filter_map(|(k, v)| k.strip_prefix("dino.weights.").map(|n| (n.to_string(), v.clone())))
-        .collect();
+    let dino_weights: HashMap<String, Tensor> = prefixed(&t, "dino.weights.");
     candle_core::safetensors::save(&dino_weights, &dino_path).expect("save");
     let cfg = DinoV2Config {
         name: "dinov2-tiny".into(),

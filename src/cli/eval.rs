@@ -212,17 +212,23 @@ fn run_dreambench_eval(args: &EvalArgs, base: &BaseModel, name: &str) -> anyhow:
     std::fs::create_dir_all(&args.out).with_context(|| format!("{}: cannot create", args.out.display()))?;
     let json = serde_json::json!({ "model": name, "seed": cfg.seed, "samples": cfg.samples, "size_px": cfg.size_px,
         "sets": scores });
-    focusdpo::store::write_atomic(&args.out.join("dreambench.json"), &serde_json::to_vec_pretty(&json)?)
-        .with_context(|| format!("{}: cannot write dreambench.json", args.out.display()))?;
     let md = dreambench_markdown(name, &scores);
-    focusdpo::store::write_atomic(&args.out.join("dreambench.md"), md.as_bytes())
-        .with_context(|| format!("{}: cannot write dreambench.md", args.out.display()))?;
+    write_report(&args.out, "dreambench", &serde_json::to_vec_pretty(&json)?, &md)?;
     println!("{md}");
     println!(
         "DreamBench of {name} in {:.0} s → {}",
         started.elapsed().as_secs_f64(),
         args.out.join("dreambench.json").display()
     );
+    Ok(())
+}
+
+/// Writes `<stem>.json` and `<stem>.md` into `out` (atomically).
+fn write_report(out: &Path, stem: &str, json: &[u8], md: &str) -> anyhow::Result<()> {
+    for (file, bytes) in [(format!("{stem}.json"), json), (format!("{stem}.md"), md.as_bytes())] {
+        focusdpo::store::write_atomic(&out.join(&file), bytes)
+            .with_context(|| format!("{}: cannot write {file}", out.display()))?;
+    }
     Ok(())
 }
 
@@ -256,12 +262,8 @@ pub fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
     })?;
     eprintln!();
     std::fs::create_dir_all(&args.out).with_context(|| format!("{}: cannot create", args.out.display()))?;
-    let json = serde_json::to_vec_pretty(&report)?;
-    focusdpo::store::write_atomic(&args.out.join("eval.json"), &json)
-        .with_context(|| format!("{}: cannot write eval.json", args.out.display()))?;
     let md = report_markdown(&report);
-    focusdpo::store::write_atomic(&args.out.join("eval.md"), md.as_bytes())
-        .with_context(|| format!("{}: cannot write eval.md", args.out.display()))?;
+    write_report(&args.out, "eval", &serde_json::to_vec_pretty(&report)?, &md)?;
     for (split, imgs) in &images {
         let items = focusdpo::eval::benchmark::eval_items(&cfg, split == "multi")?;
         let rows: Vec<(Vec<RgbImage>, Vec<RgbImage>)> = items

@@ -75,6 +75,11 @@ pub fn random_named_weights(
         .collect()
 }
 
+/// The largest absolute difference between two tensors of one shape (for tests).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+}
+
 /// The sizes of [`write_tiny_flux_folder`]'s transformer: FLUX-format (64 channels per token = 16 latent channels
 /// packed 2×2, guidance-distilled like FLUX.1-dev) at the widths of the tiny T5 (24) and CLIP (16) test encoders.
 pub fn tiny_flux_config() -> Config {

@@ -286,15 +286,8 @@ mod tests {
                 .affine(scale, 0.0)
                 .expect("scale");
             let got = piece.delta(1.0).expect("delta");
-            let diff = (got - want)
-                .expect("d")
-                .abs()
-                .expect("a")
-                .flatten_all()
-                .expect("f")
-                .max(0)
-                .expect("m");
-            assert!(diff.to_scalar::<f32>().expect("s") < 1e-6, "{path}");
+            let diff = crate::model::testing::max_abs_diff(&got, &want).expect("diff");
+            assert!(diff < 1e-6, "{path}");
         }
         // What x-flux cannot express is refused, naming the layer.
         let mlp = [("double_blocks.0.img_mlp.0", &a1, &b1, 1.0)];

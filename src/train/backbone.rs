@@ -251,16 +251,8 @@ mod tests {
         let (a, b) = (w(&plain).expect("w"), w(&merged).expect("w"));
         let h = tiny_flux_config().hidden_size;
         let diff = |rows: std::ops::Range<usize>| {
-            (a.narrow(0, rows.start, rows.len()).expect("n") - b.narrow(0, rows.start, rows.len()).expect("n"))
-                .expect("d")
-                .abs()
-                .expect("a")
-                .flatten_all()
-                .expect("f")
-                .max(0)
-                .expect("m")
-                .to_scalar::<f32>()
-                .expect("s")
+            let part = |t: &candle_core::Tensor| t.narrow(0, rows.start, rows.len()).expect("rows");
+            crate::model::testing::max_abs_diff(&part(&a), &part(&b)).expect("diff")
         };
         assert!(diff(0..3 * h) > 0.0, "the q/k/v rows of linear1 changed");
         assert_eq!(diff(3 * h..a.dim(0).expect("rows")), 0.0, "the MLP rows did not");

@@ -286,19 +286,8 @@ mod tests {
     /// A FLUX-shaped MMDiT (64 channels per token = 16 latent channels packed 2×2) at tiny widths matching the
     /// tiny T5 (24) and CLIP (16) test encoders, saved like a FLUX checkpoint (no prompt tables).
     fn write_flux_shaped_base(path: &Path) -> anyhow::Result<()> {
-        let cfg = Config {
-            in_channels: 64,
-            vec_in_dim: 16,
-            context_in_dim: 24,
-            hidden_size: 64,
-            num_heads: 1,
-            depth: 1,
-            depth_single_blocks: 1,
-            axes_dim: vec![8, 28, 28],
-            // Guidance-distilled like FLUX.1-dev: training forwards must feed `guidance_in`.
-            guidance_embed: true,
-            ..Config::tiny()
-        };
+        // Guidance-distilled like FLUX.1-dev: training forwards must feed `guidance_in`.
+        let cfg = crate::model::testing::tiny_flux_config();
         let mut base = BaseModel::random(&cfg, 2, 5, &Device::Cpu)?;
         base.prompt = None;
         std::fs::write(path, base.to_safetensors_bytes()?)?;

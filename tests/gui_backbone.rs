@@ -1,6 +1,6 @@
 //! The Studio on a FLUX-format backbone: a FLUX.1-dev folder of tiny random weights (BFL naming, autoencoder, T5,
 //! CLIP) plus UNO's LoRA in a TOML profile, dropped on the window; the inspector computes `M_s` on it, a training
-//! run trains on it, and the profile is remembered.
+//! run and an ablation grid train on it, and the profile is remembered.
 
 mod studio;
 
@@ -9,6 +9,7 @@ use std::time::Duration;
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 use focusdpo::app::StudioApp;
+use focusdpo::app::experiment_worker::PlanSource;
 use focusdpo::app::training::RunStatus;
 use focusdpo::model::BaseSource;
 use focusdpo::model::testing::{tiny_flux_config, write_tiny_flux_folder, write_tiny_uno_lora};
@@ -84,6 +85,42 @@ fn a_dropped_flux_profile_with_unos_lora_drives_the_inspector_and_training() {
     assert!(
         config.contains("flux1-dev.safetensors") && config.contains("dit_lora.safetensors"),
         "{config}"
+    );
+    // An ablation grid on the same backbone: every cell's config names its files.
+    h.get_by_label("Experiments").click();
+    h.step();
+    let plan = files.path().join("tiny.md");
+    std::fs::write(
+        &plan,
+        "# Tiny\n\n### Focus threshold\n- **Ablated Part**: focus coverage threshold τ\n- **Action**: REPLACE\n\
+         - **Replacement**: 0.3\n- **Metrics**: implicit accuracy, loss\n",
+    )
+    .expect("plan");
+    {
+        let settings = &mut h.state_mut().settings_mut().experiments;
+        settings.steps = 1;
+        settings.seeds = 1;
+        settings.evaluate = false;
+    }
+    h.state_mut().experiments_mut().load(PlanSource::File(plan));
+    step_until(&mut h, "the grid", |h| {
+        h.state().experiments().plan().is_some() && h.state().experiments().can_run(&h.state().settings().experiments)
+    });
+    h.get_by_label("Run grid").click();
+    step_until(&mut h, "the grid to finish", |h| {
+        !h.state().experiments().is_running() && !h.state().experiments().results().is_empty()
+    });
+    let cells = runs.path().join("tiny/cells");
+    let configs: Vec<String> = std::fs::read_dir(&cells)
+        .expect("cells")
+        .map(|e| std::fs::read_to_string(e.expect("cell").path().join("config.toml")).expect("cell config"))
+        .collect();
+    assert_eq!(configs.len(), 2, "notices: {:?}", h.state().notices());
+    assert!(
+        configs
+            .iter()
+            .all(|c| c.contains("flux1-dev.safetensors") && c.contains("dit_lora.safetensors")),
+        "{configs:?}"
     );
     // A profile that names missing files is an error in the window; the backbone in use stays.
     let broken = files.path().join("broken.toml");

@@ -18,8 +18,9 @@ import pathlib
 import torch
 import transformers
 from safetensors.torch import save_file
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model
+
+from common import ids_fixed_length, word_tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[2] / "tests/data/parity"
 WORDS = ["a", "red", "cat", "and", "blue", "dog", "on", "grass"]
@@ -93,19 +94,9 @@ def clip(tensors):
     randomise(model, 12)
     out = ROOT / "clip_model"
     model.save_pretrained(out, safe_serialization=True)
-    vocab = {t: i for i, t in enumerate(vocab_list)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"<|startoftext|> $A {eot}", special_tokens=[("<|startoftext|>", 1), (eot, vocab[eot])]
-    )
+    tok, vocab = word_tokenizer(vocab_list, "<unk>", "<|startoftext|>", eot)
     tok.save(str(out / "tokenizer.json"))
-    ids = []
-    for p in PROMPTS:
-        row = tok.encode(p).ids
-        ids.append(row + [vocab[eot]] * (text["max_position_embeddings"] - len(row)))
-    ids = torch.tensor(ids)
+    ids = ids_fixed_length(tok, PROMPTS, text["max_position_embeddings"], vocab[eot], vocab[eot])
     gen = torch.Generator().manual_seed(13)
     pixels = torch.randn(2, 3, 28, 28, generator=gen)
     with torch.no_grad():

@@ -18,38 +18,15 @@ import pathlib
 import torch
 import transformers
 from safetensors.torch import save_file
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+from common import ids_fixed_length, word_tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[2] / "tests/data/parity"
 WORDS = ["a", "red", "cat", "and", "blue", "dog", "on", "grass", "under", "tree"]
 PROMPTS = ["a red cat on grass", "a blue dog under a tree and a red cat", "dog"]
 T5_TOKENS = 12
 CLIP_TOKENS = 16  # max_position_embeddings of the tiny CLIP (77 in CLIP-L)
-
-
-def word_tokenizer(special, prefix, suffix):
-    """A lower-casing whitespace word-level tokenizer: `special` tokens first, then WORDS; `prefix $A suffix`."""
-    vocab = {t: i for i, t in enumerate(special + WORDS)}
-    unk = "<unk>" if "<unk>" in special else special[0]
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    single = " ".join(x for x in [prefix, "$A", suffix] if x)
-    special_ids = [(t, vocab[t]) for t in [prefix, suffix] if t]
-    tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=special_ids)
-    return tok, vocab
-
-
-def ids_fixed_length(tok, prompts, length, pad_id, eos_id):
-    """HFEmbedder's `padding="max_length", truncation=True`: truncation keeps the end token."""
-    rows = []
-    for p in prompts:
-        ids = tok.encode(p).ids
-        if len(ids) > length:
-            ids = ids[: length - 1] + [eos_id]
-        rows.append(ids + [pad_id] * (length - len(ids)))
-    return torch.tensor(rows)
 
 
 def t5(tensors):
@@ -66,7 +43,7 @@ def t5(tensors):
             p.normal_(0.0, 0.3)
     out = ROOT / "t5"
     model.save_pretrained(out, safe_serialization=True)
-    tok, vocab = word_tokenizer(["<pad>", "</s>", "<unk>"], None, "</s>")
+    tok, vocab = word_tokenizer(["<pad>", "</s>", "<unk>"] + WORDS, "<unk>", None, "</s>")
     tok.save(str(out / "tokenizer.json"))
     ids = ids_fixed_length(tok, PROMPTS, T5_TOKENS, vocab["<pad>"], vocab["</s>"])
     with torch.no_grad():
@@ -91,13 +68,7 @@ def clip(tensors):
             p.normal_(0.0, 0.3)
     out = ROOT / "clip"
     model.save_pretrained(out, safe_serialization=True)
-    vocab = {t: i for i, t in enumerate(vocab_list)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"<|startoftext|> $A {eot}", special_tokens=[("<|startoftext|>", 1), (eot, vocab[eot])]
-    )
+    tok, vocab = word_tokenizer(vocab_list, "<unk>", "<|startoftext|>", eot)
     tok.save(str(out / "tokenizer.json"))
     ids = ids_fixed_length(tok, PROMPTS, CLIP_TOKENS, vocab[eot], vocab[eot])
     with torch.no_grad():

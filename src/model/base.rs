@@ -106,10 +106,11 @@ impl FromStr for BaseLora {
         if s.is_empty() {
             return Err("empty base LoRA (use FILE or FILE:SCALE)".into());
         }
-        let (path, scale) = match s.rsplit_once(':') {
-            Some((p, sc)) if !p.is_empty() && sc.parse::<f64>().is_ok() => (p, sc.parse::<f64>().unwrap_or(1.0)),
-            _ => (s, 1.0),
-        };
+        let (path, scale) = s
+            .rsplit_once(':')
+            .filter(|(p, _)| !p.is_empty())
+            .and_then(|(p, sc)| sc.parse::<f64>().ok().map(|v| (p, v)))
+            .unwrap_or((s, 1.0));
         if !scale.is_finite() {
             return Err(format!("`{s}`: the scale after `:` must be a finite number"));
         }

@@ -221,3 +221,107 @@ fn missing_backbone_files_are_named_before_anything_loads() {
     assert!(!run.status.success());
     assert!(text(&run).contains("dit_lora.safetensors"), "{}", text(&run));
 }
+
+/// A run on UNO (FLUX + UNO's LoRA at scale 0.5), trained on attention only, exported in x-flux naming: UNO's
+/// LoRA and ours in one file, which merged into the plain FLUX transformer gives exactly the run's model; the
+/// kohya and PEFT exports hold the run's LoRA alone; a run that also adapted MLPs is refused for x-flux, naming why.
+#[test]
+fn export_lora_writes_the_whole_fine_tuned_uno_in_xflux_naming() {
+    use focusdpo::model::BaseModel;
+    let b = backbone();
+    let out = tempfile::tempdir().expect("tempdir");
+    let lora = format!("{}:0.5", s(&b.lora));
+    let train = |name: &str, mlp: &str| {
+        let dir = out.path().join(name);
+        let run = focusdpo(&[
+            "train",
+            "--backbone",
+            s(&b.flux),
+            "--base-lora",
+            &lora,
+            "--set",
+            "model.reference_px=32",
+            "--set",
+            r#"data.items=["synth-0001"]"#,
+            "--set",
+            &format!("lora.targets.mlp={mlp}"),
+            "--set",
+            "optim.adamw.lr=0.01",
+            "--steps",
+            "2",
+            "--out",
+            s(&dir),
+            "--plain",
+        ]);
+        assert!(run.status.success(), "{}", text(&run));
+        dir
+    };
+    let run_dir = train("attn", "false");
+    let file = out.path().join("export/uno_focusdpo.safetensors");
+    let run = focusdpo(&["export-lora", "--run", s(&run_dir), "--format", "xflux", "-o", s(&file)]);
+    assert!(run.status.success(), "{}", text(&run));
+    let msg = text(&run);
+    // UNO's rank 4 + ours (rank 8) = 12.
+    assert!(msg.contains("rank 12") && msg.contains("--lora_rank 12"), "{msg}");
+
+    let device = candle_core::Device::Cpu;
+    let (run_model, step) = focusdpo::train::session::load_run_model(&run_dir, &device).expect("run model");
+    assert_eq!(step, 2);
+    let exported = BaseModel::load_file(&b.flux.join("flux1-dev.safetensors"), &device)
+        .expect("flux")
+        .with_base_lora(&file, 1.0)
+        .expect("the export loads as a base LoRA");
+    let mut changed = 0;
+    for (want, got) in run_model.mmdit.linears().into_iter().zip(exported.mmdit.linears()) {
+        assert_eq!(want.path(), got.path());
+        let mut w = want.weight().clone();
+        if let Some(ad) = want.adapter() {
+            let delta = ad
+                .full_rows_b()
+                .and_then(|b| b.matmul(ad.a.as_tensor()))
+                .and_then(|d| d.affine(ad.scale, 0.0))
+                .expect("delta");
+            if delta
+                .abs()
+                .and_then(|d| d.flatten_all())
+                .and_then(|d| d.max(0))
+                .and_then(|m| m.to_scalar::<f32>())
+                .expect("max")
+                > 0.0
+            {
+                changed += 1;
+            }
+            w = (w + delta).expect("sum");
+        }
+        let diff = focusdpo::model::testing::max_abs_diff(&w, got.weight()).expect("diff");
+        assert!(diff < 1e-5, "{}: {diff}", want.path());
+    }
+    assert!(changed > 0, "the run's LoRA changed no layer");
+
+    // kohya and PEFT: the run's LoRA alone.
+    let kohya = out.path().join("export/focusdpo_kohya.safetensors");
+    let run = focusdpo(&[
+        "export-lora",
+        "--run",
+        s(&run_dir),
+        "--format",
+        "kohya",
+        "-o",
+        s(&kohya),
+    ]);
+    assert!(run.status.success(), "{}", text(&run));
+    assert!(text(&run).contains("dit_lora.safetensors"), "{}", text(&run));
+    let peft = out.path().join("export/peft");
+    let run = focusdpo(&["export-lora", "--run", s(&run_dir), "--format", "peft", "-o", s(&peft)]);
+    assert!(run.status.success(), "{}", text(&run));
+    assert!(peft.join("adapter_model.safetensors").is_file() && peft.join("adapter_config.json").is_file());
+
+    let mlp_dir = train("mlp", "true");
+    let run = focusdpo(&["export-lora", "--run", s(&mlp_dir), "--format", "xflux", "-o", s(&file)]);
+    assert!(!run.status.success());
+    let msg = text(&run);
+    assert!(
+        msg.contains("_mlp.") && msg.contains("lora.targets.mlp = false"),
+        "{msg}"
+    );
+}

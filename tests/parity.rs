@@ -6,6 +6,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use focusdpo::model::lora::{LoraConfig, LoraFormat, LoraSet};
 use focusdpo::model::xflux_lora::read_xflux_lora;
 use focusdpo::model::{
     Config, ForwardOptions, Mmdit, MmditInput, Reference, ids_tensor, reference_ids, target_ids, text_ids,
@@ -112,6 +113,33 @@ fn the_mmdit_equals_diffusers_flux_transformer_with_uno_references() {
             "the LoRA changes the output"
         );
         eprintln!("UNO LoRA merged vs diffusers + peft, 1 reference: max relative error {err:e}");
+
+        // Our trainable LoRA, read from PEFT naming (and re-read from our kohya writing of the same adapters),
+        // attached unmerged, against peft applying the same LoRA to diffusers' split layers.
+        let rank: usize = meta["peft_rank"].parse().expect("rank");
+        let alpha: f32 = meta["peft_alpha"].parse().expect("alpha");
+        let lora_cfg = LoraConfig {
+            rank,
+            alpha,
+            ..LoraConfig::default()
+        };
+        let peft = LoraSet::for_model(lora_cfg, &cfg, &dev).expect("lora");
+        peft.load_tensors(&prefixed(&t, "peft.")).expect("PEFT naming loads");
+        let kohya = LoraSet::for_model(lora_cfg, &cfg, &dev).expect("lora");
+        kohya
+            .load_tensors(&peft.to_tensors(LoraFormat::Kohya).expect("kohya"))
+            .expect("kohya naming loads");
+        for (naming, set) in [("PEFT", &peft), ("kohya", &kohya)] {
+            let mut adapted = model.clone();
+            adapted.attach_lora(set).expect("attach");
+            let pred = adapted
+                .forward_with(&input, ForwardOptions::default())
+                .expect("forward")
+                .prediction;
+            let err = max_rel_err(&pred, &t["output.peft.refs1"]);
+            assert!(err <= 1e-4, "{naming} LoRA: max relative error {err:e}");
+            eprintln!("our LoRA in {naming} naming vs peft on diffusers, 1 reference: max relative error {err:e}");
+        }
     }
 }
 

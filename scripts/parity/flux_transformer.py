@@ -8,8 +8,17 @@ tests/data/parity/flux_transformer.safetensors.
 
 Then a random LoRA in x-flux processor naming (the format of UNO's dit_lora.safetensors) on every block is loaded
 into the same model with diffusers' own x-flux converter (`_convert_xlabs_flux_lora_to_diffusers`, through peft),
-and its output with one reference is written too (`lora.*`, `output.lora.refs1`). `cargo test --test parity`
-compares our model (and our merge of that LoRA) with them.
+and its output with one reference is written too (`lora.*`, `output.lora.refs1`).
+
+Last, a trainable LoRA as we write it in PEFT naming (`base_model.model.<BFL path>.lora_A/B.weight`, rank 4,
+α 8: the update is scaled by α/r = 2) on every layer our default targets adapt (attention and MLPs, the single
+blocks' fused `linear1`/`linear2`) is applied by peft itself (`inject_adapter_in_model` +
+`set_peft_model_state_dict`) to a fresh copy of the model, each fused BFL layer split onto diffusers' separate
+layers (`A` shared, `B` split by rows), and its output written (`peft.*`, `output.peft.refs1`). diffusers' kohya
+converter hard-codes FLUX.1-dev's sizes (3072-wide blocks), so the kohya naming is checked through the same tensors
+(our kohya writer and reader against this PEFT file) rather than through that converter.
+
+`cargo test --test parity` compares our model, our merge of the x-flux LoRA and our adapters with them.
 
 Regenerate (any machine, CPU is enough):
     python3 -m venv .venv && .venv/bin/pip install torch diffusers peft safetensors
@@ -48,6 +57,7 @@ REF_GRIDS = [(3, 3), (2, 4)]  # reference token grids
 TEXT_TOKENS = 5
 BATCH = 2
 LORA_RANK = 4
+PEFT_RANK, PEFT_ALPHA = 4, 8.0
 
 
 def diffusers_model() -> FluxTransformer2DModel:
@@ -208,8 +218,65 @@ def main():
     if torch.equal(tensors["output.lora.refs1"], tensors["output.refs1"]):
         raise SystemExit("the LoRA did not change the model: it was not applied")
 
+    # Our trainable LoRA in PEFT naming, applied by peft to a fresh copy of the model.
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    r = PEFT_RANK
+    # BFL path -> (in, out, [(diffusers module, rows)]).
+    layers = {}
+    for i in range(c["depth"]):
+        d, b = f"double_blocks.{i}", f"transformer_blocks.{i}"
+        layers[f"{d}.img_attn.qkv"] = (h, [(f"{b}.attn.{x}", h) for x in ("to_q", "to_k", "to_v")])
+        layers[f"{d}.img_attn.proj"] = (h, [(f"{b}.attn.to_out.0", h)])
+        layers[f"{d}.txt_attn.qkv"] = (h, [(f"{b}.attn.{x}", h) for x in ("add_q_proj", "add_k_proj", "add_v_proj")])
+        layers[f"{d}.txt_attn.proj"] = (h, [(f"{b}.attn.to_add_out", h)])
+        layers[f"{d}.img_mlp.0"] = (h, [(f"{b}.ff.net.0.proj", m)])
+        layers[f"{d}.img_mlp.2"] = (m, [(f"{b}.ff.net.2", h)])
+        layers[f"{d}.txt_mlp.0"] = (h, [(f"{b}.ff_context.net.0.proj", m)])
+        layers[f"{d}.txt_mlp.2"] = (m, [(f"{b}.ff_context.net.2", h)])
+    for i in range(c["depth_single_blocks"]):
+        sb, b = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
+        parts = [(f"{b}.attn.{x}", h) for x in ("to_q", "to_k", "to_v")] + [(f"{b}.proj_mlp", m)]
+        layers[f"{sb}.linear1"] = (h, parts)
+        layers[f"{sb}.linear2"] = (h + m, [(f"{b}.proj_out", h)])
+    ours, theirs = {}, {}
+    for path, (inp, parts) in layers.items():
+        a = 0.3 * rnd(r, inp)
+        bmat = 0.3 * rnd(sum(rows for _, rows in parts), r)
+        ours[f"peft.base_model.model.{path}.lora_A.weight"] = a
+        ours[f"peft.base_model.model.{path}.lora_B.weight"] = bmat
+        start = 0
+        for module, rows in parts:
+            theirs[f"{module}.lora_A.weight"] = a.clone()
+            theirs[f"{module}.lora_B.weight"] = bmat[start : start + rows].clone()
+            start += rows
+    tensors.update({k: v.contiguous() for k, v in ours.items()})
+    fresh = diffusers_model()
+    modules = sorted({m_ for _, parts in layers.values() for m_, _ in parts})
+    config = LoraConfig(r=r, lora_alpha=PEFT_ALPHA, target_modules=modules, init_lora_weights=False)
+    fresh = inject_adapter_in_model(config, fresh, adapter_name="focusdpo")
+    result = set_peft_model_state_dict(fresh, theirs, adapter_name="focusdpo")
+    if result.unexpected_keys:
+        raise SystemExit(f"peft did not take {result.unexpected_keys}")
+    with torch.no_grad():
+        pred = fresh(
+            hidden_states=torch.cat([img, refs[0]], dim=1),
+            encoder_hidden_states=txt,
+            pooled_projections=y,
+            timestep=t,
+            img_ids=ids,
+            txt_ids=torch.zeros(TEXT_TOKENS, 3),
+            guidance=guidance,
+            return_dict=False,
+        )[0]
+    tensors["output.peft.refs1"] = pred[:, : GRID * GRID].contiguous()
+    if torch.equal(tensors["output.peft.refs1"], tensors["output.refs1"]):
+        raise SystemExit("the PEFT LoRA did not change the model: it was not applied")
+
     meta = {
         "config": json.dumps(c),
+        "peft_rank": str(PEFT_RANK),
+        "peft_alpha": str(PEFT_ALPHA),
         "ref_grids": json.dumps(REF_GRIDS),
         "grid": str(GRID),
         "torch": torch.__version__,

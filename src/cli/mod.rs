@@ -5,6 +5,7 @@ mod ablate;
 mod backbone;
 mod dip;
 mod eval;
+mod export;
 mod masks;
 mod pretrain;
 mod train;
@@ -48,6 +49,8 @@ enum Command {
     /// Run an ablation plan (the seeds' Markdown format): resolve it onto run-config knobs and train the grid
     /// (baseline + each replacement × seeds), resumably; --dry-run prints the grid and what was left out.
     Ablate(ablate::AblateArgs),
+    /// Export a run's trained LoRA: x-flux for UNO's own pipeline (with UNO's LoRA folded in), kohya or PEFT.
+    ExportLora(export::ExportArgs),
 }
 
 /// Runs the parsed command line.
@@ -77,5 +80,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Eval(args) => eval::run_eval(&args).map(|()| ExitCode::SUCCESS),
         Command::Report(args) => eval::run_report(&args).map(|()| ExitCode::SUCCESS),
         Command::Ablate(args) => ablate::run(&args).map(|()| ExitCode::SUCCESS),
+        Command::ExportLora(args) => export::run(&args).map(|()| ExitCode::SUCCESS),
     }
 }

@@ -23,7 +23,7 @@ use super::hf::LoadError;
 use super::mmdit::{Mmdit, ModelError};
 use super::text::{PromptEncoder, random_prompt_tables};
 use super::weights::{WeightsError, read_header, tensor_shapes, var_builder};
-use super::xflux_lora::{is_xflux_lora, read_xflux_lora};
+use super::xflux_lora::{BaseLoraPiece, is_xflux_lora, read_xflux_lora};
 use super::{Config, testing};
 
 /// Metadata key of the JSON config.
@@ -211,6 +211,79 @@ pub struct BaseModel {
     pub train_guidance: f32,
 }
 
+/// Reads a base LoRA file (x-flux naming, UNO's `dit_lora.safetensors`) for a model of config `cfg`: its updates,
+/// unscaled. Errors name the file and the tensor at fault.
+pub fn read_base_lora(path: &Path, cfg: &Config, device: &Device) -> Result<Vec<BaseLoraPiece>, BaseError> {
+    let fmt_err = |reason: String| BaseError::Format {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if !path.is_file() {
+        return Err(BaseError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such base LoRA file"),
+        });
+    }
+    let tensors = candle_core::safetensors::load(path, device).map_err(|e| fmt_err(e.to_string()))?;
+    if !is_xflux_lora(tensors.keys()) {
+        return Err(fmt_err(
+            "not a LoRA in x-flux processor naming (`double_blocks.N.processor.qkv_lora1.down.weight`, …), the \
+             naming of UNO's dit_lora.safetensors"
+                .into(),
+        ));
+    }
+    read_xflux_lora(&tensors, cfg).map_err(|e| fmt_err(e.to_string()))
+}
+
+/// What a transformer file's header says, without reading its tensors.
+#[derive(Clone, Debug)]
+pub struct FileLayout {
+    /// The model config: from our metadata, else from the tensor shapes.
+    pub config: Config,
+    /// The prefix of every tensor name (`model.diffusion_model.` in some FLUX files), empty without.
+    pub prefix: &'static str,
+    /// Pixels per side of a token on the codec's input (2 on VAE latents without our metadata).
+    pub patch: usize,
+}
+
+/// Reads a transformer file's [`FileLayout`] from its header.
+pub fn read_file_layout(path: &Path) -> Result<FileLayout, BaseError> {
+    let meta = read_safetensors_metadata(path)?;
+    let fmt_err = |reason: String| BaseError::Format {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let (config, prefix): (Config, &str) = match meta.get(META_CONFIG) {
+        Some(json) => (
+            serde_json::from_str(json).map_err(|e| fmt_err(format!("metadata `{META_CONFIG}`: {e}")))?,
+            "",
+        ),
+        None => {
+            let shapes = tensor_shapes(path).map_err(|e| fmt_err(e.to_string()))?;
+            let layout = flux_layout_from_shapes(&shapes).map_err(|e| fmt_err(e.to_string()))?;
+            (layout.config, layout.prefix)
+        }
+    };
+    let patch = match meta.get(META_PATCH) {
+        Some(p) => p
+            .parse()
+            .map_err(|_| fmt_err(format!("metadata `{META_PATCH}` = `{p}` is not a positive integer")))?,
+        None => 2,
+    };
+    Ok(FileLayout { config, prefix, patch })
+}
+
+impl BaseSource {
+    /// The model config of this source, read from the file's header (no weights are read).
+    pub fn config(&self) -> Result<Config, BaseError> {
+        match self {
+            BaseSource::Bundled => Ok(read_file_layout(&bundled_base_path())?.config),
+            BaseSource::Random(_) => Ok(Config::tiny()),
+            BaseSource::File(path) => Ok(read_file_layout(path)?.config),
+        }
+    }
+}
+
 /// Reads the `__metadata__` of a safetensors file without reading the tensors.
 pub fn read_safetensors_metadata(path: &Path) -> Result<HashMap<String, String>, BaseError> {
     let header = read_header(path).map_err(|e| match e {
@@ -312,28 +385,11 @@ impl BaseModel {
 
     /// Loads a safetensors file: config and patch from its metadata, FLUX.1-dev (patch 2 on VAE latents) without.
     pub fn load_file(path: &Path, device: &Device) -> Result<Self, BaseError> {
-        let meta = read_safetensors_metadata(path)?;
-        let fmt_err = |reason: String| BaseError::Format {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let (cfg, prefix): (Config, &str) = match meta.get(META_CONFIG) {
-            Some(json) => (
-                serde_json::from_str(json).map_err(|e| fmt_err(format!("metadata `{META_CONFIG}`: {e}")))?,
-                "",
-            ),
-            None => {
-                let shapes = tensor_shapes(path).map_err(|e| fmt_err(e.to_string()))?;
-                let layout = flux_layout_from_shapes(&shapes).map_err(|e| fmt_err(e.to_string()))?;
-                (layout.config, layout.prefix)
-            }
-        };
-        let patch = match meta.get(META_PATCH) {
-            Some(p) => p
-                .parse()
-                .map_err(|_| fmt_err(format!("metadata `{META_PATCH}` = `{p}` is not a positive integer")))?,
-            None => 2,
-        };
+        let FileLayout {
+            config: cfg,
+            prefix,
+            patch,
+        } = read_file_layout(path)?;
         let model_err = |source: ModelError| BaseError::Model {
             path: path.to_path_buf(),
             source,
@@ -357,28 +413,13 @@ impl BaseModel {
     /// scaled by `scale` (UNO's `lora_weight`, 1 by default). The merged model is the base that FocusDPO's own
     /// LoRA trains on and the reference model of DPO.
     pub fn with_base_lora(mut self, path: &Path, scale: f64) -> Result<Self, BaseError> {
-        let fmt_err = |reason: String| BaseError::Format {
-            path: path.to_path_buf(),
-            reason,
-        };
-        if !path.is_file() {
-            return Err(BaseError::Io {
-                path: path.to_path_buf(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such base LoRA file"),
-            });
-        }
-        let tensors = candle_core::safetensors::load(path, self.mmdit.device()).map_err(|e| fmt_err(e.to_string()))?;
-        if !is_xflux_lora(tensors.keys()) {
-            return Err(fmt_err(
-                "not a LoRA in x-flux processor naming (`double_blocks.N.processor.qkv_lora1.down.weight`, …), the \
-                 naming of UNO's dit_lora.safetensors"
-                    .into(),
-            ));
-        }
-        let pieces = read_xflux_lora(&tensors, self.config()).map_err(|e| fmt_err(e.to_string()))?;
+        let pieces = read_base_lora(path, self.config(), self.mmdit.device())?;
         self.mmdit
             .merge_base_lora(&pieces, scale)
-            .map_err(|e| fmt_err(e.to_string()))?;
+            .map_err(|e| BaseError::Format {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
         Ok(self)
     }
 

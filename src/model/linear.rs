@@ -51,7 +51,8 @@ impl Linear {
             let (out_dim, in_dim) = self.weight.dims2()?;
             let (_, a_in) = ad.a.dims2()?;
             let (b_out, _) = ad.b.dims2()?;
-            if a_in != in_dim || b_out != out_dim {
+            // An adapter may cover the leading rows only (the q/k/v rows of a single block's `linear1`).
+            if a_in != in_dim || b_out == 0 || b_out > out_dim || ad.layer_rows != out_dim {
                 candle_core::bail!(
                     "LoRA adapter for `{}` has A {:?} / B {:?}, the layer is [{out_dim}, {in_dim}]",
                     self.path,
@@ -129,8 +130,13 @@ impl Linear {
         };
         let rows: usize = lead.iter().product();
         let x2 = x.reshape((rows, in_dim))?;
-        let lora = match (&self.adapter, adapters) {
-            (Some(ad), Adapters::On) => Some((ad.a.as_tensor(), ad.b.as_tensor(), ad.scale)),
+        // `B` of an adapter covering the leading rows only, padded with zero rows (their gradient is dropped).
+        let b_full = match (&self.adapter, adapters) {
+            (Some(ad), Adapters::On) => Some(ad.full_rows_b()?),
+            _ => None,
+        };
+        let lora = match (&self.adapter, &b_full) {
+            (Some(ad), Some(b)) => Some((ad.a.as_tensor(), b, ad.scale)),
             _ => None,
         };
         if let Some(y) = super::ops::fused_linear(&x2, &self.weight, self.bias.as_ref(), lora) {
@@ -143,9 +149,9 @@ impl Linear {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         };
-        let y = match (&self.adapter, adapters) {
-            (Some(ad), Adapters::On) => (y + ad.delta(&x2)?)?,
-            _ => y,
+        let y = match lora {
+            Some((a, b, scale)) => (y + x2.matmul(&a.t()?)?.matmul(&b.t()?)?.affine(scale, 0.0)?)?,
+            None => y,
         };
         let mut out_shape = lead.to_vec();
         out_shape.push(self.weight.dim(0)?);

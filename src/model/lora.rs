@@ -7,7 +7,9 @@
 //!
 //! **Targets** are chosen by the FLUX path of each linear layer: attention (`*_attn.qkv`, `*_attn.proj`), MLP
 //! (`*_mlp.0`, `*_mlp.2`), the single blocks' fused `linear1`/`linear2` (attention and MLP at once: included when
-//! either is), and optionally the adaLN modulations.
+//! either is), and optionally the adaLN modulations. With attention but not the MLPs, a single block's `linear1`
+//! adapter covers its q/k/v rows only ([`LoraTargets::rows`]): exactly the layers x-flux's processors (and so UNO's
+//! LoRA) adapt, so such a LoRA exports to x-flux naming without loss.
 //!
 //! **Export** in two namings, both loadable back ([`LoraSet::load_tensors`]):
 //! * kohya / ComfyUI: `lora_unet_<path with '.'→'_'>.lora_down.weight` (A), `.lora_up.weight` (B), `.alpha`.
@@ -103,6 +105,18 @@ impl LoraTargets {
             None => false,
         }
     }
+
+    /// How many leading output rows of the layer at `path` ([out, in]) the adapter covers: all of them, except a
+    /// single block's `linear1` when attention is targeted without the MLPs, whose adapter covers its q/k/v rows
+    /// (`3·in`) only, as x-flux's `qkv_lora` (and so UNO's LoRA) does.
+    pub fn rows(&self, path: &str, in_dim: usize, out_dim: usize) -> usize {
+        let linear1 = layer_kind(path) == Some(LayerKind::Fused) && path.ends_with(".linear1");
+        if linear1 && self.attention && !self.mlp {
+            (3 * in_dim).min(out_dim)
+        } else {
+            out_dim
+        }
+    }
 }
 
 /// Errors when building or loading adapters; each names the tensor concerned.
@@ -144,14 +158,32 @@ pub struct LoraAdapter {
     pub b: Var,
     /// `α / r`.
     pub scale: f64,
+    /// Output rows of the adapted layer; `B` covers the leading [`Self::rows`] of them.
+    pub layer_rows: usize,
 }
 
 impl LoraAdapter {
-    /// The adapter's contribution for `x` [rows, in] → [rows, out].
+    /// The adapter's contribution for `x` [rows, in] → [rows, out] (`out` = the rows `B` covers).
     pub fn delta(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         x.matmul(&self.a.as_tensor().t()?)?
             .matmul(&self.b.as_tensor().t()?)?
             .affine(self.scale, 0.0)
+    }
+
+    /// Number of output rows the adapter changes (the leading rows of its layer).
+    pub fn rows(&self) -> usize {
+        self.b.dims().first().copied().unwrap_or(0)
+    }
+
+    /// `B` extended with zero rows to all [`Self::layer_rows`] (itself when it already covers them all).
+    pub fn full_rows_b(&self) -> candle_core::Result<Tensor> {
+        let b = self.b.as_tensor();
+        let rows = self.rows();
+        if rows >= self.layer_rows {
+            return Ok(b.clone());
+        }
+        let zeros = Tensor::zeros((self.layer_rows - rows, b.dim(1)?), b.dtype(), b.device())?;
+        Tensor::cat(&[b, &zeros], 0)
     }
 }
 
@@ -208,8 +240,16 @@ impl LoraSet {
                 .map(|_| rng.random_range(-bound..=bound))
                 .collect();
             let a = Var::from_tensor(&Tensor::from_vec(a, (cfg.rank, in_dim), device)?)?;
-            let b = Var::zeros((out_dim, cfg.rank), DType::F32, device)?;
-            adapters.insert(path.to_string(), LoraAdapter { a, b, scale });
+            let b = Var::zeros((cfg.targets.rows(path, in_dim, out_dim), cfg.rank), DType::F32, device)?;
+            adapters.insert(
+                path.to_string(),
+                LoraAdapter {
+                    a,
+                    b,
+                    scale,
+                    layer_rows: out_dim,
+                },
+            );
         }
         Ok(Self { cfg, adapters })
     }
@@ -294,13 +334,13 @@ impl LoraSet {
                 LoraFormat::Kohya => {
                     let k = kohya_key(path);
                     out.insert(format!("{k}.lora_down.weight"), ad.a.as_tensor().clone());
-                    out.insert(format!("{k}.lora_up.weight"), ad.b.as_tensor().clone());
+                    out.insert(format!("{k}.lora_up.weight"), ad.full_rows_b()?);
                     out.insert(format!("{k}.alpha"), Tensor::new(self.cfg.alpha, ad.a.device())?);
                 }
                 LoraFormat::Peft => {
                     let k = peft_key(path);
                     out.insert(format!("{k}.lora_A.weight"), ad.a.as_tensor().clone());
-                    out.insert(format!("{k}.lora_B.weight"), ad.b.as_tensor().clone());
+                    out.insert(format!("{k}.lora_B.weight"), ad.full_rows_b()?);
                 }
             }
         }
@@ -359,6 +399,31 @@ impl LoraSet {
             };
             for (name, var) in [(a_name, &ad.a), (b_name, &ad.b)] {
                 let t = tensors.get(&name).ok_or_else(|| LoraError::Missing(name.clone()))?;
+                // `B` of a leading-rows adapter is written padded to the whole layer (what other tools expect).
+                let t = if std::ptr::eq(var, &ad.b) && t.dims() == [ad.layer_rows, ad.a.dims()[0]] {
+                    let rows = ad.rows();
+                    if rows < ad.layer_rows {
+                        let beyond = t.narrow(0, rows, ad.layer_rows - rows)?;
+                        if beyond
+                            .abs()?
+                            .flatten_all()?
+                            .max(0)?
+                            .to_dtype(DType::F32)?
+                            .to_scalar::<f32>()?
+                            > 0.0
+                        {
+                            return Err(LoraError::Config(format!(
+                                "`{name}` changes rows {rows}..{} of `{path}`, which this run's adapter does not \
+                                 cover (lora.targets.mlp = false adapts a single block's q/k/v rows only): load it \
+                                 with lora.targets.mlp = true",
+                                ad.layer_rows
+                            )));
+                        }
+                    }
+                    t.narrow(0, 0, rows)?
+                } else {
+                    t.clone()
+                };
                 if t.dims() != var.dims() {
                     return Err(LoraError::Shape {
                         name,
@@ -524,5 +589,40 @@ mod tests {
             ),
             Err(LoraError::Config(_))
         ));
+    }
+
+    #[test]
+    fn attention_only_adapts_the_qkv_rows_of_linear1_and_exports_them_padded() {
+        let cfg = Config::tiny();
+        let (h, m) = (cfg.hidden_size, cfg.mlp_hidden_dim());
+        let lora_cfg = LoraConfig {
+            targets: LoraTargets {
+                mlp: false,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let set = LoraSet::for_model(lora_cfg, &cfg, &Device::Cpu).unwrap();
+        let l1 = set.get("single_blocks.0.linear1").unwrap();
+        assert_eq!((l1.rows(), l1.layer_rows), (3 * h, 3 * h + m));
+        assert_eq!(set.get("single_blocks.0.linear2").unwrap().rows(), h);
+        l1.b.set(&Tensor::ones((3 * h, 8), DType::F32, &Device::Cpu).unwrap())
+            .unwrap();
+        // Exported padded to the whole layer (what other tools expect), read back to the q/k/v rows.
+        let mut kohya = set.to_tensors(LoraFormat::Kohya).unwrap();
+        let up = "lora_unet_single_blocks_0_linear1.lora_up.weight";
+        assert_eq!(kohya[up].dims(), [3 * h + m, 8]);
+        let b = kohya[up].narrow(0, 3 * h, m).unwrap().abs().unwrap().sum_all().unwrap();
+        assert_eq!(b.to_scalar::<f32>().unwrap(), 0.0);
+        let other = LoraSet::for_model(lora_cfg, &cfg, &Device::Cpu).unwrap();
+        other.load_tensors(&kohya).unwrap();
+        assert_eq!(other.get("single_blocks.0.linear1").unwrap().b.dims(), [3 * h, 8]);
+        // A file that changes the MLP rows does not fit, and says how to load it.
+        kohya.insert(
+            up.into(),
+            Tensor::ones((3 * h + m, 8), DType::F32, &Device::Cpu).unwrap(),
+        );
+        let e = other.load_tensors(&kohya).unwrap_err().to_string();
+        assert!(e.contains(up) && e.contains("lora.targets.mlp = true"), "{e}");
     }
 }

@@ -1273,26 +1273,21 @@ mod tests {
         let scale = 0.7;
         let mut merged = plain.clone();
         merged.merge_base_lora(&pieces, scale)?;
-        // Unmerged: each piece as an adapter whose B covers the layer's rows (zero outside the LoRA's rows).
+        // Unmerged: each piece as an adapter covering the LoRA's leading rows of its layer.
         let mut adapters = std::collections::BTreeMap::new();
         for p in &pieces {
-            let out_dim = if p.target.ends_with("linear1") {
+            let layer_rows = if p.target.ends_with("linear1") {
                 3 * h + m
             } else {
                 p.rows.len()
-            };
-            let pad = out_dim - p.rows.len();
-            let b = if pad > 0 {
-                Tensor::cat(&[&p.up, &Tensor::zeros((pad, r), DType::F32, &dev)?], 0)?
-            } else {
-                p.up.clone()
             };
             adapters.insert(
                 p.target.clone(),
                 LoraAdapter {
                     a: candle_core::Var::from_tensor(&p.down)?,
-                    b: candle_core::Var::from_tensor(&b)?,
+                    b: candle_core::Var::from_tensor(&p.up)?,
                     scale,
+                    layer_rows,
                 },
             );
         }

@@ -37,6 +37,25 @@ pub struct BaseLoraPiece {
 }
 
 impl BaseLoraPiece {
+    /// A trained adapter as an update of its layer's leading rows, its `α/r` folded into `up`.
+    pub fn from_adapter(path: &str, adapter: &super::lora::LoraAdapter) -> candle_core::Result<Self> {
+        let up = adapter.b.as_tensor().affine(adapter.scale, 0.0)?;
+        Ok(Self {
+            target: path.to_string(),
+            rows: 0..adapter.rows(),
+            down: adapter.a.as_tensor().clone(),
+            up,
+        })
+    }
+
+    /// The same update times `scale` (a base LoRA's `lora_weight`).
+    pub fn scaled(&self, scale: f64) -> candle_core::Result<Self> {
+        Ok(Self {
+            up: self.up.affine(scale, 0.0)?,
+            ..self.clone()
+        })
+    }
+
     /// The rank.
     pub fn rank(&self) -> usize {
         self.down.dims().first().copied().unwrap_or(0)
@@ -145,47 +164,128 @@ pub fn read_xflux_lora(tensors: &HashMap<String, Tensor>, cfg: &Config) -> Resul
     Ok(pieces)
 }
 
-/// Writes a LoRA whose adapters fit x-flux naming back in it, for UNO's own pipeline: `adapters` are
-/// `(layer path, A [r, in], B [out, r], scale)`; the scale is folded into `up` (x-flux has no α). Adapters on
-/// layers x-flux cannot express (MLPs, modulations, the MLP rows of `linear1`) are an error naming the layer.
-pub fn to_xflux_tensors<'a>(
-    adapters: impl IntoIterator<Item = (&'a str, &'a Tensor, &'a Tensor, f64)>,
-    cfg: &Config,
-) -> Result<HashMap<String, Tensor>, LoraError> {
-    let h = cfg.hidden_size;
-    let mut out = HashMap::new();
-    for (path, a, b, scale) in adapters {
-        let parts: Vec<&str> = path.split('.').collect();
-        let (key, rows) = match parts.as_slice() {
-            ["double_blocks", i, "img_attn", "qkv"] => (format!("double_blocks.{i}.processor.qkv_lora1"), 3 * h),
-            ["double_blocks", i, "img_attn", "proj"] => (format!("double_blocks.{i}.processor.proj_lora1"), h),
-            ["double_blocks", i, "txt_attn", "qkv"] => (format!("double_blocks.{i}.processor.qkv_lora2"), 3 * h),
-            ["double_blocks", i, "txt_attn", "proj"] => (format!("double_blocks.{i}.processor.proj_lora2"), h),
-            ["single_blocks", i, "linear1"] => (format!("single_blocks.{i}.processor.qkv_lora"), 3 * h),
-            ["single_blocks", i, "linear2"] => (format!("single_blocks.{i}.processor.proj_lora"), h),
-            _ => {
-                return Err(LoraError::Config(format!(
-                    "the adapter on `{path}` has no x-flux equivalent (x-flux adapts attention qkv/proj only): \
-                     train with lora.targets.mlp = false to export for UNO"
-                )));
-            }
+/// The x-flux processor LoRA of the layer at `path`: (name stem, the rows x-flux adapts), `None` for a layer
+/// x-flux cannot adapt (MLPs, modulations, embedders).
+fn xflux_key(path: &str, h: usize) -> Option<(String, usize)> {
+    let parts: Vec<&str> = path.split('.').collect();
+    Some(match parts.as_slice() {
+        ["double_blocks", i, "img_attn", "qkv"] => (format!("double_blocks.{i}.processor.qkv_lora1"), 3 * h),
+        ["double_blocks", i, "img_attn", "proj"] => (format!("double_blocks.{i}.processor.proj_lora1"), h),
+        ["double_blocks", i, "txt_attn", "qkv"] => (format!("double_blocks.{i}.processor.qkv_lora2"), 3 * h),
+        ["double_blocks", i, "txt_attn", "proj"] => (format!("double_blocks.{i}.processor.proj_lora2"), h),
+        ["single_blocks", i, "linear1"] => (format!("single_blocks.{i}.processor.qkv_lora"), 3 * h),
+        ["single_blocks", i, "linear2"] => (format!("single_blocks.{i}.processor.proj_lora"), h),
+        _ => return None,
+    })
+}
+
+/// An x-flux LoRA file's tensors, for UNO's own pipeline.
+#[derive(Debug)]
+pub struct XfluxExport {
+    /// `….processor.<lora>.{down,up}.weight` of every processor of every block.
+    pub tensors: HashMap<String, Tensor>,
+    /// The one rank of all of them: UNO's `--lora_rank` to load the file with.
+    pub rank: usize,
+}
+
+/// Writes `pieces` (each adding `up·down` to its layer's leading rows; scales already folded into `up`, as x-flux
+/// has no α) as one x-flux LoRA that UNO's pipeline loads: the pieces on one layer are concatenated along the rank
+/// (UNO's LoRA followed by ours gives their exact sum), and since UNO's `set_lora` gives every block a processor of
+/// one rank, every processor of every block of `cfg` is written, padded with zero rank components to the largest
+/// rank. A piece on a layer x-flux cannot adapt, or changing rows it cannot express (the MLP rows of a single
+/// block's `linear1`), is an error naming the layer.
+pub fn write_xflux_lora(pieces: &[BaseLoraPiece], cfg: &Config) -> Result<XfluxExport, LoraError> {
+    let (h, m) = (cfg.hidden_size, cfg.mlp_hidden_dim());
+    let not_expressible = |path: &str, what: String| {
+        LoraError::Config(format!(
+            "the adapter on `{path}` {what}, which x-flux (UNO's LoRA format) cannot express: train with \
+             lora.targets.mlp = false (attention only) to export for UNO"
+        ))
+    };
+    // (stem, rows, in) of every processor LoRA UNO builds, in block order.
+    let mut stems: Vec<(String, usize, usize)> = Vec::new();
+    for i in 0..cfg.depth {
+        for (lora, rows) in [
+            ("qkv_lora1", 3 * h),
+            ("proj_lora1", h),
+            ("qkv_lora2", 3 * h),
+            ("proj_lora2", h),
+        ] {
+            stems.push((format!("double_blocks.{i}.processor.{lora}"), rows, h));
+        }
+    }
+    for i in 0..cfg.depth_single_blocks {
+        stems.push((format!("single_blocks.{i}.processor.qkv_lora"), 3 * h, h));
+        stems.push((format!("single_blocks.{i}.processor.proj_lora"), h, h + m));
+    }
+    let mut parts: HashMap<String, (Vec<Tensor>, Vec<Tensor>)> = HashMap::new();
+    for p in pieces {
+        let Some((stem, rows)) = xflux_key(&p.target, h) else {
+            return Err(not_expressible(&p.target, "adapts a layer outside attention".into()));
         };
-        let b_rows = b.dim(0)?;
-        if b_rows > rows {
-            let beyond = b.narrow(0, rows, b_rows - rows)?;
-            let nonzero = beyond.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? > 0.0;
-            if nonzero {
-                return Err(LoraError::Config(format!(
-                    "the adapter on `{path}` changes the MLP rows {rows}..{b_rows}, which x-flux's qkv_lora cannot \
-                     express: train with lora.targets.mlp = false to export for UNO"
-                )));
+        let Some((_, _, in_dim)) = stems.iter().find(|(s, _, _)| *s == stem) else {
+            return Err(LoraError::Config(format!(
+                "the adapter on `{}` names a block the model does not have ({} double, {} single)",
+                p.target, cfg.depth, cfg.depth_single_blocks
+            )));
+        };
+        if p.down.dims() != [p.rank(), *in_dim] || p.up.dims() != [p.rows.len(), p.rank()] {
+            return Err(LoraError::Config(format!(
+                "the adapter on `{}` has down {:?} / up {:?}; this model needs down [r, {in_dim}] and up [{}, r]",
+                p.target,
+                p.down.dims(),
+                p.up.dims(),
+                p.rows.len()
+            )));
+        }
+        let up = p.up.to_dtype(DType::F32)?;
+        let r = p.rank();
+        // The piece's rows placed within the rows x-flux adapts; rows beyond them must not change.
+        let (start, end) = (p.rows.start.min(rows), p.rows.end.min(rows));
+        if p.rows.end > rows {
+            let beyond = up.narrow(0, end - p.rows.start, p.rows.end - end)?;
+            if beyond.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? > 0.0 {
+                return Err(not_expressible(
+                    &p.target,
+                    format!("changes rows {rows}..{}", p.rows.end),
+                ));
             }
         }
-        let up = b.narrow(0, 0, rows.min(b_rows))?.affine(scale, 0.0)?;
-        out.insert(format!("{key}.down.weight"), a.clone());
-        out.insert(format!("{key}.up.weight"), up);
+        let kept = up.narrow(0, start - p.rows.start, end - start)?;
+        let mut blocks = Vec::new();
+        if start > 0 {
+            blocks.push(Tensor::zeros((start, r), DType::F32, up.device())?);
+        }
+        blocks.push(kept);
+        if end < rows {
+            blocks.push(Tensor::zeros((rows - end, r), DType::F32, up.device())?);
+        }
+        let entry = parts.entry(stem).or_default();
+        entry.0.push(p.down.to_dtype(DType::F32)?);
+        entry.1.push(Tensor::cat(&blocks, 0)?);
     }
-    Ok(out)
+    let rank = parts
+        .values()
+        .map(|(downs, _)| downs.iter().map(|d| d.dim(0).unwrap_or(0)).sum::<usize>())
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let device = pieces
+        .first()
+        .map(|p| p.down.device().clone())
+        .unwrap_or(candle_core::Device::Cpu);
+    let mut tensors = HashMap::new();
+    for (stem, rows, in_dim) in stems {
+        let (mut downs, mut ups) = parts.remove(&stem).unwrap_or_default();
+        let r: usize = downs.iter().map(|d| d.dim(0).unwrap_or(0)).sum();
+        if r < rank {
+            downs.push(Tensor::zeros((rank - r, in_dim), DType::F32, &device)?);
+            ups.push(Tensor::zeros((rows, rank - r), DType::F32, &device)?);
+        }
+        tensors.insert(format!("{stem}.down.weight"), Tensor::cat(&downs, 0)?);
+        tensors.insert(format!("{stem}.up.weight"), Tensor::cat(&ups, 1)?);
+    }
+    Ok(XfluxExport { tensors, rank })
 }
 
 #[cfg(test)]
@@ -249,57 +349,90 @@ mod tests {
     }
 
     #[test]
-    fn adapters_written_in_xflux_naming_read_back_as_the_same_updates() {
-        let cfg = micro();
-        let (h, m, r) = (cfg.hidden_size, cfg.mlp_hidden_dim(), 2);
+    fn pieces_written_in_xflux_naming_read_back_as_their_sum_for_every_block() {
+        let cfg = Config {
+            depth: 2,
+            depth_single_blocks: 2,
+            ..micro()
+        };
+        let (h, m) = (cfg.hidden_size, cfg.mlp_hidden_dim());
         let rnd = |rows: usize, cols: usize, seed: u64| {
             crate::model::testing::random_tensor(&[rows, cols], 0.3, seed, &Device::Cpu).expect("random")
         };
-        let (a1, b1) = (rnd(r, h, 1), rnd(3 * h, r, 2));
-        let (a2, b2) = (rnd(r, h, 3), rnd(h, r, 4));
-        // linear1 adapter whose MLP rows are zero: expressible.
-        let b3 = Tensor::cat(
-            &[
-                &rnd(3 * h, r, 6),
-                &Tensor::zeros((m, r), DType::F32, &Device::Cpu).expect("z"),
-            ],
-            0,
-        )
-        .expect("cat");
-        let a3 = rnd(r, h, 5);
-        let adapters = [
-            ("double_blocks.0.txt_attn.qkv", &a1, &b1, 0.5),
-            ("double_blocks.0.img_attn.proj", &a2, &b2, 2.0),
-            ("single_blocks.0.linear1", &a3, &b3, 1.0),
+        let piece = |target: &str, rows: usize, r: usize, inp: usize, seed: u64| BaseLoraPiece {
+            target: target.into(),
+            rows: 0..rows,
+            down: rnd(r, inp, seed),
+            up: rnd(rows, r, seed + 100),
+        };
+        // UNO's LoRA (rank 3 on two layers) and ours (rank 2 on three layers, one shared): ranks add up on the
+        // shared layer, so the file's rank is 5 and every other processor is padded to it.
+        let pieces = [
+            piece("double_blocks.0.img_attn.qkv", 3 * h, 3, h, 1),
+            piece("single_blocks.1.linear2", h, 3, h + m, 2),
+            piece("double_blocks.0.img_attn.qkv", 3 * h, 2, h, 3),
+            piece("double_blocks.1.txt_attn.proj", h, 2, h, 4),
+            piece("single_blocks.0.linear1", 3 * h, 2, h, 5),
         ];
-        let tensors = to_xflux_tensors(adapters, &cfg).expect("exports");
-        assert!(tensors.contains_key("double_blocks.0.processor.qkv_lora2.up.weight"));
-        assert!(tensors.contains_key("double_blocks.0.processor.proj_lora1.down.weight"));
-        let pieces = read_xflux_lora(&tensors, &cfg).expect("reads back");
-        for (path, a, b, scale) in adapters {
-            let piece = pieces.iter().find(|p| p.target == path).expect("piece");
-            let want = b
-                .narrow(0, 0, piece.rows.len())
-                .expect("rows")
-                .matmul(a)
-                .expect("BA")
-                .affine(scale, 0.0)
-                .expect("scale");
-            let got = piece.delta(1.0).expect("delta");
+        let export = write_xflux_lora(&pieces, &cfg).expect("exports");
+        assert_eq!(export.rank, 5);
+        assert_eq!(
+            export.tensors.len(),
+            2 * (4 * 2 + 2 * 2),
+            "every processor of every block"
+        );
+        assert_eq!(
+            export.tensors["double_blocks.1.processor.qkv_lora1.up.weight"].dims(),
+            [3 * h, 5]
+        );
+        let read = read_xflux_lora(&export.tensors, &cfg).expect("reads back");
+        for target in [
+            "double_blocks.0.img_attn.qkv",
+            "double_blocks.1.txt_attn.proj",
+            "double_blocks.1.img_attn.qkv",
+            "single_blocks.0.linear1",
+            "single_blocks.1.linear2",
+        ] {
+            let got = read
+                .iter()
+                .find(|p| p.target == target)
+                .expect("piece")
+                .delta(1.0)
+                .expect("delta");
+            let mut want = Tensor::zeros(got.dims(), DType::F32, &Device::Cpu).expect("zeros");
+            for p in pieces.iter().filter(|p| p.target == target) {
+                want = (want + p.delta(1.0).expect("delta")).expect("sum");
+            }
             let diff = crate::model::testing::max_abs_diff(&got, &want).expect("diff");
-            assert!(diff < 1e-6, "{path}");
+            assert!(diff < 1e-5, "{target}: {diff}");
         }
         // What x-flux cannot express is refused, naming the layer.
-        let mlp = [("double_blocks.0.img_mlp.0", &a1, &b1, 1.0)];
-        let e = to_xflux_tensors(mlp, &cfg).expect_err("mlp").to_string();
+        let e = write_xflux_lora(&[piece("double_blocks.0.img_mlp.0", h * 4, 2, h, 7)], &cfg)
+            .expect_err("mlp")
+            .to_string();
         assert!(
             e.contains("double_blocks.0.img_mlp.0") && e.contains("lora.targets.mlp"),
             "{e}"
         );
-        let b4 = rnd(3 * h + m, r, 7);
-        let full = [("single_blocks.0.linear1", &a3, &b4, 1.0)];
-        let e = to_xflux_tensors(full, &cfg).expect_err("mlp rows").to_string();
-        assert!(e.contains("MLP rows"), "{e}");
+        let e = write_xflux_lora(&[piece("single_blocks.0.linear1", 3 * h + m, 2, h, 8)], &cfg)
+            .expect_err("mlp rows")
+            .to_string();
+        assert!(e.contains("single_blocks.0.linear1") && e.contains("rows 192.."), "{e}");
+        // Zero MLP rows are dropped, not refused.
+        let mut zero_tail = piece("single_blocks.0.linear1", 3 * h + m, 2, h, 9);
+        zero_tail.up = Tensor::cat(
+            &[
+                &rnd(3 * h, 2, 10),
+                &Tensor::zeros((m, 2), DType::F32, &Device::Cpu).expect("z"),
+            ],
+            0,
+        )
+        .expect("cat");
+        write_xflux_lora(&[zero_tail], &cfg).expect("zero MLP rows");
+        let e = write_xflux_lora(&[piece("double_blocks.4.img_attn.qkv", 3 * h, 2, h, 11)], &cfg)
+            .expect_err("block")
+            .to_string();
+        assert!(e.contains("double_blocks.4") && e.contains("2 double"), "{e}");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod backbone;
 pub mod config;
 pub mod data;
+pub mod export;
 pub mod focus;
 pub mod negatives;
 pub mod objective;

@@ -618,12 +618,27 @@ impl Trainer {
 pub fn load_run_model(dir: &Path, device: &Device) -> Result<(BaseModel, u64), TrainError> {
     let cfg: RunConfig = crate::train::run_store::read_config(dir)?;
     let mut base = cfg.model.load_base(device)?;
-    let Some(ckpt) = crate::train::run_store::latest_checkpoint(dir)? else {
+    let Some((lora, step)) = load_run_lora(dir, &cfg, base.config(), device)? else {
         return Ok((base, 0));
+    };
+    base.mmdit.attach_lora(&lora)?;
+    Ok((base, step))
+}
+
+/// The LoRA of a run's latest checkpoint (run config `cfg`, model config `model`) and its step; `None` before the
+/// first checkpoint.
+pub fn load_run_lora(
+    dir: &Path,
+    cfg: &RunConfig,
+    model: &crate::model::Config,
+    device: &Device,
+) -> Result<Option<(LoraSet, u64)>, TrainError> {
+    let Some(ckpt) = crate::train::run_store::latest_checkpoint(dir)? else {
+        return Ok(None);
     };
     let mut lora_cfg = cfg.lora;
     lora_cfg.seed = lora_cfg.seed.wrapping_add(cfg.seed);
-    let lora = LoraSet::for_model(lora_cfg, base.config(), device)?;
+    let lora = LoraSet::for_model(lora_cfg, model, device)?;
     let path = ckpt.dir.join(LORA_FILE);
     let tensors = candle_core::safetensors::load(&path, device).map_err(|e| TrainError::Checkpoint {
         path: path.clone(),
@@ -633,8 +648,7 @@ pub fn load_run_model(dir: &Path, device: &Device) -> Result<(BaseModel, u64), T
         path: path.clone(),
         message: e.to_string(),
     })?;
-    base.mmdit.attach_lora(&lora)?;
-    Ok((base, ckpt.step))
+    Ok(Some((lora, ckpt.step)))
 }
 
 /// Progress of a run, sent from the worker.

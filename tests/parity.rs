@@ -241,3 +241,38 @@ fn the_metric_towers_equal_transformers_dinov2_and_clip() {
     eprintln!("CLIP text features vs transformers: max relative error {err:e}");
     assert!(err <= 1e-4, "CLIP-T: {err:e}");
 }
+
+/// CLIP's tokenizer built from `vocab.json` + `merges.txt` (FLUX.1-dev's `tokenizer/` folder) against transformers'
+/// `CLIPTokenizer` from the same files: the exact ids, bare and padded/truncated to 77 as FLUX's `HFEmbedder` asks.
+#[test]
+fn clip_bpe_from_vocab_and_merges_equals_transformers_clip_tokenizer() {
+    use focusdpo::model::flux_text::{CLIP_EOT, CLIP_TOKENS, fixed_length};
+    use focusdpo::model::hf::load_clip_tokenizer;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/parity/clip_bpe");
+    let fixture: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("ids.json")).expect("ids.json")).expect("json");
+    let prompts: Vec<String> = serde_json::from_value(fixture["prompts"].clone()).expect("prompts");
+    let bare: Vec<Vec<u32>> = serde_json::from_value(fixture["ids"].clone()).expect("ids");
+    let padded: Vec<Vec<u32>> = serde_json::from_value(fixture["ids_77"].clone()).expect("ids_77");
+    // The folder, as FLUX.1-dev ships it (no tokenizer.json), and its vocab.json named directly.
+    for path in [dir.clone(), dir.join("vocab.json")] {
+        let tok = load_clip_tokenizer(&path).expect("vocab.json + merges.txt load");
+        for (prompt, want) in prompts.iter().zip(&bare) {
+            let got = tok.encode(prompt.as_str(), true).expect("encodes");
+            assert_eq!(got.get_ids(), want.as_slice(), "{prompt:?}");
+        }
+        let fixed = fixed_length(tok, CLIP_TOKENS, CLIP_EOT, &path).expect("fixed length");
+        for (prompt, want) in prompts.iter().zip(&padded) {
+            let got = fixed.encode(prompt.as_str(), true).expect("encodes");
+            assert_eq!(got.get_ids(), want.as_slice(), "{prompt:?} padded to 77");
+        }
+    }
+    eprintln!(
+        "CLIP BPE from vocab.json + merges.txt: {} prompts, ids equal",
+        prompts.len()
+    );
+    let missing = tempfile::tempdir().expect("tmp");
+    std::fs::copy(dir.join("vocab.json"), missing.path().join("vocab.json")).expect("copy");
+    let e = load_clip_tokenizer(missing.path()).expect_err("no merges").to_string();
+    assert!(e.contains("merges.txt"), "{e}");
+}

@@ -292,7 +292,7 @@ impl ClipEmbedder {
                 cfg.text.projection_dim, cfg.vision.projection_dim
             ))));
         }
-        let mut tok = hf::load_tokenizer(tokenizer)?;
+        let mut tok = hf::load_clip_tokenizer(tokenizer)?;
         let eot_id = hf::token_id(&tok, CLIP_EOT, tokenizer)?;
         let tok_err = |e: tokenizers::Error| LoadError::Tokenizer {
             path: tokenizer.to_path_buf(),

@@ -52,8 +52,14 @@ fn tokenize(tokenizer: &Tokenizer, path: &Path, prompts: &[&str], device: &Devic
     Ok(Tensor::from_vec(ids, (prompts.len(), len), device)?)
 }
 
-/// `tokenizer` set to truncate and pad every text to exactly `max_tokens` with `pad`.
-fn fixed_length(mut tokenizer: Tokenizer, max_tokens: usize, pad: &str, path: &Path) -> Result<Tokenizer, LoadError> {
+/// `tokenizer` set to truncate and pad every text to exactly `max_tokens` with `pad` (HFEmbedder's
+/// `padding="max_length", truncation=True`: truncation keeps the end token).
+pub fn fixed_length(
+    mut tokenizer: Tokenizer,
+    max_tokens: usize,
+    pad: &str,
+    path: &Path,
+) -> Result<Tokenizer, LoadError> {
     let pad_id = hf::token_id(&tokenizer, pad, path)?;
     tokenizer
         .with_truncation(Some(TruncationParams {
@@ -178,7 +184,7 @@ impl ClipTextEncoder {
             ckpt.vb.pp("text_model")
         };
         let model = ClipTextTransformer::new(vb, cfg).map_err(|e| ckpt.model_err(e))?;
-        let raw = hf::load_tokenizer(tokenizer)?;
+        let raw = hf::load_clip_tokenizer(tokenizer)?;
         let eot_id = hf::token_id(&raw, CLIP_EOT, tokenizer)?;
         let tok = fixed_length(raw, cfg.max_position_embeddings, CLIP_EOT, tokenizer)?;
         Ok(Self {

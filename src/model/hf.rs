@@ -124,6 +124,98 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer, LoadError> {
     })
 }
 
+use super::flux_text::CLIP_EOT;
+/// CLIP's start-of-text token.
+const CLIP_SOT: &str = "<|startoftext|>";
+
+/// CLIP's byte-level BPE tokenizer from `vocab.json` + `merges.txt` (the `tokenizer/` folder of FLUX.1, which
+/// has no `tokenizer.json`), built exactly as transformers' `CLIPTokenizer` builds it from those two files: NFC,
+/// whitespace runs → one space, lower case; split into CLIP's word / digit / punctuation pieces; byte-level;
+/// BPE with the `</w>` end-of-word suffix; `<|startoftext|> … <|endoftext|>` around each text.
+pub fn clip_bpe_tokenizer(vocab: &Path, merges: &Path) -> Result<Tokenizer, LoadError> {
+    use tokenizers::models::bpe::BPE;
+    use tokenizers::normalizers::{Lowercase, NFC, Replace, Sequence as NormSeq};
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    use tokenizers::pre_tokenizers::sequence::Sequence as PreSeq;
+    use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+    use tokenizers::processors::roberta::RobertaProcessing;
+    use tokenizers::{AddedToken, SplitDelimiterBehavior};
+    let fail = |path: &Path, message: String| LoadError::Tokenizer {
+        path: path.to_path_buf(),
+        message,
+    };
+    let (Some(v), Some(m)) = (vocab.to_str(), merges.to_str()) else {
+        return Err(fail(vocab, "the path is not UTF-8".into()));
+    };
+    let bpe = BPE::from_file(v, m)
+        .continuing_subword_prefix(String::new())
+        .end_of_word_suffix("</w>".into())
+        .unk_token(CLIP_EOT.into())
+        .build()
+        .map_err(|e| fail(vocab, format!("with {}: {e}", merges.display())))?;
+    let mut tok = Tokenizer::new(bpe);
+    let replace = Replace::new(
+        tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()),
+        " ",
+    )
+    .map_err(|e| fail(vocab, e.to_string()))?;
+    tok.with_normalizer(Some(NormSeq::new(vec![NFC.into(), replace.into(), Lowercase.into()])))
+        .map_err(|e| fail(vocab, e.to_string()))?;
+    let split = Split::new(
+        SplitPattern::Regex(
+            r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+".into(),
+        ),
+        SplitDelimiterBehavior::Removed,
+        true,
+    )
+    .map_err(|e| fail(vocab, e.to_string()))?;
+    tok.with_pre_tokenizer(Some(PreSeq::new(vec![
+        split.into(),
+        ByteLevel::new(false, true, true).into(),
+    ])));
+    tok.with_decoder(Some(ByteLevel::default()));
+    tok.add_special_tokens([AddedToken::from(CLIP_SOT, true), AddedToken::from(CLIP_EOT, true)])
+        .map_err(|e| fail(vocab, e.to_string()))?;
+    let sot = token_id(&tok, CLIP_SOT, vocab)?;
+    let eot = token_id(&tok, CLIP_EOT, vocab)?;
+    tok.with_post_processor(Some(
+        RobertaProcessing::new((CLIP_EOT.into(), eot), (CLIP_SOT.into(), sot))
+            .trim_offsets(false)
+            .add_prefix_space(false),
+    ));
+    Ok(tok)
+}
+
+/// CLIP's tokenizer at `path`: a `tokenizer.json`, or a folder holding one, or a folder (or its `vocab.json`) with
+/// `vocab.json` + `merges.txt` as FLUX.1's `tokenizer/` ([`clip_bpe_tokenizer`]).
+pub fn load_clip_tokenizer(path: &Path) -> Result<Tokenizer, LoadError> {
+    let dir = if path.is_dir() {
+        Some(path)
+    } else if path.file_name().is_some_and(|n| n == "vocab.json") {
+        path.parent()
+    } else {
+        None
+    };
+    match dir {
+        Some(d) if d.join("tokenizer.json").is_file() => load_tokenizer(&d.join("tokenizer.json")),
+        Some(d) => {
+            let (vocab, merges) = (d.join("vocab.json"), d.join("merges.txt"));
+            for f in [&vocab, &merges] {
+                if !f.is_file() {
+                    return Err(LoadError::Tokenizer {
+                        path: f.clone(),
+                        message: "not found: a CLIP tokenizer folder holds tokenizer.json, or vocab.json + \
+                                  merges.txt"
+                            .into(),
+                    });
+                }
+            }
+            clip_bpe_tokenizer(&vocab, &merges)
+        }
+        None => load_tokenizer(path),
+    }
+}
+
 /// The id of `token` in `tokenizer`, or an error naming the file and the token.
 pub fn token_id(tokenizer: &Tokenizer, token: &str, path: &Path) -> Result<u32, LoadError> {
     tokenizer.token_to_id(token).ok_or_else(|| LoadError::Tokenizer {

@@ -35,7 +35,10 @@ pub const FLUX_FOLDER_LAYOUT: [(&str, &str); 6] = [
     ("t5", "text_encoder_2/ (config.json + *.safetensors)"),
     ("t5_tokenizer", "tokenizer_2/tokenizer.json"),
     ("clip", "text_encoder/ (config.json + *.safetensors)"),
-    ("clip_tokenizer", "tokenizer/tokenizer.json"),
+    (
+        "clip_tokenizer",
+        "tokenizer/ (vocab.json + merges.txt, or tokenizer.json)",
+    ),
 ];
 
 /// T5 tokens per prompt of FLUX.1-schnell (FLUX.1-dev uses 512).
@@ -75,7 +78,7 @@ pub fn read_profile(path: &Path) -> Result<ModelSettings, BackboneError> {
 }
 
 /// The profile of a FLUX.1 folder as downloaded: `flux1-dev.safetensors` (or `flux1-schnell.safetensors`, or the
-/// only other `*.safetensors` at the top), `ae.safetensors`, `text_encoder/` + `tokenizer/tokenizer.json` (CLIP),
+/// only other `*.safetensors` at the top), `ae.safetensors`, `text_encoder/` + `tokenizer/` (CLIP: `vocab.json` + `merges.txt` as downloaded),
 /// `text_encoder_2/` + `tokenizer_2/tokenizer.json` (T5); 512 px references. Every part is named whether it
 /// exists or not, so that [`missing_files`] reports all that are absent.
 pub fn flux_folder_profile(folder: &Path) -> Result<ModelSettings, BackboneError> {
@@ -140,7 +143,7 @@ pub fn flux_folder_profile(folder: &Path) -> Result<ModelSettings, BackboneError
             crate::model::flux_text::FLUX_T5_TOKENS
         },
         clip: part("text_encoder"),
-        clip_tokenizer: part("tokenizer/tokenizer.json"),
+        clip_tokenizer: part("tokenizer"),
         reference_px: 512,
         ..ModelSettings::default()
     })
@@ -166,17 +169,19 @@ pub fn missing_files(settings: &ModelSettings) -> Vec<String> {
     check("t5", settings.t5.as_deref(), "");
     check("t5_tokenizer", settings.t5_tokenizer.as_deref(), "");
     check("clip", settings.clip.as_deref(), "");
-    let clip_hint = settings
-        .clip_tokenizer
-        .as_deref()
-        .and_then(Path::parent)
-        .filter(|dir| dir.join("vocab.json").is_file())
-        .map_or(String::new(), |_| {
-            "; FLUX.1's tokenizer/ folder has only vocab.json + merges.txt: put the tokenizer.json of \
-             openai/clip-vit-large-patch14 (the same tokenizer) there, or set clip_tokenizer in a TOML profile"
-                .to_string()
-        });
-    check("clip_tokenizer", settings.clip_tokenizer.as_deref(), &clip_hint);
+    if let Some(p) = settings.clip_tokenizer.as_deref() {
+        let folder_lacks = p.is_dir()
+            && !p.join("tokenizer.json").is_file()
+            && !(p.join("vocab.json").is_file() && p.join("merges.txt").is_file());
+        if folder_lacks {
+            missing.push(format!(
+                "clip_tokenizer = {} (a CLIP tokenizer folder holds tokenizer.json, or vocab.json + merges.txt)",
+                p.display()
+            ));
+        } else {
+            check("clip_tokenizer", Some(p), "");
+        }
+    }
     missing
 }
 
@@ -289,10 +294,13 @@ mod tests {
         let missing = missing_files(&s);
         assert_eq!(missing.len(), 1, "{missing:?}");
         assert!(
-            missing[0].contains("clip_tokenizer") && missing[0].contains("openai/clip-vit-large-patch14"),
+            missing[0].contains("clip_tokenizer") && missing[0].contains("vocab.json + merges.txt"),
             "{missing:?}"
         );
         let e = s.load_base(&candle_core::Device::Cpu).expect_err("missing").to_string();
         assert!(e.contains("nothing was loaded") && e.contains("clip_tokenizer"), "{e}");
+        // FLUX.1's tokenizer/ as downloaded: vocab.json + merges.txt, no tokenizer.json.
+        std::fs::write(f.join("tokenizer/merges.txt"), b"#version: 0.2\n").expect("write");
+        assert!(missing_files(&s).is_empty(), "{:?}", missing_files(&s));
     }
 }

@@ -197,6 +197,7 @@ pub struct StudioApp {
     experiments: experiments::ExperimentsPanel,
     frame_times: frame_time::FrameTimes,
     frame_stats_printed: Option<Instant>,
+    loading: Option<worker::BackboneLoading>,
 }
 
 impl StudioApp {
@@ -270,6 +271,7 @@ impl StudioApp {
             training,
             experiments,
             frame_times: frame_time::FrameTimes::default(),
+            loading: None,
             frame_stats_printed: None,
         };
         app.open_dataset(dataset_dir);
@@ -485,6 +487,7 @@ impl StudioApp {
                     self.worker.send(Command::SetAttention(choice));
                 }
             }
+            Reply::Loading(loading) => self.loading = loading,
             Reply::DatasetOpened(summary) => self.dataset_opened(summary),
             Reply::ItemChecked {
                 root,
@@ -747,8 +750,12 @@ impl StudioApp {
             });
             match &self.base {
                 Some((backbone, _)) => ui.label(format!("backbone: {}", backbone_label(backbone))),
-                None => ui.label("backbone: loading…"),
+                None if self.loading.is_none() => ui.label("backbone: loading…"),
+                None => ui.label("backbone:"),
             };
+            if let Some(loading) = &self.loading {
+                loading_bar(ui, &loading.label, &loading.progress);
+            }
         });
     }
 
@@ -816,6 +823,34 @@ impl StudioApp {
             self.frame_stats_printed = Some(now);
         }
     }
+}
+
+/// The progress bar of a backbone being loaded: bytes read of the total, and the part being read. Repaints
+/// while shown (the model thread only moves the counters).
+fn loading_bar(ui: &mut egui::Ui, label: &str, progress: &crate::model::weights::LoadProgress) {
+    let snap = progress.snapshot();
+    let gb = |b: u64| b as f64 / 1e9;
+    let (fraction, numbers) = if snap.total > 0 {
+        let f = (snap.read as f64 / snap.total as f64).min(1.0);
+        (
+            f as f32,
+            format!("{:.0} % · {:.2} / {:.2} GB", f * 100.0, gb(snap.read), gb(snap.total)),
+        )
+    } else {
+        (0.0, format!("{:.2} GB", gb(snap.read)))
+    };
+    let part = if snap.part.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", snap.part)
+    };
+    ui.add(
+        egui::ProgressBar::new(fraction)
+            .desired_width(260.0)
+            .text(format!("{numbers}{part}")),
+    )
+    .on_hover_text(format!("loading {label}"));
+    ui.ctx().request_repaint_after(Duration::from_millis(100));
 }
 
 /// What a file dialog is for.

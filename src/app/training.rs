@@ -125,6 +125,8 @@ pub struct LiveRun {
     pub curves: Curves,
     /// State.
     pub status: RunStatus,
+    /// Bytes of the base read so far, while it loads.
+    pub loading: Option<std::sync::Arc<crate::model::weights::LoadProgress>>,
 }
 
 /// A run read back from disk.
@@ -249,11 +251,13 @@ impl TrainingPanel {
         if let Some(live) = &mut self.live {
             while let Ok(event) = live.session.events().try_recv() {
                 match event {
+                    Event::Loading(progress) => live.loading = Some(progress),
                     Event::Started {
                         start_step,
                         total_steps,
                         ..
                     } => {
+                        live.loading = None;
                         live.status = RunStatus::Running {
                             step: start_step,
                             total: total_steps,
@@ -342,6 +346,7 @@ impl TrainingPanel {
             dir,
             curves: Curves::default(),
             status: RunStatus::Starting,
+            loading: None,
         });
     }
 
@@ -509,7 +514,12 @@ fn form_ui(app: &mut StudioApp, ui: &mut egui::Ui) {
             }
             RunStatus::Failed { step, error } => format!("failed at step {step}: {error}"),
         };
-        ui.label(format!("{}: {text}", live.name));
+        ui.horizontal(|ui| {
+            ui.label(format!("{}: {text}", live.name));
+            if let (RunStatus::Starting, Some(progress)) = (&live.status, &live.loading) {
+                super::loading_bar(ui, "the run's base model", progress);
+            }
+        });
     }
 }
 

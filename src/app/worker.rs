@@ -57,6 +57,15 @@ pub enum Command {
     LoadBackbone(Box<ModelSettings>),
 }
 
+/// A backbone being loaded on the model thread.
+#[derive(Debug, Clone)]
+pub struct BackboneLoading {
+    /// Which one (`backbone_label`).
+    pub label: String,
+    /// Bytes read so far, of how many, and the part being read.
+    pub progress: Arc<crate::model::weights::LoadProgress>,
+}
+
 /// A summary of one item for the list.
 #[derive(Debug, Clone)]
 pub struct ItemSummary {
@@ -199,6 +208,9 @@ pub enum Reply {
         /// Shown in the window (e.g. the bundled base is missing and a random one is used).
         notice: Option<String>,
     },
+    /// A backbone started loading (with its progress, read from the UI while it loads), or finished (`None`,
+    /// loaded or not).
+    Loading(Option<BackboneLoading>),
     /// A dataset was opened.
     DatasetOpened(DatasetSummary),
     /// Background validation of one item: its problems (empty = valid) and winner thumbnail.
@@ -408,7 +420,14 @@ impl ModelThread {
             notice = Some("bundled base missing: masks M_s use a random base (random:0)".to_string());
         }
         let device = backbone.device().map_err(|e| e.to_string())?;
-        let base = backbone.load_base(&device).map_err(|e| e.to_string())?;
+        let progress = Arc::new(crate::model::weights::LoadProgress::default());
+        self.notify.send(Reply::Loading(Some(BackboneLoading {
+            label: super::backbone_label(&backbone),
+            progress: progress.clone(),
+        })));
+        let loaded = crate::model::weights::track(&progress, || backbone.load_base(&device));
+        self.notify.send(Reply::Loading(None));
+        let base = loaded.map_err(|e| e.to_string())?;
         self.notify.send(Reply::BaseReady {
             backbone: Box::new(backbone.clone()),
             double_blocks: base.config().depth,

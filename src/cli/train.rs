@@ -116,13 +116,32 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     let bar = ProgressBar::hidden();
     let mut times = Vec::new();
     let mut last_loss = f32::NAN;
+    // Bytes of the base read while it loads (a real-size backbone takes minutes).
+    let mut loading: Option<(std::sync::Arc<focusdpo::model::weights::LoadProgress>, ProgressBar)> = None;
     loop {
         let event = match session.events().recv_timeout(Duration::from_millis(200)) {
             Ok(e) => e,
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if let Some((progress, bar)) = &loading {
+                    let snap = progress.snapshot();
+                    bar.set_length(snap.total.max(snap.read));
+                    bar.set_position(snap.read);
+                    bar.set_message(format!("loading the base: {}", snap.part));
+                }
+                continue;
+            }
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => bail!("the training thread ended unexpectedly"),
         };
         match event {
+            Event::Loading(progress) => {
+                if !args.plain {
+                    let bar = ProgressBar::new(0).with_style(
+                        ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes} [{elapsed_precise}]")
+                            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                    );
+                    loading = Some((progress, bar));
+                }
+            }
             Event::Started {
                 run_dir,
                 start_step,
@@ -130,6 +149,9 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
                 trainable,
                 items,
             } => {
+                if let Some((_, bar)) = loading.take() {
+                    bar.finish_and_clear();
+                }
                 eprintln!(
                     "run {}: {} items, {trainable} trainable LoRA parameters, steps {}..{total_steps}",
                     run_dir.display(),
@@ -200,6 +222,9 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
                 break;
             }
             Event::Failed { step, error } => {
+                if let Some((_, loading_bar)) = loading.take() {
+                    loading_bar.finish_and_clear();
+                }
                 bar.abandon();
                 session.join();
                 bail!(

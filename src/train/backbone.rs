@@ -245,7 +245,20 @@ mod tests {
             "T5 + CLIP attached"
         );
         settings.base_loras.push(BaseLora { path: lora, scale: 1.0 });
-        let merged = settings.load_base(&device).expect("loads with the LoRA");
+        // Every byte of every file is counted while it loads (what the Studio's progress bar shows).
+        let progress = std::sync::Arc::new(crate::model::weights::LoadProgress::default());
+        let merged =
+            crate::model::weights::track(&progress, || settings.load_base(&device)).expect("loads with the LoRA");
+        let snap = progress.snapshot();
+        let on_disk: u64 = settings
+            .weight_files()
+            .iter()
+            .map(|p| crate::model::weights::weight_bytes(p))
+            .sum();
+        assert_eq!(settings.weight_files().len(), 5, "transformer, LoRA, AE, T5, CLIP");
+        assert!(on_disk > 0);
+        assert_eq!((snap.read, snap.total), (on_disk, on_disk));
+        assert_eq!(snap.part, "T5 and CLIP text encoders");
         let w = |b: &crate::model::BaseModel| {
             b.mmdit
                 .named_tensors()

@@ -241,20 +241,45 @@ impl ModelSettings {
         if !missing.is_empty() {
             return Err(BaseError::MissingFiles(missing));
         }
+        use crate::model::weights::{count_read, loading_part, tracked, weight_bytes};
+        if let Some(progress) = tracked() {
+            progress.set_total(self.weight_files().iter().map(|p| weight_bytes(p)).sum());
+        }
+        loading_part("transformer");
         let mut base = BaseModel::load(&self.base, device)?;
         for lora in &self.base_loras {
+            loading_part(&format!("base LoRA {}", lora.path.display()));
             base = base.with_base_lora(&lora.path, lora.scale)?;
+            count_read(weight_bytes(&lora.path));
         }
         base.train_guidance = self.guidance;
         if let Some(ae) = &self.autoencoder {
+            loading_part("autoencoder");
             base = base.with_autoencoder(ae)?;
         }
         if let (Some(t5), Some(t5_tok), Some(clip), Some(clip_tok)) =
             (&self.t5, &self.t5_tokenizer, &self.clip, &self.clip_tokenizer)
         {
+            loading_part("T5 and CLIP text encoders");
             base = base.with_text_encoders((t5, t5_tok), self.t5_max_tokens, (clip, clip_tok))?;
         }
         Ok(base)
+    }
+
+    /// The weight files (or folders of shards) [`Self::load_base`] reads.
+    pub fn weight_files(&self) -> Vec<std::path::PathBuf> {
+        let mut files = match &self.base {
+            BaseSource::Bundled => vec![crate::model::base::bundled_base_path()],
+            BaseSource::File(p) => vec![p.clone()],
+            BaseSource::Random(_) => Vec::new(),
+        };
+        files.extend(self.base_loras.iter().map(|l| l.path.clone()));
+        files.extend(self.autoencoder.iter().cloned());
+        if self.t5_tokenizer.is_some() && self.clip_tokenizer.is_some() {
+            files.extend(self.t5.iter().cloned());
+            files.extend(self.clip.iter().cloned());
+        }
+        files
     }
 }
 

@@ -654,6 +654,8 @@ pub fn load_run_lora(
 /// Progress of a run, sent from the worker.
 #[derive(Debug, Clone)]
 pub enum Event {
+    /// The base model is being loaded: bytes read so far (moves until [`Event::Started`]).
+    Loading(Arc<crate::model::weights::LoadProgress>),
     /// Data and model are ready.
     Started {
         /// The run folder.
@@ -856,7 +858,11 @@ fn run_worker(
     let device = cfg.model.device()?;
     let base = match options.base {
         Some(b) => b,
-        None => cfg.model.load_base(&device)?,
+        None => {
+            let progress = Arc::new(crate::model::weights::LoadProgress::default());
+            let _ = tx.send(Event::Loading(progress.clone()));
+            crate::model::weights::track(&progress, || cfg.model.load_base(&device))?
+        }
     };
     let data = match load_training_data(&cfg, &base, &device, Some(store.dir())) {
         Ok(d) => d,

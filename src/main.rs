@@ -16,6 +16,23 @@ fn quiet_on_closed_pipe() {
     }
 }
 
+/// The error and its causes on one line, like anyhow's `{:#}`, but without a cause whose text the message already
+/// holds (our errors name their file and include the OS error, which is also their `source`).
+fn report(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 fn main() -> ExitCode {
     quiet_on_closed_pipe();
     focusdpo::alloc::tune_for_tensors();
@@ -23,7 +40,7 @@ fn main() -> ExitCode {
     match cli::run(args) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", report(&e));
             ExitCode::FAILURE
         }
     }

@@ -6,9 +6,11 @@
 //! - [`pipeline`]: glue from a loaded dataset item to its token-grid masks.
 //! - [`experiment`]: ablation plans in the seeds' Markdown format and their mapping onto run-config knobs.
 //! - [`store`]: atomic writes, safetensors and PNG export.
-//! - [`app`]: the Studio window (eframe/egui); it only draws and sends commands to worker threads.
+//! - `app` (the `gui` feature, on by default): the Studio window (eframe/egui); it only draws and sends commands to
+//!   worker threads.
 
 pub mod alloc;
+#[cfg(feature = "gui")]
 pub mod app;
 pub mod dip;
 pub mod eval;

@@ -53,23 +53,37 @@ enum Command {
     ExportLora(export::ExportArgs),
 }
 
+/// Opens the Studio window.
+#[cfg(feature = "gui")]
+fn studio(cli: &Cli) -> anyhow::Result<ExitCode> {
+    let backbone = match &cli.backbone {
+        Some(p) => Some(
+            focusdpo::train::backbone::read_profile(p).map_err(|e| anyhow::anyhow!("--backbone {}: {e}", p.display()))?,
+        ),
+        None => None,
+    };
+    let options = focusdpo::app::StudioOptions {
+        backbone,
+        dataset: cli.data.clone(),
+        frame_stats_to_stderr: std::env::var_os("FOCUSDPO_FRAME_STATS").is_some_and(|v| v != "0" && !v.is_empty()),
+        ..focusdpo::app::StudioOptions::default()
+    };
+    focusdpo::app::run(options).map(|()| ExitCode::SUCCESS)
+}
+
+/// A headless build has no window: say so and how to proceed.
+#[cfg(not(feature = "gui"))]
+fn studio(_cli: &Cli) -> anyhow::Result<ExitCode> {
+    anyhow::bail!(
+        "this focusdpo was built without the Studio (cargo's `gui` feature is off): run a command (focusdpo --help \
+         lists them), or rebuild with default features for the window"
+    )
+}
+
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let Some(command) = cli.command else {
-        let backbone = match &cli.backbone {
-            Some(p) => Some(
-                focusdpo::train::backbone::read_profile(p)
-                    .map_err(|e| anyhow::anyhow!("--backbone {}: {e}", p.display()))?,
-            ),
-            None => None,
-        };
-        let options = focusdpo::app::StudioOptions {
-            backbone,
-            dataset: cli.data.clone(),
-            frame_stats_to_stderr: std::env::var_os("FOCUSDPO_FRAME_STATS").is_some_and(|v| v != "0" && !v.is_empty()),
-            ..focusdpo::app::StudioOptions::default()
-        };
-        return focusdpo::app::run(options).map(|()| ExitCode::SUCCESS);
+        return studio(&cli);
     };
     match command {
         Command::Dip(cmd) => dip::run(cmd),

@@ -58,7 +58,8 @@ enum Command {
 fn studio(cli: &Cli) -> anyhow::Result<ExitCode> {
     let backbone = match &cli.backbone {
         Some(p) => Some(
-            focusdpo::train::backbone::read_profile(p).map_err(|e| anyhow::anyhow!("--backbone {}: {e}", p.display()))?,
+            focusdpo::train::backbone::read_profile(p)
+                .map_err(|e| anyhow::anyhow!("--backbone {}: {e}", p.display()))?,
         ),
         None => None,
     };

@@ -22,7 +22,7 @@ use super::flux_text::{ClipTextEncoder, FluxTextEncoders, T5TextEncoder, TextCon
 use super::hf::LoadError;
 use super::mmdit::{Mmdit, ModelError};
 use super::text::{PromptEncoder, random_prompt_tables};
-use super::weights::{WeightsError, read_header, tensor_shapes, var_builder};
+use super::weights::{WeightDtype, WeightsError, read_header, tensor_shapes, var_builder};
 use super::xflux_lora::{BaseLoraPiece, is_xflux_lora, read_xflux_lora};
 use super::{Config, testing};
 
@@ -316,25 +316,35 @@ impl BaseModel {
             .transpose()
     }
 
-    /// Loads a base from `source` on `device` (random bases use the tiny config and patch 4).
+    /// Loads a base from `source` on `device` (random bases use the tiny config and patch 4), in f32.
     pub fn load(source: &BaseSource, device: &Device) -> Result<Self, BaseError> {
+        Self::load_as(source, device, WeightDtype::F32)
+    }
+
+    /// Loads a base from `source` on `device` with its frozen weights held in `dtype`.
+    pub fn load_as(source: &BaseSource, device: &Device, dtype: WeightDtype) -> Result<Self, BaseError> {
         match source {
             BaseSource::Bundled => {
                 let path = bundled_base_path();
                 if !path.is_file() {
                     return Err(BaseError::NoBundled(path));
                 }
-                let mut base = Self::load_file(&path, device)?;
+                let mut base = Self::load_file_as(&path, device, dtype)?;
                 base.source = BaseSource::Bundled;
                 Ok(base)
             }
             BaseSource::Random(seed) => {
-                Self::random(&Config::tiny(), 4, *seed, device).map_err(|source| BaseError::Model {
+                let model_err = |source| BaseError::Model {
                     path: PathBuf::from(source_name(*seed)),
                     source,
-                })
+                };
+                let mut base = Self::random(&Config::tiny(), 4, *seed, device).map_err(model_err)?;
+                base.mmdit
+                    .narrow_weights(dtype.dtype())
+                    .map_err(|e| model_err(ModelError::Weights(e)))?;
+                Ok(base)
             }
-            BaseSource::File(path) => Self::load_file(path, device),
+            BaseSource::File(path) => Self::load_file_as(path, device, dtype),
         }
     }
 
@@ -368,7 +378,12 @@ impl BaseModel {
     ) -> Result<Self, ModelError> {
         let mmdit = Mmdit::new(cfg, vb.clone())?;
         let prompt = if vb.contains_tensor("prompt_embed.token.weight") {
-            Some(PromptEncoder::load(cfg.context_in_dim, cfg.vec_in_dim, vb)?)
+            // The learned prompt tables are small and feed the f32 activations: always f32.
+            Some(PromptEncoder::load(
+                cfg.context_in_dim,
+                cfg.vec_in_dim,
+                vb.set_dtype(DType::F32),
+            )?)
         } else {
             None
         };
@@ -385,6 +400,11 @@ impl BaseModel {
 
     /// Loads a safetensors file: config and patch from its metadata, FLUX.1-dev (patch 2 on VAE latents) without.
     pub fn load_file(path: &Path, device: &Device) -> Result<Self, BaseError> {
+        Self::load_file_as(path, device, WeightDtype::F32)
+    }
+
+    /// [`Self::load_file`] with the frozen weights held in `dtype` (converted as they are read).
+    pub fn load_file_as(path: &Path, device: &Device, dtype: WeightDtype) -> Result<Self, BaseError> {
         let FileLayout {
             config: cfg,
             prefix,
@@ -394,7 +414,7 @@ impl BaseModel {
             path: path.to_path_buf(),
             source,
         };
-        let vb = var_builder(&[path.to_path_buf()], DType::F32, device).map_err(|e| match e {
+        let vb = var_builder(&[path.to_path_buf()], dtype.dtype(), device).map_err(|e| match e {
             WeightsError::Io { path, source } => BaseError::Io { path, source },
             WeightsError::Format { source, .. } => model_err(ModelError::Weights(source)),
             other => BaseError::Format {

@@ -5,7 +5,7 @@
 //! plain frozen weight (a mmapped tensor, not a `Var`), the adapter sits beside it, and each forward says whether
 //! the adapter is applied ([`Adapters`]). The reference model of DPO is the same layers with adapters off.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::lora::LoraAdapter;
@@ -73,9 +73,11 @@ impl Linear {
     /// Loads `weight` [out_dim, in_dim] and, if `with_bias`, `bias` [out_dim] from `vb`; a missing or mis-shaped
     /// tensor is an error that names it.
     pub fn load(in_dim: usize, out_dim: usize, with_bias: bool, vb: VarBuilder) -> Result<Self> {
+        // The weight stays in the builder's dtype (bf16/f16 halve a frozen base); the bias is small and is kept
+        // in f32 with the activations.
         let weight = vb.get((out_dim, in_dim), "weight")?;
         let bias = if with_bias {
-            Some(vb.get(out_dim, "bias")?)
+            Some(vb.get(out_dim, "bias")?.to_dtype(DType::F32)?)
         } else {
             None
         };
@@ -110,6 +112,12 @@ impl Linear {
         Ok(())
     }
 
+    /// Converts the (frozen) weight to `dtype`.
+    pub fn set_weight_dtype(&mut self, dtype: DType) -> Result<()> {
+        self.weight = self.weight.to_dtype(dtype)?;
+        Ok(())
+    }
+
     /// The weight, [out, in].
     pub fn weight(&self) -> &Tensor {
         &self.weight
@@ -139,12 +147,27 @@ impl Linear {
             (Some(ad), Some(b)) => Some((ad.a.as_tensor(), b, ad.scale)),
             _ => None,
         };
-        if let Some(y) = super::ops::fused_linear(&x2, &self.weight, self.bias.as_ref(), lora) {
+        // A narrow frozen weight (bf16/f16): on the CPU, whose GEMMs are f32, it is widened for this product only
+        // (one layer at a time, so the stored base stays narrow); elsewhere the product runs in the weight's dtype,
+        // as autocast does, and comes back in the activations' dtype.
+        let narrow = self.weight.dtype() != x2.dtype();
+        let widened;
+        let weight = if narrow && x2.device().is_cpu() {
+            widened = self.weight.to_dtype(x2.dtype())?;
+            &widened
+        } else {
+            &self.weight
+        };
+        if let Some(y) = super::ops::fused_linear(&x2, weight, self.bias.as_ref(), lora) {
             let mut out_shape = lead.to_vec();
             out_shape.push(self.weight.dim(0)?);
             return y?.reshape(out_shape);
         }
-        let y = super::ops::frozen_matmul_t(&x2, &self.weight)?;
+        let y = if weight.dtype() != x2.dtype() {
+            super::ops::frozen_matmul_t(&x2.to_dtype(weight.dtype())?, weight)?.to_dtype(x2.dtype())?
+        } else {
+            super::ops::frozen_matmul_t(&x2, weight)?
+        };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,

@@ -8,7 +8,7 @@
 //! silently stop gradients, so softmax goes through `candle_nn::ops::softmax`, the norms are written from
 //! elementary ops and attention is computed explicitly.
 
-use candle_core::{D, Device, Result, Tensor};
+use candle_core::{D, DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use thiserror::Error;
 
@@ -142,8 +142,8 @@ struct QkNorm {
 impl QkNorm {
     fn load(head_dim: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            query_scale: vb.get(head_dim, "query_norm.scale")?,
-            key_scale: vb.get(head_dim, "key_norm.scale")?,
+            query_scale: vb.get(head_dim, "query_norm.scale")?.to_dtype(DType::F32)?,
+            key_scale: vb.get(head_dim, "key_norm.scale")?.to_dtype(DType::F32)?,
             path: vb.prefix(),
         })
     }
@@ -557,6 +557,20 @@ impl Mmdit {
         }
         out.extend([&mut self.final_layer.ada_ln, &mut self.final_layer.linear]);
         out
+    }
+
+    /// Holds every linear weight in `dtype` (bf16/f16 halve the frozen base; `model.dtype`). Biases, norm scales and
+    /// LoRA adapters stay f32.
+    pub fn narrow_weights(&mut self, dtype: DType) -> Result<()> {
+        for linear in self.linears_mut() {
+            linear.set_weight_dtype(dtype)?;
+        }
+        Ok(())
+    }
+
+    /// The dtype the linear weights are held in.
+    pub fn weight_dtype(&self) -> DType {
+        self.img_in.weight().dtype()
     }
 
     /// Merges frozen low-rank updates (a base LoRA such as UNO's, [`super::xflux_lora`]) into the weights they
@@ -1180,6 +1194,42 @@ mod tests {
             target_ids(2, 2),
             vec![[0., 0., 0.], [0., 0., 1.], [0., 1., 0.], [0., 1., 1.]]
         );
+    }
+
+    /// A base held in bf16 / f16 (`model.dtype`) forwards like the f32 one within the precision of its weights
+    /// (documented in docs/training.md), with adapters on; gradients still reach every adapter.
+    #[test]
+    fn narrow_weight_dtypes_forward_like_f32_and_train_their_adapters() -> Result<()> {
+        let cfg = Config::tiny();
+        let dev = Device::Cpu;
+        let weights = crate::model::testing::random_weights(&cfg, 5, &dev)?;
+        let mut f32_model = Mmdit::new(&cfg, VarBuilder::from_tensors(weights, DType::F32, &dev)).expect("model");
+        let lora = crate::model::lora::LoraSet::for_model(crate::model::lora::LoraConfig::default(), &cfg, &dev)
+            .expect("lora");
+        for (i, (_, ad)) in lora.iter().enumerate() {
+            ad.b.set(&random_tensor(ad.b.dims(), 0.05, 3000 + i as u64, &dev)?)?;
+        }
+        f32_model.attach_lora(&lora)?;
+        let inputs = Inputs::new(&cfg, 1, 8, 1, SEED)?;
+        let want = inputs
+            .run(&f32_model, &inputs.img, ForwardOptions::default())?
+            .prediction;
+        for (dtype, tolerance) in [(DType::BF16, 1e-2), (DType::F16, 1e-3)] {
+            let mut narrow = f32_model.clone();
+            narrow.narrow_weights(dtype)?;
+            assert_eq!(narrow.weight_dtype(), dtype);
+            let got = inputs.run(&narrow, &inputs.img, ForwardOptions::default())?.prediction;
+            assert_eq!(got.dtype(), DType::F32, "activations stay f32");
+            let err = max_rel_diff(&got, &want)?;
+            eprintln!("{dtype:?} weights vs f32: max relative error {err:e}");
+            assert!(err <= tolerance, "{dtype:?}: {err}");
+            let grads = got.sqr()?.sum_all()?.backward()?;
+            for (path, ad) in lora.iter() {
+                let g = grads.get(ad.b.as_tensor()).expect("a gradient for every adapter");
+                assert_eq!(g.dtype(), DType::F32, "{path}");
+            }
+        }
+        Ok(())
     }
 
     fn max_rel_diff(a: &Tensor, b: &Tensor) -> Result<f32> {

@@ -12,6 +12,59 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::VarBuilder;
 use candle_nn::var_builder::SimpleBackend;
 
+/// The dtype a frozen base is held in (`model.dtype`): f32 (the tiny default), or bf16 / f16, which halve the
+/// memory of the weights. LoRA weights, optimiser state, activations, masks and the loss stay f32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightDtype {
+    /// 4 bytes a weight.
+    #[default]
+    F32,
+    /// bfloat16: 2 bytes, f32's range (FLUX.1-dev's own dtype).
+    Bf16,
+    /// IEEE half: 2 bytes, range ±65504.
+    F16,
+}
+
+impl WeightDtype {
+    /// The candle dtype.
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::Bf16 => DType::BF16,
+            Self::F16 => DType::F16,
+        }
+    }
+
+    /// Bytes per weight.
+    pub fn bytes(self) -> usize {
+        self.dtype().size_in_bytes()
+    }
+}
+
+impl std::fmt::Display for WeightDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::F16 => "f16",
+        })
+    }
+}
+
+impl std::str::FromStr for WeightDtype {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Ok(Self::F32),
+            "bf16" | "bfloat16" => Ok(Self::Bf16),
+            "f16" | "float16" | "half" => Ok(Self::F16),
+            other => Err(format!("`{other}` is not a weight dtype: use f32, bf16 or f16")),
+        }
+    }
+}
+
 /// Files up to this size are read into memory; larger ones (and shards) are memory-mapped.
 const BUFFERED_MAX_BYTES: u64 = 1 << 30;
 

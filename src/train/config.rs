@@ -122,6 +122,9 @@ pub struct ModelSettings {
     pub reference_px: u32,
     /// `cpu`, `cuda` or `cuda:N` (CUDA needs a build with the `cuda` feature).
     pub device: String,
+    /// The dtype the transformer's frozen weights are held in: `f32` (default), `bf16` or `f16` (half the
+    /// memory; LoRA, optimiser state, activations, masks and the loss stay f32).
+    pub dtype: crate::model::weights::WeightDtype,
     /// FLUX autoencoder `ae.safetensors` (BFL naming): images are encoded with it instead of pixel-unshuffled.
     pub autoencoder: Option<PathBuf>,
     /// T5 encoder for FLUX's `txt`: a safetensors file (T5 v1.1 XXL sizes) or a folder with `config.json` and
@@ -148,6 +151,7 @@ impl Default for ModelSettings {
             base_loras: Vec::new(),
             reference_px: 32,
             device: "cpu".into(),
+            dtype: crate::model::weights::WeightDtype::F32,
             autoencoder: None,
             t5: None,
             t5_tokenizer: None,
@@ -246,7 +250,7 @@ impl ModelSettings {
             progress.set_total(self.weight_files().iter().map(|p| weight_bytes(p)).sum());
         }
         loading_part("transformer");
-        let mut base = BaseModel::load(&self.base, device)?;
+        let mut base = BaseModel::load_as(&self.base, device, self.dtype)?;
         for lora in &self.base_loras {
             loading_part(&format!("base LoRA {}", lora.path.display()));
             base = base.with_base_lora(&lora.path, lora.scale)?;

@@ -167,16 +167,14 @@ fn split_qkv(qkv: &Tensor, num_heads: usize, norm: &QkNorm) -> Result<(Tensor, T
     Ok((q, k, v))
 }
 
-/// Joint attention with RoPE, computed explicitly (q·kᵀ/√d → softmax → ·v) so that gradients flow; returns
-/// [B, L, H·head_dim].
+/// Joint attention with RoPE (q·kᵀ/√d → softmax → ·v, [`super::attention`]: explicit while small, O(L) memory
+/// beyond); returns [B, L, H·head_dim].
 fn attention(q: &Tensor, k: &Tensor, v: &Tensor, rope: &Rope) -> Result<Tensor> {
     let (b, h, l, d) = q.dims4()?;
-    // Scaling q (B·H·L·d values) instead of the scores (B·H·L·L) is the same product, cheaper.
-    let q = (rope.apply(q)? * (1.0 / (d as f64).sqrt()))?;
-    let k = rope.apply(k)?;
-    let scores = q.matmul(&k.t()?)?;
-    let probs = super::ops::softmax_last_dim(&scores)?;
-    probs.matmul(v)?.transpose(1, 2)?.reshape((b, l, h * d))
+    let (q, k) = (rope.apply(q)?, rope.apply(k)?);
+    super::attention::attention(&q, &k, v, 1.0 / (d as f64).sqrt())?
+        .transpose(1, 2)?
+        .reshape((b, l, h * d))
 }
 
 /// Attention half of a double-stream block for one stream: `qkv`, `norm`, `proj`.

@@ -1,5 +1,6 @@
 //! The backbone: one FLUX-format MMDiT for the tiny default and for FLUX.1/UNO, plus noise schedules.
 
+pub mod attention;
 pub mod base;
 pub mod codec;
 pub mod config;

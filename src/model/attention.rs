@@ -1,0 +1,493 @@
+//! Scaled dot-product attention `softmax(s·Q·Kᵀ)·V` over `[B, H, L, D]` tensors, in three implementations that
+//! give the same values and gradients:
+//!
+//! * **explicit**: the score matrix `[B, H, Lq, Lk]` is materialised (and kept for backward). Fastest at the tiny
+//!   default's sizes, where that matrix is a few MB.
+//! * **fused** (CPU, f32): FlashAttention-2's algorithm as one candle op with its own backward. Forward walks key
+//!   tiles with an online softmax (running max and sum per query row) and keeps only the output and each row's
+//!   log-sum-exp; backward recomputes each tile's probabilities from them. Memory is `O(L·D)`, not `O(L²)`: at
+//!   1024 px (65 536 tokens) the explicit scores of one head would take 16 GiB.
+//! * **chunked** (other devices and dtypes): the explicit form over query chunks, so a forward without gradients
+//!   holds one chunk's scores at a time (training on such devices keeps each chunk for backward; block
+//!   checkpointing bounds that to one block).
+//!
+//! [`attention`] picks: explicit while the scores are small ([`FUSED_MIN_SCORE_BYTES`]), else fused on the CPU
+//! and chunked elsewhere. `M_s` (Eq. 3) reads hidden states, never these maps, so it is the same whichever runs.
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+/// Score matrices up to this size (all batch rows and heads together) are materialised; above it the fused
+/// (CPU) or chunked (elsewhere) path runs.
+pub const FUSED_MIN_SCORE_BYTES: usize = 64 << 20;
+
+/// Query rows per tile of the fused kernel.
+const TILE_Q: usize = 64;
+/// Key rows per tile of the fused kernel.
+const TILE_K: usize = 128;
+
+/// Which implementation runs ([`attention`] chooses by size and device).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionImpl {
+    /// Materialised scores.
+    Explicit,
+    /// FlashAttention-style op (CPU, f32); other devices/dtypes fall back to [`AttentionImpl::Chunked`].
+    Fused,
+    /// Explicit over chunks of this many query rows.
+    Chunked(usize),
+}
+
+/// `softmax(scale·q·kᵀ)·v` for `q` [B, H, Lq, D], `k`/`v` [B, H, Lk, D], by the implementation that suits the
+/// size and device.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, h, lq, _) = q.dims4()?;
+    let lk = k.dim(2)?;
+    let score_bytes = b * h * lq * lk * q.dtype().size_in_bytes();
+    let imp = if score_bytes <= FUSED_MIN_SCORE_BYTES {
+        AttentionImpl::Explicit
+    } else {
+        AttentionImpl::Fused
+    };
+    attention_with(q, k, v, scale, imp)
+}
+
+/// Query rows per chunk so that one chunk's scores stay under [`FUSED_MIN_SCORE_BYTES`].
+fn chunk_rows(b: usize, h: usize, lk: usize, dtype: DType) -> usize {
+    (FUSED_MIN_SCORE_BYTES / (b * h * lk * dtype.size_in_bytes()).max(1)).max(1)
+}
+
+/// [`attention`] with a chosen implementation.
+pub fn attention_with(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, imp: AttentionImpl) -> Result<Tensor> {
+    let (b, h, lq, d) = q.dims4()?;
+    let (kb, kh, lk, kd) = k.dims4()?;
+    if (kb, kh, kd) != (b, h, d) || v.dims4()? != (b, h, lk, d) {
+        candle_core::bail!(
+            "attention: q {:?}, k {:?}, v {:?} do not fit [B, H, L, D]",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    match imp {
+        AttentionImpl::Explicit => explicit(q, k, v, scale),
+        AttentionImpl::Fused if q.device().is_cpu() && q.dtype() == DType::F32 => q.contiguous()?.apply_op3(
+            &k.contiguous()?,
+            &v.contiguous()?,
+            FlashAttention::new(scale, TILE_Q, TILE_K),
+        ),
+        AttentionImpl::Fused => attention_with(q, k, v, scale, AttentionImpl::Chunked(chunk_rows(b, h, lk, q.dtype()))),
+        AttentionImpl::Chunked(rows) => {
+            let rows = rows.max(1);
+            if rows >= lq {
+                return explicit(q, k, v, scale);
+            }
+            let mut parts = Vec::with_capacity(lq.div_ceil(rows));
+            let mut start = 0;
+            while start < lq {
+                let n = rows.min(lq - start);
+                parts.push(explicit(&q.narrow(2, start, n)?, k, v, scale)?);
+                start += n;
+            }
+            Tensor::cat(&parts, 2)
+        }
+    }
+}
+
+/// The materialised form: scores, softmax (our fused op, which keeps gradients), weighted values.
+fn explicit(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    // Scaling q (B·H·L·D values) instead of the scores (B·H·L·L) is the same product, cheaper.
+    let scores = (q * scale)?.matmul(&k.t()?)?;
+    let probs = super::ops::softmax_last_dim(&scores)?;
+    probs.matmul(v)
+}
+
+/// `c (+)= alpha · a · b` for row-major tiles given by (pointer offset, row stride, column stride): `a` [m, k],
+/// `b` [k, n], `c` [m, n]; the slices must cover every index the strides reach (checked).
+#[allow(clippy::too_many_arguments)]
+fn gemm_into(
+    (m, n, k): (usize, usize, usize),
+    c: &mut [f32],
+    (c_rs, c_cs): (usize, usize),
+    accumulate: bool,
+    a: &[f32],
+    (a_rs, a_cs): (usize, usize),
+    b: &[f32],
+    (b_rs, b_cs): (usize, usize),
+    alpha: f32,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(last(m, n, c_rs, c_cs) < c.len(), "gemm_into: c too short");
+    if k == 0 {
+        if !accumulate {
+            (0..m).for_each(|i| (0..n).for_each(|j| c[i * c_rs + j * c_cs] = 0.0));
+        }
+        return;
+    }
+    assert!(last(m, k, a_rs, a_cs) < a.len(), "gemm_into: a too short");
+    assert!(last(k, n, b_rs, b_cs) < b.len(), "gemm_into: b too short");
+    // SAFETY: the asserts above keep every index `gemm` reaches inside the three slices; `c` is borrowed mutably
+    // and does not alias `a` or `b`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            c_cs as isize,
+            c_rs as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            1.0,
+            alpha,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// The fused attention op: the forward keeps each query row's log-sum-exp for the backward.
+struct FlashAttention {
+    scale: f32,
+    tile_q: usize,
+    tile_k: usize,
+    /// `[B·H·Lq]` log-sum-exp of the scaled scores, written by the forward.
+    lse: Mutex<Vec<f32>>,
+}
+
+impl FlashAttention {
+    fn new(scale: f64, tile_q: usize, tile_k: usize) -> Self {
+        Self {
+            scale: scale as f32,
+            tile_q: tile_q.max(1),
+            tile_k: tile_k.max(1),
+            lse: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// One (batch, head): `o` [lq, d] and `lse` [lq] from `q` [lq, d], `k`/`v` [lk, d].
+    fn forward_head(&self, q: &[f32], k: &[f32], v: &[f32], d: usize, o: &mut [f32], lse: &mut [f32]) {
+        let (lq, lk) = (q.len() / d.max(1), k.len() / d.max(1));
+        let mut s = vec![0f32; self.tile_q * self.tile_k];
+        let mut acc = vec![0f32; self.tile_q * d];
+        let mut row_max = vec![0f32; self.tile_q];
+        let mut row_sum = vec![0f32; self.tile_q];
+        for q0 in (0..lq).step_by(self.tile_q) {
+            let r = self.tile_q.min(lq - q0);
+            row_max[..r].fill(f32::NEG_INFINITY);
+            row_sum[..r].fill(0.0);
+            acc[..r * d].fill(0.0);
+            let qt = &q[q0 * d..(q0 + r) * d];
+            for k0 in (0..lk).step_by(self.tile_k) {
+                let c = self.tile_k.min(lk - k0);
+                let kt = &k[k0 * d..(k0 + c) * d];
+                // s [r, c] = scale · q_tile · k_tileᵀ (k_tile read as [d, c]: row stride 1, column stride d).
+                gemm_into((r, c, d), &mut s, (c, 1), false, qt, (d, 1), kt, (1, d), self.scale);
+                for i in 0..r {
+                    let row = &mut s[i * c..(i + 1) * c];
+                    let tile_max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let new_max = row_max[i].max(tile_max);
+                    let correction = (row_max[i] - new_max).exp();
+                    let mut sum = 0f32;
+                    for x in row.iter_mut() {
+                        *x = (*x - new_max).exp();
+                        sum += *x;
+                    }
+                    row_sum[i] = row_sum[i] * correction + sum;
+                    row_max[i] = new_max;
+                    acc[i * d..(i + 1) * d].iter_mut().for_each(|a| *a *= correction);
+                }
+                // acc [r, d] += p [r, c] · v_tile [c, d]
+                gemm_into(
+                    (r, d, c),
+                    &mut acc,
+                    (d, 1),
+                    true,
+                    &s,
+                    (c, 1),
+                    &v[k0 * d..(k0 + c) * d],
+                    (d, 1),
+                    1.0,
+                );
+            }
+            for i in 0..r {
+                let inv = 1.0 / row_sum[i];
+                for (dst, a) in o[(q0 + i) * d..(q0 + i + 1) * d]
+                    .iter_mut()
+                    .zip(&acc[i * d..(i + 1) * d])
+                {
+                    *dst = a * inv;
+                }
+                lse[q0 + i] = row_max[i] + row_sum[i].ln();
+            }
+        }
+    }
+
+    /// One (batch, head): `dq`, `dk`, `dv` from the inputs, the output `o`, its gradient `go` and `lse`.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_head(
+        &self,
+        (q, k, v): (&[f32], &[f32], &[f32]),
+        o: &[f32],
+        go: &[f32],
+        lse: &[f32],
+        d: usize,
+        (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
+    ) {
+        let (lq, lk) = (q.len() / d.max(1), k.len() / d.max(1));
+        // delta_i = Σ_d go_id · o_id.
+        let delta: Vec<f32> = (0..lq)
+            .map(|i| {
+                go[i * d..(i + 1) * d]
+                    .iter()
+                    .zip(&o[i * d..(i + 1) * d])
+                    .map(|(a, b)| a * b)
+                    .sum()
+            })
+            .collect();
+        let mut p = vec![0f32; self.tile_q * self.tile_k];
+        let mut dp = vec![0f32; self.tile_q * self.tile_k];
+        for q0 in (0..lq).step_by(self.tile_q) {
+            let r = self.tile_q.min(lq - q0);
+            let (qt, got) = (&q[q0 * d..(q0 + r) * d], &go[q0 * d..(q0 + r) * d]);
+            for k0 in (0..lk).step_by(self.tile_k) {
+                let c = self.tile_k.min(lk - k0);
+                let (kt, vt) = (&k[k0 * d..(k0 + c) * d], &v[k0 * d..(k0 + c) * d]);
+                // p = exp(scale · q·kᵀ − lse)
+                gemm_into((r, c, d), &mut p, (c, 1), false, qt, (d, 1), kt, (1, d), self.scale);
+                for i in 0..r {
+                    let l = lse[q0 + i];
+                    p[i * c..(i + 1) * c].iter_mut().for_each(|x| *x = (*x - l).exp());
+                }
+                // dv_tile [c, d] += pᵀ [c, r] · go_tile [r, d]
+                gemm_into(
+                    (c, d, r),
+                    &mut dv[k0 * d..(k0 + c) * d],
+                    (d, 1),
+                    true,
+                    &p,
+                    (1, c),
+                    got,
+                    (d, 1),
+                    1.0,
+                );
+                // dp [r, c] = go_tile · v_tileᵀ; ds = p ∘ (dp − delta)
+                gemm_into((r, c, d), &mut dp, (c, 1), false, got, (d, 1), vt, (1, d), 1.0);
+                for i in 0..r {
+                    let di = delta[q0 + i];
+                    for (x, &pi) in dp[i * c..(i + 1) * c].iter_mut().zip(&p[i * c..(i + 1) * c]) {
+                        *x = pi * (*x - di);
+                    }
+                }
+                // dq_tile [r, d] += scale · ds [r, c] · k_tile [c, d]; dk_tile [c, d] += scale · dsᵀ · q_tile
+                gemm_into(
+                    (r, d, c),
+                    &mut dq[q0 * d..(q0 + r) * d],
+                    (d, 1),
+                    true,
+                    &dp,
+                    (c, 1),
+                    kt,
+                    (d, 1),
+                    self.scale,
+                );
+                gemm_into(
+                    (c, d, r),
+                    &mut dk[k0 * d..(k0 + c) * d],
+                    (d, 1),
+                    true,
+                    &dp,
+                    (1, c),
+                    qt,
+                    (d, 1),
+                    self.scale,
+                );
+            }
+        }
+    }
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("fused attention: {what} is not f32");
+    };
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("fused attention: {what} is not contiguous");
+    };
+    Ok(&v[start..end])
+}
+
+/// The f32 data of a contiguous CPU tensor (copied out of the storage lock).
+fn cpu_vec(t: &Tensor, what: &str) -> Result<Vec<f32>> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(s) = &*storage else {
+        candle_core::bail!("fused attention: {what} is not on the CPU");
+    };
+    Ok(f32_slice(s, layout, what)?.to_vec())
+}
+
+impl CustomOp3 for FlashAttention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sq: &CpuStorage,
+        lq_: &Layout,
+        sk: &CpuStorage,
+        lk_: &Layout,
+        sv: &CpuStorage,
+        lv_: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (
+            f32_slice(sq, lq_, "q")?,
+            f32_slice(sk, lk_, "k")?,
+            f32_slice(sv, lv_, "v")?,
+        );
+        let (b, h, lq, d) = lq_.shape().dims4()?;
+        let lk = lk_.shape().dims4()?.2;
+        let mut o = vec![0f32; b * h * lq * d];
+        let mut lse = vec![0f32; b * h * lq];
+        o.par_chunks_mut((lq * d).max(1))
+            .zip(lse.par_chunks_mut(lq.max(1)))
+            .enumerate()
+            .for_each(|(bh, (o, lse))| {
+                let (qs, ks) = (bh * lq * d, bh * lk * d);
+                self.forward_head(&q[qs..qs + lq * d], &k[ks..ks + lk * d], &v[ks..ks + lk * d], d, o, lse);
+            });
+        if let Ok(mut stash) = self.lse.lock() {
+            *stash = lse;
+        }
+        Ok((CpuStorage::F32(o), lq_.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, h, lq, d) = q.dims4()?;
+        let lk = k.dim(2)?;
+        let lse = self
+            .lse
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("fused attention: poisoned log-sum-exp".into()))?
+            .clone();
+        if lse.len() != b * h * lq {
+            candle_core::bail!("fused attention: backward without its forward");
+        }
+        let (qv, kv, vv) = (cpu_vec(q, "q")?, cpu_vec(k, "k")?, cpu_vec(v, "v")?);
+        let (ov, gv) = (cpu_vec(res, "output")?, cpu_vec(grad, "output gradient")?);
+        let mut dq = vec![0f32; qv.len()];
+        let mut dk = vec![0f32; kv.len()];
+        let mut dv = vec![0f32; vv.len()];
+        dq.par_chunks_mut((lq * d).max(1))
+            .zip(
+                dk.par_chunks_mut((lk * d).max(1))
+                    .zip(dv.par_chunks_mut((lk * d).max(1))),
+            )
+            .enumerate()
+            .for_each(|(bh, (dq, (dk, dv)))| {
+                let (qs, ks) = (bh * lq * d, bh * lk * d);
+                self.backward_head(
+                    (&qv[qs..qs + lq * d], &kv[ks..ks + lk * d], &vv[ks..ks + lk * d]),
+                    &ov[qs..qs + lq * d],
+                    &gv[qs..qs + lq * d],
+                    &lse[bh * lq..(bh + 1) * lq],
+                    d,
+                    (dq, dk, dv),
+                );
+            });
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), dev)?),
+            Some(Tensor::from_vec(dk, k.shape(), dev)?),
+            Some(Tensor::from_vec(dv, v.shape(), dev)?),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::testing::random_tensor;
+    use candle_core::{Device, Var};
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+        crate::model::testing::max_abs_diff(a, b).expect("diff")
+    }
+
+    /// Values and the gradients of q, k and v equal the explicit form's to 1e-5, with lengths that are not
+    /// multiples of the tiles (small tiles, so that many are walked), different query and key lengths, scores
+    /// large enough that the online softmax must rescale, and the chunked form too.
+    #[test]
+    fn fused_and_chunked_attention_equal_the_explicit_one_in_value_and_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        for (b, h, lq, lk, d, tiles) in [
+            (2, 3, 37, 37, 16, (8, 16)),
+            (1, 2, 70, 45, 32, (16, 8)),
+            (1, 1, 5, 9, 8, (64, 128)),
+        ] {
+            let q = Var::from_tensor(&random_tensor(&[b, h, lq, d], 1.5, 1, &dev)?)?;
+            let k = Var::from_tensor(&random_tensor(&[b, h, lk, d], 1.5, 2, &dev)?)?;
+            let v = Var::from_tensor(&random_tensor(&[b, h, lk, d], 1.0, 3, &dev)?)?;
+            let w = random_tensor(&[b, h, lq, d], 1.0, 4, &dev)?;
+            let scale = 1.0 / (d as f64).sqrt();
+            let run = |out: Tensor| -> Result<(Tensor, [Tensor; 3])> {
+                let grads = (&out * &w)?.sum_all()?.backward()?;
+                let g = |x: &Var| grads.get(x.as_tensor()).cloned().expect("gradient");
+                Ok((out, [g(&q), g(&k), g(&v)]))
+            };
+            let (want, want_g) = run(explicit(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale)?)?;
+            let fused = q.as_tensor().apply_op3(
+                k.as_tensor(),
+                v.as_tensor(),
+                FlashAttention::new(scale, tiles.0, tiles.1),
+            )?;
+            let chunked = attention_with(
+                q.as_tensor(),
+                k.as_tensor(),
+                v.as_tensor(),
+                scale,
+                AttentionImpl::Chunked(7),
+            )?;
+            for (name, out) in [("fused", fused), ("chunked", chunked)] {
+                let (got, got_g) = run(out)?;
+                assert!(max_abs(&got, &want) <= 1e-5, "{name} values: {}", max_abs(&got, &want));
+                for (which, (a, e)) in ["q", "k", "v"].iter().zip(got_g.iter().zip(&want_g)) {
+                    assert!(max_abs(a, e) <= 1e-5, "{name} d{which} ({lq}×{lk}): {}", max_abs(a, e));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_choice_follows_the_size_of_the_scores() -> Result<()> {
+        let dev = Device::Cpu;
+        assert_eq!(chunk_rows(1, 1, 1 << 20, DType::F32), 16);
+        let q = random_tensor(&[1, 1, 4, 8], 1.0, 1, &dev)?;
+        let a = attention(&q, &q, &q, 0.5)?;
+        let b = attention_with(&q, &q, &q, 0.5, AttentionImpl::Explicit)?;
+        assert_eq!(max_abs(&a, &b), 0.0, "small scores take the explicit path");
+        let bad = attention_with(&q, &q.narrow(3, 0, 4)?, &q, 0.5, AttentionImpl::Fused).expect_err("shapes");
+        assert!(bad.to_string().contains("do not fit"), "{bad}");
+        Ok(())
+    }
+}

@@ -43,6 +43,7 @@ fn bench_steps(c: &mut Criterion) {
                         ForwardOptions {
                             capture_hidden: capture,
                             adapters: Adapters::On,
+                            ..Default::default()
                         },
                     )
                     .expect("forward")

@@ -34,6 +34,7 @@ fn main() -> anyhow::Result<()> {
     let opts = |adapters| ForwardOptions {
         capture_hidden: false,
         adapters,
+        ..Default::default()
     };
     time("forward b2, adapters off", &mut || {
         item.forward(trainer.model(), &x2, &ts, opts(Adapters::Off))?;

@@ -195,6 +195,7 @@ fn forward(
         ForwardOptions {
             capture_hidden: false,
             adapters,
+            ..Default::default()
         },
     )?;
     Ok(out.prediction.detach())

@@ -139,14 +139,19 @@ impl Linear {
         let rows: usize = lead.iter().product();
         let x2 = x.reshape((rows, in_dim))?;
         // `B` of an adapter covering the leading rows only, padded with zero rows (their gradient is dropped).
-        let b_full = match (&self.adapter, adapters) {
-            (Some(ad), Adapters::On) => Some(ad.full_rows_b()?),
+        // Under `checkpoint::without_graph` the adapter is read detached, so the forward builds no graph.
+        let ab = match (&self.adapter, adapters) {
+            (Some(ad), Adapters::On) => {
+                let (a, b) = (ad.a.as_tensor().clone(), ad.full_rows_b()?);
+                Some(if super::checkpoint::graph_disabled() {
+                    (a.detach(), b.detach(), ad.scale)
+                } else {
+                    (a, b, ad.scale)
+                })
+            }
             _ => None,
         };
-        let lora = match (&self.adapter, &b_full) {
-            (Some(ad), Some(b)) => Some((ad.a.as_tensor(), b, ad.scale)),
-            _ => None,
-        };
+        let lora = ab.as_ref().map(|(a, b, scale)| (a, b, *scale));
         // A narrow frozen weight (bf16/f16): on the CPU, whose GEMMs are f32, it is widened for this product only
         // (one layer at a time, so the stored base stays narrow); elsewhere the product runs in the weight's dtype,
         // as autocast does, and comes back in the activations' dtype.

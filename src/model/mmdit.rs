@@ -12,6 +12,7 @@ use candle_core::{D, DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use thiserror::Error;
 
+use super::checkpoint;
 use super::config::{Config, ConfigError, TIMESTEP_EMBED_DIM};
 use super::linear::{Adapters, Linear};
 use super::rope::Rope;
@@ -249,6 +250,15 @@ impl Stream {
     }
 }
 
+/// The LoRA variables (A then B) of the adapters attached to `linears`.
+fn adapter_vars<'a>(linears: impl IntoIterator<Item = &'a Linear>) -> Vec<candle_core::Var> {
+    linears
+        .into_iter()
+        .filter_map(Linear::adapter)
+        .flat_map(|ad| [ad.a.clone(), ad.b.clone()])
+        .collect()
+}
+
 /// FLUX `DoubleStreamBlock`: separate weights for text and image tokens, one joint attention over [txt; img].
 #[derive(Debug, Clone)]
 struct DoubleStreamBlock {
@@ -258,6 +268,15 @@ struct DoubleStreamBlock {
 }
 
 impl DoubleStreamBlock {
+    fn adapter_vars(&self) -> Vec<candle_core::Var> {
+        let streams = [&self.img, &self.txt];
+        adapter_vars(
+            streams
+                .into_iter()
+                .flat_map(|s| [&s.modulation.lin, &s.attn.qkv, &s.attn.proj, &s.mlp.fc1, &s.mlp.fc2]),
+        )
+    }
+
     fn load(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             img: Stream::load(cfg, "img", &vb)?,
@@ -316,6 +335,10 @@ struct SingleStreamBlock {
 }
 
 impl SingleStreamBlock {
+    fn adapter_vars(&self) -> Vec<candle_core::Var> {
+        adapter_vars([&self.modulation.lin, &self.linear1, &self.linear2])
+    }
+
     fn load(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let (h, m) = (cfg.hidden_size, cfg.mlp_hidden_dim());
         Ok(Self {
@@ -407,12 +430,16 @@ pub struct MmditInput<'a> {
 }
 
 /// Options of [`Mmdit::forward_with`].
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct ForwardOptions {
     /// Return each double-stream block's image-stream output, split per image (costs nothing when false).
     pub capture_hidden: bool,
     /// Apply the attached LoRA adapters (the policy, default) or not (the frozen reference model).
     pub adapters: Adapters,
+    /// Block checkpointing (`train.checkpoint_blocks`): with adapters on, each block keeps only its inputs and is
+    /// recomputed in backward; the gradients of its LoRA variables land here, to be merged into the step's
+    /// ([`super::checkpoint::CheckpointGrads::merge_into`]).
+    pub checkpoint: Option<std::sync::Arc<super::checkpoint::CheckpointGrads>>,
 }
 
 /// The image-stream output of one double-stream block, split into the target and each reference.
@@ -662,16 +689,60 @@ impl Mmdit {
         let mut txt = self.txt_in.forward(input.txt, ad)?;
         let vec = self.conditioning(input, ad)?;
 
+        // Checkpointing only matters where there is something to train (adapters on).
+        let sink = opts.checkpoint.clone().filter(|_| ad == Adapters::On);
         let mut hidden = Vec::new();
         for block in &self.double_blocks {
-            (img, txt) = block.forward(&img, &txt, &vec, &rope, ad)?;
+            let vars = block.adapter_vars();
+            (img, txt) = match &sink {
+                Some(sink) if !vars.is_empty() => {
+                    // The two streams travel as one tensor [img; txt] through the checkpointed op.
+                    let n_img = img.dim(1)?;
+                    let joint = move |block: &DoubleStreamBlock, s: &Tensor, v: &Tensor, rope: &Rope| {
+                        let (i, t) = (s.narrow(1, 0, n_img)?, s.narrow(1, n_img, s.dim(1)? - n_img)?);
+                        let (i, t) = block.forward(&i, &t, v, rope, ad)?;
+                        Tensor::cat(&[&i, &t], 1)
+                    };
+                    let stream = Tensor::cat(&[&img, &txt], 1)?;
+                    let (sd, vd) = (stream.detach(), vec.detach());
+                    let value = checkpoint::without_graph(|| joint(block, &sd, &vd, &rope))?;
+                    let (b, r) = (block.clone(), rope.clone());
+                    let out = checkpoint::checkpointed(
+                        &stream,
+                        &vec,
+                        value,
+                        std::sync::Arc::new(move |s: &Tensor, v: &Tensor| joint(&b, s, v, &r)),
+                        vars,
+                        sink.clone(),
+                    )?;
+                    let n_txt = out.dim(1)? - n_img;
+                    (out.narrow(1, 0, n_img)?, out.narrow(1, n_img, n_txt)?)
+                }
+                _ => block.forward(&img, &txt, &vec, &rope, ad)?,
+            };
             if opts.capture_hidden {
                 hidden.push(split_image_stream(&img, n_target, &ref_lens)?);
             }
         }
         let mut x = Tensor::cat(&[&txt, &img], 1)?;
         for block in &self.single_blocks {
-            x = block.forward(&x, &vec, &rope, ad)?;
+            let vars = block.adapter_vars();
+            x = match &sink {
+                Some(sink) if !vars.is_empty() => {
+                    let (xd, vd) = (x.detach(), vec.detach());
+                    let value = checkpoint::without_graph(|| block.forward(&xd, &vd, &rope, ad))?;
+                    let (b, r) = (block.clone(), rope.clone());
+                    checkpoint::checkpointed(
+                        &x,
+                        &vec,
+                        value,
+                        std::sync::Arc::new(move |x: &Tensor, v: &Tensor| b.forward(x, v, &r, ad)),
+                        vars,
+                        sink.clone(),
+                    )?
+                }
+                _ => block.forward(&x, &vec, &rope, ad)?,
+            };
         }
         let target = x.narrow(1, n_txt, n_target)?;
         Ok(ForwardOutput {
@@ -1230,6 +1301,72 @@ mod tests {
         Ok(())
     }
 
+    /// Block checkpointing gives the plain forward's prediction and hidden states, and the same gradients for
+    /// every LoRA variable (collected by recomputation, merged into the step's) to 1e-5.
+    #[test]
+    fn checkpointed_blocks_give_the_plain_gradients() -> Result<()> {
+        use crate::model::checkpoint::CheckpointGrads;
+        use crate::model::lora::{LoraConfig, LoraSet, LoraTargets};
+        let cfg = Config::micro();
+        let dev = Device::Cpu;
+        let weights = random_weights(&cfg, 8, &dev)?;
+        let mut model = Mmdit::new(&cfg, VarBuilder::from_tensors(weights, DType::F32, &dev)).expect("model");
+        let lora_cfg = LoraConfig {
+            targets: LoraTargets {
+                modulation: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let lora = LoraSet::for_model(lora_cfg, &cfg, &dev).expect("lora");
+        for (i, (_, ad)) in lora.iter().enumerate() {
+            ad.b.set(&random_tensor(ad.b.dims(), 0.05, 4000 + i as u64, &dev)?)?;
+        }
+        model.attach_lora(&lora)?;
+        let inputs = Inputs::new(&cfg, 2, 4, 2, SEED)?;
+        let weight = random_tensor(&[2, 16, cfg.in_channels], 1.0, 99, &dev)?;
+        let vars = lora.vars();
+        let run = |checkpoint: Option<std::sync::Arc<CheckpointGrads>>| -> Result<(ForwardOutput, Vec<Tensor>)> {
+            let opts = ForwardOptions {
+                capture_hidden: true,
+                adapters: Adapters::On,
+                checkpoint: checkpoint.clone(),
+            };
+            let out = inputs.run(&model, &inputs.img, opts)?;
+            let mut grads = (&out.prediction * &weight)?.sum_all()?.backward()?;
+            if let Some(c) = &checkpoint {
+                // The blocks' variables get their gradients only through the recomputation.
+                assert!(vars.iter().all(|v| grads.get(v.as_tensor()).is_none()));
+                c.merge_into(&mut grads, &vars)?;
+            }
+            let names = lora.named_vars();
+            let g =
+                vars.iter()
+                    .zip(&names)
+                    .map(|(v, (name, _))| {
+                        grads.get(v.as_tensor()).cloned().unwrap_or_else(|| {
+                            panic!("{name} has no gradient (checkpointed: {})", checkpoint.is_some())
+                        })
+                    })
+                    .collect();
+            Ok((out, g))
+        };
+        let (plain, plain_g) = run(None)?;
+        let (ckpt, ckpt_g) = run(Some(std::sync::Arc::new(CheckpointGrads::default())))?;
+        assert!(max_rel_diff(&ckpt.prediction, &plain.prediction)? <= 1e-6);
+        for (a, b) in ckpt.hidden.iter().zip(&plain.hidden) {
+            assert!(max_rel_diff(&a.target, &b.target)? <= 1e-6);
+        }
+        let mut worst = 0f32;
+        for ((a, b), (path, _)) in ckpt_g.iter().zip(&plain_g).zip(lora.named_vars()) {
+            let err = max_rel_diff(a, b)?;
+            worst = worst.max(err);
+            assert!(err <= 1e-5, "{path}: {err}");
+        }
+        eprintln!("checkpointed vs plain LoRA gradients: max relative error {worst:e}");
+        Ok(())
+    }
+
     fn max_rel_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
         let diff = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
         let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
@@ -1343,8 +1480,8 @@ mod tests {
         unmerged.attach_lora(&LoraSet::from_adapters(LoraConfig::default(), adapters))?;
         let inputs = Inputs::new(&cfg, 2, 4, 2, SEED)?;
         let on = ForwardOptions::default();
-        let a = inputs.run(&merged, &inputs.img, on)?.prediction;
-        let b = inputs.run(&unmerged, &inputs.img, on)?.prediction;
+        let a = inputs.run(&merged, &inputs.img, on.clone())?.prediction;
+        let b = inputs.run(&unmerged, &inputs.img, on.clone())?.prediction;
         let base = inputs.run(&plain, &inputs.img, on)?.prediction;
         assert!(
             max_rel_diff(&a, &b)? <= 1e-5,

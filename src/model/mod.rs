@@ -2,6 +2,7 @@
 
 pub mod attention;
 pub mod base;
+pub mod checkpoint;
 pub mod codec;
 pub mod config;
 pub mod encoder;

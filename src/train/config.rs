@@ -378,6 +378,17 @@ pub struct RunConfig {
     pub log: LogConfig,
     /// Joint or sequential SFT → objective.
     pub schedule: ScheduleConfig,
+    /// How each step is computed (memory against time).
+    pub train: TrainSettings,
+}
+
+/// How a step is computed: choices that trade memory for time without changing the result.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainSettings {
+    /// Block checkpointing: each block of the policy's forward keeps only its inputs and is recomputed in
+    /// backward (one more forward of the policy per step; activation memory of one block instead of all).
+    pub checkpoint_blocks: bool,
 }
 
 impl Default for RunConfig {
@@ -395,6 +406,7 @@ impl Default for RunConfig {
             masks: MaskConfig::default(),
             log: LogConfig::default(),
             schedule: ScheduleConfig::default(),
+            train: TrainSettings::default(),
         }
     }
 }

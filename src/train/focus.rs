@@ -171,6 +171,7 @@ pub fn masks_at(
         crate::model::ForwardOptions {
             capture_hidden: true,
             adapters: probe.adapters,
+            ..Default::default()
         },
     )?;
     step_masks(item, Some((&out.hidden, 0)), attention, fusion)

@@ -487,6 +487,7 @@ impl Pretrainer {
             ForwardOptions {
                 capture_hidden: false,
                 adapters: Adapters::Off,
+                ..Default::default()
             },
         )?;
         let loss = (out.prediction - &noised.target)?.sqr()?.mean_all()?;

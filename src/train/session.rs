@@ -22,6 +22,8 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use crate::model::checkpoint::CheckpointGrads;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::JoinHandle;
@@ -440,6 +442,7 @@ impl Trainer {
         timesteps: &Tensor,
         adapters: Adapters,
         capture_hidden: bool,
+        checkpoint: Option<&Arc<CheckpointGrads>>,
     ) -> candle_core::Result<ForwardOutput> {
         item.forward(
             &self.model,
@@ -448,6 +451,7 @@ impl Trainer {
             ForwardOptions {
                 capture_hidden,
                 adapters,
+                checkpoint: checkpoint.cloned(),
             },
         )
     }
@@ -480,12 +484,20 @@ impl Trainer {
         let timesteps = model_time(noise_cfg.parameterisation, &ts, &self.device)?;
 
         let source = self.cfg.masks.attention.source;
+        // Block checkpointing: the policy's blocks keep only their inputs; the LoRA gradients they compute again
+        // in backward are collected here and merged below.
+        let checkpoint = self
+            .cfg
+            .train
+            .checkpoint_blocks
+            .then(|| Arc::new(CheckpointGrads::default()));
         let policy = self.forward(
             item,
             &noised.x_t,
             &timesteps,
             Adapters::On,
             pair && source == HiddenSource::Policy,
+            checkpoint.as_ref(),
         )?;
         let (output, masks, m_tensor, reference) = if pair {
             let reference = self.forward(
@@ -494,6 +506,7 @@ impl Trainer {
                 &timesteps,
                 Adapters::Off,
                 source == HiddenSource::Reference,
+                None,
             )?;
             let hidden = match source {
                 HiddenSource::Reference => &reference.hidden,
@@ -539,6 +552,9 @@ impl Trainer {
         }
         let vars = self.lora.vars();
         let mut grads = output.loss.backward()?;
+        if let Some(c) = &checkpoint {
+            c.merge_into(&mut grads, &vars)?;
+        }
         let grad_norm = clip_grad_norm(&mut grads, &vars, self.cfg.optim.grad_clip)?;
         if !grad_norm.is_finite() {
             return Err(non_finite(step, "gradient norm", grad_norm));

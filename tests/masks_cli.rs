@@ -220,3 +220,97 @@ fn foreground_pooling_lowers_a_focus_on_the_bundled_base() {
         "A_focus: foreground {foreground} vs mean {mean}"
     );
 }
+
+/// A 1024 px item (65 704 tokens a sequence on the tiny model) once aborted the process allocating 69 GB of
+/// attention scores. Now every size either runs (O(L) attention) or is refused by the memory plan with the numbers
+/// and what to change: `M_s` and a training step over a memory limit (`FOCUSDPO_MEMORY_LIMIT_GB`, the limit a
+/// shared machine sets); `focusdpo plan` shows what block checkpointing saves at that size.
+#[test]
+fn a_1024_px_item_is_planned_not_aborted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("d1024");
+    let out = focusdpo(&[
+        "dip",
+        "synth",
+        "--out",
+        common_str(&data),
+        "--items",
+        "1",
+        "--size",
+        "1024",
+        "--subjects",
+        "2",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let limited = |args: &[&str], gb: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_focusdpo"))
+            .args(args)
+            .env("FOCUSDPO_MEMORY_LIMIT_GB", gb)
+            .output()
+            .expect("runs")
+    };
+    let masks_out = dir.path().join("m.safetensors");
+    let run = limited(
+        &[
+            "masks",
+            "--data",
+            common_str(&data),
+            "--item",
+            "synth-0000",
+            "--timesteps",
+            "500",
+            "--out",
+            common_str(&masks_out),
+        ],
+        "0.5",
+    );
+    let msg = text(&run);
+    assert_eq!(run.status.code(), Some(1), "{msg}");
+    assert!(
+        msg.contains("the M_s forward (65704 tokens a sequence) needs about") && msg.contains("0.50 GB are available"),
+        "{msg}"
+    );
+    assert!(!masks_out.exists());
+    let train = |extra: &str| {
+        limited(
+            &[
+                "train",
+                "--data",
+                common_str(&data),
+                "--steps",
+                "1",
+                "--set",
+                extra,
+                "--out",
+                common_str(&dir.path().join("run")),
+                "--plain",
+            ],
+            "8",
+        )
+    };
+    let run = train("train.checkpoint_blocks=false");
+    let msg = text(&run);
+    assert_eq!(run.status.code(), Some(1), "{msg}");
+    assert!(
+        msg.contains("a focus-dpo step") && msg.contains("train.checkpoint_blocks = true"),
+        "{msg}"
+    );
+    let activations = |extra: &[&str]| -> f64 {
+        let mut args = vec!["plan", "--size", "1024", "--references", "2"];
+        args.extend_from_slice(extra);
+        let run = focusdpo(&args);
+        let msg = text(&run);
+        assert!(run.status.success() && msg.contains("65704 tokens a sequence"), "{msg}");
+        let line = msg
+            .lines()
+            .find(|l| l.trim_start().starts_with("activations"))
+            .expect("activations line");
+        line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("GB")
+    };
+    let (plain, ckpt) = (activations(&[]), activations(&["--checkpoint-blocks"]));
+    assert!(ckpt * 3.0 < plain, "checkpointing: {plain} GB → {ckpt} GB");
+}
+
+fn common_str(p: &std::path::Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}

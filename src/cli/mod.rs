@@ -7,6 +7,7 @@ mod dip;
 mod eval;
 mod export;
 mod masks;
+mod plan;
 mod pretrain;
 mod train;
 
@@ -51,6 +52,9 @@ enum Command {
     Ablate(ablate::AblateArgs),
     /// Export a run's trained LoRA: x-flux for UNO's own pipeline (with UNO's LoRA folded in), kohya or PEFT.
     ExportLora(export::ExportArgs),
+    /// The memory plan of a training step (or a forward) on a backbone, before anything loads: weights, encoders,
+    /// LoRA + optimiser, activations, attention, and which cards it fits.
+    Plan(plan::PlanArgs),
 }
 
 /// Opens the Studio window.
@@ -96,5 +100,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Report(args) => eval::run_report(&args).map(|()| ExitCode::SUCCESS),
         Command::Ablate(args) => ablate::run(&args).map(|()| ExitCode::SUCCESS),
         Command::ExportLora(args) => export::run(&args).map(|()| ExitCode::SUCCESS),
+        Command::Plan(args) => plan::run(&args).map(|()| ExitCode::SUCCESS),
     }
 }

@@ -235,6 +235,25 @@ pub fn sample(
     let guided = settings.cfg_scale != 1.0;
     let cond = conditioning(base, request, settings, b, guided, &device)?;
     let n = cond.grid.0 * cond.grid.1;
+    base.mmdit
+        .check_memory(
+            "sampling",
+            0,
+            crate::model::memory::Workload {
+                with_grad: 0,
+                without_grad: if guided { 2 * b } else { b },
+                target_tokens: n,
+                reference_tokens: cond
+                    .refs
+                    .iter()
+                    .map(|(t, _)| t.dims().get(1).copied().unwrap_or(0))
+                    .sum(),
+                text_tokens: cond.txt.dims().get(1).copied().unwrap_or(0),
+                checkpoint_blocks: false,
+                fused_attention: true,
+            },
+        )
+        .map_err(|e| EvalError::Invalid(e.to_string()))?;
     let c = base.config().in_channels;
     let noise = seeds
         .iter()

@@ -59,6 +59,21 @@ pub struct LoraConfig {
     pub seed: u64,
 }
 
+impl LoraConfig {
+    /// Trainable parameters of this config's adapters on a model of config `model` (without building them).
+    pub fn parameter_count(&self, model: &super::Config) -> u64 {
+        super::config::expected_tensor_shapes(model)
+            .iter()
+            .filter_map(|(name, shape)| match (name.strip_suffix(".weight"), &shape[..]) {
+                (Some(path), &[out, inp]) if self.targets.selects(path) => {
+                    Some((self.rank * (inp + self.targets.rows(path, inp, out))) as u64)
+                }
+                _ => None,
+            })
+            .sum()
+    }
+}
+
 impl Default for LoraConfig {
     fn default() -> Self {
         Self {
@@ -485,6 +500,25 @@ mod tests {
         assert!(!attn_only.selects("double_blocks.0.img_mlp.0"));
         assert!(attn_only.selects("single_blocks.0.linear2"));
         assert!(LoraTargets { modulation: true, ..t }.selects("single_blocks.0.modulation.lin"));
+    }
+
+    #[test]
+    fn the_parameter_count_without_building_equals_the_built_sets() {
+        for targets in [
+            LoraTargets::default(),
+            LoraTargets {
+                mlp: false,
+                modulation: true,
+                ..Default::default()
+            },
+        ] {
+            let cfg = LoraConfig {
+                targets,
+                ..Default::default()
+            };
+            let set = LoraSet::for_model(cfg, &Config::tiny(), &Device::Cpu).unwrap();
+            assert_eq!(cfg.parameter_count(&Config::tiny()), set.parameter_count() as u64);
+        }
     }
 
     #[test]

@@ -584,6 +584,39 @@ impl Mmdit {
         out
     }
 
+    /// Refuses `work` (on this model's device, with `lora_params` trainable parameters) when its working memory
+    /// (activations, attention, optimiser) exceeds what the device has free ([`super::memory`]). Checked on the
+    /// CPU (`MemAvailable`, or `FOCUSDPO_MEMORY_LIMIT_GB`); on GPUs the estimate is returned but not checked yet.
+    pub fn check_memory(
+        &self,
+        what: &str,
+        lora_params: u64,
+        work: super::memory::Workload,
+    ) -> std::result::Result<super::memory::MemoryEstimate, super::memory::DoesNotFit> {
+        use super::memory::{Resident, Workload, check, cpu_available, estimate};
+        let dtype = match self.weight_dtype() {
+            DType::BF16 => super::weights::WeightDtype::Bf16,
+            DType::F16 => super::weights::WeightDtype::F16,
+            _ => super::weights::WeightDtype::F32,
+        };
+        let work = Workload {
+            fused_attention: self.device().is_cpu(),
+            ..work
+        };
+        let resident = Resident {
+            encoders: 0,
+            lora_params,
+        };
+        let plan = estimate(&self.cfg, dtype, resident, &work);
+        if self.device().is_cpu()
+            && let Some(available) = cpu_available()
+        {
+            let what = format!("{what} ({} tokens a sequence)", work.tokens());
+            check(&what, plan, available, "the CPU")?;
+        }
+        Ok(plan)
+    }
+
     /// Holds every linear weight in `dtype` (bf16/f16 halve the frozen base; `model.dtype`). Biases, norm scales and
     /// LoRA adapters stay f32.
     pub fn narrow_weights(&mut self, dtype: DType) -> Result<()> {

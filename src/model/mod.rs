@@ -11,6 +11,7 @@ pub mod flux_text;
 pub mod hf;
 pub mod linear;
 pub mod lora;
+pub mod memory;
 pub mod mmdit;
 pub mod ops;
 pub mod rope;

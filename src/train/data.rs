@@ -101,6 +101,29 @@ pub struct PreparedItem {
 }
 
 impl PreparedItem {
+    /// What a forward on this item runs, for the memory plan: `with_grad` sequences with a graph, `without_grad`
+    /// without.
+    pub fn workload(
+        &self,
+        with_grad: usize,
+        without_grad: usize,
+        checkpoint_blocks: bool,
+    ) -> crate::model::memory::Workload {
+        crate::model::memory::Workload {
+            with_grad,
+            without_grad,
+            target_tokens: self.x0_w.dims().get(1).copied().unwrap_or(0),
+            reference_tokens: self
+                .references
+                .iter()
+                .map(|r| r.tokens.dims().get(1).copied().unwrap_or(0))
+                .sum(),
+            text_tokens: self.txt.dims().get(1).copied().unwrap_or(0),
+            checkpoint_blocks,
+            fused_attention: true,
+        }
+    }
+
     /// Number of subjects.
     pub fn subjects(&self) -> usize {
         self.references.len()

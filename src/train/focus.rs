@@ -25,6 +25,9 @@ pub enum FocusError {
     /// Inconsistent inputs.
     #[error("{0}")]
     Inputs(String),
+    /// The forward would not fit in memory.
+    #[error(transparent)]
+    Memory(#[from] crate::model::memory::DoesNotFit),
 }
 
 /// The maps of one step.
@@ -164,6 +167,7 @@ pub fn masks_at(
     let t_sched = schedule_time(probe.parameterisation, probe.t);
     let noised = add_noise(probe.parameterisation, &item.x0_w, &eps, &[t_sched])?;
     let timesteps = model_time(probe.parameterisation, &[t_sched], device)?;
+    model.check_memory("the M_s forward", 0, item.workload(0, 1, false))?;
     let out = item.forward(
         model,
         &noised.x_t,

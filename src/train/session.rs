@@ -121,6 +121,9 @@ pub enum TrainError {
         /// What is wrong.
         message: String,
     },
+    /// A step would not fit in memory.
+    #[error(transparent)]
+    Memory(#[from] crate::model::memory::DoesNotFit),
     /// Tensor error.
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
@@ -335,6 +338,17 @@ impl Trainer {
         let pixels_per_token = base.pixels_per_token();
         let mut lora_cfg = cfg.lora;
         lora_cfg.seed = lora_cfg.seed.wrapping_add(cfg.seed);
+        // The memory plan of a step on the largest item, before anything is allocated for training: a pair's
+        // policy forward (two sequences with a graph; one for SFT) and its reference forward.
+        let with_grad = if cfg.objective == ObjectiveKind::Sft { 1 } else { 2 };
+        if let Some(largest) = items.iter().max_by_key(|i| i.workload(0, 0, false).tokens()) {
+            let what = format!("a {} step", cfg.objective.name());
+            base.mmdit.check_memory(
+                &what,
+                lora_cfg.parameter_count(base.config()),
+                largest.workload(with_grad, 2, cfg.train.checkpoint_blocks),
+            )?;
+        }
         let lora = LoraSet::for_model(lora_cfg, base.config(), &device)?;
         let mut model = base.mmdit;
         model.attach_lora(&lora)?;

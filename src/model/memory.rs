@@ -1,0 +1,281 @@
+//! The memory plan: an estimate of the peak memory of a forward or a training step before it runs, so that an
+//! input too large is refused with numbers and what to change instead of the process aborting on a failed
+//! allocation.
+//!
+//! The estimate adds the frozen weights (parameters × `model.dtype`), the encoders (held with a forward; released
+//! before a training step, which keeps only the transformer once the items are prepared), the LoRA state
+//! (weights, gradients and two AdamW moments, f32), the activations and the attention scores:
+//!
+//! * **Activations**, in units of `hidden × tokens × sequences × 4 bytes`: a training step keeps
+//!   [`KEPT_PER_BLOCK`] units per block for backward (every block, or with `train.checkpoint_blocks` one unit —
+//!   the block's input — per block plus one block's [`KEPT_PER_BLOCK`] while it is recomputed), plus
+//!   [`TRANSIENT`] units of gradients and temporaries at the peak of backward. A forward without gradients holds
+//!   [`FORWARD_TRANSIENT`] units at a time. The three constants were measured (peak RSS of `focusdpo train` on
+//!   the tiny model at 256 px with and without checkpointing, `docs/training.md`), not derived.
+//! * **Attention scores** `[sequences, heads, L, L]` f32: none with the fused CPU kernel ([`super::attention`]);
+//!   with the explicit or chunked form (small inputs; other devices) two such matrices per block are kept for
+//!   backward (one block with checkpointing), or one chunk's at a time in a forward without gradients.
+
+use std::fmt;
+
+use super::attention::FUSED_MIN_SCORE_BYTES;
+use super::config::Config;
+use super::weights::WeightDtype;
+
+/// Activation units a block keeps for backward (measured).
+pub const KEPT_PER_BLOCK: u64 = 56;
+/// Activation units of gradients and temporaries at the peak of backward (measured).
+pub const TRANSIENT: u64 = 40;
+/// Activation units a forward without gradients holds at a time.
+pub const FORWARD_TRANSIENT: u64 = 16;
+
+/// What runs: how many sequences of how many tokens, with or without gradients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Workload {
+    /// Sequences whose forward keeps a graph for backward (a DPO pair's policy: 2; SFT: 1; 0 for inference).
+    pub with_grad: usize,
+    /// Sequences forwarded without gradients (DPO's reference, sampling, `M_s` probes).
+    pub without_grad: usize,
+    /// Target image tokens.
+    pub target_tokens: usize,
+    /// Reference image tokens, all references together.
+    pub reference_tokens: usize,
+    /// Text tokens.
+    pub text_tokens: usize,
+    /// `train.checkpoint_blocks`.
+    pub checkpoint_blocks: bool,
+    /// Whether the attention runs on the CPU in f32 (the fused O(L) kernel for large inputs).
+    pub fused_attention: bool,
+}
+
+impl Workload {
+    /// Tokens of one sequence.
+    pub fn tokens(&self) -> usize {
+        self.target_tokens + self.reference_tokens + self.text_tokens
+    }
+}
+
+/// What else is held besides the transformer: encoders, and the trainable LoRA.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Resident {
+    /// Autoencoder and text encoders held in memory, bytes.
+    pub encoders: u64,
+    /// Trainable LoRA parameters (0 for inference).
+    pub lora_params: u64,
+}
+
+/// An estimate, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryEstimate {
+    /// Transformer weights.
+    pub weights: u64,
+    /// Encoders.
+    pub encoders: u64,
+    /// LoRA weights, gradients and AdamW moments.
+    pub optimiser: u64,
+    /// Activations at the peak.
+    pub activations: u64,
+    /// Attention scores at the peak.
+    pub attention: u64,
+    /// A training step: the encoders are released before it (a run prepares every item first, then keeps only
+    /// the transformer), so they count against the working part, not on top of it.
+    pub training: bool,
+}
+
+impl MemoryEstimate {
+    /// The peak: weights plus the encoders and the working part, together for a forward, one after the other for
+    /// training.
+    pub fn total(&self) -> u64 {
+        if self.training {
+            self.weights + self.encoders.max(self.working())
+        } else {
+            self.weights + self.encoders + self.working()
+        }
+    }
+
+    /// What a run needs beyond what is loaded already (activations, attention, optimiser).
+    pub fn working(&self) -> u64 {
+        self.optimiser + self.activations + self.attention
+    }
+}
+
+/// Gigabytes (10⁹ bytes), as the cards are sold.
+pub fn gb(bytes: u64) -> f64 {
+    bytes as f64 / 1e9
+}
+
+impl fmt::Display for MemoryEstimate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:.2} GB: weights {:.2}, encoders {:.2}, LoRA + optimiser {:.2}, activations {:.2}, attention {:.2}",
+            gb(self.total()),
+            gb(self.weights),
+            gb(self.encoders),
+            gb(self.optimiser),
+            gb(self.activations),
+            gb(self.attention)
+        )
+    }
+}
+
+/// Parameters of the transformer of `cfg` (every tensor of its checkpoint).
+pub fn transformer_params(cfg: &Config) -> u64 {
+    super::config::expected_tensor_shapes(cfg)
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>() as u64)
+        .sum()
+}
+
+/// The peak memory of `work` on the model `cfg` with `resident` parts and weights in `dtype`.
+pub fn estimate(cfg: &Config, dtype: WeightDtype, resident: Resident, work: &Workload) -> MemoryEstimate {
+    let blocks = (cfg.depth + cfg.depth_single_blocks) as u64;
+    let tokens = work.tokens() as u64;
+    let unit = |sequences: usize| cfg.hidden_size as u64 * tokens * sequences as u64 * 4;
+    let heads = cfg.num_heads as u64;
+    let scores = |sequences: usize| sequences as u64 * heads * tokens * tokens * 4;
+    let explicit = |sequences: usize| !work.fused_attention || scores(sequences) <= FUSED_MIN_SCORE_BYTES as u64;
+    let (activations, attention) = if work.with_grad > 0 {
+        let s = work.with_grad;
+        let kept = if work.checkpoint_blocks {
+            blocks + KEPT_PER_BLOCK
+        } else {
+            blocks * KEPT_PER_BLOCK
+        };
+        let attention_blocks = if work.checkpoint_blocks { 1 } else { blocks };
+        let attention = if explicit(s) {
+            2 * scores(s) * attention_blocks
+        } else {
+            0
+        };
+        // The reference forward (no graph) runs before backward: its transient is below the training peak.
+        ((kept + TRANSIENT) * unit(s), attention)
+    } else {
+        let s = work.without_grad.max(1);
+        // One block at a time: small scores whole, large ones by the fused kernel (none) or in chunks.
+        let attention = if explicit(s) {
+            2 * scores(s).min(FUSED_MIN_SCORE_BYTES as u64)
+        } else {
+            0
+        };
+        (FORWARD_TRANSIENT * unit(s), attention)
+    };
+    MemoryEstimate {
+        weights: transformer_params(cfg) * dtype.bytes() as u64,
+        encoders: resident.encoders,
+        optimiser: resident.lora_params * 16,
+        activations,
+        attention,
+        training: work.with_grad > 0,
+    }
+}
+
+/// A plan that does not fit; the message names the numbers and what to change.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{what} needs about {need:.2} GB ({estimate}) but {available:.2} GB are available on {device}: lower the image \
+     or reference size, set train.checkpoint_blocks = true, hold the base in bf16 (model.dtype = \"bf16\"), or run \
+     on a larger device (model.device)"
+)]
+pub struct DoesNotFit {
+    /// What was planned (`a FocusDPO step at 4 264 tokens`, …).
+    pub what: String,
+    /// GB needed beyond what is already loaded.
+    pub need: f64,
+    /// GB available.
+    pub available: f64,
+    /// The device.
+    pub device: String,
+    /// The whole estimate.
+    pub estimate: MemoryEstimate,
+}
+
+/// Refuses `estimate` when what it needs beyond the loaded parts (`working`) exceeds `available` bytes.
+pub fn check(what: &str, estimate: MemoryEstimate, available: u64, device: &str) -> Result<(), DoesNotFit> {
+    if estimate.working() <= available {
+        return Ok(());
+    }
+    Err(DoesNotFit {
+        what: what.to_string(),
+        need: gb(estimate.working()),
+        available: gb(available),
+        device: device.to_string(),
+        estimate,
+    })
+}
+
+/// The memory available to this process on the CPU: `FOCUSDPO_MEMORY_LIMIT_GB` when set (for shared machines,
+/// and tests), else the kernel's `MemAvailable` (Linux), else `None` (not checked).
+pub fn cpu_available() -> Option<u64> {
+    if let Some(limit) = std::env::var("FOCUSDPO_MEMORY_LIMIT_GB")
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|v| v.is_finite() && *v > 0.0)
+    {
+        return Some((limit * 1e9) as u64);
+    }
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn work(with_grad: usize, tokens: usize, checkpoint: bool) -> Workload {
+        Workload {
+            with_grad,
+            without_grad: 2,
+            target_tokens: tokens,
+            reference_tokens: 0,
+            text_tokens: 0,
+            checkpoint_blocks: checkpoint,
+            fused_attention: true,
+        }
+    }
+
+    /// The calibration case by hand: the tiny model, a DPO pair (2 sequences) of 4 264 tokens, fused attention.
+    #[test]
+    fn the_tiny_256_px_step_by_hand() {
+        let cfg = Config::tiny();
+        let none = Resident::default();
+        let unit = 256 * 4264 * 2 * 4;
+        let plain = estimate(&cfg, WeightDtype::F32, none, &work(2, 4264, false));
+        assert_eq!(plain.activations, (6 * 56 + 40) * unit);
+        assert_eq!(plain.attention, 0, "fused: no scores");
+        let ckpt = estimate(&cfg, WeightDtype::F32, none, &work(2, 4264, true));
+        assert_eq!(ckpt.activations, (6 + 56 + 40) * unit);
+        // The tiny default (424 tokens): explicit scores, two per block kept.
+        let small = estimate(&cfg, WeightDtype::F32, none, &work(2, 424, false));
+        assert_eq!(small.attention, 2 * (2 * 4 * 424 * 424 * 4) * 6);
+        // bf16 halves the weights.
+        let bf16 = estimate(&cfg, WeightDtype::Bf16, none, &work(2, 424, false));
+        assert_eq!(bf16.weights * 2, small.weights);
+        assert_eq!(small.weights, transformer_params(&cfg) * 4);
+    }
+
+    #[test]
+    fn a_plan_over_the_limit_is_refused_with_numbers_and_what_to_change() {
+        let cfg = Config::tiny();
+        let r = Resident {
+            encoders: 0,
+            lora_params: 1_000_000,
+        };
+        let e = estimate(&cfg, WeightDtype::F32, r, &work(2, 65_000, false));
+        let err = check("a FocusDPO step", e, 1_000_000_000, "cpu")
+            .expect_err("too big")
+            .to_string();
+        assert!(
+            err.contains("a FocusDPO step needs about")
+                && err.contains("1.00 GB are available on cpu")
+                && err.contains("train.checkpoint_blocks")
+                && err.contains("bf16"),
+            "{err}"
+        );
+        assert!(check("x", e, e.working(), "cpu").is_ok());
+    }
+}

@@ -48,9 +48,10 @@ pub struct PlanArgs {
     /// 512 px references, 512 T5 tokens), e.g. before downloading it.
     #[arg(long, conflicts_with = "backbone")]
     flux_dev: bool,
-    /// With --flux-dev: where it will run (`cpu` plans the fused CPU attention, `cuda` the chunked GPU one).
-    #[arg(long, default_value = "cuda")]
-    device: String,
+    /// Where it will run (`cpu` plans the fused CPU attention, `cuda` the chunked GPU one); default: the
+    /// backbone's `device`, `cuda` with --flux-dev.
+    #[arg(long)]
+    device: Option<String>,
 }
 
 /// f32 bytes of FLUX.1-dev's encoders as released: T5 v1.1 XXL encoder (4.76 B parameters, `text_encoder_2/`
@@ -83,14 +84,15 @@ fn backbone(settings: &ModelSettings) -> anyhow::Result<Backbone> {
     let layout_path = match &settings.base {
         BaseSource::Bundled => Some(focusdpo::model::base::bundled_base_path()),
         BaseSource::File(p) => Some(p.clone()),
-        BaseSource::Random(_) => None,
+        BaseSource::Random(_) | BaseSource::RandomFluxDev(_) => None,
     };
     let (cfg, patch) = match &layout_path {
         Some(p) => {
             let layout = read_file_layout(p).with_context(|| format!("{}", p.display()))?;
             (layout.config, layout.patch)
         }
-        None => (Config::tiny(), 4),
+        None if matches!(settings.base, BaseSource::RandomFluxDev(_)) => (settings.base.config()?, 16),
+        None => (settings.base.config()?, 4),
     };
     let mut encoders = 0;
     for p in [&settings.autoencoder, &settings.t5, &settings.clip]
@@ -157,8 +159,12 @@ fn fits(total: u64) -> String {
 
 pub fn run(args: &PlanArgs) -> anyhow::Result<()> {
     let mut settings = args.backbone.settings()?;
+    if let Some(d) = &args.device {
+        settings.device = d.clone();
+    } else if args.flux_dev {
+        settings.device = "cuda".into();
+    }
     let b = if args.flux_dev {
-        settings.device = args.device.clone();
         Backbone {
             cfg: Config::flux_dev(),
             dtype: settings.dtype,
@@ -166,7 +172,7 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<()> {
             text_tokens: focusdpo::model::flux_text::FLUX_T5_TOKENS,
             reference_px: 512,
             encoders: FLUX_DEV_ENCODER_PARAMS * 4,
-            on_gpu: args.device.trim().starts_with("cuda"),
+            on_gpu: settings.device.trim().starts_with("cuda"),
         }
     } else {
         backbone(&settings)?

@@ -40,6 +40,11 @@ pub enum BaseSource {
     Bundled,
     /// Random tiny weights from a seed (`random:SEED`): for tests and for pretraining from scratch.
     Random(u64),
+    /// Random weights of FLUX.1-dev's transformer sizes (`random-flux-dev:SEED`; 12 B parameters, drawn on the
+    /// model's device in `model.dtype`), fed by pixel-unshuffle by 16 (FLUX's 16 px a token, so FLUX's token
+    /// count: 768 input channels instead of the autoencoder's 64) and learned-size prompt tables (40 tokens of
+    /// width 4096): for measuring time and memory at FLUX size without the checkpoint (`scripts/gpu-check.sh`).
+    RandomFluxDev(u64),
     /// A safetensors file.
     File(PathBuf),
 }
@@ -49,6 +54,7 @@ impl fmt::Display for BaseSource {
         match self {
             Self::Bundled => f.write_str("bundled"),
             Self::Random(seed) => write!(f, "random:{seed}"),
+            Self::RandomFluxDev(seed) => write!(f, "random-flux-dev:{seed}"),
             Self::File(p) => write!(f, "{}", p.display()),
         }
     }
@@ -65,6 +71,10 @@ impl FromStr for BaseSource {
                 .map(Self::Random)
                 .map_err(|_| format!("`{r}`: the seed after `random:` must be a non-negative integer")),
             "random" => Ok(Self::Random(0)),
+            r if r.starts_with("random-flux-dev:") => r["random-flux-dev:".len()..]
+                .parse()
+                .map(Self::RandomFluxDev)
+                .map_err(|_| format!("`{r}`: the seed after `random-flux-dev:` must be a non-negative integer")),
             p => Ok(Self::File(PathBuf::from(p))),
         }
     }
@@ -279,6 +289,7 @@ impl BaseSource {
         match self {
             BaseSource::Bundled => Ok(read_file_layout(&bundled_base_path())?.config),
             BaseSource::Random(_) => Ok(Config::tiny()),
+            BaseSource::RandomFluxDev(_) => Ok(random_flux_dev_config()),
             BaseSource::File(path) => Ok(read_file_layout(path)?.config),
         }
     }
@@ -345,7 +356,47 @@ impl BaseModel {
                 Ok(base)
             }
             BaseSource::File(path) => Self::load_file_as(path, device, dtype),
+            BaseSource::RandomFluxDev(seed) => {
+                let cfg = random_flux_dev_config();
+                let model_err = |source| BaseError::Model {
+                    path: PathBuf::from(format!("random-flux-dev:{seed}")),
+                    source,
+                };
+                let mut base = Self::random_on_device(&cfg, 16, *seed, device, dtype.dtype()).map_err(model_err)?;
+                base.source = source.clone();
+                Ok(base)
+            }
         }
+    }
+
+    /// Random weights for `cfg` drawn on `device` itself (N(0, 0.02²), norm scales 1) and held in `dtype`, with
+    /// random prompt tables: fast at any size on a GPU (the tiny bases use [`Self::random`], whose draws are the
+    /// same on every device).
+    pub fn random_on_device(
+        cfg: &Config,
+        patch: usize,
+        seed: u64,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self, ModelError> {
+        // A GPU draws with its own seeded generator; the CPU (which candle cannot seed) with ours.
+        if !device.is_cpu() {
+            device.set_seed(seed)?;
+        }
+        let mut tensors = HashMap::new();
+        for (i, (name, shape)) in super::config::expected_tensor_shapes(cfg).into_iter().enumerate() {
+            let t = if name.ends_with(".scale") {
+                Tensor::ones(shape.as_slice(), DType::F32, device)?
+            } else if device.is_cpu() {
+                testing::random_tensor(&shape, 0.02, seed.wrapping_add(i as u64), device)?.to_dtype(dtype)?
+            } else {
+                Tensor::randn(0f32, 0.02, shape.as_slice(), device)?.to_dtype(dtype)?
+            };
+            tensors.insert(name, t);
+        }
+        tensors.extend(random_prompt_tables(cfg.context_in_dim, cfg.vec_in_dim, seed, device)?);
+        let vb = VarBuilder::from_tensors(tensors, dtype, device);
+        Self::from_var_builder(cfg, patch, vb, BaseSource::Random(seed))
     }
 
     /// Random tiny weights (and prompt tables) for `cfg`.
@@ -569,6 +620,15 @@ impl BaseModel {
     }
 }
 
+/// FLUX.1-dev's transformer with 768 input channels (pixel-unshuffle by 16: 16 px a token, as FLUX's autoencoder
+/// + 2×2 packing) for [`BaseSource::RandomFluxDev`].
+pub fn random_flux_dev_config() -> Config {
+    Config {
+        in_channels: 3 * 16 * 16,
+        ..Config::flux_dev()
+    }
+}
+
 fn source_name(seed: u64) -> String {
     format!("random:{seed}")
 }
@@ -598,6 +658,11 @@ mod tests {
             assert_eq!(b.to_string(), s);
         }
         assert_eq!("random".parse::<BaseSource>(), Ok(BaseSource::Random(0)));
+        assert_eq!(
+            "random-flux-dev:3".parse::<BaseSource>(),
+            Ok(BaseSource::RandomFluxDev(3))
+        );
+        assert_eq!(BaseSource::RandomFluxDev(3).to_string(), "random-flux-dev:3");
         assert!("random:x".parse::<BaseSource>().is_err());
         assert!("".parse::<BaseSource>().is_err());
     }
@@ -649,5 +714,29 @@ mod tests {
             "{err}"
         );
         Ok(())
+    }
+
+    /// `random-flux-dev:SEED` draws its weights on the device in the requested dtype; checked at the micro size
+    /// (FLUX.1-dev's 12 B parameters are for GPUs): narrow weights, f32 norm scales, prompt tables, a forward.
+    #[test]
+    fn random_weights_drawn_on_the_device_build_a_working_base() {
+        let cfg = Config {
+            in_channels: 48,
+            ..Config::micro()
+        };
+        let base = BaseModel::random_on_device(&cfg, 4, 2, &Device::Cpu, DType::BF16).expect("base");
+        assert_eq!(base.mmdit.weight_dtype(), DType::BF16);
+        assert!(base.prompt.is_some());
+        assert_eq!(random_flux_dev_config().hidden_size, 3072);
+        assert_eq!(
+            BaseSource::RandomFluxDev(0).config().expect("config"),
+            random_flux_dev_config()
+        );
+        let enc = base
+            .text_conditioner()
+            .expect("prompt tables")
+            .encode(&["a red cat"])
+            .expect("encodes");
+        assert_eq!(enc.txt.dims()[2], cfg.context_in_dim);
     }
 }

@@ -275,7 +275,7 @@ impl ModelSettings {
         let mut files = match &self.base {
             BaseSource::Bundled => vec![crate::model::base::bundled_base_path()],
             BaseSource::File(p) => vec![p.clone()],
-            BaseSource::Random(_) => Vec::new(),
+            BaseSource::Random(_) | BaseSource::RandomFluxDev(_) => Vec::new(),
         };
         files.extend(self.base_loras.iter().map(|l| l.path.clone()));
         files.extend(self.autoencoder.iter().cloned());

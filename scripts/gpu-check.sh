@@ -14,7 +14,12 @@ cd "$(dirname "$0")/.."
 OUT="${1:-${OUT:-out/gpu-check}}"
 mkdir -p "$OUT"
 BIN="${FOCUSDPO_BIN:-target/cuda/focusdpo}"
-[ -x "$BIN" ] || { echo "no $BIN: build it with scripts/build-cuda.sh and carry it" >&2; exit 1; }
+if [ ! -x "$BIN" ] && [ -f "$BIN.xz" ]; then
+    # The carried form: xz, unpacked with Python's lzma (no xz tool needed).
+    python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$BIN.xz" "$BIN"
+    chmod +x "$BIN"
+fi
+[ -x "$BIN" ] || { echo "no $BIN(.xz): build it with scripts/build-cuda.sh and carry it" >&2; exit 1; }
 
 # The CUDA libraries the binary links (cuBLAS, cuRAND, NVRTC) from the Python wheels PyTorch installed.
 LIBS="$(python3 - <<'EOF'

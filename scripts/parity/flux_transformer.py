@@ -164,6 +164,21 @@ def main():
     refs = [rnd(BATCH, h * w, c["in_channels"]) for h, w in REF_GRIDS]
     for k, r in enumerate(refs):
         tensors[f"input.ref{k}"] = r
+
+    def predict(m, hidden, img_ids):
+        """The target's prediction, as UNO's `Flux.forward` slices it."""
+        with torch.no_grad():
+            out = m(
+                hidden_states=hidden,
+                encoder_hidden_states=txt,
+                pooled_projections=y,
+                timestep=t,
+                img_ids=img_ids,
+                txt_ids=torch.zeros(TEXT_TOKENS, 3),
+                guidance=guidance,
+                return_dict=False,
+            )[0]
+        return out[:, : GRID * GRID].contiguous()
     for n_refs in range(len(REF_GRIDS) + 1):
         # UNO's prepare_multi_ip, pe="d": reference k starts at (h + Σ_{j<k} h_j, w + Σ_{j<k} w_j).
         ids = [grid_ids(GRID, GRID)]
@@ -172,18 +187,7 @@ def main():
             ids.append(grid_ids(h, w, shift_h, shift_w))
             shift_h, shift_w = shift_h + h, shift_w + w
         hidden = torch.cat([img] + refs[:n_refs], dim=1)
-        with torch.no_grad():
-            pred = model(
-                hidden_states=hidden,
-                encoder_hidden_states=txt,
-                pooled_projections=y,
-                timestep=t,
-                img_ids=torch.cat(ids),
-                txt_ids=torch.zeros(TEXT_TOKENS, 3),
-                guidance=guidance,
-                return_dict=False,
-            )[0]
-        tensors[f"output.refs{n_refs}"] = pred[:, : GRID * GRID].contiguous()
+        tensors[f"output.refs{n_refs}"] = predict(model, hidden, torch.cat(ids))
         tensors[f"input.ids.refs{n_refs}"] = torch.cat(ids).contiguous()
     # UNO's LoRA (x-flux naming) on every block, applied by diffusers' converter + peft.
     from diffusers.loaders.lora_conversion_utils import _convert_xlabs_flux_lora_to_diffusers
@@ -203,18 +207,7 @@ def main():
     converted = _convert_xlabs_flux_lora_to_diffusers({k: v.clone() for k, v in xflux.items()})
     model.load_lora_adapter(converted, prefix="transformer", adapter_name="uno")
     ids = torch.cat([grid_ids(GRID, GRID), grid_ids(*REF_GRIDS[0], GRID, GRID)])
-    with torch.no_grad():
-        pred = model(
-            hidden_states=torch.cat([img, refs[0]], dim=1),
-            encoder_hidden_states=txt,
-            pooled_projections=y,
-            timestep=t,
-            img_ids=ids,
-            txt_ids=torch.zeros(TEXT_TOKENS, 3),
-            guidance=guidance,
-            return_dict=False,
-        )[0]
-    tensors["output.lora.refs1"] = pred[:, : GRID * GRID].contiguous()
+    tensors["output.lora.refs1"] = predict(model, torch.cat([img, refs[0]], dim=1), ids)
     if torch.equal(tensors["output.lora.refs1"], tensors["output.refs1"]):
         raise SystemExit("the LoRA did not change the model: it was not applied")
 
@@ -258,18 +251,7 @@ def main():
     result = set_peft_model_state_dict(fresh, theirs, adapter_name="focusdpo")
     if result.unexpected_keys:
         raise SystemExit(f"peft did not take {result.unexpected_keys}")
-    with torch.no_grad():
-        pred = fresh(
-            hidden_states=torch.cat([img, refs[0]], dim=1),
-            encoder_hidden_states=txt,
-            pooled_projections=y,
-            timestep=t,
-            img_ids=ids,
-            txt_ids=torch.zeros(TEXT_TOKENS, 3),
-            guidance=guidance,
-            return_dict=False,
-        )[0]
-    tensors["output.peft.refs1"] = pred[:, : GRID * GRID].contiguous()
+    tensors["output.peft.refs1"] = predict(fresh, torch.cat([img, refs[0]], dim=1), ids)
     if torch.equal(tensors["output.peft.refs1"], tensors["output.refs1"]):
         raise SystemExit("the PEFT LoRA did not change the model: it was not applied")
 

@@ -318,16 +318,6 @@ impl FlashAttention {
     }
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("fused attention: {what} is not f32");
-    };
-    let Some((start, end)) = l.contiguous_offsets() else {
-        candle_core::bail!("fused attention: {what} is not contiguous");
-    };
-    Ok(&v[start..end])
-}
-
 /// The f32 data of a contiguous CPU tensor (copied out of the storage lock).
 fn cpu_vec(t: &Tensor, what: &str) -> Result<Vec<f32>> {
     let t = t.contiguous()?;
@@ -335,7 +325,7 @@ fn cpu_vec(t: &Tensor, what: &str) -> Result<Vec<f32>> {
     let Storage::Cpu(s) = &*storage else {
         candle_core::bail!("fused attention: {what} is not on the CPU");
     };
-    Ok(f32_slice(s, layout, what)?.to_vec())
+    Ok(super::ops::contiguous_f32(s, layout, what)?.to_vec())
 }
 
 impl CustomOp3 for FlashAttention {
@@ -352,11 +342,8 @@ impl CustomOp3 for FlashAttention {
         sv: &CpuStorage,
         lv_: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (q, k, v) = (
-            f32_slice(sq, lq_, "q")?,
-            f32_slice(sk, lk_, "k")?,
-            f32_slice(sv, lv_, "v")?,
-        );
+        let f32_of = |s, l, what| super::ops::contiguous_f32(s, l, &format!("fused attention: {what}"));
+        let (q, k, v) = (f32_of(sq, lq_, "q")?, f32_of(sk, lk_, "k")?, f32_of(sv, lv_, "v")?);
         let (b, h, lq, d) = lq_.shape().dims4()?;
         let lk = lk_.shape().dims4()?.2;
         let mut o = vec![0f32; b * h * lq * d];

@@ -17,7 +17,8 @@ use rayon::prelude::*;
 /// Below this many elements an op runs on one thread (rayon's fork/join costs more than it saves).
 const PAR_MIN_ELEMS: usize = 1 << 14;
 
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+/// The f32 data of a contiguous CPU storage, or an error naming `op`.
+pub(super) fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
         candle_core::bail!("{op}: expected f32 storage");
     };

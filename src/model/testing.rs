@@ -133,10 +133,9 @@ pub fn write_tiny_flux_folder(dir: &std::path::Path, seed: u64) -> anyhow::Resul
 /// Writes a LoRA in x-flux processor naming (UNO's `dit_lora.safetensors` format) for a model of config `cfg`:
 /// every processor LoRA of every block, rank `rank`, random values (std 0.05).
 pub fn write_tiny_uno_lora(path: &std::path::Path, cfg: &Config, rank: usize, seed: u64) -> anyhow::Result<()> {
-    let (h, m) = (cfg.hidden_size, cfg.mlp_hidden_dim());
     let mut tensors = HashMap::new();
     let mut k = seed;
-    let mut add = |stem: String, rows: usize, inp: usize| -> Result<()> {
+    for (stem, rows, inp) in super::xflux_lora::xflux_processors(cfg) {
         k += 2;
         tensors.insert(
             format!("{stem}.down.weight"),
@@ -146,21 +145,6 @@ pub fn write_tiny_uno_lora(path: &std::path::Path, cfg: &Config, rank: usize, se
             format!("{stem}.up.weight"),
             random_tensor(&[rows, rank], 0.05, k + 1, &Device::Cpu)?,
         );
-        Ok(())
-    };
-    for i in 0..cfg.depth {
-        for (lora, rows) in [
-            ("qkv_lora1", 3 * h),
-            ("proj_lora1", h),
-            ("qkv_lora2", 3 * h),
-            ("proj_lora2", h),
-        ] {
-            add(format!("double_blocks.{i}.processor.{lora}"), rows, h)?;
-        }
-    }
-    for i in 0..cfg.depth_single_blocks {
-        add(format!("single_blocks.{i}.processor.qkv_lora"), 3 * h, h)?;
-        add(format!("single_blocks.{i}.processor.proj_lora"), h, h + m)?;
     }
     candle_core::safetensors::save(&tensors, path)?;
     Ok(())

@@ -179,6 +179,28 @@ fn xflux_key(path: &str, h: usize) -> Option<(String, usize)> {
     })
 }
 
+/// `(name stem, rows, in)` of every processor LoRA UNO's `set_lora` builds for a model of config `cfg`, in block
+/// order: four per double block (image and text streams' `qkv` and `proj`), two per single block.
+pub fn xflux_processors(cfg: &Config) -> Vec<(String, usize, usize)> {
+    let (h, m) = (cfg.hidden_size, cfg.mlp_hidden_dim());
+    let mut stems = Vec::new();
+    for i in 0..cfg.depth {
+        for (lora, rows) in [
+            ("qkv_lora1", 3 * h),
+            ("proj_lora1", h),
+            ("qkv_lora2", 3 * h),
+            ("proj_lora2", h),
+        ] {
+            stems.push((format!("double_blocks.{i}.processor.{lora}"), rows, h));
+        }
+    }
+    for i in 0..cfg.depth_single_blocks {
+        stems.push((format!("single_blocks.{i}.processor.qkv_lora"), 3 * h, h));
+        stems.push((format!("single_blocks.{i}.processor.proj_lora"), h, h + m));
+    }
+    stems
+}
+
 /// An x-flux LoRA file's tensors, for UNO's own pipeline.
 #[derive(Debug)]
 pub struct XfluxExport {
@@ -195,29 +217,14 @@ pub struct XfluxExport {
 /// rank. A piece on a layer x-flux cannot adapt, or changing rows it cannot express (the MLP rows of a single
 /// block's `linear1`), is an error naming the layer.
 pub fn write_xflux_lora(pieces: &[BaseLoraPiece], cfg: &Config) -> Result<XfluxExport, LoraError> {
-    let (h, m) = (cfg.hidden_size, cfg.mlp_hidden_dim());
+    let h = cfg.hidden_size;
     let not_expressible = |path: &str, what: String| {
         LoraError::Config(format!(
             "the adapter on `{path}` {what}, which x-flux (UNO's LoRA format) cannot express: train with \
              lora.targets.mlp = false (attention only) to export for UNO"
         ))
     };
-    // (stem, rows, in) of every processor LoRA UNO builds, in block order.
-    let mut stems: Vec<(String, usize, usize)> = Vec::new();
-    for i in 0..cfg.depth {
-        for (lora, rows) in [
-            ("qkv_lora1", 3 * h),
-            ("proj_lora1", h),
-            ("qkv_lora2", 3 * h),
-            ("proj_lora2", h),
-        ] {
-            stems.push((format!("double_blocks.{i}.processor.{lora}"), rows, h));
-        }
-    }
-    for i in 0..cfg.depth_single_blocks {
-        stems.push((format!("single_blocks.{i}.processor.qkv_lora"), 3 * h, h));
-        stems.push((format!("single_blocks.{i}.processor.proj_lora"), h, h + m));
-    }
+    let stems = xflux_processors(cfg);
     let mut parts: HashMap<String, (Vec<Tensor>, Vec<Tensor>)> = HashMap::new();
     for p in pieces {
         let Some((stem, rows)) = xflux_key(&p.target, h) else {

@@ -828,8 +828,8 @@ impl StudioApp {
 /// The progress bar of a backbone being loaded: bytes read of the total, and the part being read. Repaints
 /// while shown (the model thread only moves the counters).
 fn loading_bar(ui: &mut egui::Ui, label: &str, progress: &crate::model::weights::LoadProgress) {
+    use crate::model::memory::gb;
     let snap = progress.snapshot();
-    let gb = |b: u64| b as f64 / 1e9;
     let (fraction, numbers) = if snap.total > 0 {
         let f = (snap.read as f64 / snap.total as f64).min(1.0);
         (

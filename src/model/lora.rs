@@ -178,13 +178,6 @@ pub struct LoraAdapter {
 }
 
 impl LoraAdapter {
-    /// The adapter's contribution for `x` [rows, in] → [rows, out] (`out` = the rows `B` covers).
-    pub fn delta(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.matmul(&self.a.as_tensor().t()?)?
-            .matmul(&self.b.as_tensor().t()?)?
-            .affine(self.scale, 0.0)
-    }
-
     /// Number of output rows the adapter changes (the leading rows of its layer).
     pub fn rows(&self) -> usize {
         self.b.dims().first().copied().unwrap_or(0)

@@ -1,28 +1,55 @@
 #!/usr/bin/env bash
-# The GPU check (≤ 8 min) for a GPU machine with no Rust and no network: carry the repository with the binary
-# built by scripts/build-cuda.sh (target/cuda/focusdpo) and run
+# The GPU check (≤ 9 min) for a GPU machine with no Rust and no network: carry the repository with the binary
+# built by scripts/build-cuda.sh (target/cuda/focusdpo.xz) and the diffusers wheel (.whl/, for the reference
+# step), and run
 #
-#   bash scripts/gpu-check.sh [OUT_DIR]
+#   bash scripts/gpu-check.sh [OUT_DIR]            # on the GPU machine
+#   bash scripts/gpu-check.sh --dry-run [OUT_DIR]  # here: the same stages on the CPU, tiny sizes (tests the script)
 #
 # 1. CPU-vs-CUDA parity: one FocusDPO step of the tiny default (bundled base and data), dumped on each device; the
 #    loss, predictions and the fused mask are compared (python3 with torch + safetensors, as the machine has).
-# 2. One FocusDPO step at FLUX.1-dev size: random weights of FLUX.1-dev's transformer (random-flux-dev:0, bf16,
-#    12 B parameters), block checkpointing, LoRA rank 32, a 512 px item with one 512 px reference; its step time
-#    and the peak GPU memory (nvidia-smi, sampled every 100 ms) as one table, beside the memory plan.
-set -euo pipefail
+# 2. FocusDPO steps at FLUX.1-dev size: random weights of FLUX.1-dev's transformer (random-flux-dev:0, bf16,
+#    12 B parameters), block checkpointing, LoRA rank 32 (attention + MLP), a 512 px item with one 512 px
+#    reference; step times and the peak GPU memory (nvidia-smi, sampled every 100 ms) beside the memory plan.
+# 3. The same step in diffusers + peft on PyTorch (scripts/reference/diffusers_dpo_step.py): the ratio.
+# 4. The paper's hardest setting: 1024 px, 2 references, checkpointing and train.split_pair (the 48 GB target).
+# 5. While time is left: 1024 px, 2 references in diffusers + peft, and ours without the split pair.
+# Each stage has its own time limit inside one deadline, and everything lands in OUT as it comes: table.md at the
+# end sums it up.
+set -uo pipefail
 cd "$(dirname "$0")/.."
+DRY=0
+if [ "${1:-}" = "--dry-run" ]; then
+    DRY=1
+    shift
+fi
 OUT="${1:-${OUT:-out/gpu-check}}"
 mkdir -p "$OUT"
-BIN="${FOCUSDPO_BIN:-target/cuda/focusdpo}"
+START=$(date +%s)
+DEADLINE=$((START + ${GPU_CHECK_SECONDS:-530}))
+left() { echo $((DEADLINE - $(date +%s))); }
+log() { echo "== [$(($(date +%s) - START)) s] $*"; }
+
+if [ "$DRY" = 1 ]; then
+    DEV=cpu BASE=random:0 SMALL=64 LARGE=96 REF_SMALL=64 REF_LARGE=48 PY_TINY="--tiny --device cpu"
+    BIN="${FOCUSDPO_BIN:-target/release/focusdpo}"
+    PYTHON="${PYTHON:-python3}"
+else
+    DEV=cuda BASE=random-flux-dev:0 SMALL=512 LARGE=1024 REF_SMALL=512 REF_LARGE=512 PY_TINY=""
+    BIN="${FOCUSDPO_BIN:-target/cuda/focusdpo}"
+    PYTHON=python3
+fi
 if [ ! -x "$BIN" ] && [ -f "$BIN.xz" ]; then
     # The carried form: xz, unpacked with Python's lzma (no xz tool needed).
-    python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$BIN.xz" "$BIN"
+    "$PYTHON" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+        "$BIN.xz" "$BIN"
     chmod +x "$BIN"
 fi
 [ -x "$BIN" ] || { echo "no $BIN(.xz): build it with scripts/build-cuda.sh and carry it" >&2; exit 1; }
 
-# The CUDA libraries the binary links (cuBLAS, cuRAND, NVRTC) from the Python wheels PyTorch installed.
-LIBS="$(python3 - <<'EOF'
+if [ "$DRY" = 0 ]; then
+    # The CUDA libraries the binary links (cuBLAS, cuRAND, NVRTC) from the Python wheels PyTorch installed.
+    LIBS="$(python3 - <<'EOF'
 import glob, os
 try:
     import nvidia
@@ -36,21 +63,71 @@ for root in roots:
 print(":".join(sorted(dirs)))
 EOF
 )"
-export LD_LIBRARY_PATH="${LIBS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+    export LD_LIBRARY_PATH="${LIBS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    # diffusers for the reference step, from the carried wheel (the machine has torch, peft and transformers).
+    if ls .whl/diffusers-*.whl > /dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            .whl/*.whl && export PYTHONPATH=/tmp/site
+    fi
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+else
+    echo "dry run on the CPU" > "$OUT/gpu.txt"
+fi
 "$BIN" --version
 
-echo "== 1. CPU vs CUDA: one FocusDPO step of the tiny default"
-for dev in cpu cuda; do
+# measure NAME CAP CMD...: runs CMD under min(CAP, time left) seconds with its output in OUT/NAME.txt, sampling the
+# GPU's memory every 100 ms into OUT/NAME.mem; writes OUT/NAME.status (exit code) and OUT/NAME.peak (MiB).
+measure() {
+    local name=$1 cap=$2
+    shift 2
+    local limit
+    limit=$(left)
+    [ "$limit" -gt "$cap" ] && limit=$cap
+    if [ "$limit" -lt 20 ]; then
+        log "$name: skipped, no time left"
+        echo skipped > "$OUT/$name.status"
+        return
+    fi
+    log "$name (limit ${limit} s): $*"
+    local smi=""
+    if [ "$DRY" = 0 ]; then
+        nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/$name.mem" &
+        smi=$!
+    fi
+    local t0
+    t0=$(date +%s)
+    timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
+    echo $? > "$OUT/$name.status"
+    echo $(($(date +%s) - t0)) > "$OUT/$name.seconds"
+    [ -n "$smi" ] && kill "$smi" 2> /dev/null
+    wait 2> /dev/null
+    if [ -s "$OUT/$name.mem" ]; then sort -n "$OUT/$name.mem" | tail -1 > "$OUT/$name.peak"; else echo "?" > "$OUT/$name.peak"; fi
+    tail -4 "$OUT/$name.txt"
+}
+
+# Step times of `focusdpo train` output (`... 1234 ms` lines), and of the reference script's JSON line.
+our_steps() { grep -E '^step ' "$OUT/$1.txt" 2> /dev/null | sed -E 's/.* ([0-9]+) ms$/\1/' | tr '\n' ' '; }
+ref_field() { grep -E '^\{' "$OUT/$1.txt" 2> /dev/null | tail -1 | python3 -c "import json,sys; print(json.load(sys.stdin)['$2'])" 2> /dev/null || echo "?"; }
+
+# `focusdpo train` at FLUX.1-dev size; each stage adds its data, sizes and step settings.
+FLUX=(train --base "$BASE" --set model.device=$DEV --set model.dtype=bf16 --set lora.rank=32 --set lora.alpha=32
+    --set log.checkpoint_every=0 --plain)
+
+log "1. CPU vs $DEV: one FocusDPO step of the tiny default"
+for dev in cpu $DEV; do
     rm -rf "$OUT/parity-$dev"
-    /usr/bin/time -f "$dev: %e s" "$BIN" train --steps 1 --set model.device=$dev --set log.checkpoint_every=0 \
-        --dump-step 1 "$OUT/parity-$dev.safetensors" --out "$OUT/parity-$dev" --plain 2>&1 | tail -2
+    measure "parity-$dev" 60 "$BIN" train --steps 1 --set model.device=$dev --set log.checkpoint_every=0 \
+        --dump-step 1 "$OUT/parity-$dev.safetensors" --out "$OUT/parity-$dev" --plain
 done
-python3 - "$OUT" <<'EOF' | tee "$OUT/parity.txt"
+"$PYTHON" - "$OUT" "$DEV" << 'EOF' | tee "$OUT/parity.txt"
 import sys
 from safetensors.torch import load_file
-out = sys.argv[1]
-cpu, gpu = load_file(f"{out}/parity-cpu.safetensors"), load_file(f"{out}/parity-cuda.safetensors")
+out, dev = sys.argv[1], sys.argv[2]
+try:
+    cpu, gpu = load_file(f"{out}/parity-cpu.safetensors"), load_file(f"{out}/parity-{dev}.safetensors")
+except Exception as e:
+    print(f"no dump to compare: {e}")
+    sys.exit(0)
 worst = 0.0
 for k in sorted(cpu):
     a, b = cpu[k].double(), gpu[k].double()
@@ -60,31 +137,49 @@ for k in sorted(cpu):
 print(f"worst {worst:.2e}: {'ok' if worst < 1e-3 else 'DIFFERS'}")
 EOF
 
-echo "== 2. one FocusDPO step at FLUX.1-dev size (bf16, checkpointing, 1 reference, 512 px)"
-rm -rf "$OUT/d512" "$OUT/flux-run"
-"$BIN" dip synth --out "$OUT/d512" --items 1 --subjects 1 --size 512 > /dev/null
-"$BIN" plan --base random-flux-dev:0 --dtype bf16 --size 512 --references 1 --reference-px 512 --checkpoint-blocks \
-    --rank 32 --device cuda | tee "$OUT/plan.txt"
-nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/memory.csv" &
-SMI=$!
-start=$(date +%s)
-set +e
-timeout 420 "$BIN" train --base random-flux-dev:0 --data "$OUT/d512" --steps 2 --set model.device=cuda \
-    --set model.dtype=bf16 --set train.checkpoint_blocks=true --set model.reference_px=512 \
-    --set lora.rank=32 --set lora.alpha=32 --set log.checkpoint_every=0 --out "$OUT/flux-run" --plain \
-    2>&1 | tee "$OUT/flux-step.txt"
-status=${PIPESTATUS[0]}
-set -e
-kill "$SMI" 2>/dev/null || true
-peak=$(sort -n "$OUT/memory.csv" | tail -1)
-steps=$(grep -E '^step ' "$OUT/flux-step.txt" | sed -E 's/.* ([0-9]+) ms$/\1/' | tr '\n' ' ')
+log "2. FocusDPO at FLUX.1-dev size: $SMALL px, 1 × $REF_SMALL px reference, bf16, checkpointing"
+"$BIN" dip synth --out "$OUT/d-small" --items 1 --subjects 1 --size "$SMALL" > /dev/null
+"$BIN" dip synth --out "$OUT/d-large" --items 1 --subjects 2 --size "$LARGE" > /dev/null
+plan() { "$BIN" plan --base "$BASE" --dtype bf16 --rank 32 --device $DEV "$@"; }
+plan --size "$SMALL" --references 1 --reference-px "$REF_SMALL" --checkpoint-blocks > "$OUT/plan-small.txt"
+plan --size "$LARGE" --references 2 --reference-px "$REF_LARGE" --checkpoint-blocks --split-pair \
+    > "$OUT/plan-large-split.txt"
+plan --size "$LARGE" --references 2 --reference-px "$REF_LARGE" --checkpoint-blocks > "$OUT/plan-large.txt"
+cat "$OUT/plan-small.txt"
+measure ours-small 150 "$BIN" "${FLUX[@]}" --data "$OUT/d-small" --set model.reference_px="$REF_SMALL" --steps 3 \
+    --out "$OUT/ours-small-run" --set train.checkpoint_blocks=true
+
+log "3. the same step in diffusers + peft"
+measure torch-small 100 "$PYTHON" scripts/reference/diffusers_dpo_step.py $PY_TINY --size "$SMALL" --references 1 \
+    --reference-px "$REF_SMALL" --checkpoint --steps 2
+
+log "4. $LARGE px, 2 × $REF_LARGE px references, checkpointing + split pair"
+measure ours-large-split 160 "$BIN" "${FLUX[@]}" --data "$OUT/d-large" --set model.reference_px="$REF_LARGE" \
+    --steps 2 --out "$OUT/ours-large-split-run" --set train.checkpoint_blocks=true --set train.split_pair=true
+
+log "5. while time is left: $LARGE px in diffusers + peft, ours without the split pair"
+measure torch-large 100 "$PYTHON" scripts/reference/diffusers_dpo_step.py $PY_TINY --size "$LARGE" --references 2 \
+    --reference-px "$REF_LARGE" --checkpoint --steps 1
+measure ours-large 160 "$BIN" "${FLUX[@]}" --data "$OUT/d-large" --set model.reference_px="$REF_LARGE" --steps 2 \
+    --out "$OUT/ours-large-run" --set train.checkpoint_blocks=true
+
+total() { grep -E '^  total' "$OUT/$1" 2> /dev/null | sed -E 's/^ +total +([0-9.]+) GB.*/\1 GB/'; }
+row() { # LABEL NAME PLAN STEPS_MS
+    echo "| $1 | $(cat "$OUT/$2.status" 2> /dev/null) | $4 | $(cat "$OUT/$2.peak" 2> /dev/null) | $3 |"
+}
 {
-    echo "| check | result |"
-    echo "|---|---|"
-    echo "| GPU | $(cat "$OUT/gpu.txt") |"
-    echo "| CPU vs CUDA, tiny FocusDPO step | $(tail -1 "$OUT/parity.txt") |"
-    echo "| FLUX.1-dev-size FocusDPO step (bf16, checkpointing, rank 32, 512 px + 1 × 512 px reference) | exit $status; step times ${steps:-none} ms |"
-    echo "| peak GPU memory during the step | ${peak:-?} MiB |"
-    echo "| memory plan | $(grep -E '^  total' "$OUT/plan.txt" | sed -E 's/ +/ /g') |"
-    echo "| wall time of the FLUX step command | $(( $(date +%s) - start )) s |"
+    echo "GPU: $(cat "$OUT/gpu.txt"); binary: $("$BIN" --version); CPU vs $DEV, tiny FocusDPO step: $(tail -1 "$OUT/parity.txt")"
+    echo
+    echo "| step (bf16 base, LoRA rank 32, checkpointing) | exit | step times (ms) | peak GPU memory (MiB, nvidia-smi) | memory plan |"
+    echo "|---|---|---|---|---|"
+    row "ours, FocusDPO, $SMALL px + 1 × $REF_SMALL px" ours-small "$(total plan-small.txt)" "$(our_steps ours-small)"
+    row "diffusers + peft, DPO, $SMALL px + 1 × $REF_SMALL px" torch-small "–" \
+        "median $(ref_field torch-small median_step_ms) (allocator peak $(ref_field torch-small peak_reserved_gb) GB)"
+    row "ours, FocusDPO, $LARGE px + 2 × $REF_LARGE px, split pair" ours-large-split "$(total plan-large-split.txt)" \
+        "$(our_steps ours-large-split)"
+    row "diffusers + peft, DPO, $LARGE px + 2 × $REF_LARGE px" torch-large "–" \
+        "median $(ref_field torch-large median_step_ms) (allocator peak $(ref_field torch-large peak_reserved_gb) GB)"
+    row "ours, FocusDPO, $LARGE px + 2 × $REF_LARGE px" ours-large "$(total plan-large.txt)" "$(our_steps ours-large)"
+    echo
+    echo "whole check: $(($(date +%s) - START)) s"
 } | tee "$OUT/table.md"

@@ -11,6 +11,7 @@ use candle_core::{Device, Tensor};
 use focusdpo::masks::MaskVariant;
 use focusdpo::model::{BaseModel, Config};
 use focusdpo::train::RunConfig;
+use focusdpo::train::config::HiddenSource;
 use focusdpo::train::objective::ObjectiveKind;
 use focusdpo::train::run_store::read_metrics;
 use focusdpo::train::session::{
@@ -559,29 +560,48 @@ fn a_bf16_base_trains_on_the_cpu_like_the_f32_one() {
     );
 }
 
-/// `train.checkpoint_blocks = true` recomputes every block of the policy in backward: the same losses and the same
-/// LoRA after a few FocusDPO steps as without it.
+/// `train.checkpoint_blocks = true` recomputes every block of the policy in backward, and `train.split_pair
+/// = true` runs the winner's and the loser's policy passes one after the other: the same losses, gradient norms
+/// and LoRA after a few FocusDPO steps as the plain batched step, alone and together, with `M_s` read from the
+/// reference's or from the policy's hidden states.
 #[test]
-fn checkpointed_blocks_train_exactly_like_plain_ones() {
+fn checkpointed_blocks_and_split_pairs_train_exactly_like_plain_steps() {
     let device = Device::Cpu;
-    let mut runs = Vec::new();
-    for checkpoint in [false, true] {
-        let mut cfg = config(ObjectiveKind::FocusDpo, 3);
-        cfg.train.checkpoint_blocks = checkpoint;
-        let b = base();
-        let items = load_items(&cfg, &b, &device).expect("items");
-        let mut trainer = Trainer::new(cfg, b, items).expect("trainer");
-        let losses: Vec<f32> = (0..3)
-            .map(|_| trainer.step(false).expect("step").record.stats.loss)
-            .collect();
-        let lora: Vec<Tensor> = trainer.lora().vars().iter().map(|v| v.as_tensor().clone()).collect();
-        runs.push((losses, lora));
-    }
-    let ((plain_losses, plain_lora), (ckpt_losses, ckpt_lora)) = (&runs[0], &runs[1]);
-    for (a, b) in plain_losses.iter().zip(ckpt_losses) {
-        assert!((a - b).abs() <= 1e-5, "{plain_losses:?} vs {ckpt_losses:?}");
-    }
-    for (a, b) in plain_lora.iter().zip(ckpt_lora) {
-        assert!(tensor_diff(a, b) <= 1e-5);
+    for source in [HiddenSource::Reference, HiddenSource::Policy] {
+        let mut runs = Vec::new();
+        for (checkpoint, split) in [(false, false), (true, false), (false, true), (true, true)] {
+            let mut cfg = config(ObjectiveKind::FocusDpo, 3);
+            cfg.train.checkpoint_blocks = checkpoint;
+            cfg.train.split_pair = split;
+            cfg.masks.attention.source = source;
+            let b = base();
+            let items = load_items(&cfg, &b, &device).expect("items");
+            let mut trainer = Trainer::new(cfg, b, items).expect("trainer");
+            let records: Vec<_> = (0..3).map(|_| trainer.step(false).expect("step").record).collect();
+            let lora: Vec<Tensor> = trainer.lora().vars().iter().map(|v| v.as_tensor().clone()).collect();
+            runs.push(((checkpoint, split), records, lora));
+        }
+        let (_, plain, plain_lora) = &runs[0];
+        for (what, records, lora) in &runs[1..] {
+            for (a, b) in plain.iter().zip(records) {
+                assert!(
+                    (a.stats.loss - b.stats.loss).abs() <= 1e-5,
+                    "{source:?} {what:?} step {}: loss",
+                    a.step
+                );
+                assert!(
+                    (a.grad_norm - b.grad_norm).abs() <= 1e-5 * a.grad_norm.max(1e-3),
+                    "{source:?} {what:?} step {}: gradient norm {} vs {}",
+                    a.step,
+                    a.grad_norm,
+                    b.grad_norm
+                );
+                assert_eq!(a.m_mean, b.m_mean, "{source:?} {what:?}: the same map");
+            }
+            for (a, b) in plain_lora.iter().zip(lora) {
+                assert!(tensor_diff(a, b) <= 1e-5, "{source:?} {what:?}: LoRA");
+            }
+        }
+        assert!(plain.iter().all(|r| r.grad_norm > 0.0), "the steps train");
     }
 }

@@ -6,7 +6,9 @@ use anyhow::Context;
 use clap::Args;
 use focusdpo::model::base::read_file_layout;
 use focusdpo::model::lora::LoraConfig;
-use focusdpo::model::memory::{MemoryEstimate, Resident, Workload, cpu_available, estimate, gb};
+use focusdpo::model::memory::{
+    MemoryEstimate, Resident, Workload, cpu_available, device_available, device_name, estimate, gb,
+};
 use focusdpo::model::weights::{WeightDtype, safetensors_files, tensor_shapes};
 use focusdpo::model::{BaseSource, Config};
 use focusdpo::train::config::ModelSettings;
@@ -38,6 +40,9 @@ pub struct PlanArgs {
     /// Plan with block checkpointing (`train.checkpoint_blocks`).
     #[arg(long)]
     checkpoint_blocks: bool,
+    /// Plan with the pair's winner and loser run one after the other (`train.split_pair`).
+    #[arg(long)]
+    split_pair: bool,
     /// Plan a forward without gradients (masks, sampling) instead of a DPO / FocusDPO step.
     #[arg(long)]
     inference: bool,
@@ -121,16 +126,38 @@ fn backbone(settings: &ModelSettings) -> anyhow::Result<Backbone> {
     })
 }
 
-fn plan(b: &Backbone, args: &PlanArgs, size: usize, references: usize, checkpoint: bool) -> (Workload, MemoryEstimate) {
+/// How a step is computed: `train.checkpoint_blocks` and `train.split_pair`.
+#[derive(Clone, Copy)]
+struct StepMode {
+    checkpoint: bool,
+    split: bool,
+}
+
+impl StepMode {
+    fn describe(self) -> &'static str {
+        match (self.checkpoint, self.split) {
+            (false, false) => "off",
+            (true, false) => "on",
+            (false, true) => "off, split pair",
+            (true, true) => "on, split pair",
+        }
+    }
+}
+
+fn plan(b: &Backbone, args: &PlanArgs, size: usize, references: usize, mode: StepMode) -> (Workload, MemoryEstimate) {
     let side = |px: usize| px.div_ceil(b.pixels_per_token);
     let ref_px = args.reference_px.unwrap_or(b.reference_px);
     let work = Workload {
-        with_grad: if args.inference { 0 } else { 2 },
+        with_grad: match (args.inference, mode.split) {
+            (true, _) => 0,
+            (false, true) => 1,
+            (false, false) => 2,
+        },
         without_grad: 2,
         target_tokens: side(size) * side(size),
         reference_tokens: references * side(ref_px) * side(ref_px),
         text_tokens: b.text_tokens,
-        checkpoint_blocks: checkpoint,
+        checkpoint_blocks: mode.checkpoint,
         fused_attention: !b.on_gpu,
     };
     let lora = LoraConfig {
@@ -180,10 +207,17 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<()> {
     let dtype = args.dtype.unwrap_or(b.dtype);
     let what = if args.inference {
         "a forward without gradients (masks, sampling)"
+    } else if args.split_pair {
+        "a DPO / FocusDPO step (a pair: the winner's and the loser's policy passes with gradients one after the \
+         other, 2 reference sequences)"
     } else {
         "a DPO / FocusDPO step (a pair: 2 policy sequences with gradients, 2 reference ones)"
     };
-    let (work, e) = plan(&b, args, args.size, args.references, args.checkpoint_blocks);
+    let mode = StepMode {
+        checkpoint: args.checkpoint_blocks,
+        split: args.split_pair,
+    };
+    let (work, e) = plan(&b, args, args.size, args.references, mode);
     println!(
         "{} on {}: width {}, {} + {} blocks, weights {dtype}, LoRA rank {}, {} attention",
         what,
@@ -205,7 +239,7 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<()> {
         args.reference_px.unwrap_or(b.reference_px),
         work.text_tokens,
         work.tokens(),
-        if args.checkpoint_blocks { "on" } else { "off" }
+        mode.describe()
     );
     println!("  weights      {:8.2} GB", gb(e.weights));
     println!("  encoders     {:8.2} GB", gb(e.encoders));
@@ -222,6 +256,24 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<()> {
             gb(e.working()),
             if e.working() <= avail { "fits" } else { "does not fit" }
         );
+    } else if b.on_gpu {
+        // Nothing is loaded yet: the whole step must fit in what the GPU has free.
+        match settings.device() {
+            Ok(device) => match device_available(&device) {
+                Some(free) => println!(
+                    "  this machine: {:.2} GB free on {} for the whole step ({:.2} GB): {}",
+                    gb(free),
+                    device_name(&device),
+                    gb(e.total()),
+                    if e.total() <= free { "fits" } else { "does not fit" }
+                ),
+                None => println!(
+                    "  this machine: the free memory of {} cannot be read",
+                    device_name(&device)
+                ),
+            },
+            Err(err) => println!("  this machine: no {} ({err})", settings.device.trim()),
+        }
     }
     if args.table {
         println!();
@@ -232,15 +284,16 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<()> {
         println!("|---|---|---|---|{}", "---|".repeat(CARDS.len()));
         for size in [512, 1024] {
             for refs in 1..=3 {
-                for ckpt in [false, true] {
-                    let (_, e) = plan(&b, args, size, refs, ckpt);
+                for (checkpoint, split) in [(false, false), (true, false), (true, true)] {
+                    let mode = StepMode { checkpoint, split };
+                    let (_, e) = plan(&b, args, size, refs, mode);
                     let cells: Vec<&str> = CARDS
                         .iter()
                         .map(|(_, cap)| if gb(e.total()) <= *cap { "fits" } else { "–" })
                         .collect();
                     println!(
                         "| {size} px | {refs} | {} | {:.1} | {} |",
-                        if ckpt { "on" } else { "off" },
+                        mode.describe(),
                         gb(e.total()),
                         cells.join(" | ")
                     );

@@ -7,21 +7,28 @@
 //!   tiles with an online softmax (running max and sum per query row) and keeps only the output and each row's
 //!   log-sum-exp; backward recomputes each tile's probabilities from them. Memory is `O(L·D)`, not `O(L²)`: at
 //!   1024 px (65 536 tokens) the explicit scores of one head would take 16 GiB.
-//! * **chunked** (other devices and dtypes): the explicit form over query chunks, so a forward without gradients
-//!   holds one chunk's scores at a time (training on such devices keeps each chunk for backward; block
-//!   checkpointing bounds that to one block).
+//! * **chunked** (any device and dtype, the GPU's path): the same idea at the granularity of candle ops. The
+//!   forward walks query chunks without a graph and keeps only the output; backward recomputes each chunk's
+//!   probabilities and applies the softmax-attention gradient to it (`dS = P∘(dP − rowsum(dO∘O))`), so training
+//!   holds one chunk's scores at a time, never `[B, H, L, L]`. Chunks hold up to [`CHUNK_SCORE_BYTES`] of
+//!   scores, large enough that each is a few big matrix products.
 //!
 //! [`attention`] picks: explicit while the scores are small ([`FUSED_MIN_SCORE_BYTES`]), else fused on the CPU
-//! and chunked elsewhere. `M_s` (Eq. 3) reads hidden states, never these maps, so it is the same whichever runs.
+//! in f32 and chunked elsewhere. `M_s` (Eq. 3) reads hidden states, never these maps, so it is the same whichever runs.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 /// Score matrices up to this size (all batch rows and heads together) are materialised; above it the fused
 /// (CPU) or chunked (elsewhere) path runs.
 pub const FUSED_MIN_SCORE_BYTES: usize = 64 << 20;
+
+/// Scores (all batch rows and heads) of one query chunk of the chunked path. Its backward holds about four such
+/// matrices at once (scores, probabilities, their gradients): 2 GiB at the peak.
+pub const CHUNK_SCORE_BYTES: usize = 512 << 20;
 
 /// Query rows per tile of the fused kernel.
 const TILE_Q: usize = 64;
@@ -53,9 +60,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
     attention_with(q, k, v, scale, imp)
 }
 
-/// Query rows per chunk so that one chunk's scores stay under [`FUSED_MIN_SCORE_BYTES`].
+/// Query rows per chunk so that one chunk's scores stay under [`CHUNK_SCORE_BYTES`].
 fn chunk_rows(b: usize, h: usize, lk: usize, dtype: DType) -> usize {
-    (FUSED_MIN_SCORE_BYTES / (b * h * lk * dtype.size_in_bytes()).max(1)).max(1)
+    (CHUNK_SCORE_BYTES / (b * h * lk * dtype.size_in_bytes()).max(1)).max(1)
 }
 
 /// [`attention`] with a chosen implementation.
@@ -83,15 +90,127 @@ pub fn attention_with(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, imp: Atten
             if rows >= lq {
                 return explicit(q, k, v, scale);
             }
-            let mut parts = Vec::with_capacity(lq.div_ceil(rows));
-            let mut start = 0;
-            while start < lq {
-                let n = rows.min(lq - start);
-                parts.push(explicit(&q.narrow(2, start, n)?, k, v, scale)?);
-                start += n;
-            }
-            Tensor::cat(&parts, 2)
+            let op = ChunkedAttention {
+                scale,
+                rows,
+                value: Mutex::new(None),
+            };
+            let value = op.forward(&q.detach(), &k.detach(), &v.detach())?;
+            *op.value
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("chunked attention: poisoned lock".into()))? = Some(value);
+            q.apply_op3_arc(k, v, Arc::new(Box::new(op)))
         }
+    }
+}
+
+/// The chunked path as one candle op: its value is computed beforehand without a graph ([`Self::forward`]) and
+/// handed to candle by `*_fwd`; `bwd` recomputes chunk by chunk.
+struct ChunkedAttention {
+    scale: f64,
+    rows: usize,
+    value: Mutex<Option<Tensor>>,
+}
+
+impl ChunkedAttention {
+    /// Query chunks `(start, rows)`.
+    fn chunks(&self, lq: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+        (0..lq).step_by(self.rows).map(move |s| (s, self.rows.min(lq - s)))
+    }
+
+    /// One chunk's probabilities `softmax(s·q·kᵀ)` (no graph).
+    fn probs(&self, q: &Tensor, k: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::softmax_last_dim(&(q * self.scale)?.matmul(&k.t()?)?)
+    }
+
+    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let lq = q.dim(2)?;
+        let parts = self
+            .chunks(lq)
+            .map(|(s, n)| self.probs(&q.narrow(2, s, n)?, k)?.matmul(v))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&parts, 2)?.contiguous()
+    }
+
+    fn take_value(&self) -> Result<Tensor> {
+        self.value
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("chunked attention: poisoned lock".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("chunked attention: forward ran twice".into()))
+    }
+}
+
+impl CustomOp3 for ChunkedAttention {
+    fn name(&self) -> &'static str {
+        "chunked-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let value = self.take_value()?;
+        let (storage, layout) = value.storage_and_layout();
+        let Storage::Cpu(s) = &*storage else {
+            candle_core::bail!("chunked attention: the output is not on the CPU");
+        };
+        Ok((s.try_clone(layout)?, value.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let value = self.take_value()?;
+        let (storage, layout) = value.storage_and_layout();
+        let Storage::Cuda(s) = &*storage else {
+            candle_core::bail!("chunked attention: the output is not on the GPU");
+        };
+        Ok((s.try_clone(layout)?, value.shape().clone()))
+    }
+
+    /// Per chunk: `P` recomputed, `dV += Pᵀ·dO`, `dP = dO·Vᵀ`, `dS = P∘(dP − rowsum(dO∘O))`, `dQ = s·dS·K`,
+    /// `dK += s·dSᵀ·Q`.
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (q, k, v, res, grad) = (q.detach(), k.detach(), v.detach(), res.detach(), grad.detach());
+        let lq = q.dim(2)?;
+        let mut dq = Vec::new();
+        let mut dk = k.zeros_like()?;
+        let mut dv = v.zeros_like()?;
+        for (s, n) in self.chunks(lq) {
+            let (qc, oc, gc) = (
+                q.narrow(2, s, n)?,
+                res.narrow(2, s, n)?,
+                grad.narrow(2, s, n)?.contiguous()?,
+            );
+            let p = self.probs(&qc, &k)?;
+            dv = (dv + p.t()?.matmul(&gc)?)?;
+            let dp = gc.matmul(&v.t()?)?;
+            let delta = (&gc * &oc)?.sum_keepdim(3)?;
+            let ds = (p * dp.broadcast_sub(&delta)?)?;
+            dq.push((ds.matmul(&k)? * self.scale)?);
+            dk = (dk + (ds.t()?.matmul(&qc)? * self.scale)?)?;
+        }
+        Ok((Some(Tensor::cat(&dq, 2)?), Some(dk), Some(dv)))
     }
 }
 
@@ -468,7 +587,7 @@ mod tests {
     #[test]
     fn the_choice_follows_the_size_of_the_scores() -> Result<()> {
         let dev = Device::Cpu;
-        assert_eq!(chunk_rows(1, 1, 1 << 20, DType::F32), 16);
+        assert_eq!(chunk_rows(1, 1, 1 << 20, DType::F32), 128);
         let q = random_tensor(&[1, 1, 4, 8], 1.0, 1, &dev)?;
         let a = attention(&q, &q, &q, 0.5)?;
         let b = attention_with(&q, &q, &q, 0.5, AttentionImpl::Explicit)?;

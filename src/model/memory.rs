@@ -12,13 +12,14 @@
 //!   [`TRANSIENT`] units of gradients and temporaries at the peak of backward. A forward without gradients holds
 //!   [`FORWARD_TRANSIENT`] units at a time. The three constants were measured (peak RSS of `focusdpo train` on
 //!   the tiny model at 256 px with and without checkpointing, `docs/training.md`), not derived.
-//! * **Attention scores** `[sequences, heads, L, L]` f32: none with the fused CPU kernel ([`super::attention`]);
-//!   with the explicit or chunked form (small inputs; other devices) two such matrices per block are kept for
-//!   backward (one block with checkpointing), or one chunk's at a time in a forward without gradients.
+//! * **Attention scores** `[sequences, heads, L, L]` f32 ([`super::attention`]): small ones are materialised,
+//!   and two such matrices per block are kept for backward (one block with checkpointing); large ones take the
+//!   fused CPU kernel (none held) or, elsewhere, the chunked path, which holds one chunk's
+//!   ([`CHUNK_SCORE_BYTES`]) at a time: four matrices of it in backward, two in a forward.
 
 use std::fmt;
 
-use super::attention::FUSED_MIN_SCORE_BYTES;
+use super::attention::{CHUNK_SCORE_BYTES, FUSED_MIN_SCORE_BYTES};
 use super::config::Config;
 use super::weights::WeightDtype;
 
@@ -44,7 +45,8 @@ pub struct Workload {
     pub text_tokens: usize,
     /// `train.checkpoint_blocks`.
     pub checkpoint_blocks: bool,
-    /// Whether the attention runs on the CPU in f32 (the fused O(L) kernel for large inputs).
+    /// Whether the attention runs on the CPU in f32 (the fused O(L) kernel for large inputs; elsewhere the
+    /// chunked path holds one chunk's scores).
     pub fused_attention: bool,
 }
 
@@ -134,7 +136,15 @@ pub fn estimate(cfg: &Config, dtype: WeightDtype, resident: Resident, work: &Wor
     let unit = |sequences: usize| cfg.hidden_size as u64 * tokens * sequences as u64 * 4;
     let heads = cfg.num_heads as u64;
     let scores = |sequences: usize| sequences as u64 * heads * tokens * tokens * 4;
-    let explicit = |sequences: usize| !work.fused_attention || scores(sequences) <= FUSED_MIN_SCORE_BYTES as u64;
+    let explicit = |sequences: usize| scores(sequences) <= FUSED_MIN_SCORE_BYTES as u64;
+    // Large scores: none held by the fused kernel, one chunk's (`matrices` of them at once) by the chunked path.
+    let large = |sequences: usize, matrices: u64| {
+        if work.fused_attention {
+            0
+        } else {
+            matrices * scores(sequences).min(CHUNK_SCORE_BYTES as u64)
+        }
+    };
     let (activations, attention) = if work.with_grad > 0 {
         let s = work.with_grad;
         let kept = if work.checkpoint_blocks {
@@ -146,18 +156,14 @@ pub fn estimate(cfg: &Config, dtype: WeightDtype, resident: Resident, work: &Wor
         let attention = if explicit(s) {
             2 * scores(s) * attention_blocks
         } else {
-            0
+            large(s, 4)
         };
         // The reference forward (no graph) runs before backward: its transient is below the training peak.
         ((kept + TRANSIENT) * unit(s), attention)
     } else {
         let s = work.without_grad.max(1);
         // One block at a time: small scores whole, large ones by the fused kernel (none) or in chunks.
-        let attention = if explicit(s) {
-            2 * scores(s).min(FUSED_MIN_SCORE_BYTES as u64)
-        } else {
-            0
-        };
+        let attention = if explicit(s) { 2 * scores(s) } else { large(s, 2) };
         (FORWARD_TRANSIENT * unit(s), attention)
     };
     MemoryEstimate {
@@ -174,8 +180,8 @@ pub fn estimate(cfg: &Config, dtype: WeightDtype, resident: Resident, work: &Wor
 #[derive(Debug, thiserror::Error)]
 #[error(
     "{what} needs about {need:.2} GB ({estimate}) but {available:.2} GB are available on {device}: lower the image \
-     or reference size, set train.checkpoint_blocks = true, hold the base in bf16 (model.dtype = \"bf16\"), or run \
-     on a larger device (model.device)"
+     or reference size, set train.checkpoint_blocks = true (and train.split_pair = true), hold the base in bf16 \
+     (model.dtype = \"bf16\"), or run on a larger device (model.device)"
 )]
 pub struct DoesNotFit {
     /// What was planned (`a FocusDPO step at 4 264 tokens`, …).
@@ -207,12 +213,8 @@ pub fn check(what: &str, estimate: MemoryEstimate, available: u64, device: &str)
 /// The memory available to this process on the CPU: `FOCUSDPO_MEMORY_LIMIT_GB` when set (for shared machines,
 /// and tests), else the kernel's `MemAvailable` (Linux), else `None` (not checked).
 pub fn cpu_available() -> Option<u64> {
-    if let Some(limit) = std::env::var("FOCUSDPO_MEMORY_LIMIT_GB")
-        .ok()
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|v| v.is_finite() && *v > 0.0)
-    {
-        return Some((limit * 1e9) as u64);
+    if let Some(limit) = env_limit() {
+        return Some(limit);
     }
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     meminfo
@@ -220,6 +222,49 @@ pub fn cpu_available() -> Option<u64> {
         .find_map(|l| l.strip_prefix("MemAvailable:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map(|kb| kb * 1024)
+}
+
+/// The memory available to this process on `device`: on the CPU [`cpu_available`]; on a GPU (the `cuda`
+/// feature) the free device memory (`cuMemGetInfo`, so what is already loaded is not counted), lowered to
+/// `FOCUSDPO_MEMORY_LIMIT_GB` when that is set; `None` where it cannot be read (not checked).
+pub fn device_available(device: &candle_core::Device) -> Option<u64> {
+    if device.is_cpu() {
+        return cpu_available();
+    }
+    let free = gpu_free(device)?;
+    Some(match env_limit() {
+        Some(limit) => limit.min(free),
+        None => free,
+    })
+}
+
+fn env_limit() -> Option<u64> {
+    std::env::var("FOCUSDPO_MEMORY_LIMIT_GB")
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|v| v.is_finite() && *v > 0.0)
+        .map(|v| (v * 1e9) as u64)
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_free(device: &candle_core::Device) -> Option<u64> {
+    let cuda = device.as_cuda_device().ok()?;
+    let (free, _total) = cuda.cuda_stream().context().mem_get_info().ok()?;
+    Some(free as u64)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_free(_: &candle_core::Device) -> Option<u64> {
+    None
+}
+
+/// How a device is named in messages: `the CPU`, `the GPU (cuda:0)`.
+pub fn device_name(device: &candle_core::Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "the CPU".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("the GPU (cuda:{gpu_id})"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("the GPU (metal:{gpu_id})"),
+    }
 }
 
 #[cfg(test)]
@@ -249,6 +294,19 @@ mod tests {
         assert_eq!(plain.attention, 0, "fused: no scores");
         let ckpt = estimate(&cfg, WeightDtype::F32, none, &work(2, 4264, true));
         assert_eq!(ckpt.activations, (6 + 56 + 40) * unit);
+        // Off the CPU the chunked path holds four chunk-sized matrices in backward, two in a forward; scores
+        // below a chunk count whole (2 · 4 heads · 4264² · 4 B = 582 MB > 512 MiB; 2 · 4 · 3000² · 4 B < it).
+        let gpu = |with_grad, tokens| Workload {
+            fused_attention: false,
+            ..work(with_grad, tokens, true)
+        };
+        let chunked = estimate(&cfg, WeightDtype::F32, none, &gpu(2, 4264));
+        assert_eq!(chunked.attention, 4 * (512 << 20));
+        assert_eq!(chunked.activations, ckpt.activations);
+        let forward = estimate(&cfg, WeightDtype::F32, none, &gpu(0, 4264));
+        assert_eq!(forward.attention, 2 * (512 << 20));
+        let smaller = estimate(&cfg, WeightDtype::F32, none, &gpu(2, 3000));
+        assert_eq!(smaller.attention, 4 * (2 * 4 * 3000 * 3000 * 4));
         // The tiny default (424 tokens): explicit scores, two per block kept.
         let small = estimate(&cfg, WeightDtype::F32, none, &work(2, 424, false));
         assert_eq!(small.attention, 2 * (2 * 4 * 424 * 424 * 4) * 6);

@@ -585,15 +585,15 @@ impl Mmdit {
     }
 
     /// Refuses `work` (on this model's device, with `lora_params` trainable parameters) when its working memory
-    /// (activations, attention, optimiser) exceeds what the device has free ([`super::memory`]). Checked on the
-    /// CPU (`MemAvailable`, or `FOCUSDPO_MEMORY_LIMIT_GB`); on GPUs the estimate is returned but not checked yet.
+    /// (activations, attention, optimiser) exceeds what the device has free ([`super::memory::device_available`]:
+    /// `MemAvailable` on the CPU, free device memory on a GPU, or `FOCUSDPO_MEMORY_LIMIT_GB`).
     pub fn check_memory(
         &self,
         what: &str,
         lora_params: u64,
         work: super::memory::Workload,
     ) -> std::result::Result<super::memory::MemoryEstimate, super::memory::DoesNotFit> {
-        use super::memory::{Resident, Workload, check, cpu_available, estimate};
+        use super::memory::{Resident, Workload, check, device_available, device_name, estimate};
         let dtype = match self.weight_dtype() {
             DType::BF16 => super::weights::WeightDtype::Bf16,
             DType::F16 => super::weights::WeightDtype::F16,
@@ -608,11 +608,9 @@ impl Mmdit {
             lora_params,
         };
         let plan = estimate(&self.cfg, dtype, resident, &work);
-        if self.device().is_cpu()
-            && let Some(available) = cpu_available()
-        {
+        if let Some(available) = device_available(self.device()) {
             let what = format!("{what} ({} tokens a sequence)", work.tokens());
-            check(&what, plan, available, "the CPU")?;
+            check(&what, plan, available, &device_name(self.device()))?;
         }
         Ok(plan)
     }

@@ -389,6 +389,11 @@ pub struct TrainSettings {
     /// Block checkpointing: each block of the policy's forward keeps only its inputs and is recomputed in
     /// backward (one more forward of the policy per step; activation memory of one block instead of all).
     pub checkpoint_blocks: bool,
+    /// A DPO pair's winner and loser run their policy forward and backward one after the other instead of as
+    /// one batch of two, so only one sequence's activations are held (about half the activation memory at the
+    /// cost of one more policy forward without gradients per step). The gradients are the same: the loser's
+    /// prediction enters the loss as a leaf, and its gradient is pushed through a second forward.
+    pub split_pair: bool,
 }
 
 impl Default for RunConfig {

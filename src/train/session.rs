@@ -339,8 +339,12 @@ impl Trainer {
         let mut lora_cfg = cfg.lora;
         lora_cfg.seed = lora_cfg.seed.wrapping_add(cfg.seed);
         // The memory plan of a step on the largest item, before anything is allocated for training: a pair's
-        // policy forward (two sequences with a graph; one for SFT) and its reference forward.
-        let with_grad = if cfg.objective == ObjectiveKind::Sft { 1 } else { 2 };
+        // policy forward (two sequences with a graph; one for SFT or a split pair) and its reference forward.
+        let with_grad = if cfg.objective == ObjectiveKind::Sft || cfg.train.split_pair {
+            1
+        } else {
+            2
+        };
         if let Some(largest) = items.iter().max_by_key(|i| i.workload(0, 0, false).tokens()) {
             let what = format!("a {} step", cfg.objective.name());
             base.mmdit.check_memory(
@@ -500,19 +504,53 @@ impl Trainer {
         let source = self.cfg.masks.attention.source;
         // Block checkpointing: the policy's blocks keep only their inputs; the LoRA gradients they compute again
         // in backward are collected here and merged below.
-        let checkpoint = self
-            .cfg
-            .train
-            .checkpoint_blocks
-            .then(|| Arc::new(CheckpointGrads::default()));
-        let policy = self.forward(
-            item,
-            &noised.x_t,
-            &timesteps,
-            Adapters::On,
-            pair && source == HiddenSource::Policy,
-            checkpoint.as_ref(),
-        )?;
+        let new_sink = || {
+            self.cfg
+                .train
+                .checkpoint_blocks
+                .then(|| Arc::new(CheckpointGrads::default()))
+        };
+        let checkpoint = new_sink();
+        // `train.split_pair`: the winner's policy forward keeps its graph; the loser's runs without one here
+        // (its prediction enters the loss as a leaf) and again with one after the winner's backward.
+        let split = pair && self.cfg.train.split_pair;
+        let one = |t: &Tensor, i: usize| t.narrow(0, i, 1);
+        let (policy, loser_leaf) = if split {
+            let w = self.forward(
+                item,
+                &one(&noised.x_t, 0)?,
+                &one(&timesteps, 0)?,
+                Adapters::On,
+                source == HiddenSource::Policy,
+                checkpoint.as_ref(),
+            )?;
+            let l = crate::model::checkpoint::without_graph(|| {
+                self.forward(
+                    item,
+                    &one(&noised.x_t, 1)?,
+                    &one(&timesteps, 1)?,
+                    Adapters::On,
+                    false,
+                    None,
+                )
+            })?;
+            let leaf = candle_core::Var::from_tensor(&l.prediction.detach())?;
+            let joined = ForwardOutput {
+                prediction: Tensor::cat(&[&w.prediction, leaf.as_tensor()], 0)?,
+                hidden: w.hidden,
+            };
+            (joined, Some(leaf))
+        } else {
+            let joint = self.forward(
+                item,
+                &noised.x_t,
+                &timesteps,
+                Adapters::On,
+                pair && source == HiddenSource::Policy,
+                checkpoint.as_ref(),
+            )?;
+            (joint, None)
+        };
         let (output, masks, m_tensor, reference) = if pair {
             let reference = self.forward(
                 item,
@@ -569,6 +607,41 @@ impl Trainer {
         if let Some(c) = &checkpoint {
             c.merge_into(&mut grads, &vars)?;
         }
+        // The policy's graph is no longer needed: only the values are kept (the dump), so that the split
+        // pair's second forward does not hold the first one's activations.
+        let output = super::objective::ObjectiveOutput {
+            loss: output.loss.detach(),
+            stats: output.stats,
+        };
+        let policy_prediction = policy.prediction.detach();
+        drop(policy);
+        if let Some(leaf) = &loser_leaf
+            && let Some(g_l) = grads.remove(leaf.as_tensor())
+        {
+            // d loss/dθ through the loser = Σ g_l · d prediction_l/dθ: back-propagate `g_l` through its forward.
+            let sink = new_sink();
+            let l = self.forward(
+                item,
+                &one(&noised.x_t, 1)?,
+                &one(&timesteps, 1)?,
+                Adapters::On,
+                false,
+                sink.as_ref(),
+            )?;
+            let mut loser = (l.prediction * g_l)?.sum_all()?.backward()?;
+            if let Some(c) = &sink {
+                c.merge_into(&mut loser, &vars)?;
+            }
+            for var in &vars {
+                if let Some(g) = loser.remove(var.as_tensor()) {
+                    let sum = match grads.remove(var.as_tensor()) {
+                        Some(existing) => (existing + g)?,
+                        None => g,
+                    };
+                    grads.insert(var.as_tensor(), sum);
+                }
+            }
+        }
         let grad_norm = clip_grad_norm(&mut grads, &vars, self.cfg.optim.grad_clip)?;
         if !grad_norm.is_finite() {
             return Err(non_finite(step, "gradient norm", grad_norm));
@@ -590,7 +663,7 @@ impl Trainer {
                 ("t".to_string(), Tensor::new(&[t_sched], &self.device)?),
                 ("x_t".to_string(), noised.x_t.clone()),
                 ("target".to_string(), noised.target.clone()),
-                ("policy".to_string(), policy.prediction.detach()),
+                ("policy".to_string(), policy_prediction),
                 ("loss".to_string(), output.loss.detach().reshape(1)?),
             ];
             if let Some(r) = &reference {

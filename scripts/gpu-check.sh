@@ -63,7 +63,8 @@ for root in roots:
 print(":".join(sorted(dirs)))
 EOF
 )"
-    export LD_LIBRARY_PATH="${LIBS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    # Only for our binary: PyTorch loads its own, and a path over all of them can hand it mismatched ones.
+    OUR_LIBS="${LIBS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     # diffusers for the reference step, from the carried wheel (the machine has torch, peft and transformers).
     if ls .whl/diffusers-*.whl > /dev/null 2>&1; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -73,13 +74,21 @@ EOF
 else
     echo "dry run on the CPU" > "$OUT/gpu.txt"
 fi
-"$BIN" --version
+# Our binary with the CUDA libraries on its path; the reference step with PyTorch's own.
+ours() { LD_LIBRARY_PATH="${OUR_LIBS:-${LD_LIBRARY_PATH:-}}" "$BIN" "$@"; }
+BIN_CMD=(env LD_LIBRARY_PATH="${OUR_LIBS:-${LD_LIBRARY_PATH:-}}" "$BIN")
+ours --version
 
 # measure NAME CAP CMD...: runs CMD under min(CAP, time left) seconds with its output in OUT/NAME.txt, sampling the
 # GPU's memory every 100 ms into OUT/NAME.mem; writes OUT/NAME.status (exit code) and OUT/NAME.peak (MiB).
 measure() {
     local name=$1 cap=$2
     shift 2
+    if [[ " ${GPU_CHECK_SKIP:-} " == *" $name "* ]]; then
+        log "$name: skipped (GPU_CHECK_SKIP)"
+        echo skipped > "$OUT/$name.status"
+        return
+    fi
     local limit
     limit=$(left)
     [ "$limit" -gt "$cap" ] && limit=$cap
@@ -109,14 +118,15 @@ measure() {
 our_steps() { grep -E '^step ' "$OUT/$1.txt" 2> /dev/null | sed -E 's/.* ([0-9]+) ms$/\1/' | tr '\n' ' '; }
 ref_field() { grep -E '^\{' "$OUT/$1.txt" 2> /dev/null | tail -1 | python3 -c "import json,sys; print(json.load(sys.stdin)['$2'])" 2> /dev/null || echo "?"; }
 
-# `focusdpo train` at FLUX.1-dev size; each stage adds its data, sizes and step settings.
+# `focusdpo train` at FLUX.1-dev size; each stage adds its data, sizes and step settings. The memory trace
+# (FOCUSDPO_MEMORY_TRACE=1) prints the memory in use at each phase of a step, synchronising there.
 FLUX=(train --base "$BASE" --set model.device=$DEV --set model.dtype=bf16 --set lora.rank=32 --set lora.alpha=32
     --set log.checkpoint_every=0 --plain)
 
 log "1. CPU vs $DEV: one FocusDPO step of the tiny default"
 for dev in cpu $DEV; do
     rm -rf "$OUT/parity-$dev"
-    measure "parity-$dev" 60 "$BIN" train --steps 1 --set model.device=$dev --set log.checkpoint_every=0 \
+    measure "parity-$dev" 60 "${BIN_CMD[@]}" train --steps 1 --set model.device=$dev --set log.checkpoint_every=0 \
         --dump-step 1 "$OUT/parity-$dev.safetensors" --out "$OUT/parity-$dev" --plain
 done
 "$PYTHON" - "$OUT" "$DEV" << 'EOF' | tee "$OUT/parity.txt"
@@ -138,15 +148,15 @@ print(f"worst {worst:.2e}: {'ok' if worst < 1e-3 else 'DIFFERS'}")
 EOF
 
 log "2. FocusDPO at FLUX.1-dev size: $SMALL px, 1 × $REF_SMALL px reference, bf16, checkpointing"
-"$BIN" dip synth --out "$OUT/d-small" --items 1 --subjects 1 --size "$SMALL" > /dev/null
-"$BIN" dip synth --out "$OUT/d-large" --items 1 --subjects 2 --size "$LARGE" > /dev/null
-plan() { "$BIN" plan --base "$BASE" --dtype bf16 --rank 32 --device $DEV "$@"; }
+ours dip synth --out "$OUT/d-small" --items 1 --subjects 1 --size "$SMALL" > /dev/null
+ours dip synth --out "$OUT/d-large" --items 1 --subjects 2 --size "$LARGE" > /dev/null
+plan() { ours plan --base "$BASE" --dtype bf16 --rank 32 --device $DEV "$@"; }
 plan --size "$SMALL" --references 1 --reference-px "$REF_SMALL" --checkpoint-blocks > "$OUT/plan-small.txt"
 plan --size "$LARGE" --references 2 --reference-px "$REF_LARGE" --checkpoint-blocks --split-pair \
     > "$OUT/plan-large-split.txt"
 plan --size "$LARGE" --references 2 --reference-px "$REF_LARGE" --checkpoint-blocks > "$OUT/plan-large.txt"
 cat "$OUT/plan-small.txt"
-measure ours-small 150 "$BIN" "${FLUX[@]}" --data "$OUT/d-small" --set model.reference_px="$REF_SMALL" --steps 3 \
+measure ours-small 150 env FOCUSDPO_MEMORY_TRACE=1 "${BIN_CMD[@]}" "${FLUX[@]}" --data "$OUT/d-small" --set model.reference_px="$REF_SMALL" --steps 3 \
     --out "$OUT/ours-small-run" --set train.checkpoint_blocks=true
 
 log "3. the same step in diffusers + peft"
@@ -154,13 +164,13 @@ measure torch-small 100 "$PYTHON" scripts/reference/diffusers_dpo_step.py $PY_TI
     --reference-px "$REF_SMALL" --checkpoint --steps 2
 
 log "4. $LARGE px, 2 × $REF_LARGE px references, checkpointing + split pair"
-measure ours-large-split 160 "$BIN" "${FLUX[@]}" --data "$OUT/d-large" --set model.reference_px="$REF_LARGE" \
+measure ours-large-split 160 env FOCUSDPO_MEMORY_TRACE=1 "${BIN_CMD[@]}" "${FLUX[@]}" --data "$OUT/d-large" --set model.reference_px="$REF_LARGE" \
     --steps 2 --out "$OUT/ours-large-split-run" --set train.checkpoint_blocks=true --set train.split_pair=true
 
 log "5. while time is left: $LARGE px in diffusers + peft, ours without the split pair"
 measure torch-large 100 "$PYTHON" scripts/reference/diffusers_dpo_step.py $PY_TINY --size "$LARGE" --references 2 \
     --reference-px "$REF_LARGE" --checkpoint --steps 1
-measure ours-large 160 "$BIN" "${FLUX[@]}" --data "$OUT/d-large" --set model.reference_px="$REF_LARGE" --steps 2 \
+measure ours-large 160 env FOCUSDPO_MEMORY_TRACE=1 "${BIN_CMD[@]}" "${FLUX[@]}" --data "$OUT/d-large" --set model.reference_px="$REF_LARGE" --steps 2 \
     --out "$OUT/ours-large-run" --set train.checkpoint_blocks=true
 
 total() { grep -E '^  total' "$OUT/$1" 2> /dev/null | sed -E 's/^ +total +([0-9.]+) GB.*/\1 GB/'; }
@@ -168,7 +178,7 @@ row() { # LABEL NAME PLAN STEPS_MS
     echo "| $1 | $(cat "$OUT/$2.status" 2> /dev/null) | $4 | $(cat "$OUT/$2.peak" 2> /dev/null) | $3 |"
 }
 {
-    echo "GPU: $(cat "$OUT/gpu.txt"); binary: $("$BIN" --version); CPU vs $DEV, tiny FocusDPO step: $(tail -1 "$OUT/parity.txt")"
+    echo "GPU: $(cat "$OUT/gpu.txt"); binary: $(ours --version); CPU vs $DEV, tiny FocusDPO step: $(tail -1 "$OUT/parity.txt")"
     echo
     echo "| step (bf16 base, LoRA rank 32, checkpointing) | exit | step times (ms) | peak GPU memory (MiB, nvidia-smi) | memory plan |"
     echo "|---|---|---|---|---|"
@@ -180,6 +190,15 @@ row() { # LABEL NAME PLAN STEPS_MS
     row "diffusers + peft, DPO, $LARGE px + 2 × $REF_LARGE px" torch-large "–" \
         "median $(ref_field torch-large median_step_ms) (allocator peak $(ref_field torch-large peak_reserved_gb) GB)"
     row "ours, FocusDPO, $LARGE px + 2 × $REF_LARGE px" ours-large "$(total plan-large.txt)" "$(our_steps ours-large)"
+    echo
+    echo "Memory in use at the phases of the last step (FOCUSDPO_MEMORY_TRACE=1; after a synchronisation):"
+    for name in ours-small ours-large-split ours-large; do
+        last=$(grep -E '^memory: step [0-9]+' "$OUT/$name.txt" 2> /dev/null | tail -1 | sed -E 's/^memory: step ([0-9]+),.*/\1/')
+        [ -n "$last" ] || continue
+        echo
+        echo "$name:"
+        grep -E "^memory: step $last," "$OUT/$name.txt" | sed -E 's/^memory: /    /'
+    done
     echo
     echo "whole check: $(($(date +%s) - START)) s"
 } | tee "$OUT/table.md"

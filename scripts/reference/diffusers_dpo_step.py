@@ -123,14 +123,15 @@ def main():
 
     def step():
         # A pair: winner and loser share noise, timestep, references and prompt (Diffusion-DPO).
+        # (Materialised batches, as a data loader gives them, not broadcast views.)
         x0 = randn(2, n_img, ch)
-        noise = randn(1, n_img, ch).expand(2, -1, -1)
-        t = torch.rand(1, generator=g, device=dev).expand(2)
+        noise = randn(1, n_img, ch).repeat(2, 1, 1)
+        t = torch.rand(1, generator=g, device=dev).repeat(2)
         x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
         target = noise - x0
-        refs = randn(1, n_ref, ch).expand(2, -1, -1)
-        text = randn(1, a.text_tokens, txt_dim).expand(2, -1, -1)
-        pooled = randn(1, pooled_dim).expand(2, -1)
+        refs = randn(1, n_ref, ch).repeat(2, 1, 1)
+        text = randn(1, a.text_tokens, txt_dim).repeat(2, 1, 1)
+        pooled = randn(1, pooled_dim).repeat(2, 1)
         with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
             with torch.no_grad():
                 model.disable_adapters()

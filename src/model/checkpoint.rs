@@ -174,7 +174,9 @@ impl CustomOp3 for Checkpointed {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (vs, vv) = (Var::from_tensor(&stream.detach())?, Var::from_tensor(&vec.detach())?);
         let out = (self.recompute)(vs.as_tensor(), vv.as_tensor())?;
+        super::memory::trace_point(stream.device());
         let grads = (out * grad.detach())?.sum_all()?.backward()?;
+        super::memory::trace_point(stream.device());
         // The variables' gradients go to the sink (the anchor's included), not through candle.
         for var in &self.vars {
             if let Some(g) = grads.get(var.as_tensor()) {

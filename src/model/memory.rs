@@ -258,6 +258,75 @@ fn gpu_free(_: &candle_core::Device) -> Option<u64> {
     None
 }
 
+/// `FOCUSDPO_MEMORY_TRACE=1`: [`trace`] prints the memory in use on the device at the points a training step
+/// passes (synchronising first, so that memory freed by then is counted out), and [`trace_point`] keeps the
+/// largest value seen inside backward. For measuring the plan against a device; off, both cost nothing.
+fn tracing() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("FOCUSDPO_MEMORY_TRACE").is_ok_and(|v| v == "1"))
+}
+
+static TRACE_MAX: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Bytes in use on `device` after a synchronisation (GPU: total − free; CPU: resident set), when tracing.
+fn in_use(device: &candle_core::Device) -> Option<u64> {
+    if device.is_cpu() {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let kb = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse::<u64>()
+            .ok()?;
+        return Some(kb * 1024);
+    }
+    device.synchronize().ok()?;
+    gpu_used(device)
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_used(device: &candle_core::Device) -> Option<u64> {
+    let cuda = device.as_cuda_device().ok()?;
+    let (free, total) = cuda.cuda_stream().context().mem_get_info().ok()?;
+    Some((total - free) as u64)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_used(_: &candle_core::Device) -> Option<u64> {
+    None
+}
+
+/// Prints `label` and the memory in use (and the largest [`trace_point`] since the last call) to stderr, when
+/// `FOCUSDPO_MEMORY_TRACE=1`.
+pub fn trace(device: &candle_core::Device, label: &str) {
+    if !tracing() {
+        return;
+    }
+    if let Some(used) = in_use(device) {
+        let inside = TRACE_MAX.swap(0, std::sync::atomic::Ordering::Relaxed);
+        if inside > 0 {
+            eprintln!(
+                "memory: {label}: {:.2} GB in use (at most {:.2} GB before it)",
+                gb(used),
+                gb(inside)
+            );
+        } else {
+            eprintln!("memory: {label}: {:.2} GB in use", gb(used));
+        }
+    }
+}
+
+/// Records the memory in use now (inside backward, where [`trace`] cannot print), when tracing.
+pub fn trace_point(device: &candle_core::Device) {
+    if tracing()
+        && let Some(used) = in_use(device)
+    {
+        TRACE_MAX.fetch_max(used, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// How a device is named in messages: `the CPU`, `the GPU (cuda:0)`.
 pub fn device_name(device: &candle_core::Device) -> String {
     match device.location() {

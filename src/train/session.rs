@@ -515,6 +515,8 @@ impl Trainer {
         // (its prediction enters the loss as a leaf) and again with one after the winner's backward.
         let split = pair && self.cfg.train.split_pair;
         let one = |t: &Tensor, i: usize| t.narrow(0, i, 1);
+        let trace = |label: &str| crate::model::memory::trace(&self.device, &format!("step {step}, {label}"));
+        trace("start");
         let (policy, loser_leaf) = if split {
             let w = self.forward(
                 item,
@@ -551,6 +553,7 @@ impl Trainer {
             )?;
             (joint, None)
         };
+        trace("after the policy forward");
         let (output, masks, m_tensor, reference) = if pair {
             let reference = self.forward(
                 item,
@@ -602,11 +605,13 @@ impl Trainer {
         if !stats.loss.is_finite() {
             return Err(non_finite(step, "loss", f64::from(stats.loss)));
         }
+        trace("after the reference forward and the loss");
         let vars = self.lora.vars();
         let mut grads = output.loss.backward()?;
         if let Some(c) = &checkpoint {
             c.merge_into(&mut grads, &vars)?;
         }
+        trace("after backward");
         // The policy's graph is no longer needed: only the values are kept (the dump), so that the split
         // pair's second forward does not hold the first one's activations.
         let output = super::objective::ObjectiveOutput {
@@ -632,6 +637,7 @@ impl Trainer {
             if let Some(c) = &sink {
                 c.merge_into(&mut loser, &vars)?;
             }
+            trace("after the loser's forward and backward");
             for var in &vars {
                 if let Some(g) = loser.remove(var.as_tensor()) {
                     let sum = match grads.remove(var.as_tensor()) {
@@ -649,6 +655,7 @@ impl Trainer {
         let lr = lr_at(step, self.cfg.optim.adamw.lr, self.cfg.optim.warmup_steps);
         self.opt.set_lr(lr);
         self.opt.step(&grads)?;
+        trace("after the optimiser step");
         self.step = step;
 
         let m_mean = match &m_tensor {

@@ -318,6 +318,36 @@ pub fn trace(device: &candle_core::Device, label: &str) {
     }
 }
 
+/// Prints what a gradient store holds beyond the gradients of `vars` (candle keeps a gradient for every input
+/// of an op that backward passes, tracked or not), when tracing.
+pub fn trace_grads(label: &str, grads: &candle_core::backprop::GradStore, vars: &[candle_core::Var]) {
+    if !tracing() {
+        return;
+    }
+    let ids: std::collections::HashSet<_> = vars.iter().map(|v| v.as_tensor().id()).collect();
+    let mut other: Vec<(u64, Vec<usize>, candle_core::DType)> = Vec::new();
+    let mut held = 0u64;
+    for id in grads.get_ids() {
+        if let Some(g) = grads.get_id(*id) {
+            let bytes = (g.elem_count() * g.dtype().size_in_bytes()) as u64;
+            held += bytes;
+            if !ids.contains(id) {
+                other.push((bytes, g.dims().to_vec(), g.dtype()));
+            }
+        }
+    }
+    other.sort_by(|a, b| b.0.cmp(&a.0));
+    let beyond: u64 = other.iter().map(|o| o.0).sum();
+    let largest: Vec<String> = other.iter().take(4).map(|(_, d, t)| format!("{d:?} {t:?}")).collect();
+    eprintln!(
+        "memory: {label}: gradients hold {:.2} GB, {:.2} GB of it for {} tensors that are not trained (largest: {})",
+        gb(held),
+        gb(beyond),
+        other.len(),
+        largest.join(", ")
+    );
+}
+
 /// Records the memory in use now (inside backward, where [`trace`] cannot print), when tracing.
 pub fn trace_point(device: &candle_core::Device) {
     if tracing()

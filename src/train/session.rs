@@ -612,6 +612,7 @@ impl Trainer {
             c.merge_into(&mut grads, &vars)?;
         }
         trace("after backward");
+        crate::model::memory::trace_grads(&format!("step {step}, after backward"), &grads, &vars);
         // The policy's graph is no longer needed: only the values are kept (the dump), so that the split
         // pair's second forward does not hold the first one's activations.
         let output = super::objective::ObjectiveOutput {

@@ -158,7 +158,7 @@ fn plan(b: &Backbone, args: &PlanArgs, size: usize, references: usize, mode: Ste
         reference_tokens: references * side(ref_px) * side(ref_px),
         text_tokens: b.text_tokens,
         checkpoint_blocks: mode.checkpoint,
-        fused_attention: !b.on_gpu,
+        on_cpu: !b.on_gpu,
     };
     let lora = LoraConfig {
         rank: args.rank,

@@ -250,7 +250,7 @@ pub fn sample(
                     .sum(),
                 text_tokens: cond.txt.dims().get(1).copied().unwrap_or(0),
                 checkpoint_blocks: false,
-                fused_attention: true,
+                on_cpu: true,
             },
         )
         .map_err(|e| EvalError::Invalid(e.to_string()))?;

@@ -11,7 +11,8 @@
 //!   the block's input — per block plus one block's [`KEPT_PER_BLOCK`] while it is recomputed), plus
 //!   [`TRANSIENT`] units of gradients and temporaries at the peak of backward. A forward without gradients holds
 //!   [`FORWARD_TRANSIENT`] units at a time. The three constants were measured (peak RSS of `focusdpo train` on
-//!   the tiny model at 256 px with and without checkpointing, `docs/training.md`), not derived.
+//!   the tiny model at 256 px with and without checkpointing, `docs/training.md`), not derived. A training step
+//!   on a GPU holds [`GPU_STEP_UNITS_PER_SEQUENCE`] more (measured on an H200 at FLUX.1-dev size).
 //! * **Attention scores** `[sequences, heads, L, L]` f32 ([`super::attention`]): small ones are materialised,
 //!   and two such matrices per block are kept for backward (one block with checkpointing); large ones take the
 //!   fused CPU kernel (none held) or, elsewhere, the chunked path, which holds one chunk's
@@ -27,6 +28,13 @@ use super::weights::WeightDtype;
 pub const KEPT_PER_BLOCK: u64 = 56;
 /// Activation units of gradients and temporaries at the peak of backward (measured).
 pub const TRANSIENT: u64 = 40;
+/// What a training step holds on a GPU beyond the CPU-measured constants, in activation units of one sequence
+/// (`width × tokens × 4 B`): measured on an H200 (`nvidia-smi` peak of FocusDPO steps at FLUX.1-dev size, bf16,
+/// checkpointing; `docs/scale.md`) as 195, 212 and 221 units at 2 088, 6 184 and 6 184 tokens a sequence. It
+/// scales with the tokens but not with the sequences that keep a graph (the split pair left it unchanged):
+/// candle's elementary CUDA kernels keep intermediates our fused CPU ops do not, the bf16 copies autocast makes,
+/// and the slack of the CUDA memory pool.
+pub const GPU_STEP_UNITS_PER_SEQUENCE: u64 = 220;
 /// Activation units a forward without gradients holds at a time.
 pub const FORWARD_TRANSIENT: u64 = 16;
 
@@ -45,9 +53,10 @@ pub struct Workload {
     pub text_tokens: usize,
     /// `train.checkpoint_blocks`.
     pub checkpoint_blocks: bool,
-    /// Whether the attention runs on the CPU in f32 (the fused O(L) kernel for large inputs; elsewhere the
-    /// chunked path holds one chunk's scores).
-    pub fused_attention: bool,
+    /// Whether it runs on the CPU: the fused O(L) attention kernel for large scores and the activation constants
+    /// measured there. Elsewhere (a GPU): the chunked attention, which holds one chunk's scores, and
+    /// [`GPU_STEP_UNITS_PER_SEQUENCE`] on top of a training step.
+    pub on_cpu: bool,
 }
 
 impl Workload {
@@ -139,7 +148,7 @@ pub fn estimate(cfg: &Config, dtype: WeightDtype, resident: Resident, work: &Wor
     let explicit = |sequences: usize| scores(sequences) <= FUSED_MIN_SCORE_BYTES as u64;
     // Large scores: none held by the fused kernel, one chunk's (`matrices` of them at once) by the chunked path.
     let large = |sequences: usize, matrices: u64| {
-        if work.fused_attention {
+        if work.on_cpu {
             0
         } else {
             matrices * scores(sequences).min(CHUNK_SCORE_BYTES as u64)
@@ -159,7 +168,12 @@ pub fn estimate(cfg: &Config, dtype: WeightDtype, resident: Resident, work: &Wor
             large(s, 4)
         };
         // The reference forward (no graph) runs before backward: its transient is below the training peak.
-        ((kept + TRANSIENT) * unit(s), attention)
+        let gpu = if work.on_cpu {
+            0
+        } else {
+            GPU_STEP_UNITS_PER_SEQUENCE * unit(1)
+        };
+        ((kept + TRANSIENT) * unit(s) + gpu, attention)
     } else {
         let s = work.without_grad.max(1);
         // One block at a time: small scores whole, large ones by the fused kernel (none) or in chunks.
@@ -378,7 +392,7 @@ mod tests {
             reference_tokens: 0,
             text_tokens: 0,
             checkpoint_blocks: checkpoint,
-            fused_attention: true,
+            on_cpu: true,
         }
     }
 
@@ -396,12 +410,13 @@ mod tests {
         // Off the CPU the chunked path holds four chunk-sized matrices in backward, two in a forward; scores
         // below a chunk count whole (2 · 4 heads · 4264² · 4 B = 582 MB > 512 MiB; 2 · 4 · 3000² · 4 B < it).
         let gpu = |with_grad, tokens| Workload {
-            fused_attention: false,
+            on_cpu: false,
             ..work(with_grad, tokens, true)
         };
         let chunked = estimate(&cfg, WeightDtype::F32, none, &gpu(2, 4264));
         assert_eq!(chunked.attention, 4 * (512 << 20));
-        assert_eq!(chunked.activations, ckpt.activations);
+        // … and the GPU's measured allowance, per sequence's tokens.
+        assert_eq!(chunked.activations, ckpt.activations + 220 * unit / 2);
         let forward = estimate(&cfg, WeightDtype::F32, none, &gpu(0, 4264));
         assert_eq!(forward.attention, 2 * (512 << 20));
         let smaller = estimate(&cfg, WeightDtype::F32, none, &gpu(2, 3000));

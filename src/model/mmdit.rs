@@ -600,7 +600,7 @@ impl Mmdit {
             _ => super::weights::WeightDtype::F32,
         };
         let work = Workload {
-            fused_attention: self.device().is_cpu(),
+            on_cpu: self.device().is_cpu(),
             ..work
         };
         let resident = Resident {

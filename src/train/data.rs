@@ -120,7 +120,7 @@ impl PreparedItem {
                 .sum(),
             text_tokens: self.txt.dims().get(1).copied().unwrap_or(0),
             checkpoint_blocks,
-            fused_attention: true,
+            on_cpu: true,
         }
     }
 

@@ -350,7 +350,7 @@ pub fn trace_grads(label: &str, grads: &candle_core::backprop::GradStore, vars: 
             }
         }
     }
-    other.sort_by(|a, b| b.0.cmp(&a.0));
+    other.sort_by_key(|o| std::cmp::Reverse(o.0));
     let beyond: u64 = other.iter().map(|o| o.0).sum();
     let largest: Vec<String> = other.iter().take(4).map(|(_, d, t)| format!("{d:?} {t:?}")).collect();
     eprintln!(

@@ -112,11 +112,19 @@ fn records(run_dir: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Exact resume, with one pair a step and with `train.grad_accum = 3` (steps count optimiser steps).
 #[test]
 fn a_resumed_run_equals_an_uninterrupted_one() {
+    for accum in [1u32, 3] {
+        resumed_run_equals_an_uninterrupted_one(accum);
+    }
+}
+
+fn resumed_run_equals_an_uninterrupted_one(accum: u32) {
     let dir = tempfile::tempdir().expect("tempdir");
     let (full, split) = (dir.path().join("full"), dir.path().join("split"));
-    let cfg = config(ObjectiveKind::FocusDpo, 4);
+    let mut cfg = config(ObjectiveKind::FocusDpo, 4);
+    cfg.train.grad_accum = accum;
     let events = run(
         Launch::New {
             config: Box::new(cfg.clone()),
@@ -162,6 +170,49 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
     assert_eq!(max_diff(&lora_tensors(&full, 4), &lora_tensors(&split, 4)), 0.0);
     assert_eq!(records(&full), records(&split));
     assert!(max_diff(&lora_tensors(&full, 4), &lora_tensors(&split, 2)) > 0.0);
+    let logged = records(&full);
+    assert_eq!(logged.len(), 4, "one record per optimiser step");
+    for r in &logged {
+        let pairs = r["item"].as_str().expect("item").split('+').count();
+        assert_eq!(pairs, accum as usize, "{r}");
+    }
+}
+
+/// `train.grad_accum = 2`: a step applies the mean of its two pairs' gradients — the gradient norm it logs is
+/// the norm of that mean — and its pairs are the first two pairs of a run with one pair a step.
+#[test]
+fn gradient_accumulation_averages_the_pairs_of_a_step() {
+    let device = Device::Cpu;
+    let cfg = config(ObjectiveKind::FocusDpo, 2);
+    let b = base();
+    let items = load_items(&cfg, &b, &device).expect("items");
+    let mut single = Trainer::new(cfg.clone(), b, items).expect("trainer");
+    let g1 = single.pair_gradients(1).expect("pair 1");
+    let g2 = single.pair_gradients(2).expect("pair 2");
+    let mean_norm = g1
+        .iter()
+        .zip(&g2)
+        .map(|(a, b)| {
+            let m = ((a + b).expect("add") * 0.5).expect("mean");
+            m.sqr().and_then(|t| t.sum_all()?.to_scalar::<f32>()).expect("norm") as f64
+        })
+        .sum::<f64>()
+        .sqrt();
+    let one_pair_items: Vec<String> = (0..2).map(|_| single.step(false).expect("step").record.item).collect();
+
+    let mut accum = cfg;
+    accum.train.grad_accum = 2;
+    let b = base();
+    let items = load_items(&accum, &b, &device).expect("items");
+    let mut trainer = Trainer::new(accum, b, items).expect("trainer");
+    let record = trainer.step(false).expect("accumulated step").record;
+    assert_eq!(record.item, one_pair_items.join("+"));
+    assert!(
+        (record.grad_norm - mean_norm).abs() <= 1e-6 * mean_norm,
+        "logged {} vs the mean's {mean_norm}",
+        record.grad_norm
+    );
+    assert!(mean_norm > 0.0);
 }
 
 #[test]

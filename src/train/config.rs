@@ -382,10 +382,13 @@ pub struct RunConfig {
     pub train: TrainSettings,
 }
 
-/// How a step is computed: choices that trade memory for time without changing the result.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// How a step is computed: choices that trade memory for time without changing the result, and the batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainSettings {
+    /// Pairs (items) whose LoRA gradients are averaged before each optimiser step: the effective batch. Steps,
+    /// logs, checkpoints and the learning-rate schedule count optimiser steps.
+    pub grad_accum: u32,
     /// Block checkpointing: each block of the policy's forward keeps only its inputs and is recomputed in
     /// backward (one more forward of the policy per step; activation memory of one block instead of all).
     pub checkpoint_blocks: bool,
@@ -394,6 +397,19 @@ pub struct TrainSettings {
     /// cost of one more policy forward without gradients per step). The gradients are the same: the loser's
     /// prediction enters the loss as a leaf, and its gradient is pushed through a second forward.
     pub split_pair: bool,
+}
+
+/// Most pairs a step may accumulate.
+pub const MAX_GRAD_ACCUM: u32 = 4096;
+
+impl Default for TrainSettings {
+    fn default() -> Self {
+        Self {
+            grad_accum: 1,
+            checkpoint_blocks: false,
+            split_pair: false,
+        }
+    }
 }
 
 impl Default for RunConfig {
@@ -563,6 +579,15 @@ impl RunConfig {
         }
         if self.lora.rank == 0 {
             return inv("lora.rank", "must be at least 1".into());
+        }
+        if self.train.grad_accum == 0 || self.train.grad_accum > MAX_GRAD_ACCUM {
+            return inv(
+                "train.grad_accum",
+                format!(
+                    "must be in 1..={MAX_GRAD_ACCUM} (pairs a step), got {}",
+                    self.train.grad_accum
+                ),
+            );
         }
         if self.model.reference_px == 0 {
             return inv("model.reference_px", "must be positive".into());

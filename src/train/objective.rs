@@ -136,6 +136,24 @@ pub struct StepStats {
     pub kept_pairs: usize,
 }
 
+impl StepStats {
+    /// The statistics of a step that accumulated several pairs: means, and the kept pairs summed.
+    pub fn mean(all: &[StepStats]) -> StepStats {
+        let n = all.len().max(1) as f32;
+        let avg = |f: fn(&StepStats) -> f32| all.iter().map(f).sum::<f32>() / n;
+        StepStats {
+            loss: avg(|s| s.loss),
+            implicit_accuracy: avg(|s| s.implicit_accuracy),
+            reward_margin: avg(|s| s.reward_margin),
+            err_policy_w: avg(|s| s.err_policy_w),
+            err_ref_w: avg(|s| s.err_ref_w),
+            err_policy_l: avg(|s| s.err_policy_l),
+            err_ref_l: avg(|s| s.err_ref_l),
+            kept_pairs: all.iter().map(|s| s.kept_pairs).sum(),
+        }
+    }
+}
+
 /// Per-sample error `reduce((target − pred)² ⊙ M²)`, shape `[B]` (module docs).
 ///
 /// `weights` (`M`) has the leading dims of `pred` (e.g. `[B, N]` for `[B, N, C]`) and broadcasts over the rest.

@@ -134,7 +134,7 @@ pub enum TrainError {
 pub struct StepRecord {
     /// Step index, from 1.
     pub step: u64,
-    /// Item id.
+    /// Item id; with `train.grad_accum` > 1 the ids of the step's pairs joined by `+`.
     pub item: String,
     /// The objective of this step (`sft` during the SFT phase of a sequential schedule, else the run's).
     pub phase: String,
@@ -156,6 +156,16 @@ pub struct StepRecord {
     pub lr: f64,
     /// Wall time of the step.
     pub seconds: f64,
+}
+
+/// One pair's part of a step ([`Trainer::step`] averages over `train.grad_accum` of them).
+struct Pass {
+    item: String,
+    t: f32,
+    stats: StepStats,
+    masks: Option<StepMasks>,
+    m_mean: f32,
+    dump: Option<Vec<(String, Tensor)>>,
 }
 
 /// The maps of a step, for live display.
@@ -474,20 +484,119 @@ impl Trainer {
         )
     }
 
-    /// One optimiser step. With `dump`, the outcome carries the step's tensors.
+    /// One optimiser step: the LoRA gradients of `train.grad_accum` pairs, averaged, clipped and applied. With
+    /// `dump`, the outcome carries the tensors of the step's last pair.
     pub fn step(&mut self, dump: bool) -> Result<StepOutcome, TrainError> {
         let started = Instant::now();
         let step = self.step + 1;
-        let index = self.item_index(step);
+        let objective = self.cfg.objective_at(step);
+        let accum = u64::from(self.cfg.train.grad_accum.max(1));
+        let vars = self.lora.vars();
+        let mut sum: Option<candle_core::backprop::GradStore> = None;
+        let mut passes = Vec::with_capacity(accum as usize);
+        for k in 0..accum {
+            // Pairs are numbered across steps, so that the item order and the noise of pair `n` are the same
+            // whatever the accumulation (with one pair a step, pair `n` is step `n`).
+            let pair_index = (step - 1) * accum + k + 1;
+            let (mut grads, pass) = self.pass(step, pair_index, objective, dump && k + 1 == accum)?;
+            match &mut sum {
+                None => sum = Some(grads),
+                Some(total) => {
+                    for var in &vars {
+                        if let Some(g) = grads.remove(var.as_tensor()) {
+                            let s = match total.remove(var.as_tensor()) {
+                                Some(existing) => (existing + g)?,
+                                None => g,
+                            };
+                            total.insert(var.as_tensor(), s);
+                        }
+                    }
+                }
+            }
+            passes.push(pass);
+        }
+        let Some(mut grads) = sum else {
+            return Err(TrainError::Data("train.grad_accum is 0".into()));
+        };
+        if accum > 1 {
+            for var in &vars {
+                if let Some(g) = grads.remove(var.as_tensor()) {
+                    grads.insert(var.as_tensor(), g.affine(1.0 / accum as f64, 0.0)?);
+                }
+            }
+        }
+        let grad_norm = clip_grad_norm(&mut grads, &vars, self.cfg.optim.grad_clip)?;
+        if !grad_norm.is_finite() {
+            return Err(non_finite(step, "gradient norm", grad_norm));
+        }
+        let lr = lr_at(step, self.cfg.optim.adamw.lr, self.cfg.optim.warmup_steps);
+        self.opt.set_lr(lr);
+        self.opt.step(&grads)?;
+        crate::model::memory::trace(&self.device, &format!("step {step}, after the optimiser step"));
+        self.step = step;
+
+        let stats: Vec<StepStats> = passes.iter().map(|p| p.stats).collect();
+        let m_mean = passes.iter().map(|p| p.m_mean).sum::<f32>() / passes.len() as f32;
+        let items: Vec<&str> = passes.iter().map(|p| p.item.as_str()).collect();
+        let item = items.join("+");
+        let Some(last) = passes.pop() else {
+            return Err(TrainError::Data("train.grad_accum is 0".into()));
+        };
+        let record = StepRecord {
+            step,
+            item,
+            phase: objective.name().to_string(),
+            t: last.t,
+            stats: StepStats::mean(&stats),
+            a_focus: last.masks.as_ref().and_then(|m| m.fused.a_focus),
+            branch: last.masks.as_ref().map(|m| m.fused.branch.name().to_string()),
+            m_mean,
+            grad_norm,
+            lr,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        Ok(StepOutcome {
+            record,
+            masks: last.masks,
+            dump: last.dump,
+        })
+    }
+
+    /// The LoRA gradients of pair `pair_index` (from 1) as the next step would compute them, one per
+    /// [`LoraSet::vars`] (zeros where a variable gets none), without applying them: what a data-parallel rank
+    /// contributes to the all-reduce, and how tests check the accumulation.
+    pub fn pair_gradients(&mut self, pair_index: u64) -> Result<Vec<Tensor>, TrainError> {
+        let step = self.step + 1;
+        let objective = self.cfg.objective_at(step);
+        let (grads, _) = self.pass(step, pair_index, objective, false)?;
+        self.lora
+            .vars()
+            .iter()
+            .map(|v| match grads.get(v.as_tensor()) {
+                Some(g) => Ok(g.clone()),
+                None => Ok(v.as_tensor().zeros_like()?),
+            })
+            .collect()
+    }
+
+    /// The forward and backward passes of one pair (`pair_index`, from 1) of step `step`: its LoRA gradients
+    /// (not yet averaged or applied) and what the step's record needs of it.
+    fn pass(
+        &mut self,
+        step: u64,
+        pair_index: u64,
+        objective: ObjectiveKind,
+        dump: bool,
+    ) -> Result<(candle_core::backprop::GradStore, Pass), TrainError> {
+        let index = self.item_index(pair_index);
         let item = &self.items[index];
-        let mut rng = stream_rng(self.cfg.seed, STREAM_STEP, step);
+        let mut rng = stream_rng(self.cfg.seed, STREAM_STEP, pair_index);
         let noise_cfg = self.cfg.noise;
         let u: f32 = rand::RngExt::random(&mut rng);
         let frac = noise_cfg.t_min + (noise_cfg.t_max - noise_cfg.t_min) * u;
         let t_sched = schedule_time(noise_cfg.parameterisation, frac);
         let shape = item.x0_w.dims().to_vec();
         let eps = Tensor::from_vec(normal_vec(&mut rng, item.x0_w.elem_count()), shape, &self.device)?;
-        let objective = self.cfg.objective_at(step);
         let pair = objective != ObjectiveKind::Sft;
         let (x0, eps_b, ts) = if pair {
             (
@@ -649,16 +758,6 @@ impl Trainer {
                 }
             }
         }
-        let grad_norm = clip_grad_norm(&mut grads, &vars, self.cfg.optim.grad_clip)?;
-        if !grad_norm.is_finite() {
-            return Err(non_finite(step, "gradient norm", grad_norm));
-        }
-        let lr = lr_at(step, self.cfg.optim.adamw.lr, self.cfg.optim.warmup_steps);
-        self.opt.set_lr(lr);
-        self.opt.step(&grads)?;
-        trace("after the optimiser step");
-        self.step = step;
-
         let m_mean = match &m_tensor {
             Some(m) => m.mean_all()?.to_scalar::<f32>()?,
             None => 1.0,
@@ -692,25 +791,21 @@ impl Trainer {
         } else {
             None
         };
-        let record = StepRecord {
-            step,
+        let pass = Pass {
             item: item.id.clone(),
-            phase: objective.name().to_string(),
             t: frac,
             stats,
-            a_focus: masks.as_ref().and_then(|m| m.fused.a_focus),
-            branch: masks.as_ref().map(|m| m.fused.branch.name().to_string()),
+            masks,
             m_mean,
-            grad_norm,
-            lr,
-            seconds: started.elapsed().as_secs_f64(),
+            dump,
         };
-        Ok(StepOutcome { record, masks, dump })
+        Ok((grads, pass))
     }
 
-    /// A snapshot of the maps of the last step (for the UI).
+    /// A snapshot of the maps of the last step (for the UI): those of its last pair.
     pub fn snapshot(&self, record: &StepRecord, masks: &StepMasks) -> Option<MaskSnapshot> {
-        let item = self.items.iter().find(|i| i.id == record.item)?;
+        let last = record.item.rsplit('+').next()?;
+        let item = self.items.iter().find(|i| i.id == last)?;
         Some(MaskSnapshot {
             step: record.step,
             item: record.item.clone(),

@@ -656,3 +656,58 @@ fn checkpointed_blocks_and_split_pairs_train_exactly_like_plain_steps() {
         assert!(plain.iter().all(|r| r.grad_norm > 0.0), "the steps train");
     }
 }
+
+/// Data parallelism: two ranks (threads of a `LocalGroup`) with one pair each train exactly like one rank that
+/// accumulates both pairs (`train.grad_accum = 2`), and both ranks keep the same LoRA.
+#[test]
+fn two_data_parallel_ranks_equal_one_rank_accumulating_two_pairs() {
+    use focusdpo::train::parallel::{Collective, LocalGroup};
+    let device = Device::Cpu;
+    let steps = 3;
+    let lora_after = |cfg: RunConfig, world: Option<&dyn Collective>| -> (Vec<Tensor>, Vec<f32>) {
+        let b = base();
+        let items = load_items(&cfg, &b, &device).expect("items");
+        let mut trainer = Trainer::new(cfg, b, items).expect("trainer");
+        let losses = (0..steps)
+            .map(|_| {
+                let out = match world {
+                    Some(w) => trainer.step_in(false, w),
+                    None => trainer.step(false),
+                };
+                out.expect("step").record.stats.loss
+            })
+            .collect();
+        let lora = trainer.lora().vars().iter().map(|v| v.as_tensor().clone()).collect();
+        (lora, losses)
+    };
+    let mut accumulating = config(ObjectiveKind::FocusDpo, steps);
+    accumulating.train.grad_accum = 2;
+    let (want, want_losses) = lora_after(accumulating, None);
+
+    let cfg = config(ObjectiveKind::FocusDpo, steps);
+    let ranks: Vec<(Vec<Tensor>, Vec<f32>)> = std::thread::scope(|s| {
+        let joins: Vec<_> = LocalGroup::new(2)
+            .into_iter()
+            .map(|g| {
+                let cfg = cfg.clone();
+                let run = &lora_after;
+                s.spawn(move || run(cfg, Some(&g)))
+            })
+            .collect();
+        joins.into_iter().map(|j| j.join().expect("rank")).collect()
+    });
+    for (rank, (lora, losses)) in ranks.iter().enumerate() {
+        for (a, b) in want.iter().zip(lora) {
+            assert!(tensor_diff(a, b) <= 1e-6, "rank {rank}: LoRA {}", tensor_diff(a, b));
+        }
+        for (a, b) in want_losses.iter().zip(losses) {
+            assert!(
+                (a - b).abs() <= 1e-6,
+                "rank {rank}: the logged loss is the world's mean"
+            );
+        }
+    }
+    // Not trivially so: one pair a step on one rank ends elsewhere.
+    let (single, _) = lora_after(config(ObjectiveKind::FocusDpo, steps), None);
+    assert!(want.iter().zip(&single).any(|(a, b)| tensor_diff(a, b) > 1e-4));
+}

@@ -10,6 +10,7 @@ pub mod negatives;
 pub mod objective;
 pub mod optim;
 pub mod pairs;
+pub mod parallel;
 pub mod pretrain;
 pub mod run_store;
 pub mod session;

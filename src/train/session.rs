@@ -487,17 +487,25 @@ impl Trainer {
     /// One optimiser step: the LoRA gradients of `train.grad_accum` pairs, averaged, clipped and applied. With
     /// `dump`, the outcome carries the tensors of the step's last pair.
     pub fn step(&mut self, dump: bool) -> Result<StepOutcome, TrainError> {
+        self.step_in(dump, &super::parallel::Solo)
+    }
+
+    /// [`Trainer::step`] as rank `world.rank()` of a data-parallel world ([`super::parallel`]): this rank's share
+    /// of the step's pairs, gradients averaged over the world before clipping and AdamW, so every rank applies
+    /// the same update. The record's statistics are the world's means; its `item` lists this rank's pairs.
+    pub fn step_in(&mut self, dump: bool, world: &dyn super::parallel::Collective) -> Result<StepOutcome, TrainError> {
         let started = Instant::now();
         let step = self.step + 1;
         let objective = self.cfg.objective_at(step);
         let accum = u64::from(self.cfg.train.grad_accum.max(1));
+        let (rank, ranks) = (world.rank() as u64, world.world_size().max(1) as u64);
         let vars = self.lora.vars();
         let mut sum: Option<candle_core::backprop::GradStore> = None;
         let mut passes = Vec::with_capacity(accum as usize);
         for k in 0..accum {
             // Pairs are numbered across steps, so that the item order and the noise of pair `n` are the same
             // whatever the accumulation (with one pair a step, pair `n` is step `n`).
-            let pair_index = (step - 1) * accum + k + 1;
+            let pair_index = (step - 1) * accum * ranks + rank * accum + k + 1;
             let (mut grads, pass) = self.pass(step, pair_index, objective, dump && k + 1 == accum)?;
             match &mut sum {
                 None => sum = Some(grads),
@@ -525,6 +533,50 @@ impl Trainer {
                 }
             }
         }
+        let stats: Vec<StepStats> = passes.iter().map(|p| p.stats).collect();
+        let mut stats = StepStats::mean(&stats);
+        let mut m_mean = passes.iter().map(|p| p.m_mean).sum::<f32>() / passes.len().max(1) as f32;
+        if ranks > 1 {
+            let mut all: Vec<Tensor> = vars
+                .iter()
+                .map(|v| match grads.remove(v.as_tensor()) {
+                    Some(g) => Ok(g),
+                    None => v.as_tensor().zeros_like(),
+                })
+                .collect::<candle_core::Result<_>>()?;
+            let logged = [
+                stats.loss,
+                stats.implicit_accuracy,
+                stats.reward_margin,
+                stats.err_policy_w,
+                stats.err_ref_w,
+                stats.err_policy_l,
+                stats.err_ref_l,
+                stats.kept_pairs as f32,
+                m_mean,
+            ];
+            all.push(Tensor::new(&logged, &self.device)?);
+            world
+                .all_reduce_mean(&mut all)
+                .map_err(|e| TrainError::Data(e.to_string()))?;
+            let means = all.pop().map(|t| t.to_vec1::<f32>()).transpose()?.unwrap_or_default();
+            if let [loss, acc, margin, pw, rw, pl, rl, kept, m] = means[..] {
+                stats = StepStats {
+                    loss,
+                    implicit_accuracy: acc,
+                    reward_margin: margin,
+                    err_policy_w: pw,
+                    err_ref_w: rw,
+                    err_policy_l: pl,
+                    err_ref_l: rl,
+                    kept_pairs: (kept * ranks as f32).round() as usize,
+                };
+                m_mean = m;
+            }
+            for (var, g) in vars.iter().zip(all) {
+                grads.insert(var.as_tensor(), g);
+            }
+        }
         let grad_norm = clip_grad_norm(&mut grads, &vars, self.cfg.optim.grad_clip)?;
         if !grad_norm.is_finite() {
             return Err(non_finite(step, "gradient norm", grad_norm));
@@ -535,8 +587,6 @@ impl Trainer {
         crate::model::memory::trace(&self.device, &format!("step {step}, after the optimiser step"));
         self.step = step;
 
-        let stats: Vec<StepStats> = passes.iter().map(|p| p.stats).collect();
-        let m_mean = passes.iter().map(|p| p.m_mean).sum::<f32>() / passes.len() as f32;
         let items: Vec<&str> = passes.iter().map(|p| p.item.as_str()).collect();
         let item = items.join("+");
         let Some(last) = passes.pop() else {
@@ -547,7 +597,7 @@ impl Trainer {
             item,
             phase: objective.name().to_string(),
             t: last.t,
-            stats: StepStats::mean(&stats),
+            stats,
             a_focus: last.masks.as_ref().and_then(|m| m.fused.a_focus),
             branch: last.masks.as_ref().map(|m| m.fused.branch.name().to_string()),
             m_mean,

@@ -518,7 +518,7 @@ fn ablate_runs_cells_once_and_writes_results_csv() {
     let (ok, text) = focusdpo(&args);
     assert!(ok, "{text}");
     assert!(
-        text.contains("2 run (0 resumed), 0 finished earlier, 0 failed; 2 evaluated, 0 evaluated earlier"),
+        text.contains("2 run (0 resumed), 0 finished earlier, 0 running on other workers, 0 failed; 2 evaluated, 0 evaluated earlier"),
         "{text}"
     );
     assert!(
@@ -553,7 +553,7 @@ fn ablate_runs_cells_once_and_writes_results_csv() {
     let (ok, text) = focusdpo(&args);
     assert!(ok, "{text}");
     assert!(
-        text.contains("0 run (0 resumed), 2 finished earlier, 0 failed; 0 evaluated, 2 evaluated earlier"),
+        text.contains("0 run (0 resumed), 2 finished earlier, 0 running on other workers, 0 failed; 0 evaluated, 2 evaluated earlier"),
         "{text}"
     );
 }
@@ -603,4 +603,207 @@ fn ablate_resumes_an_interrupted_cell() {
     assert!(log.contains("\"event\":\"resume\""), "{log}");
     assert!(log.contains("\"from_step\":1"), "{log}");
     assert!(baseline.join("checkpoints/step-2").is_dir(), "step 2 was trained again");
+}
+
+/// Several workers share one results folder: three processes run a four-cell grid at once, one of them is killed
+/// mid-cell, and a later worker takes the dead worker's cell over once its lease has expired and resumes it.
+/// Every cell finishes; only the killed cell was claimed twice; `focusdpo report` assembles the results.
+#[test]
+fn concurrent_workers_share_a_grid_and_take_over_a_dead_workers_cell() {
+    use std::time::{Duration, Instant};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let plan = tmp.path().join("plan.md");
+    std::fs::write(
+        &plan,
+        "### tau\n- Ablated Part: τ\n- Replacement: 0.2; 0.4; 0.6\n- Metrics: loss\n",
+    )
+    .expect("writes");
+    let out = tmp.path().join("runs");
+    let args: Vec<String> = [
+        "ablate",
+        plan.to_str().expect("utf-8 path"),
+        "--out",
+        out.to_str().expect("utf-8 path"),
+        "--base",
+        "random:0",
+        "--no-eval",
+        "--no-plots",
+        "--steps",
+        "12",
+        "--set",
+        "log.checkpoint_every=1",
+        "--lease-seconds",
+        "3",
+    ]
+    .map(String::from)
+    .to_vec();
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_focusdpo"))
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("a worker starts")
+    };
+    let mut workers: Vec<std::process::Child> = (0..3).map(|_| spawn()).collect();
+    // Kill the worker of the first claimed cell that has a checkpoint.
+    let started = Instant::now();
+    let killed: (String, u32) = loop {
+        assert!(started.elapsed() < Duration::from_secs(300), "no cell got a checkpoint");
+        let claims = std::fs::read_dir(out.join("claims")).into_iter().flatten().flatten();
+        let found = claims.filter_map(|e| {
+            let id = e.path().file_stem()?.to_string_lossy().to_string();
+            let claim: serde_json::Value = serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok()?;
+            let pid: u32 = claim["worker"].as_str()?.rsplit(':').next()?.parse().ok()?;
+            out.join("cells")
+                .join(&id)
+                .join("checkpoints/step-1")
+                .is_dir()
+                .then_some((id, pid))
+        });
+        if let Some(f) = found.into_iter().next() {
+            break f;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let victim = workers
+        .iter()
+        .position(|w| w.id() == killed.1)
+        .expect("a worker of ours holds it");
+    let mut dead = workers.remove(victim);
+    dead.kill().expect("kill");
+    dead.wait().expect("reaped");
+    for w in workers {
+        let o = w.wait_with_output().expect("worker ends");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    // The dead worker's claim expires; a new worker takes the cell over and resumes it.
+    std::thread::sleep(Duration::from_millis(3200));
+    let (ok, text) = focusdpo(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{text}");
+    let cells: Vec<PathBuf> = std::fs::read_dir(out.join("cells"))
+        .expect("cells")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    assert_eq!(cells.len(), 4);
+    for c in &cells {
+        assert!(c.join("finished.json").is_file(), "{} finished", c.display());
+        let attempts: Vec<serde_json::Value> = std::fs::read_to_string(c.join("attempts.jsonl"))
+            .expect("attempts")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json line"))
+            .collect();
+        let id = c.file_name().expect("name").to_string_lossy().to_string();
+        if id == killed.0 {
+            assert_eq!(attempts.len(), 2, "{id}: {attempts:?}");
+            assert_eq!(attempts[1]["resume"], true, "{attempts:?}");
+            let from = attempts[1]["took_over_from"].as_str().expect("taken over");
+            assert!(from.ends_with(&format!(":{}", killed.1)), "{attempts:?}");
+        } else {
+            assert_eq!(attempts.len(), 1, "{id} ran once: {attempts:?}");
+        }
+    }
+    assert!(
+        std::fs::read_dir(out.join("claims")).expect("claims").next().is_none(),
+        "every claim released"
+    );
+    let (ok, text) = focusdpo(&["report", out.to_str().expect("utf-8 path")]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("4 cells: 4 finished, 0 failed, 0 claimed by a worker, 0 waiting"),
+        "{text}"
+    );
+    let csv = std::fs::read_to_string(out.join("results.csv")).expect("results.csv");
+    assert_eq!(csv.lines().filter(|l| l.contains(",finished,12,")).count(), 4, "{csv}");
+}
+
+/// `--slurm` writes a job array with one task per cell running this command on its cell, and runs nothing.
+#[test]
+fn ablate_slurm_writes_a_job_array_and_shards_select_cells() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let plan = tmp.path().join("plan with space.md");
+    std::fs::write(
+        &plan,
+        "### tau\n- Ablated Part: τ\n- Replacement: 0.2; 0.4\n- Metrics: loss\n",
+    )
+    .expect("writes");
+    let out = tmp.path().join("runs");
+    let (ok, text) = focusdpo(&[
+        "ablate",
+        plan.to_str().expect("utf-8 path"),
+        "--out",
+        out.to_str().expect("utf-8 path"),
+        "--steps",
+        "3",
+        "--slurm",
+        "--slurm-gpus",
+        "2",
+        "--slurm-time=01:00:00",
+        "--slurm-partition",
+        "a100",
+    ]);
+    assert!(ok, "{text}");
+    assert!(text.contains("(3 array tasks)"), "{text}");
+    let script = std::fs::read_to_string(out.join("ablate.sbatch")).expect("script");
+    for want in [
+        "#SBATCH --array=0-2",
+        "#SBATCH --job-name=focusdpo-plan-with-space",
+        "#SBATCH --gres=gpu:2",
+        "#SBATCH --time=01:00:00",
+        "#SBATCH --partition=a100",
+        " --steps 3 --cell",
+        "--cell \"${CELLS[$SLURM_ARRAY_TASK_ID]}\"",
+        "plan with space.md'",
+    ] {
+        assert!(script.contains(want), "{want} in\n{script}");
+    }
+    let task = script
+        .lines()
+        .find(|l| l.contains("--cell"))
+        .expect("the task's command");
+    assert!(
+        !task.contains("--slurm"),
+        "the tasks run, they do not write scripts: {task}"
+    );
+    let ids: Vec<&str> = script
+        .lines()
+        .find_map(|l| l.strip_prefix("CELLS=("))
+        .expect("cell list")
+        .trim_end_matches(')')
+        .split(' ')
+        .collect();
+    assert_eq!(ids.len(), 3);
+    assert!(
+        !out.join("cells").read_dir().expect("cells").any(|_| true),
+        "nothing ran"
+    );
+    let (ok, text) = focusdpo(&["report", out.to_str().expect("utf-8 path")]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("3 cells: 0 finished, 0 failed, 0 claimed by a worker, 3 waiting"),
+        "{text}"
+    );
+    // Bad selections are refused with what to change.
+    let (ok, text) = focusdpo(&[
+        "ablate",
+        plan.to_str().expect("utf-8"),
+        "--out",
+        out.to_str().expect("utf-8"),
+        "--steps",
+        "3",
+        "--shard",
+        "2/2",
+    ]);
+    assert!(!ok && text.contains("expected I/N with 0 ≤ I < N"), "{text}");
+    let (ok, text) = focusdpo(&[
+        "ablate",
+        plan.to_str().expect("utf-8"),
+        "--out",
+        out.to_str().expect("utf-8"),
+        "--steps",
+        "3",
+        "--cell",
+        "0123",
+    ]);
+    assert!(!ok && text.contains("not a cell of this grid"), "{text}");
 }

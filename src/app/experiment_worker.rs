@@ -21,7 +21,7 @@ use crate::eval::benchmark::BenchmarkConfig;
 use crate::experiment::grid::{Cell, build_grid};
 use crate::experiment::plan::PlanWarning;
 use crate::experiment::resolve::{Override, Resolution, model_overrides, resolve_plan};
-use crate::experiment::runner::{Progress, RunReport, run_grid};
+use crate::experiment::runner::{Progress, RunReport, Sharing, run_grid};
 use crate::experiment::store::ResultStore;
 use crate::experiment::{parse_plan, read_plan_file};
 use crate::train::RunConfig;
@@ -480,7 +480,8 @@ fn run_cells(job: &GridJob, stop: &AtomicBool, notify: &Notifier) -> Result<(Run
             id: cell.id.clone(),
             error: format!("evaluation: {error}"),
         }),
-        Progress::Evaluating { .. } | Progress::EvalItem { .. } => {}
+        // Cells other workers hold stay pending here until their results land in the store.
+        Progress::Evaluating { .. } | Progress::EvalItem { .. } | Progress::Busy { .. } | Progress::Lost { .. } => {}
     };
     let report = run_grid(
         cells,
@@ -489,6 +490,7 @@ fn run_cells(job: &GridJob, stop: &AtomicBool, notify: &Notifier) -> Result<(Run
         &store,
         job.eval.as_ref(),
         stop,
+        &Sharing::default(),
         &mut on_progress,
     )
     .map_err(|e| e.to_string())?;

@@ -1,21 +1,41 @@
 //! `focusdpo ablate PLAN.md --out runs/PLAN`: parse and resolve an ablation plan, print the grid and what was left
 //! out, and (without `--dry-run`) train every cell, resumably, evaluate each on a small synthetic benchmark (unless
 //! `--no-eval`), then write results.csv, results.md and a plot per study.
+//!
+//! Any number of workers may share one `--out` (claims with leases, `experiment::claim`): `--cell` and
+//! `--shard I/N` run part of the grid, `--slurm` writes an `sbatch` job array (one task per cell) instead of
+//! running, and `focusdpo report OUT` assembles the results of whatever has finished.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 use super::backbone::BackboneArgs;
 use anyhow::Context;
 use clap::Args;
 use focusdpo::eval::benchmark::BenchmarkConfig;
 use focusdpo::eval::sampler::SampleSettings;
+use focusdpo::experiment::claim::CLAIMS_DIR;
 use focusdpo::experiment::grid::{BASELINE, Cell, build_grid, unique_ids};
 use focusdpo::experiment::read_plan_file;
 use focusdpo::experiment::resolve::{MetricMatch, Override, Resolution, model_overrides, resolve_plan};
-use focusdpo::experiment::runner::{Progress, cell_benchmark, run_grid};
-use focusdpo::experiment::store::ResultStore;
+use focusdpo::experiment::runner::{FAILED_FILE, Progress, Sharing, cell_benchmark, run_grid};
+use focusdpo::experiment::store::{FINISHED_FILE, ResultStore};
 use focusdpo::train::RunConfig;
+use serde::{Deserialize, Serialize};
+
+/// The grid of a results folder, written by every worker, read by `focusdpo report`.
+pub const GRID_FILE: &str = "grid.json";
+/// The plan's text, copied into the results folder (the report resolves it again).
+pub const PLAN_COPY: &str = "plan.md";
+/// The job-array script `--slurm` writes.
+pub const SBATCH_FILE: &str = "ablate.sbatch";
+
+#[derive(Serialize, Deserialize)]
+struct GridFile {
+    title: Option<String>,
+    cells: Vec<Cell>,
+}
 
 #[derive(Debug, Args)]
 pub struct AblateArgs {
@@ -57,6 +77,216 @@ pub struct AblateArgs {
     /// Write no plots.
     #[arg(long)]
     no_plots: bool,
+    /// Run only this cell (its id; repeatable).
+    #[arg(long = "cell", value_name = "ID")]
+    cells: Vec<String>,
+    /// Run only shard I of N: the distinct cells whose position modulo N is I (0-based).
+    #[arg(long, value_name = "I/N")]
+    shard: Option<String>,
+    /// Seconds a worker's claim on a cell holds without renewal (it renews every third); a dead worker's cells are
+    /// taken over after this.
+    #[arg(long, default_value_t = focusdpo::experiment::claim::DEFAULT_LEASE.as_secs())]
+    lease_seconds: u64,
+    /// Write OUT/ablate.sbatch, a Slurm job array with one task per cell, instead of running.
+    #[arg(long)]
+    slurm: bool,
+    /// Slurm partition (`--partition`).
+    #[arg(long, value_name = "NAME")]
+    slurm_partition: Option<String>,
+    /// GPUs per task (`--gres=gpu:N`; 0: none).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    slurm_gpus: u32,
+    /// CPU cores per task.
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    slurm_cpus: u32,
+    /// Memory per task (`--mem`).
+    #[arg(long, default_value = "64G", value_name = "SIZE")]
+    slurm_mem: String,
+    /// Time limit per task (`--time`); a task that hits it leaves a checkpoint the next worker resumes.
+    #[arg(long, default_value = "04:00:00", value_name = "HH:MM:SS")]
+    slurm_time: String,
+    /// Tasks running at once (`--array=…%N`; 0: no limit).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    slurm_max_parallel: u32,
+}
+
+/// `--shard I/N` as (I, N).
+fn parse_shard(text: &str) -> anyhow::Result<(usize, usize)> {
+    let parsed = text
+        .split_once('/')
+        .and_then(|(i, n)| Some((i.trim().parse::<usize>().ok()?, n.trim().parse::<usize>().ok()?)));
+    match parsed {
+        Some((i, n)) if n > 0 && i < n => Ok((i, n)),
+        _ => anyhow::bail!("--shard {text}: expected I/N with 0 ≤ I < N, e.g. --shard 0/4"),
+    }
+}
+
+/// The distinct cells this worker takes: all, the `--cell` ones, or shard I of N.
+fn select_cells(args: &AblateArgs, cells: &[Cell]) -> anyhow::Result<Vec<Cell>> {
+    let distinct = unique_ids(cells);
+    for id in &args.cells {
+        if !distinct.contains(&id.as_str()) {
+            anyhow::bail!(
+                "--cell {id}: not a cell of this grid (--dry-run lists them; the ids change with --steps, --seeds \
+                 and --set)"
+            );
+        }
+    }
+    let shard = args.shard.as_deref().map(parse_shard).transpose()?;
+    let keep = |id: &String| -> bool {
+        let position = distinct.iter().position(|d| *d == id.as_str()).unwrap_or(0);
+        (args.cells.is_empty() || args.cells.contains(id)) && shard.is_none_or(|(i, n)| position % n == i)
+    };
+    Ok(cells.iter().filter(|c| keep(&c.id)).cloned().collect())
+}
+
+/// Single-quotes `s` for a POSIX shell.
+fn shell_quote(s: &str) -> String {
+    shlex::try_quote(s)
+        .map(|q| q.into_owned())
+        .unwrap_or_else(|_| format!("'{}'", s.replace('\0', "")))
+}
+
+/// This command's own arguments without the `--slurm*` ones (and their values) and without `--cell`/`--shard`.
+fn task_arguments() -> Vec<String> {
+    let mut out = Vec::new();
+    let mut args = std::env::args().skip(1).peekable();
+    while let Some(a) = args.next() {
+        let takes_value = [
+            "--slurm-partition",
+            "--slurm-gpus",
+            "--slurm-cpus",
+            "--slurm-mem",
+            "--slurm-time",
+        ]
+        .contains(&a.as_str())
+            || ["--slurm-max-parallel", "--cell", "--shard"].contains(&a.as_str());
+        if a == "--slurm"
+            || (a.starts_with("--slurm-") || a.starts_with("--cell=") || a.starts_with("--shard=")) && a.contains('=')
+        {
+            continue;
+        }
+        if takes_value {
+            args.next();
+            continue;
+        }
+        out.push(a);
+    }
+    out
+}
+
+/// The `sbatch` script: one array task per distinct cell, each running this command on its cell, then
+/// assembling the results of whatever has finished.
+fn sbatch_script(args: &AblateArgs, out: &Path, ids: &[String]) -> anyhow::Result<String> {
+    let exe = std::env::current_exe().context("the path of this focusdpo binary")?;
+    let cwd = std::env::current_dir().context("the current folder")?;
+    let name = args
+        .plan
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "ablate".into());
+    let mut lines = vec![
+        "#!/bin/bash".to_string(),
+        format!(
+            "#SBATCH --job-name=focusdpo-{}",
+            name.chars()
+                .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '-'
+                })
+                .collect::<String>()
+        ),
+        format!(
+            "#SBATCH --array=0-{}{}",
+            ids.len().saturating_sub(1),
+            if args.slurm_max_parallel > 0 {
+                format!("%{}", args.slurm_max_parallel)
+            } else {
+                String::new()
+            }
+        ),
+        "#SBATCH --ntasks=1".into(),
+        format!("#SBATCH --cpus-per-task={}", args.slurm_cpus),
+        format!("#SBATCH --mem={}", args.slurm_mem),
+        format!("#SBATCH --time={}", args.slurm_time),
+        format!("#SBATCH --chdir={}", shell_quote(&cwd.to_string_lossy())),
+        format!(
+            "#SBATCH --output={}",
+            shell_quote(&out.join("slurm").join("%A_%a.log").to_string_lossy())
+        ),
+    ];
+    if args.slurm_gpus > 0 {
+        lines.push(format!("#SBATCH --gres=gpu:{}", args.slurm_gpus));
+    }
+    if let Some(p) = &args.slurm_partition {
+        lines.push(format!("#SBATCH --partition={}", shell_quote(p)));
+    }
+    lines.push(String::new());
+    lines.push(format!(
+        "# {} cells of `{}`; written by `focusdpo ablate --slurm`. Submit: sbatch {}",
+        ids.len(),
+        args.plan.display(),
+        shell_quote(&out.join(SBATCH_FILE).to_string_lossy())
+    ));
+    lines.push("# A task that dies or runs out of time leaves a checkpoint: resubmit the array (finished cells".into());
+    lines.push("# are skipped, interrupted ones resume once their claim's lease has expired).".into());
+    lines.push("set -euo pipefail".into());
+    lines.push(format!("CELLS=({})", ids.join(" ")));
+    lines.push(format!("export OMP_NUM_THREADS={}", args.slurm_cpus));
+    let command: Vec<String> = std::iter::once(exe.to_string_lossy().to_string())
+        .chain(task_arguments())
+        .map(|a| shell_quote(&a))
+        .collect();
+    lines.push(format!(
+        "{} --cell \"${{CELLS[$SLURM_ARRAY_TASK_ID]}}\"",
+        command.join(" ")
+    ));
+    lines.push(format!(
+        "{} report {}",
+        shell_quote(&exe.to_string_lossy()),
+        shell_quote(&out.to_string_lossy())
+    ));
+    Ok(lines.join("\n") + "\n")
+}
+
+/// Writes the assembled results of a shared results folder (`focusdpo report OUT`, and every worker at its end):
+/// whatever has finished, failed markers, cells still claimed.
+pub fn report_grid(out: &Path, plots: bool) -> anyhow::Result<()> {
+    let grid_path = out.join(GRID_FILE);
+    let grid: GridFile = serde_json::from_slice(
+        &std::fs::read(&grid_path).with_context(|| format!("{}: cannot read", grid_path.display()))?,
+    )
+    .with_context(|| format!("{}: not a grid written by focusdpo ablate", grid_path.display()))?;
+    let plan_path = out.join(PLAN_COPY);
+    let plan = read_plan_file(&plan_path)?;
+    let resolution = resolve_plan(&plan);
+    let store = ResultStore::open(out)?;
+    let ids = unique_ids(&grid.cells);
+    let (mut finished, mut failed, mut running) = (0, Vec::new(), 0);
+    for id in &ids {
+        let dir = store.cell_dir(id);
+        if dir.join(FINISHED_FILE).is_file() {
+            finished += 1;
+        } else if dir.join(FAILED_FILE).is_file() {
+            failed.push(id.to_string());
+        } else if out.join(CLAIMS_DIR).join(format!("{id}.json")).is_file() {
+            running += 1;
+        }
+    }
+    let files = store.write_results(grid.title.as_deref(), &resolution, &grid.cells, &failed, plots)?;
+    println!(
+        "{} cells: {finished} finished, {} failed, {running} claimed by a worker, {} waiting",
+        ids.len(),
+        failed.len(),
+        ids.len() - finished - failed.len() - running
+    );
+    println!("{}", files.markdown.display());
+    println!("{}", files.csv.display());
+    for p in &files.plots {
+        println!("{}", p.display());
+    }
+    Ok(())
 }
 
 /// The per-cell benchmark of the arguments (`None` with `--no-eval`).
@@ -158,12 +388,49 @@ pub fn run(args: &AblateArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let eval = eval_config(args)?;
+    let mine = select_cells(args, &cells)?;
     let store = ResultStore::open(&args.out)?;
     store.write_root_json("resolution.json", &resolution)?;
+    store.write_root_json(
+        GRID_FILE,
+        &GridFile {
+            title: plan.title.clone(),
+            cells: cells.clone(),
+        },
+    )?;
+    let plan_text = std::fs::read(&args.plan).with_context(|| format!("{}: cannot read", args.plan.display()))?;
+    let copy = args.out.join(PLAN_COPY);
+    focusdpo::store::write_atomic(&copy, &plan_text).with_context(|| format!("{}", copy.display()))?;
+    if args.slurm {
+        let ids: Vec<String> = unique_ids(&mine).into_iter().map(String::from).collect();
+        let script = sbatch_script(args, &args.out, &ids)?;
+        let path = args.out.join(SBATCH_FILE);
+        std::fs::create_dir_all(args.out.join("slurm")).with_context(|| format!("{}", args.out.display()))?;
+        focusdpo::store::write_atomic(&path, script.as_bytes()).with_context(|| format!("{}", path.display()))?;
+        println!(
+            "wrote {} ({} array tasks); submit it with: sbatch {}",
+            path.display(),
+            ids.len(),
+            path.display()
+        );
+        return Ok(());
+    }
+    let sharing = Sharing {
+        lease: Duration::from_secs(args.lease_seconds.max(1)),
+        ..Sharing::default()
+    };
     let base = RunConfig::default();
     let stop = AtomicBool::new(false);
     let mut on_progress = |p: Progress<'_>| match p {
         Progress::Skipped { cell } => eprintln!("cell {} ({} / {}): trained earlier", cell.id, cell.study, cell.value),
+        Progress::Busy { cell, worker } => eprintln!(
+            "cell {} ({} / {}): running on {worker}",
+            cell.id, cell.study, cell.value
+        ),
+        Progress::Lost { cell } => eprintln!(
+            "  {}: this worker's claim expired and another worker took the cell over; it goes on there",
+            cell.id
+        ),
         Progress::Started {
             index,
             total,
@@ -206,24 +473,30 @@ pub fn run(args: &AblateArgs) -> anyhow::Result<()> {
         }
         Progress::EvalFailed { cell, error } => eprintln!("  {} evaluation failed: {error}", cell.id),
     };
-    let report = run_grid(&cells, &base, None, &store, eval.as_ref(), &stop, &mut on_progress)?;
-    let failed: Vec<String> = report.failed.iter().map(|(id, _)| id.clone()).collect();
-    let files = store.write_results(plan.title.as_deref(), &resolution, &cells, &failed, !args.no_plots)?;
+    let report = run_grid(
+        &mine,
+        &base,
+        None,
+        &store,
+        eval.as_ref(),
+        &stop,
+        &sharing,
+        &mut on_progress,
+    )?;
     println!(
-        "{} run ({} resumed), {} finished earlier, {} failed; {} evaluated, {} evaluated earlier, {} evaluations failed",
+        "{} run ({} resumed), {} finished earlier, {} running on other workers, {} failed; {} evaluated, {} \
+         evaluated earlier, {} evaluations failed",
         report.finished,
         report.resumed,
         report.skipped,
+        report.busy,
         report.failed.len(),
         report.evaluated,
         report.eval_skipped,
         report.eval_failed.len(),
     );
-    println!("{}", files.markdown.display());
-    println!("{}", files.csv.display());
-    for p in &files.plots {
-        println!("{}", p.display());
-    }
+    // The whole grid's results from whatever has finished, this worker's cells and others'.
+    report_grid(&args.out, !args.no_plots)?;
     for (id, error) in report.failed.iter().chain(&report.eval_failed) {
         println!("  {id}: {error}");
     }

@@ -408,6 +408,12 @@ fn run_metrics(path: &Path) -> anyhow::Result<RunMetrics> {
 
 /// `focusdpo report`: mean ± 95 % CI per group of runs, best marked.
 pub fn run_report(args: &ReportArgs) -> anyhow::Result<()> {
+    // An ablation results folder (`focusdpo ablate --out DIR`): assemble its tables from whatever has finished.
+    if let [dir] = &args.paths[..]
+        && dir.join(super::ablate::GRID_FILE).is_file()
+    {
+        return super::ablate::report_grid(dir, true);
+    }
     let runs = args
         .paths
         .iter()

@@ -2,6 +2,7 @@
 //! ([`resolve`]), the grid of runs ([`grid`]), its results store ([`store`]) and the runner ([`runner`]).
 //! Parsing, resolution and the grid are pure; [`read_plan_file`], [`store`] and [`runner`] do the I/O.
 
+pub mod claim;
 pub mod grid;
 pub mod plan;
 pub mod plot;

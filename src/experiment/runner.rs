@@ -4,9 +4,11 @@
 //! Progress goes through a callback (the CLI prints it; the Studio forwards it over a channel).
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use super::claim::{ClaimHandle, ClaimOutcome, Lease, log_attempt, try_claim};
 use super::grid::Cell;
 use super::results::FinishedCell;
 use super::store::{ResultStore, StoreError};
@@ -19,6 +21,18 @@ use crate::train::{Event, Launch, RunConfig, Session, SessionOptions};
 pub enum Progress<'a> {
     /// A cell was already trained in the store.
     Skipped {
+        /// The cell.
+        cell: &'a Cell,
+    },
+    /// Another worker holds the cell's claim (it is running there).
+    Busy {
+        /// The cell.
+        cell: &'a Cell,
+        /// The worker holding it.
+        worker: String,
+    },
+    /// This worker's claim on the running cell expired and another worker took the cell over: it stopped here.
+    Lost {
         /// The cell.
         cell: &'a Cell,
     },
@@ -124,7 +138,30 @@ pub struct RunReport {
     pub eval_failed: Vec<(String, String)>,
     /// Whether a stop request ended the run early.
     pub stopped: bool,
+    /// Cells other workers were running.
+    pub busy: usize,
 }
+
+/// Who this worker is among those sharing a store ([`super::claim`]).
+#[derive(Clone, Debug)]
+pub struct Sharing {
+    /// The worker's name in claims and `attempts.jsonl`.
+    pub worker: String,
+    /// How long a claim holds without renewal.
+    pub lease: Duration,
+}
+
+impl Default for Sharing {
+    fn default() -> Self {
+        Self {
+            worker: super::claim::worker_name(),
+            lease: super::claim::DEFAULT_LEASE,
+        }
+    }
+}
+
+/// A failed cell's marker in its run folder (`focusdpo report` reads it).
+pub const FAILED_FILE: &str = "failed.json";
 
 /// Runs every distinct unfinished cell of `cells` with `base` config plus the cell's overrides, then (with `eval`)
 /// evaluates every finished cell whose eval.json is missing or was made with other benchmark settings.
@@ -133,6 +170,11 @@ pub struct RunReport {
 /// `stop` ends the grid after the current training step (that cell resumes next time) or after the current
 /// evaluation (which cannot be interrupted); a trained cell whose evaluation was not started is evaluated next
 /// time.
+///
+/// Several workers (processes, Slurm array tasks) may run the same grid over one store: each cell is worked on
+/// only under its claim ([`super::claim`]), so a cell another worker holds is passed over ([`Progress::Busy`]), a
+/// dead worker's cell is taken over once its lease expires, and a finished cell is never trained again.
+#[allow(clippy::too_many_arguments)]
 pub fn run_grid(
     cells: &[Cell],
     base: &RunConfig,
@@ -140,14 +182,9 @@ pub fn run_grid(
     store: &ResultStore,
     eval: Option<&BenchmarkConfig>,
     stop: &AtomicBool,
+    sharing: &Sharing,
     on_progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<RunReport, StoreError> {
-    let grid = Grid {
-        base,
-        base_model,
-        store,
-        stop,
-    };
     let mut report = RunReport::default();
     let mut seen = HashSet::new();
     let distinct: Vec<&Cell> = cells.iter().filter(|c| seen.insert(c.id.clone())).collect();
@@ -156,18 +193,57 @@ pub fn run_grid(
             report.stopped = true;
             break;
         }
-        if store.finished(&cell.id)?.is_some() {
+        let evaluated = |store: &ResultStore| -> bool {
+            match eval {
+                None => true,
+                Some(cfg) => matches!(store.eval_report(&cell.id), Ok(Some(r)) if r.config == *cfg),
+            }
+        };
+        if store.finished(&cell.id)?.is_some() && evaluated(store) {
             report.skipped += 1;
+            report.eval_skipped += usize::from(eval.is_some());
             on_progress(Progress::Skipped { cell });
-        } else if !train_cell(&grid, cell, (i + 1, distinct.len()), &mut report, on_progress)? {
             continue;
         }
+        let handle = match try_claim(store.root(), &cell.id, &sharing.worker, sharing.lease)? {
+            ClaimOutcome::Claimed(h) => h,
+            ClaimOutcome::Held(other) => {
+                report.busy += 1;
+                on_progress(Progress::Busy {
+                    cell,
+                    worker: other.worker,
+                });
+                continue;
+            }
+        };
+        let lost = Arc::new(AtomicBool::new(false));
+        let lease = Lease::start(handle.clone(), lost.clone());
+        let grid = Grid {
+            base,
+            base_model,
+            store,
+            stop,
+            lost: &lost,
+        };
+        let outcome = work_on_cell(
+            &grid,
+            cell,
+            &handle,
+            (i + 1, distinct.len()),
+            eval,
+            &mut report,
+            on_progress,
+        );
+        drop(lease);
+        if lost.load(Ordering::SeqCst) {
+            on_progress(Progress::Lost { cell });
+        } else {
+            handle.release()?;
+        }
+        outcome?;
         if report.stopped || stop.load(Ordering::SeqCst) {
             report.stopped = true;
             break;
-        }
-        if let Some(cfg) = eval {
-            evaluate_cell(cell, cfg, store, &mut report, on_progress)?;
         }
     }
     if stop.load(Ordering::SeqCst) {
@@ -176,18 +252,48 @@ pub fn run_grid(
     Ok(report)
 }
 
+/// Trains (unless finished: another worker may have finished it since it was looked at) and evaluates one
+/// claimed cell.
+fn work_on_cell(
+    grid: &Grid<'_>,
+    cell: &Cell,
+    handle: &ClaimHandle,
+    position: (usize, usize),
+    eval: Option<&BenchmarkConfig>,
+    report: &mut RunReport,
+    on_progress: &mut dyn FnMut(Progress<'_>),
+) -> Result<(), StoreError> {
+    let store = grid.store;
+    if store.finished(&cell.id)?.is_some() {
+        report.skipped += 1;
+        on_progress(Progress::Skipped { cell });
+    } else if !train_cell(grid, cell, handle, position, report, on_progress)? {
+        return Ok(());
+    }
+    if report.stopped || grid.stop.load(Ordering::SeqCst) || grid.lost.load(Ordering::SeqCst) {
+        return Ok(());
+    }
+    if let Some(cfg) = eval {
+        evaluate_cell(cell, cfg, store, report, on_progress)?;
+    }
+    Ok(())
+}
+
 /// What every cell of a grid run shares.
 struct Grid<'a> {
     base: &'a RunConfig,
     base_model: Option<&'a BaseModel>,
     store: &'a ResultStore,
     stop: &'a AtomicBool,
+    /// Set when this worker's claim on the cell was lost.
+    lost: &'a AtomicBool,
 }
 
 /// Trains one unfinished cell (new or resumed). Returns whether it is finished now.
 fn train_cell(
     grid: &Grid<'_>,
     cell: &Cell,
+    handle: &ClaimHandle,
     (index, total): (usize, usize),
     report: &mut RunReport,
     on_progress: &mut dyn FnMut(Progress<'_>),
@@ -197,16 +303,27 @@ fn train_cell(
         base_model,
         store,
         stop,
+        lost,
     } = *grid;
+    let fail = |report: &mut RunReport, error: String, on_progress: &mut dyn FnMut(Progress<'_>)| {
+        let marker = serde_json::json!({ "error": error, "worker": handle.worker() });
+        let path = store.cell_dir(&cell.id).join(FAILED_FILE);
+        let written =
+            crate::store::write_atomic(&path, marker.to_string().as_bytes()).map_err(|source| StoreError::Io {
+                path: path.clone(),
+                source,
+            });
+        report.failed.push((cell.id.clone(), error.clone()));
+        on_progress(Progress::Failed { cell, error });
+        written
+    };
     let config = match base
         .with_overrides(&cell.overrides)
         .and_then(|c| c.validate().map(|()| c))
     {
         Ok(c) => c,
         Err(e) => {
-            let error = e.to_string();
-            report.failed.push((cell.id.clone(), error.clone()));
-            on_progress(Progress::Failed { cell, error });
+            fail(report, e.to_string(), on_progress)?;
             return Ok(false);
         }
     };
@@ -229,7 +346,8 @@ fn train_cell(
             dir: store.prepare_cell(cell)?,
         }
     };
-    match run_cell(cell, launch, shared, stop, on_progress) {
+    log_attempt(&store.cell_dir(&cell.id), handle, resume)?;
+    match run_cell(cell, launch, shared, &[stop, lost], on_progress) {
         CellEnd::Finished => {
             let finished = store.finish_cell(cell)?;
             report.finished += 1;
@@ -238,12 +356,14 @@ fn train_cell(
             Ok(true)
         }
         CellEnd::Stopped => {
-            report.stopped = true;
+            // A lost claim stops this cell only; the grid goes on with the next.
+            if !lost.load(Ordering::SeqCst) {
+                report.stopped = true;
+            }
             Ok(false)
         }
         CellEnd::Failed(error) => {
-            report.failed.push((cell.id.clone(), error.clone()));
-            on_progress(Progress::Failed { cell, error });
+            fail(report, error, on_progress)?;
             Ok(false)
         }
     }
@@ -311,16 +431,17 @@ enum CellEnd {
     Failed(String),
 }
 
+/// Runs a cell's session to its end; any of `stops` set stops it after the current step (with a checkpoint).
 fn run_cell(
     cell: &Cell,
     launch: Launch,
     base: Option<BaseModel>,
-    stop: &AtomicBool,
+    stops: &[&AtomicBool],
     on_progress: &mut dyn FnMut(Progress<'_>),
 ) -> CellEnd {
     let session = Session::start(launch, SessionOptions { dump: None, base });
     let end = loop {
-        if stop.load(Ordering::SeqCst) {
+        if stops.iter().any(|s| s.load(Ordering::SeqCst)) {
             session.stop();
         }
         let event = match session.events().recv_timeout(Duration::from_millis(200)) {

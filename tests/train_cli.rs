@@ -217,3 +217,65 @@ fn masks_fills_m_s_from_the_backbone_per_timestep() {
     assert!(!out.status.success());
     assert!(text(&out).contains("bad.safetensors"), "{}", text(&out));
 }
+
+/// `focusdpo train --ranks 2` (two processes joined over TCP, as an external launcher's RANK / WORLD_SIZE would
+/// join them) trains exactly like one process accumulating both ranks' pairs (`train.grad_accum = 2`): the same
+/// LoRA to 1e-6 after three steps. Rank 0 alone writes the run folder; the other rank logs beside it.
+#[test]
+fn two_rank_processes_train_like_one_process_accumulating_two_pairs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let common_args = |out: &str| -> Vec<String> {
+        [
+            "train",
+            "--base",
+            "random:0",
+            "--steps",
+            "3",
+            "--out",
+            out,
+            "--plain",
+            "--set",
+            r#"data.items=["synth-0000", "synth-0001", "synth-0003"]"#,
+            "--set",
+            "log.checkpoint_every=0",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let ranks = dir.path().join("ranks");
+    let mut args = common_args(ranks.to_str().expect("utf-8"));
+    args.extend(["--ranks".into(), "2".into()]);
+    let out = focusdpo(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "{}", text(&out));
+    let single = dir.path().join("single");
+    let mut args = common_args(single.to_str().expect("utf-8"));
+    args.extend(["--set".into(), "train.grad_accum=2".into()]);
+    let out = focusdpo(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "{}", text(&out));
+
+    let load = |run: &std::path::Path| {
+        candle_core::safetensors::load(
+            run.join("checkpoints/step-3/lora.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .expect("the final checkpoint")
+    };
+    let (a, b) = (load(&ranks), load(&single));
+    assert_eq!(a.len(), b.len());
+    for (name, t) in &a {
+        let d = (t - &b[name])
+            .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+            .expect("same shapes");
+        assert!(d <= 1e-6, "{name}: {d}");
+    }
+    let log = std::fs::read_to_string(ranks.join("metrics.jsonl")).expect("rank 0's log");
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("\"step\":") && l.contains("\"loss\""))
+            .count(),
+        3,
+        "{log}"
+    );
+    let rank1 = std::fs::read_to_string(dir.path().join("ranks.rank-1.log")).expect("rank 1's log");
+    assert!(rank1.contains("step 3"), "{rank1}");
+}

@@ -79,6 +79,7 @@ fn options() -> SessionOptions {
     SessionOptions {
         dump: None,
         base: Some(base()),
+        ..SessionOptions::default()
     }
 }
 
@@ -328,6 +329,7 @@ fn dump_step_writes_the_tensors_of_that_step() {
         SessionOptions {
             dump: Some((2, dump.clone())),
             base: Some(base()),
+            ..SessionOptions::default()
         },
     );
     assert!(events.iter().any(|e| matches!(e, Event::Dumped { step: 2, .. })));

@@ -52,6 +52,73 @@ pub struct TrainArgs {
     /// No progress bar; print one line per step instead.
     #[arg(long)]
     plain: bool,
+    /// Data-parallel training over N processes on this machine (each takes a shard of every step's pairs;
+    /// gradients are averaged): this command starts them with `RANK`/`WORLD_SIZE`/`MASTER_ADDR`/`MASTER_PORT`, as
+    /// an external launcher (`srun`, `torchrun`-style scripts) would. With `model.device = "cuda"` rank r uses
+    /// GPU `LOCAL_RANK`. Rank 0 writes the run folder and prints; the others log to rank-R.log beside it.
+    #[arg(long, value_name = "N")]
+    ranks: Option<usize>,
+}
+
+/// Starts `ranks` processes of this command (without `--ranks`), one per rank, and waits for them all.
+fn launch_ranks(args: &TrainArgs, ranks: usize) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("the path of this focusdpo binary")?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .context("a free local port for rank 0")?;
+    let mut forwarded = Vec::new();
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        if a == "--ranks" {
+            it.next();
+        } else if !a.starts_with("--ranks=") {
+            forwarded.push(a);
+        }
+    }
+    let log_dir = args
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."))
+        .to_path_buf();
+    let name = args
+        .out
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "run".into());
+    let mut children = Vec::new();
+    for rank in 0..ranks {
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.args(&forwarded)
+            .env("RANK", rank.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("WORLD_SIZE", ranks.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string());
+        let log = log_dir.join(format!("{name}.rank-{rank}.log"));
+        if rank > 0 {
+            let file = std::fs::File::create(&log).with_context(|| format!("{}", log.display()))?;
+            let err = file.try_clone().with_context(|| format!("{}", log.display()))?;
+            cmd.stdout(file).stderr(err);
+        }
+        children.push((rank, log, cmd.spawn().context("starting a rank")?));
+    }
+    let mut failed = Vec::new();
+    for (rank, log, mut child) in children {
+        let status = child.wait().with_context(|| format!("waiting for rank {rank}"))?;
+        if !status.success() {
+            failed.push(if rank == 0 {
+                "rank 0 (its output is above)".to_string()
+            } else {
+                format!("rank {rank} (its output: {})", log.display())
+            });
+        }
+    }
+    if !failed.is_empty() {
+        bail!("data-parallel training failed on {}", failed.join(", "));
+    }
+    Ok(())
 }
 
 /// The run config the command line asks for: `start` (the defaults for a new run, the run's own config on resume)
@@ -85,6 +152,18 @@ fn build_config(args: &TrainArgs, start: Option<RunConfig>) -> anyhow::Result<Ru
 }
 
 pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
+    if let Some(n) = args.ranks
+        && std::env::var_os("WORLD_SIZE").is_none()
+    {
+        if n == 0 {
+            bail!("--ranks must be at least 1");
+        }
+        if n > 1 {
+            return launch_ranks(args, n);
+        }
+    }
+    // One rank of a world an external launcher (or --ranks) started.
+    let world = focusdpo::train::parallel::world_from_env()?;
     let dump = match &args.dump_step {
         Some(v) => match v.as_slice() {
             [k, file] => {
@@ -112,7 +191,24 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
             dir: args.out.clone(),
         }
     };
-    let session = Session::start(launch, SessionOptions { dump, base: None });
+    let launch = match (launch, &world) {
+        // A rank's GPU is its LOCAL_RANK when the config says plain `cuda`.
+        (Launch::New { mut config, dir }, Some(_)) if config.model.device.trim() == "cuda" => {
+            if let Ok(local) = std::env::var("LOCAL_RANK") {
+                config.model.device = format!("cuda:{}", local.trim());
+            }
+            Launch::New { config, dir }
+        }
+        (launch, _) => launch,
+    };
+    let session = Session::start(
+        launch,
+        SessionOptions {
+            dump,
+            world: world.map(|w| focusdpo::train::session::World(std::sync::Arc::new(w))),
+            ..SessionOptions::default()
+        },
+    );
     let bar = ProgressBar::hidden();
     let mut times = Vec::new();
     let mut last_loss = f32::NAN;

@@ -439,7 +439,14 @@ fn run_cell(
     stops: &[&AtomicBool],
     on_progress: &mut dyn FnMut(Progress<'_>),
 ) -> CellEnd {
-    let session = Session::start(launch, SessionOptions { dump: None, base });
+    let session = Session::start(
+        launch,
+        SessionOptions {
+            dump: None,
+            base,
+            ..SessionOptions::default()
+        },
+    );
     let end = loop {
         if stops.iter().any(|s| s.load(Ordering::SeqCst)) {
             session.stop();

@@ -7,12 +7,16 @@
 //! run on identical gradients, so every rank's LoRA stays identical without broadcasting weights.
 //!
 //! [`Solo`] is the world of one; [`LocalGroup`] runs ranks as threads of one process (tests, and several models
-//! on one machine), reducing in rank order so that its mean is the same floating-point sum as one rank's
-//! accumulation.
+//! on one machine); [`TcpGroup`] joins ranks that are processes (`focusdpo train --ranks N`, or an external
+//! launcher's `RANK`/`WORLD_SIZE`/`MASTER_ADDR`/`MASTER_PORT`) through rank 0 over TCP. Both reduce in rank order,
+//! so their mean is the same floating-point sum as one rank's accumulation.
 
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Barrier, Mutex};
+use std::time::{Duration, Instant};
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 /// Errors of a collective.
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +146,195 @@ impl Collective for LocalGroup {
     }
 }
 
+/// Ranks that are processes, joined through rank 0 over TCP: every rank sends its tensors to rank 0, which sums
+/// them in rank order, divides by the world size and sends the mean back. For CPU worlds (and tests); GPUs would
+/// use NCCL behind the same trait.
+pub struct TcpGroup {
+    rank: usize,
+    world: usize,
+    /// Rank 0: a stream to every other rank (index `r − 1`); other ranks: the stream to rank 0.
+    peers: Mutex<Vec<TcpStream>>,
+}
+
+/// The world this process belongs to, from the variables launchers set (`torchrun`, `srun` wrappers, `focusdpo
+/// train --ranks N`): `RANK`, `WORLD_SIZE`, `MASTER_ADDR` (default 127.0.0.1), `MASTER_PORT` (default 29500).
+/// `None` without `WORLD_SIZE` or with a world of one.
+pub fn world_from_env() -> Result<Option<TcpGroup>, CollectiveError> {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+    let Some(world) = var("WORLD_SIZE") else {
+        return Ok(None);
+    };
+    let bad = |message: String| CollectiveError::Group { rank: 0, message };
+    let world: usize = world
+        .trim()
+        .parse()
+        .map_err(|_| bad(format!("WORLD_SIZE={world}: not a number")))?;
+    let rank: usize = var("RANK")
+        .unwrap_or_else(|| "0".into())
+        .trim()
+        .parse()
+        .map_err(|_| bad("RANK: not a number".into()))?;
+    if world <= 1 {
+        return Ok(None);
+    }
+    if rank >= world {
+        return Err(bad(format!("RANK={rank} is not below WORLD_SIZE={world}")));
+    }
+    let addr = format!(
+        "{}:{}",
+        var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into()),
+        var("MASTER_PORT").unwrap_or_else(|| "29500".into())
+    );
+    TcpGroup::connect(rank, world, &addr, Duration::from_secs(120)).map(Some)
+}
+
+fn write_tensors(stream: &mut TcpStream, values: &[Vec<f32>]) -> std::io::Result<()> {
+    let mut bytes = Vec::with_capacity(8 + values.iter().map(|v| 8 + 4 * v.len()).sum::<usize>());
+    bytes.extend((values.len() as u64).to_le_bytes());
+    for v in values {
+        bytes.extend((v.len() as u64).to_le_bytes());
+        for x in v {
+            bytes.extend(x.to_le_bytes());
+        }
+    }
+    stream.write_all(&bytes)?;
+    stream.flush()
+}
+
+fn read_u64(stream: &mut TcpStream) -> std::io::Result<u64> {
+    let mut b = [0u8; 8];
+    stream.read_exact(&mut b)?;
+    Ok(u64::from_le_bytes(b))
+}
+
+/// Tensors of at most this many values in all are accepted from a peer (a corrupt length cannot allocate
+/// terabytes).
+const MAX_VALUES: u64 = 1 << 34;
+
+fn read_tensors(stream: &mut TcpStream) -> std::io::Result<Vec<Vec<f32>>> {
+    let n = read_u64(stream)?;
+    let invalid = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
+    if n > 1 << 20 {
+        return Err(invalid("too many tensors"));
+    }
+    let mut out = Vec::with_capacity(n as usize);
+    let mut total = 0u64;
+    for _ in 0..n {
+        let len = read_u64(stream)?;
+        total += len;
+        if total > MAX_VALUES {
+            return Err(invalid("tensors too large"));
+        }
+        let mut raw = vec![0u8; len as usize * 4];
+        stream.read_exact(&mut raw)?;
+        out.push(
+            raw.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        );
+    }
+    Ok(out)
+}
+
+impl TcpGroup {
+    /// Joins rank `rank` of `world` at `addr` (rank 0 listens there; the others connect, retrying until
+    /// `wait`).
+    pub fn connect(rank: usize, world: usize, addr: &str, wait: Duration) -> Result<TcpGroup, CollectiveError> {
+        let err = |message: String| CollectiveError::Group { rank, message };
+        let peers = if rank == 0 {
+            let listener = TcpListener::bind(addr).map_err(|e| err(format!("listening on {addr}: {e}")))?;
+            let mut slots: Vec<Option<TcpStream>> = (1..world).map(|_| None).collect();
+            for _ in 1..world {
+                let (mut s, _) = listener.accept().map_err(|e| err(format!("accepting a rank: {e}")))?;
+                let r = read_u64(&mut s).map_err(|e| err(format!("a rank's hello: {e}")))? as usize;
+                match slots.get_mut(r.wrapping_sub(1)) {
+                    Some(slot @ None) => *slot = Some(s),
+                    _ => return Err(err(format!("rank {r} joined twice or is not below WORLD_SIZE={world}"))),
+                }
+            }
+            slots.into_iter().flatten().collect()
+        } else {
+            let start = Instant::now();
+            let mut s = loop {
+                match TcpStream::connect(addr) {
+                    Ok(s) => break s,
+                    Err(e) if start.elapsed() > wait => {
+                        return Err(err(format!(
+                            "rank 0 at {addr} did not answer in {} s: {e}",
+                            wait.as_secs()
+                        )));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                }
+            };
+            s.write_all(&(rank as u64).to_le_bytes())
+                .map_err(|e| err(format!("hello to rank 0: {e}")))?;
+            vec![s]
+        };
+        for p in &peers {
+            let _ = p.set_nodelay(true);
+        }
+        Ok(TcpGroup {
+            rank,
+            world,
+            peers: Mutex::new(peers),
+        })
+    }
+}
+
+impl Collective for TcpGroup {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    fn all_reduce_mean(&self, tensors: &mut [Tensor]) -> Result<(), CollectiveError> {
+        let err = |message: String| CollectiveError::Group {
+            rank: self.rank,
+            message,
+        };
+        let mut peers = self.peers.lock().map_err(|_| err("poisoned connection lock".into()))?;
+        let mine = tensors
+            .iter()
+            .map(|t| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mean = if self.rank == 0 {
+            let mut sum = mine;
+            for (i, p) in peers.iter_mut().enumerate() {
+                let theirs = read_tensors(p).map_err(|e| err(format!("rank {} is gone: {e}", i + 1)))?;
+                if theirs.len() != sum.len() || theirs.iter().zip(&sum).any(|(a, b)| a.len() != b.len()) {
+                    return Err(err(format!("rank {} passed a different tensor list", i + 1)));
+                }
+                for (s, t) in sum.iter_mut().zip(&theirs) {
+                    s.iter_mut().zip(t).for_each(|(a, b)| *a += b);
+                }
+            }
+            let scale = (1.0 / self.world as f64) as f32;
+            sum.iter_mut()
+                .for_each(|v| v.iter_mut().for_each(|x| *x = *x * scale + 0.0));
+            for (i, p) in peers.iter_mut().enumerate() {
+                write_tensors(p, &sum).map_err(|e| err(format!("rank {} is gone: {e}", i + 1)))?;
+            }
+            sum
+        } else {
+            let p = peers.first_mut().ok_or_else(|| err("no connection to rank 0".into()))?;
+            write_tensors(p, &mine).map_err(|e| err(format!("rank 0 is gone: {e}")))?;
+            let back = read_tensors(p).map_err(|e| err(format!("rank 0 is gone: {e}")))?;
+            if back.len() != tensors.len() {
+                return Err(err("rank 0 answered a different tensor list".into()));
+            }
+            back
+        };
+        for (t, v) in tensors.iter_mut().zip(mean) {
+            *t = Tensor::from_vec(v, t.shape(), t.device())?.to_dtype(t.dtype())?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,6 +364,39 @@ mod tests {
         });
         for r in &results {
             assert_eq!(r, &vec![1.0, 10.0, 2.0], "mean of 0, 1, 2 / 0, 10, 20 / 1, 2, 3");
+        }
+    }
+
+    #[test]
+    fn tcp_ranks_average_like_local_ones() {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let addr = format!("127.0.0.1:{port}");
+        let results: Vec<Vec<f32>> = std::thread::scope(|s| {
+            let joins: Vec<_> = (0..3)
+                .map(|rank| {
+                    let addr = addr.clone();
+                    s.spawn(move || {
+                        let g = TcpGroup::connect(rank, 3, &addr, Duration::from_secs(10)).expect("joins");
+                        let r = rank as f32;
+                        let mut t = vec![
+                            Tensor::new(&[[r, 10.0 * r]], &Device::Cpu).expect("tensor"),
+                            Tensor::new(&[1.0f32 + r], &Device::Cpu).expect("tensor"),
+                        ];
+                        g.all_reduce_mean(&mut t).expect("reduce");
+                        assert_eq!(t[0].dims(), &[1, 2], "shapes kept");
+                        let mut out = t[0].flatten_all().and_then(|x| x.to_vec1::<f32>()).expect("values");
+                        out.extend(t[1].to_vec1::<f32>().expect("values"));
+                        out
+                    })
+                })
+                .collect();
+            joins.into_iter().map(|j| j.join().expect("rank")).collect()
+        });
+        for r in &results {
+            assert_eq!(r, &vec![1.0, 10.0, 2.0]);
         }
     }
 

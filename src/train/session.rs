@@ -985,6 +985,19 @@ pub struct SessionOptions {
     pub dump: Option<(u64, PathBuf)>,
     /// Use this base instead of loading the config's (tests, the Studio's cache).
     pub base: Option<BaseModel>,
+    /// Train as one rank of a data-parallel world ([`super::parallel`]): rank 0 writes the run folder (config,
+    /// log, checkpoints), every rank resumes from it.
+    pub world: Option<World>,
+}
+
+/// A data-parallel world shared with the training thread.
+#[derive(Clone)]
+pub struct World(pub Arc<dyn super::parallel::Collective + Sync>);
+
+impl std::fmt::Debug for World {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "rank {} of {}", self.0.rank(), self.0.world_size())
+    }
 }
 
 /// A run on a worker thread.
@@ -1098,17 +1111,33 @@ fn run_worker(
     stop: &AtomicBool,
     last: &mut u64,
 ) -> Result<(), TrainError> {
-    let (mut store, cfg, resuming) = match launch {
+    let world: Arc<dyn super::parallel::Collective + Sync> = match &options.world {
+        Some(w) => w.0.clone(),
+        None => Arc::new(super::parallel::Solo),
+    };
+    // Rank 0 writes the run folder; other ranks only read it (to resume).
+    let writer = world.rank() == 0;
+    let (mut store, dir, cfg, resuming) = match launch {
         Launch::New { config, dir } => {
             config.validate()?;
-            (RunStore::create(&dir, &*config)?, *config, false)
+            let store = if writer {
+                Some(RunStore::create(&dir, &*config)?)
+            } else {
+                None
+            };
+            (store, dir, *config, false)
         }
         Launch::Resume { dir, steps } => {
-            let (store, mut cfg): (RunStore, RunConfig) = RunStore::resume(&dir)?;
+            let (store, mut cfg): (Option<RunStore>, RunConfig) = if writer {
+                let (store, cfg) = RunStore::resume(&dir)?;
+                (Some(store), cfg)
+            } else {
+                (None, super::run_store::read_config(&dir)?)
+            };
             if let Some(s) = steps {
                 cfg.steps = s;
             }
-            (store, cfg, true)
+            (store, dir, cfg, true)
         }
     };
     let device = cfg.model.device()?;
@@ -1120,26 +1149,50 @@ fn run_worker(
             crate::model::weights::track(&progress, || cfg.model.load_base(&device))?
         }
     };
-    let data = match load_training_data(&cfg, &base, &device, Some(store.dir())) {
+    // Ranks other than 0 compute what rank 0 caches in the run folder (the same, from the same seeds).
+    let cache = if writer { Some(dir.as_path()) } else { None };
+    let data = match load_training_data(&cfg, &base, &device, cache) {
         Ok(d) => d,
         Err(e) => {
-            store.append(&serde_json::json!({"event": "error", "step": 0, "error": e.to_string()}))?;
+            if let Some(store) = &mut store {
+                store.append(&serde_json::json!({"event": "error", "step": 0, "error": e.to_string()}))?;
+            }
             return Err(e);
         }
     };
-    write_pairs(store.dir(), &data.pairs)?;
-    store.append(&serde_json::json!({"event": "pairs", "summary": data.pairs.summary}))?;
+    if let Some(store) = &mut store {
+        write_pairs(store.dir(), &data.pairs)?;
+        store.append(&serde_json::json!({"event": "pairs", "summary": data.pairs.summary}))?;
+    }
     let n_items = data.items.len();
     let mut trainer = Trainer::new(cfg.clone(), base, data.items)?;
     let mut fallback_note = None;
     if resuming {
-        let resumed = restore_newest_intact(store.dir(), |c| trainer.restore(c))?;
-        store.mark_resume(&resumed)?;
+        let resumed = restore_newest_intact(&dir, |c| trainer.restore(c))?;
+        if let Some(store) = &mut store {
+            store.mark_resume(&resumed)?;
+        }
         fallback_note = resumed.fallback_note();
+    }
+    if world.world_size() > 1 {
+        // Every rank must start from the same step (the same checkpoint).
+        let mine = trainer.completed_steps() as f32;
+        let mut at = vec![Tensor::new(&[mine], &Device::Cpu)?];
+        world
+            .all_reduce_mean(&mut at)
+            .map_err(|e| TrainError::Data(e.to_string()))?;
+        if at[0].to_vec1::<f32>()?.first() != Some(&mine) {
+            return Err(TrainError::Data(format!(
+                "data-parallel rank {} resumed at step {mine}, other ranks elsewhere: they must share the run \
+                 folder {}",
+                world.rank(),
+                dir.display()
+            )));
+        }
     }
     *last = trainer.completed_steps();
     let _ = tx.send(Event::Started {
-        run_dir: store.dir().to_path_buf(),
+        run_dir: dir.clone(),
         start_step: trainer.completed_steps(),
         total_steps: cfg.steps,
         trainable: trainer.lora().parameter_count(),
@@ -1152,8 +1205,10 @@ fn run_worker(
     let mut last_ckpt = trainer.completed_steps();
     while trainer.completed_steps() < cfg.steps {
         if stop.load(Ordering::SeqCst) {
-            if trainer.completed_steps() > last_ckpt {
-                checkpoint(&trainer, &store, tx)?;
+            if let Some(store) = &store
+                && trainer.completed_steps() > last_ckpt
+            {
+                checkpoint(&trainer, store, tx)?;
             }
             let _ = tx.send(Event::Finished {
                 step: trainer.completed_steps(),
@@ -1162,15 +1217,19 @@ fn run_worker(
             return Ok(());
         }
         let next = trainer.completed_steps() + 1;
-        let want_dump = options.dump.as_ref().is_some_and(|(k, _)| *k == next);
-        let outcome = match trainer.step(want_dump) {
+        let want_dump = writer && options.dump.as_ref().is_some_and(|(k, _)| *k == next);
+        let outcome = match trainer.step_in(want_dump, &*world) {
             Ok(o) => o,
             Err(e) => {
-                store.append(&serde_json::json!({"event": "error", "step": next, "error": e.to_string()}))?;
+                if let Some(store) = &mut store {
+                    store.append(&serde_json::json!({"event": "error", "step": next, "error": e.to_string()}))?;
+                }
                 return Err(e);
             }
         };
-        store.append(&outcome.record)?;
+        if let Some(store) = &mut store {
+            store.append(&outcome.record)?;
+        }
         *last = outcome.record.step;
         if let (Some(tensors), Some((_, path))) = (outcome.dump, &options.dump) {
             write_dump(path, tensors)?;
@@ -1192,12 +1251,16 @@ fn run_worker(
         let _ = tx.send(Event::Step(outcome.record));
         let every = cfg.log.checkpoint_every;
         if every > 0 && trainer.completed_steps() % every == 0 {
-            checkpoint(&trainer, &store, tx)?;
+            if let Some(store) = &store {
+                checkpoint(&trainer, store, tx)?;
+            }
             last_ckpt = trainer.completed_steps();
         }
     }
-    if trainer.completed_steps() > last_ckpt {
-        checkpoint(&trainer, &store, tx)?;
+    if let Some(store) = &store
+        && trainer.completed_steps() > last_ckpt
+    {
+        checkpoint(&trainer, store, tx)?;
     }
     let _ = tx.send(Event::Finished {
         step: trainer.completed_steps(),

@@ -53,12 +53,16 @@ stub nvrtc libnvrtc.so.13 nvrtc
 stub curand libcurand.so.10 curand
 stub cublas libcublas.so.13 cublas
 stub cublasLt libcublasLt.so.13 cublaslt
+# NCCL for data-parallel training between GPUs (the `nccl` feature); at run time PyTorch's nvidia-nccl wheel or
+# the cluster's NCCL provides libnccl.so.2.
+stub nccl libnccl.so.2 nccl
 
-echo "== cargo build --release --no-default-features --features cuda (sm_${CUDA_COMPUTE_CAP})"
+FEATURES="${FEATURES:-nccl}"
+echo "== cargo build --release --no-default-features --features $FEATURES (sm_${CUDA_COMPUTE_CAP})"
 export CUDA_ROOT="$ROOT" CUDA_HOME="$ROOT" CUDA_PATH="$ROOT" NVCC="$ROOT/bin/nvcc" PATH="$ROOT/bin:$PATH"
 export CUDARC_CUDA_VERSION=13000
 start=$(date +%s)
-cargo build --locked --release --no-default-features --features cuda --bin focusdpo --target-dir target/cuda-build
+cargo build --locked --release --no-default-features --features "$FEATURES" --bin focusdpo --target-dir target/cuda-build
 mkdir -p "$OUT"
 cp target/cuda-build/release/focusdpo "$OUT/focusdpo"
 strip "$OUT/focusdpo"

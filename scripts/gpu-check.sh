@@ -14,6 +14,7 @@
 # 3. The same step in diffusers + peft on PyTorch (scripts/reference/diffusers_dpo_step.py): the ratio.
 # 4. The paper's hardest setting: 1024 px, 2 references, checkpointing and train.split_pair (the 48 GB target).
 # 5. While time is left: 1024 px, 2 references in diffusers + peft, and ours without the split pair.
+# 6. A data-parallel world of one GPU (WORLD_SIZE=1: NCCL with the `nccl` build) trains like a plain run.
 # Each stage has its own time limit inside one deadline, and everything lands in OUT as it comes: table.md at the
 # end sums it up.
 set -uo pipefail
@@ -147,6 +148,27 @@ for k in sorted(cpu):
 print(f"worst {worst:.2e}: {'ok' if worst < 1e-3 else 'DIFFERS'}")
 EOF
 
+log "1b. a world of one ($DEV; NCCL on a GPU) against a plain run, two tiny steps"
+for kind in world plain; do
+    rm -rf "$OUT/$kind-one-run"
+    if [ "$kind" = world ]; then WORLD=(env WORLD_SIZE=1 RANK=0 LOCAL_RANK=0); else WORLD=(env); fi
+    measure "$kind-one" 60 "${WORLD[@]}" "${BIN_CMD[@]}" train --steps 2 --set model.device=$DEV \
+        --set log.checkpoint_every=0 --out "$OUT/$kind-one-run" --plain
+done
+"$PYTHON" - "$OUT" << 'EOF' | tee "$OUT/world-one.txt"
+import sys
+from safetensors.torch import load_file
+out = sys.argv[1]
+try:
+    a = load_file(f"{out}/world-one-run/checkpoints/step-2/lora.safetensors")
+    b = load_file(f"{out}/plain-one-run/checkpoints/step-2/lora.safetensors")
+except Exception as e:
+    print(f"no checkpoints to compare: {e}")
+    sys.exit(0)
+worst = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+print(f"world of one vs plain: LoRA max difference {worst:.2e}: {'ok' if worst <= 1e-6 else 'DIFFERS'}")
+EOF
+
 log "2. FocusDPO at FLUX.1-dev size: $SMALL px, 1 × $REF_SMALL px reference, bf16, checkpointing"
 ours dip synth --out "$OUT/d-small" --items 1 --subjects 1 --size "$SMALL" > /dev/null
 ours dip synth --out "$OUT/d-large" --items 1 --subjects 2 --size "$LARGE" > /dev/null
@@ -178,7 +200,7 @@ row() { # LABEL NAME PLAN STEPS_MS
     echo "| $1 | $(cat "$OUT/$2.status" 2> /dev/null) | $4 | $(cat "$OUT/$2.peak" 2> /dev/null) | $3 |"
 }
 {
-    echo "GPU: $(cat "$OUT/gpu.txt"); binary: $(ours --version); CPU vs $DEV, tiny FocusDPO step: $(tail -1 "$OUT/parity.txt")"
+    echo "GPU: $(cat "$OUT/gpu.txt"); binary: $(ours --version); CPU vs $DEV, tiny FocusDPO step: $(tail -1 "$OUT/parity.txt"); $(tail -1 "$OUT/world-one.txt" 2> /dev/null)"
     echo
     echo "| step (bf16 base, LoRA rank 32, checkpointing) | exit | step times (ms) | peak GPU memory (MiB, nvidia-smi) | memory plan |"
     echo "|---|---|---|---|---|"

@@ -279,3 +279,32 @@ fn two_rank_processes_train_like_one_process_accumulating_two_pairs() {
     let rank1 = std::fs::read_to_string(dir.path().join("ranks.rank-1.log")).expect("rank 1's log");
     assert!(rank1.contains("step 3"), "{rank1}");
 }
+
+/// A launcher's world of one (`WORLD_SIZE=1`) runs the collective path — on a GPU that is NCCL — and trains
+/// exactly like a plain run.
+#[test]
+fn a_world_of_one_trains_like_a_plain_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = |name: &str, world: bool| {
+        let out = dir.path().join(name);
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_focusdpo"));
+        cmd.args(["train", "--base", "random:0", "--steps", "2", "--plain", "--out"])
+            .arg(&out)
+            .args(["--set", r#"data.items=["synth-0000", "synth-0001"]"#]);
+        if world {
+            cmd.env("WORLD_SIZE", "1").env("RANK", "0");
+        }
+        let o = cmd.output().expect("runs");
+        assert!(o.status.success(), "{}", text(&o));
+        candle_core::safetensors::load(out.join("checkpoints/step-2/lora.safetensors"), &candle_core::Device::Cpu)
+            .expect("checkpoint")
+    };
+    let (world, plain) = (run("world", true), run("plain", false));
+    assert_eq!(world.len(), plain.len());
+    for (name, t) in &world {
+        let d = (t - &plain[name])
+            .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+            .expect("same shapes");
+        assert_eq!(d, 0.0, "{name}: the same LoRA, bit for bit");
+    }
+}

@@ -162,8 +162,8 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
             return launch_ranks(args, n);
         }
     }
-    // One rank of a world an external launcher (or --ranks) started.
-    let world = focusdpo::train::parallel::world_from_env()?;
+    // One rank of a world an external launcher (or --ranks) started: joined on the run's device.
+    let in_world = std::env::var_os("WORLD_SIZE").is_some();
     let dump = match &args.dump_step {
         Some(v) => match v.as_slice() {
             [k, file] => {
@@ -191,21 +191,11 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
             dir: args.out.clone(),
         }
     };
-    let launch = match (launch, &world) {
-        // A rank's GPU is its LOCAL_RANK when the config says plain `cuda`.
-        (Launch::New { mut config, dir }, Some(_)) if config.model.device.trim() == "cuda" => {
-            if let Ok(local) = std::env::var("LOCAL_RANK") {
-                config.model.device = format!("cuda:{}", local.trim());
-            }
-            Launch::New { config, dir }
-        }
-        (launch, _) => launch,
-    };
     let session = Session::start(
         launch,
         SessionOptions {
             dump,
-            world: world.map(|w| focusdpo::train::session::World(std::sync::Arc::new(w))),
+            world: in_world.then_some(focusdpo::train::session::WorldSpec::FromEnv),
             ..SessionOptions::default()
         },
     );

@@ -43,6 +43,11 @@ pub trait Collective: Send {
     /// Replaces every tensor by its mean over the ranks. Every rank passes the same number of tensors with the
     /// same shapes, in the same order.
     fn all_reduce_mean(&self, tensors: &mut [Tensor]) -> Result<(), CollectiveError>;
+    /// Whether training reduces through it at all: every world but [`Solo`] — a launcher's world of one too, so
+    /// that a one-GPU world runs the same path (NCCL included) as eight.
+    fn reduces(&self) -> bool {
+        true
+    }
 }
 
 /// The world of one rank: nothing to reduce.
@@ -60,6 +65,10 @@ impl Collective for Solo {
 
     fn all_reduce_mean(&self, _: &mut [Tensor]) -> Result<(), CollectiveError> {
         Ok(())
+    }
+
+    fn reduces(&self) -> bool {
+        false
     }
 }
 
@@ -158,7 +167,7 @@ pub struct TcpGroup {
 
 /// The world this process belongs to, from the variables launchers set (`torchrun`, `srun` wrappers, `focusdpo
 /// train --ranks N`): `RANK`, `WORLD_SIZE`, `MASTER_ADDR` (default 127.0.0.1), `MASTER_PORT` (default 29500).
-/// `None` without `WORLD_SIZE` or with a world of one.
+/// `None` without `WORLD_SIZE`; a world of one needs no connection.
 pub fn world_from_env() -> Result<Option<TcpGroup>, CollectiveError> {
     let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
     let Some(world) = var("WORLD_SIZE") else {
@@ -174,8 +183,8 @@ pub fn world_from_env() -> Result<Option<TcpGroup>, CollectiveError> {
         .trim()
         .parse()
         .map_err(|_| bad("RANK: not a number".into()))?;
-    if world <= 1 {
-        return Ok(None);
+    if world == 0 {
+        return Err(bad("WORLD_SIZE=0: a world has at least one rank".into()));
     }
     if rank >= world {
         return Err(bad(format!("RANK={rank} is not below WORLD_SIZE={world}")));
@@ -185,6 +194,13 @@ pub fn world_from_env() -> Result<Option<TcpGroup>, CollectiveError> {
         var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into()),
         var("MASTER_PORT").unwrap_or_else(|| "29500".into())
     );
+    if world == 1 {
+        return Ok(Some(TcpGroup {
+            rank: 0,
+            world: 1,
+            peers: Mutex::new(Vec::new()),
+        }));
+    }
     TcpGroup::connect(rank, world, &addr, Duration::from_secs(120)).map(Some)
 }
 
@@ -333,6 +349,165 @@ impl Collective for TcpGroup {
         }
         Ok(())
     }
+}
+
+impl TcpGroup {
+    /// Sends rank 0's `bytes` to every rank (others pass anything; every rank gets rank 0's).
+    pub fn broadcast_bytes(&self, bytes: &[u8]) -> Result<Vec<u8>, CollectiveError> {
+        let err = |message: String| CollectiveError::Group {
+            rank: self.rank,
+            message,
+        };
+        let mut peers = self.peers.lock().map_err(|_| err("poisoned connection lock".into()))?;
+        let as_f32 = vec![bytes.iter().map(|&b| f32::from(b)).collect::<Vec<f32>>()];
+        if self.rank == 0 {
+            for (i, p) in peers.iter_mut().enumerate() {
+                write_tensors(p, &as_f32).map_err(|e| err(format!("rank {} is gone: {e}", i + 1)))?;
+            }
+            Ok(bytes.to_vec())
+        } else {
+            let p = peers.first_mut().ok_or_else(|| err("no connection to rank 0".into()))?;
+            let got = read_tensors(p).map_err(|e| err(format!("rank 0 is gone: {e}")))?;
+            Ok(got
+                .into_iter()
+                .next()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|v| v.clamp(0.0, 255.0) as u8)
+                .collect())
+        }
+    }
+}
+
+/// Ranks on GPUs, reduced by NCCL (`ncclAvg`) on the device; rank 0's NCCL id reaches the others through a
+/// [`TcpGroup`] (the same `RANK`/`WORLD_SIZE`/`MASTER_ADDR`/`MASTER_PORT` rendezvous).
+#[cfg(feature = "nccl")]
+pub struct NcclGroup {
+    rank: usize,
+    world: usize,
+    comm: Mutex<SendComm>,
+}
+
+#[cfg(feature = "nccl")]
+struct SendComm(std::sync::Arc<candle_core::cuda_backend::cudarc::nccl::safe::Comm>);
+
+// An NCCL communicator may be used from any thread, one call at a time (the Mutex).
+#[cfg(feature = "nccl")]
+unsafe impl Send for SendComm {}
+
+#[cfg(feature = "nccl")]
+impl NcclGroup {
+    /// Joins the NCCL world of `tcp`'s ranks on `device` (this rank's GPU).
+    pub fn new(tcp: &TcpGroup, device: &candle_core::Device) -> Result<NcclGroup, CollectiveError> {
+        use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id};
+        let err = |message: String| CollectiveError::Group {
+            rank: tcp.rank,
+            message,
+        };
+        let cuda = device.as_cuda_device()?;
+        let id = if tcp.rank == 0 {
+            Id::new().map_err(|e| err(format!("NCCL id: {e:?}")))?
+        } else {
+            Id::uninit([0; 128])
+        };
+        let mine: Vec<u8> = id.internal().iter().map(|&c| c as u8).collect();
+        let shared = tcp.broadcast_bytes(&mine)?;
+        let mut internal = [0 as std::ffi::c_char; 128];
+        for (d, s) in internal.iter_mut().zip(&shared) {
+            *d = *s as std::ffi::c_char;
+        }
+        let comm = Comm::from_rank(cuda.cuda_stream(), tcp.rank, tcp.world, Id::uninit(internal))
+            .map_err(|e| err(format!("NCCL communicator: {e:?}")))?;
+        Ok(NcclGroup {
+            rank: tcp.rank,
+            world: tcp.world,
+            comm: Mutex::new(SendComm(std::sync::Arc::new(comm))),
+        })
+    }
+}
+
+/// The all-reduce as a candle op on a contiguous f32 CUDA tensor.
+#[cfg(feature = "nccl")]
+struct NcclAverage(std::sync::Arc<candle_core::cuda_backend::cudarc::nccl::safe::Comm>);
+
+#[cfg(feature = "nccl")]
+impl candle_core::CustomOp1 for NcclAverage {
+    fn name(&self) -> &'static str {
+        "nccl-average"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("NCCL reduces CUDA tensors; this one is on the CPU")
+    }
+
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        use candle_core::cuda_backend::cudarc::nccl::safe::ReduceOp;
+        let n = l.shape().elem_count();
+        let (start, end) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("NCCL average: not contiguous".into()))?;
+        let input = s.as_cuda_slice::<f32>()?.slice(start..end);
+        let dev = s.device.clone();
+        let mut out = unsafe { dev.alloc::<f32>(n)? };
+        self.0
+            .all_reduce(&input, &mut out, &ReduceOp::Avg)
+            .map_err(|e| candle_core::Error::Msg(format!("NCCL all-reduce: {e:?}")))?;
+        Ok((candle_core::CudaStorage::wrap_cuda_slice(out, dev), l.shape().clone()))
+    }
+}
+
+#[cfg(feature = "nccl")]
+impl Collective for NcclGroup {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    fn all_reduce_mean(&self, tensors: &mut [Tensor]) -> Result<(), CollectiveError> {
+        let comm = self
+            .comm
+            .lock()
+            .map_err(|_| CollectiveError::Group {
+                rank: self.rank,
+                message: "poisoned communicator lock".into(),
+            })?
+            .0
+            .clone();
+        for t in tensors.iter_mut() {
+            let dtype = t.dtype();
+            let reduced = t
+                .to_dtype(DType::F32)?
+                .contiguous()?
+                .apply_op1_no_bwd(&NcclAverage(comm.clone()))?;
+            *t = reduced.to_dtype(dtype)?;
+        }
+        Ok(())
+    }
+}
+
+/// The collective of this process's world on `device`: NCCL between GPUs (with the `nccl` feature), TCP
+/// otherwise; `None` outside a world.
+pub fn world_for(device: &candle_core::Device) -> Result<Option<Box<dyn Collective + Sync>>, CollectiveError> {
+    let Some(tcp) = world_from_env()? else {
+        return Ok(None);
+    };
+    #[cfg(feature = "nccl")]
+    if device.is_cuda() {
+        return Ok(Some(Box::new(NcclGroup::new(&tcp, device)?)));
+    }
+    let _ = device;
+    Ok(Some(Box::new(tcp)))
 }
 
 #[cfg(test)]

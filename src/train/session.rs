@@ -536,7 +536,7 @@ impl Trainer {
         let stats: Vec<StepStats> = passes.iter().map(|p| p.stats).collect();
         let mut stats = StepStats::mean(&stats);
         let mut m_mean = passes.iter().map(|p| p.m_mean).sum::<f32>() / passes.len().max(1) as f32;
-        if ranks > 1 {
+        if world.reduces() {
             let mut all: Vec<Tensor> = vars
                 .iter()
                 .map(|v| match grads.remove(v.as_tensor()) {
@@ -987,7 +987,18 @@ pub struct SessionOptions {
     pub base: Option<BaseModel>,
     /// Train as one rank of a data-parallel world ([`super::parallel`]): rank 0 writes the run folder (config,
     /// log, checkpoints), every rank resumes from it.
-    pub world: Option<World>,
+    pub world: Option<WorldSpec>,
+}
+
+/// Which data-parallel world a session joins.
+#[derive(Clone, Debug)]
+pub enum WorldSpec {
+    /// This one.
+    Given(World),
+    /// The launcher's (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`; [`super::parallel::world_for`]),
+    /// joined on the run's device once it is known: NCCL between GPUs (the `nccl` feature), TCP otherwise. With
+    /// `model.device = "cuda"` a rank uses GPU `LOCAL_RANK`.
+    FromEnv,
 }
 
 /// A data-parallel world shared with the training thread.
@@ -1111,13 +1122,20 @@ fn run_worker(
     stop: &AtomicBool,
     last: &mut u64,
 ) -> Result<(), TrainError> {
-    let world: Arc<dyn super::parallel::Collective + Sync> = match &options.world {
-        Some(w) => w.0.clone(),
-        None => Arc::new(super::parallel::Solo),
+    // Rank 0 writes the run folder; other ranks only read it (to resume). A world from the environment is joined
+    // below, on the device; its rank is known before.
+    let env_rank = || {
+        std::env::var("RANK")
+            .ok()
+            .and_then(|r| r.trim().parse::<usize>().ok())
+            .unwrap_or(0)
     };
-    // Rank 0 writes the run folder; other ranks only read it (to resume).
-    let writer = world.rank() == 0;
-    let (mut store, dir, cfg, resuming) = match launch {
+    let writer = match &options.world {
+        Some(WorldSpec::Given(w)) => w.0.rank() == 0,
+        Some(WorldSpec::FromEnv) => env_rank() == 0,
+        None => true,
+    };
+    let (mut store, dir, mut cfg, resuming) = match launch {
         Launch::New { config, dir } => {
             config.validate()?;
             let store = if writer {
@@ -1140,7 +1158,22 @@ fn run_worker(
             (store, dir, cfg, true)
         }
     };
+    if matches!(options.world, Some(WorldSpec::FromEnv))
+        && cfg.model.device.trim() == "cuda"
+        && let Ok(local) = std::env::var("LOCAL_RANK")
+    {
+        cfg.model.device = format!("cuda:{}", local.trim());
+    }
     let device = cfg.model.device()?;
+    let world: Arc<dyn super::parallel::Collective + Sync> = match &options.world {
+        Some(WorldSpec::Given(w)) => w.0.clone(),
+        Some(WorldSpec::FromEnv) => match super::parallel::world_for(&device) {
+            Ok(Some(w)) => Arc::from(w),
+            Ok(None) => Arc::new(super::parallel::Solo),
+            Err(e) => return Err(TrainError::Data(e.to_string())),
+        },
+        None => Arc::new(super::parallel::Solo),
+    };
     let base = match options.base {
         Some(b) => b,
         None => {
@@ -1174,7 +1207,7 @@ fn run_worker(
         }
         fallback_note = resumed.fallback_note();
     }
-    if world.world_size() > 1 {
+    if world.reduces() {
         // Every rank must start from the same step (the same checkpoint).
         let mine = trainer.completed_steps() as f32;
         let mut at = vec![Tensor::new(&[mine], &Device::Cpu)?];

@@ -296,8 +296,11 @@ fn a_world_of_one_trains_like_a_plain_run() {
         }
         let o = cmd.output().expect("runs");
         assert!(o.status.success(), "{}", text(&o));
-        candle_core::safetensors::load(out.join("checkpoints/step-2/lora.safetensors"), &candle_core::Device::Cpu)
-            .expect("checkpoint")
+        candle_core::safetensors::load(
+            out.join("checkpoints/step-2/lora.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .expect("checkpoint")
     };
     let (world, plain) = (run("world", true), run("plain", false));
     assert_eq!(world.len(), plain.len());

@@ -1,8 +1,9 @@
 //! Cells shared by several workers (Slurm array tasks, or local processes) over one results folder on a shared
 //! filesystem: a worker runs a cell only while it holds the cell's claim, `OUT/claims/<id>.json`.
 //!
-//! * **Claiming** creates the file with `create_new` (`O_CREAT | O_EXCL`): of workers racing for a free cell
-//!   exactly one succeeds.
+//! * **Claiming** writes the claim to a file of the worker's own and hard-links it to the claim's name, which
+//!   fails when the name exists: of workers racing for a free cell exactly one succeeds, and a claim file is never
+//!   seen half-written.
 //! * **The lease**: the claim says until when it holds (`expires_ms`, wall clock); its worker renews it every
 //!   third of the lease ([`Lease`], a thread) by writing a new claim atomically (temp file, rename) after checking
 //!   that the file still names it. A worker that finds the file gone or naming another worker has lost the cell
@@ -120,13 +121,20 @@ pub fn try_claim(root: &Path, id: &str, worker: &str, lease: Duration) -> Result
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
     let path = claim_path(root, id);
     let mut took_over = None;
-    // A claim file that does not parse (a worker died mid-write on a filesystem without atomic rename) counts
-    // as expired.
+    // A claim file that does not parse (damaged by hand, or a filesystem that lost a write) counts as expired
+    // once it is older than a lease.
     let current = read_claim(&path).or_else(|e| match e {
-        StoreError::Json { .. } => Ok(Some(Claim {
-            worker: "(unreadable claim)".into(),
-            expires_ms: 0,
-        })),
+        StoreError::Json { .. } => {
+            let age = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .unwrap_or_default();
+            Ok(Some(Claim {
+                worker: "(unreadable claim)".into(),
+                expires_ms: if age > lease { 0 } else { u64::MAX },
+            }))
+        }
         other => Err(other),
     })?;
     if let Some(existing) = current {
@@ -152,18 +160,25 @@ pub fn try_claim(root: &Path, id: &str, worker: &str, lease: Duration) -> Result
             Err(e) => return Err(io(&path)(e)),
         }
     }
-    match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
-        Ok(mut f) => {
-            f.write_all(&claim_bytes(worker, lease))
-                .and_then(|()| f.sync_all())
-                .map_err(io(&path))?;
-            Ok(ClaimOutcome::Claimed(ClaimHandle {
-                path,
-                worker: worker.to_string(),
-                lease,
-                took_over,
-            }))
-        }
+    // Written in full under a name of our own, then linked to the claim's name (which fails if it exists).
+    let mine = dir.join(format!(".{id}.claim-{}", sanitize(worker)));
+    let written = std::fs::File::create(&mine).and_then(|mut f| {
+        f.write_all(&claim_bytes(worker, lease))?;
+        f.sync_all()
+    });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&mine);
+        return Err(io(&mine)(e));
+    }
+    let linked = std::fs::hard_link(&mine, &path);
+    let _ = std::fs::remove_file(&mine);
+    match linked {
+        Ok(()) => Ok(ClaimOutcome::Claimed(ClaimHandle {
+            path,
+            worker: worker.to_string(),
+            lease,
+            took_over,
+        })),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => match read_claim(&path) {
             Ok(Some(other)) => Ok(ClaimOutcome::Held(other)),
             // Created and not yet written by the winner, or released meanwhile: someone else's either way.
@@ -356,11 +371,42 @@ mod tests {
     }
 
     #[test]
-    fn a_garbled_claim_counts_as_expired() {
+    fn a_garbled_claim_counts_as_expired_once_older_than_a_lease() {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir_all(dir.path().join(CLAIMS_DIR)).expect("dir");
         std::fs::write(claim_path(dir.path(), "c1"), b"{not json").expect("write");
-        let h = claimed(try_claim(dir.path(), "c1", "b", Duration::from_secs(5)).expect("claim"));
+        assert!(
+            matches!(
+                try_claim(dir.path(), "c1", "b", Duration::from_secs(60)),
+                Ok(ClaimOutcome::Held(_))
+            ),
+            "a fresh garbled claim may be one being written"
+        );
+        std::thread::sleep(Duration::from_millis(30));
+        let h = claimed(try_claim(dir.path(), "c1", "b", Duration::from_millis(10)).expect("claim"));
         assert_eq!(h.took_over.map(|c| c.worker), Some("(unreadable claim)".into()));
+    }
+
+    #[test]
+    fn many_workers_racing_for_a_free_cell_give_one_holder() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for round in 0..20 {
+            let id = format!("c{round}");
+            let winners: usize = std::thread::scope(|s| {
+                let joins: Vec<_> = (0..6)
+                    .map(|i| {
+                        let (root, id) = (dir.path(), id.clone());
+                        s.spawn(move || {
+                            matches!(
+                                try_claim(root, &id, &format!("w{i}"), Duration::from_secs(60)),
+                                Ok(ClaimOutcome::Claimed(_))
+                            )
+                        })
+                    })
+                    .collect();
+                joins.into_iter().map(|j| usize::from(j.join().expect("thread"))).sum()
+            });
+            assert_eq!(winners, 1, "round {round}");
+        }
     }
 }

@@ -447,6 +447,13 @@ proptest! {
     }
 }
 
+/// Writes a plan `name` with `text` into `dir`.
+fn plan_file(dir: &std::path::Path, name: &str, text: &str) -> PathBuf {
+    let plan = dir.join(name);
+    std::fs::write(&plan, text).expect("writes the plan");
+    plan
+}
+
 fn focusdpo(args: &[&str]) -> (bool, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_focusdpo"))
         .args(args)
@@ -489,13 +496,12 @@ fn ablate_dry_run_prints_the_grid_and_what_is_left_out() {
 #[test]
 fn ablate_runs_cells_once_and_writes_results_csv() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let plan = tmp.path().join("plan.md");
-    std::fs::write(
-        &plan,
+    let plan = plan_file(
+        tmp.path(),
+        "plan.md",
         "### tau\n- Ablated Part: τ\n- Replacement: 0.3\n- Metrics: identity similarity, loss, HPSv2\n\n\
          ### broken\n- Ablated Part: `masks.fusion.tau`\n- Replacement: 7\n- Metrics: loss\n",
-    )
-    .expect("writes");
+    );
     let out = tmp.path().join("runs");
     let args = [
         "ablate",
@@ -562,12 +568,11 @@ fn ablate_runs_cells_once_and_writes_results_csv() {
 #[test]
 fn ablate_resumes_an_interrupted_cell() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let plan = tmp.path().join("plan.md");
-    std::fs::write(
-        &plan,
+    let plan = plan_file(
+        tmp.path(),
+        "plan.md",
         "### tau\n- Ablated Part: τ\n- Replacement: 0.3\n- Metrics: loss\n",
-    )
-    .expect("writes");
+    );
     let out = tmp.path().join("runs");
     let common = [
         "ablate",
@@ -612,12 +617,11 @@ fn ablate_resumes_an_interrupted_cell() {
 fn concurrent_workers_share_a_grid_and_take_over_a_dead_workers_cell() {
     use std::time::{Duration, Instant};
     let tmp = tempfile::tempdir().expect("tempdir");
-    let plan = tmp.path().join("plan.md");
-    std::fs::write(
-        &plan,
+    let plan = plan_file(
+        tmp.path(),
+        "plan.md",
         "### tau\n- Ablated Part: τ\n- Replacement: 0.2; 0.4; 0.6\n- Metrics: loss\n",
-    )
-    .expect("writes");
+    );
     let out = tmp.path().join("runs");
     let args: Vec<String> = [
         "ablate",
@@ -721,12 +725,11 @@ fn concurrent_workers_share_a_grid_and_take_over_a_dead_workers_cell() {
 #[test]
 fn ablate_slurm_writes_a_job_array_and_shards_select_cells() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let plan = tmp.path().join("plan with space.md");
-    std::fs::write(
-        &plan,
+    let plan = plan_file(
+        tmp.path(),
+        "plan with space.md",
         "### tau\n- Ablated Part: τ\n- Replacement: 0.2; 0.4\n- Metrics: loss\n",
-    )
-    .expect("writes");
+    );
     let out = tmp.path().join("runs");
     let (ok, text) = focusdpo(&[
         "ablate",
@@ -784,26 +787,20 @@ fn ablate_slurm_writes_a_job_array_and_shards_select_cells() {
         "{text}"
     );
     // Bad selections are refused with what to change.
-    let (ok, text) = focusdpo(&[
-        "ablate",
-        plan.to_str().expect("utf-8"),
-        "--out",
-        out.to_str().expect("utf-8"),
-        "--steps",
-        "3",
-        "--shard",
-        "2/2",
-    ]);
-    assert!(!ok && text.contains("expected I/N with 0 ≤ I < N"), "{text}");
-    let (ok, text) = focusdpo(&[
-        "ablate",
-        plan.to_str().expect("utf-8"),
-        "--out",
-        out.to_str().expect("utf-8"),
-        "--steps",
-        "3",
-        "--cell",
-        "0123",
-    ]);
-    assert!(!ok && text.contains("not a cell of this grid"), "{text}");
+    for (flag, value, expected) in [
+        ("--shard", "2/2", "expected I/N with 0 ≤ I < N"),
+        ("--cell", "0123", "not a cell of this grid"),
+    ] {
+        let (ok, text) = focusdpo(&[
+            "ablate",
+            plan.to_str().expect("utf-8"),
+            "--out",
+            out.to_str().expect("utf-8"),
+            "--steps",
+            "3",
+            flag,
+            value,
+        ]);
+        assert!(!ok && text.contains(expected), "{flag} {value}: {text}");
+    }
 }

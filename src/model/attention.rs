@@ -18,7 +18,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::backend::BackendStorage;
+use super::checkpoint::Precomputed;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
@@ -90,15 +90,12 @@ pub fn attention_with(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, imp: Atten
             if rows >= lq {
                 return explicit(q, k, v, scale);
             }
+            let value = chunked_forward(scale, rows, &q.detach(), &k.detach(), &v.detach())?;
             let op = ChunkedAttention {
                 scale,
                 rows,
-                value: Mutex::new(None),
+                value: Precomputed::new(value, "chunked attention"),
             };
-            let value = op.forward(&q.detach(), &k.detach(), &v.detach())?;
-            *op.value
-                .lock()
-                .map_err(|_| candle_core::Error::Msg("chunked attention: poisoned lock".into()))? = Some(value);
             q.apply_op3_arc(k, v, Arc::new(Box::new(op)))
         }
     }
@@ -109,36 +106,25 @@ pub fn attention_with(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, imp: Atten
 struct ChunkedAttention {
     scale: f64,
     rows: usize,
-    value: Mutex<Option<Tensor>>,
+    value: Precomputed,
 }
 
-impl ChunkedAttention {
-    /// Query chunks `(start, rows)`.
-    fn chunks(&self, lq: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
-        (0..lq).step_by(self.rows).map(move |s| (s, self.rows.min(lq - s)))
-    }
+/// Query chunks `(start, rows)` of `lq` rows.
+fn chunks(rows: usize, lq: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..lq).step_by(rows.max(1)).map(move |s| (s, rows.max(1).min(lq - s)))
+}
 
-    /// One chunk's probabilities `softmax(s·q·kᵀ)` (no graph).
-    fn probs(&self, q: &Tensor, k: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::softmax_last_dim(&(q * self.scale)?.matmul(&k.t()?)?)
-    }
+/// One chunk's probabilities `softmax(s·q·kᵀ)` (no graph).
+fn chunk_probs(scale: f64, q: &Tensor, k: &Tensor) -> Result<Tensor> {
+    candle_nn::ops::softmax_last_dim(&(q * scale)?.matmul(&k.t()?)?)
+}
 
-    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        let lq = q.dim(2)?;
-        let parts = self
-            .chunks(lq)
-            .map(|(s, n)| self.probs(&q.narrow(2, s, n)?, k)?.matmul(v))
-            .collect::<Result<Vec<_>>>()?;
-        Tensor::cat(&parts, 2)?.contiguous()
-    }
-
-    fn take_value(&self) -> Result<Tensor> {
-        self.value
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("chunked attention: poisoned lock".into()))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("chunked attention: forward ran twice".into()))
-    }
+/// The chunked path's value, chunk by chunk (call it on detached tensors: no graph).
+fn chunked_forward(scale: f64, rows: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let parts = chunks(rows, q.dim(2)?)
+        .map(|(s, n)| chunk_probs(scale, &q.narrow(2, s, n)?, k)?.matmul(v))
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&parts, 2)?.contiguous()
 }
 
 impl CustomOp3 for ChunkedAttention {
@@ -155,12 +141,7 @@ impl CustomOp3 for ChunkedAttention {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let value = self.take_value()?;
-        let (storage, layout) = value.storage_and_layout();
-        let Storage::Cpu(s) = &*storage else {
-            candle_core::bail!("chunked attention: the output is not on the CPU");
-        };
-        Ok((s.try_clone(layout)?, value.shape().clone()))
+        self.value.cpu()
     }
 
     #[cfg(feature = "cuda")]
@@ -173,12 +154,7 @@ impl CustomOp3 for ChunkedAttention {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let value = self.take_value()?;
-        let (storage, layout) = value.storage_and_layout();
-        let Storage::Cuda(s) = &*storage else {
-            candle_core::bail!("chunked attention: the output is not on the GPU");
-        };
-        Ok((s.try_clone(layout)?, value.shape().clone()))
+        self.value.cuda()
     }
 
     /// Per chunk: `P` recomputed, `dV += Pᵀ·dO`, `dP = dO·Vᵀ`, `dS = P∘(dP − rowsum(dO∘O))`, `dQ = s·dS·K`,
@@ -196,13 +172,13 @@ impl CustomOp3 for ChunkedAttention {
         let mut dq = Vec::new();
         let mut dk = k.zeros_like()?;
         let mut dv = v.zeros_like()?;
-        for (s, n) in self.chunks(lq) {
+        for (s, n) in chunks(self.rows, lq) {
             let (qc, oc, gc) = (
                 q.narrow(2, s, n)?,
                 res.narrow(2, s, n)?,
                 grad.narrow(2, s, n)?.contiguous()?,
             );
-            let p = self.probs(&qc, &k)?;
+            let p = chunk_probs(self.scale, &qc, &k)?;
             dv = (dv + p.t()?.matmul(&gc)?)?;
             let dp = gc.matmul(&v.t()?)?;
             let delta = (&gc * &oc)?.sum_keepdim(3)?;

@@ -76,6 +76,53 @@ impl CheckpointGrads {
     }
 }
 
+/// A value computed before its candle op runs (without a graph), handed to candle once by the op's forward: how
+/// a checkpointed block and the chunked attention ([`super::attention`]) become single ops whose backward
+/// recomputes.
+pub(crate) struct Precomputed {
+    value: Mutex<Option<Tensor>>,
+    what: &'static str,
+}
+
+impl Precomputed {
+    /// Holding `value`; `what` names the op in errors.
+    pub(crate) fn new(value: Tensor, what: &'static str) -> Self {
+        Self {
+            value: Mutex::new(Some(value)),
+            what,
+        }
+    }
+
+    fn take(&self) -> Result<Tensor> {
+        self.value
+            .lock()
+            .map_err(|_| candle_core::Error::Msg(format!("{}: poisoned lock", self.what)))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{}: forward ran twice", self.what)))
+    }
+
+    /// The value as the op's CPU output.
+    pub(crate) fn cpu(&self) -> Result<(CpuStorage, Shape)> {
+        let value = self.take()?;
+        let (storage, layout) = value.storage_and_layout();
+        let Storage::Cpu(s) = &*storage else {
+            candle_core::bail!("{}: the output is not on the CPU", self.what);
+        };
+        Ok((s.try_clone(layout)?, value.shape().clone()))
+    }
+
+    /// The value as the op's CUDA output.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn cuda(&self) -> Result<(candle_core::CudaStorage, Shape)> {
+        let value = self.take()?;
+        let (storage, layout) = value.storage_and_layout();
+        let Storage::Cuda(s) = &*storage else {
+            candle_core::bail!("{}: the output is not on the GPU", self.what);
+        };
+        Ok((s.try_clone(layout)?, value.shape().clone()))
+    }
+}
+
 /// Recomputes a block from its token stream and conditioning vector, with its graph.
 pub type Recompute = Arc<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
 
@@ -98,7 +145,7 @@ pub fn checkpointed(
         vec,
         &anchor,
         Arc::new(Box::new(Checkpointed {
-            value: Mutex::new(Some(value.contiguous()?)),
+            value: Precomputed::new(value.contiguous()?, "checkpointed block"),
             recompute,
             vars,
             sink,
@@ -108,20 +155,10 @@ pub fn checkpointed(
 
 struct Checkpointed {
     /// The precomputed output, handed to candle once by the forward.
-    value: Mutex<Option<Tensor>>,
+    value: Precomputed,
     recompute: Recompute,
     vars: Vec<Var>,
     sink: Arc<CheckpointGrads>,
-}
-
-impl Checkpointed {
-    fn take_value(&self) -> Result<Tensor> {
-        self.value
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("checkpointed block: poisoned lock".into()))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("checkpointed block: forward ran twice".into()))
-    }
 }
 
 impl CustomOp3 for Checkpointed {
@@ -138,12 +175,7 @@ impl CustomOp3 for Checkpointed {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let value = self.take_value()?;
-        let (storage, layout) = value.storage_and_layout();
-        let Storage::Cpu(s) = &*storage else {
-            candle_core::bail!("checkpointed block: the output is not on the CPU");
-        };
-        Ok((s.try_clone(layout)?, value.shape().clone()))
+        self.value.cpu()
     }
 
     #[cfg(feature = "cuda")]
@@ -156,12 +188,7 @@ impl CustomOp3 for Checkpointed {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let value = self.take_value()?;
-        let (storage, layout) = value.storage_and_layout();
-        let Storage::Cuda(s) = &*storage else {
-            candle_core::bail!("checkpointed block: the output is not on the GPU");
-        };
-        Ok((s.try_clone(layout)?, value.shape().clone()))
+        self.value.cuda()
     }
 
     fn bwd(

@@ -147,6 +147,16 @@ fn shell_quote(s: &str) -> String {
         .unwrap_or_else(|_| format!("'{}'", s.replace('\0', "")))
 }
 
+/// A value of an `#SBATCH` line: as it is unless it holds spaces or quotes (sbatch splits those lines itself and
+/// keeps `%A`-style patterns), else double-quoted.
+fn sbatch_value(s: &str) -> String {
+    if s.chars().any(|c| c.is_whitespace() || c == '"' || c == '\'') {
+        format!("\"{}\"", s.replace('"', "\\\""))
+    } else {
+        s.to_string()
+    }
+}
+
 /// This command's own arguments without the `--slurm*` ones (and their values) and without `--cell`/`--shard`.
 fn task_arguments() -> Vec<String> {
     let mut out = Vec::new();
@@ -210,17 +220,17 @@ fn sbatch_script(args: &AblateArgs, out: &Path, ids: &[String]) -> anyhow::Resul
         format!("#SBATCH --cpus-per-task={}", args.slurm_cpus),
         format!("#SBATCH --mem={}", args.slurm_mem),
         format!("#SBATCH --time={}", args.slurm_time),
-        format!("#SBATCH --chdir={}", shell_quote(&cwd.to_string_lossy())),
+        format!("#SBATCH --chdir={}", sbatch_value(&cwd.to_string_lossy())),
         format!(
             "#SBATCH --output={}",
-            shell_quote(&out.join("slurm").join("%A_%a.log").to_string_lossy())
+            sbatch_value(&out.join("slurm").join("%A_%a.log").to_string_lossy())
         ),
     ];
     if args.slurm_gpus > 0 {
         lines.push(format!("#SBATCH --gres=gpu:{}", args.slurm_gpus));
     }
     if let Some(p) = &args.slurm_partition {
-        lines.push(format!("#SBATCH --partition={}", shell_quote(p)));
+        lines.push(format!("#SBATCH --partition={}", sbatch_value(p)));
     }
     lines.push(String::new());
     lines.push(format!(

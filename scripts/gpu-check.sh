@@ -76,8 +76,8 @@ else
     echo "dry run on the CPU" > "$OUT/gpu.txt"
 fi
 # Our binary with the CUDA libraries on its path; the reference step with PyTorch's own.
-ours() { LD_LIBRARY_PATH="${OUR_LIBS:-${LD_LIBRARY_PATH:-}}" "$BIN" "$@"; }
 BIN_CMD=(env LD_LIBRARY_PATH="${OUR_LIBS:-${LD_LIBRARY_PATH:-}}" "$BIN")
+ours() { "${BIN_CMD[@]}" "$@"; }
 ours --version
 
 # measure NAME CAP CMD...: runs CMD under min(CAP, time left) seconds with its output in OUT/NAME.txt, sampling the

@@ -15,12 +15,12 @@ use anyhow::Context;
 use clap::Args;
 use focusdpo::eval::benchmark::BenchmarkConfig;
 use focusdpo::eval::sampler::SampleSettings;
-use focusdpo::experiment::claim::CLAIMS_DIR;
+use focusdpo::experiment::claim::is_claimed;
 use focusdpo::experiment::grid::{BASELINE, Cell, build_grid, unique_ids};
 use focusdpo::experiment::read_plan_file;
 use focusdpo::experiment::resolve::{MetricMatch, Override, Resolution, model_overrides, resolve_plan};
-use focusdpo::experiment::runner::{FAILED_FILE, Progress, Sharing, cell_benchmark, run_grid};
-use focusdpo::experiment::store::{FINISHED_FILE, ResultStore};
+use focusdpo::experiment::runner::{Progress, Sharing, cell_benchmark, run_grid};
+use focusdpo::experiment::store::ResultStore;
 use focusdpo::train::RunConfig;
 use serde::{Deserialize, Serialize};
 
@@ -159,30 +159,19 @@ fn sbatch_value(s: &str) -> String {
 
 /// This command's own arguments without the `--slurm*` ones (and their values) and without `--cell`/`--shard`.
 fn task_arguments() -> Vec<String> {
-    let mut out = Vec::new();
-    let mut args = std::env::args().skip(1).peekable();
-    while let Some(a) = args.next() {
-        let takes_value = [
+    super::own_args_without(
+        &["--slurm"],
+        &[
             "--slurm-partition",
             "--slurm-gpus",
             "--slurm-cpus",
             "--slurm-mem",
             "--slurm-time",
-        ]
-        .contains(&a.as_str())
-            || ["--slurm-max-parallel", "--cell", "--shard"].contains(&a.as_str());
-        if a == "--slurm"
-            || (a.starts_with("--slurm-") || a.starts_with("--cell=") || a.starts_with("--shard=")) && a.contains('=')
-        {
-            continue;
-        }
-        if takes_value {
-            args.next();
-            continue;
-        }
-        out.push(a);
-    }
-    out
+            "--slurm-max-parallel",
+            "--cell",
+            "--shard",
+        ],
+    )
 }
 
 /// The `sbatch` script: one array task per distinct cell, each running this command on its cell, then
@@ -275,12 +264,11 @@ pub fn report_grid(out: &Path, plots: bool) -> anyhow::Result<()> {
     let ids = unique_ids(&grid.cells);
     let (mut finished, mut failed, mut running) = (0, Vec::new(), 0);
     for id in &ids {
-        let dir = store.cell_dir(id);
-        if dir.join(FINISHED_FILE).is_file() {
+        if store.is_finished(id) {
             finished += 1;
-        } else if dir.join(FAILED_FILE).is_file() {
+        } else if store.has_failed(id) {
             failed.push(id.to_string());
-        } else if out.join(CLAIMS_DIR).join(format!("{id}.json")).is_file() {
+        } else if is_claimed(out, id) {
             running += 1;
         }
     }

@@ -103,3 +103,23 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Plan(args) => plan::run(&args).map(|()| ExitCode::SUCCESS),
     }
 }
+
+/// This command's own arguments (without the program name) less the `switches` and the `options` with their
+/// values (`--option VALUE` or `--option=VALUE`): what it passes on to the processes it starts (`ablate --slurm`'s
+/// array tasks, `train --ranks`'s ranks).
+fn own_args_without(switches: &[&str], options: &[&str]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if options.contains(&a.as_str()) {
+            args.next();
+        } else if !switches.contains(&a.as_str())
+            && !options
+                .iter()
+                .any(|o| a.strip_prefix(o).is_some_and(|rest| rest.starts_with('=')))
+        {
+            out.push(a);
+        }
+    }
+    out
+}

@@ -67,15 +67,7 @@ fn launch_ranks(args: &TrainArgs, ranks: usize) -> anyhow::Result<()> {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .context("a free local port for rank 0")?;
-    let mut forwarded = Vec::new();
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        if a == "--ranks" {
-            it.next();
-        } else if !a.starts_with("--ranks=") {
-            forwarded.push(a);
-        }
-    }
+    let forwarded = super::own_args_without(&[], &["--ranks"]);
     let log_dir = args
         .out
         .parent()

@@ -96,6 +96,11 @@ fn claim_path(root: &Path, id: &str) -> PathBuf {
     root.join(CLAIMS_DIR).join(format!("{id}.json"))
 }
 
+/// Whether cell `id` of the store at `root` is claimed by a worker (live or not yet taken over).
+pub fn is_claimed(root: &Path, id: &str) -> bool {
+    claim_path(root, id).is_file()
+}
+
 fn read_claim(path: &Path) -> Result<Option<Claim>, StoreError> {
     match std::fs::read_to_string(path) {
         Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| StoreError::Json {

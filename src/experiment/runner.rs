@@ -160,9 +160,6 @@ impl Default for Sharing {
     }
 }
 
-/// A failed cell's marker in its run folder (`focusdpo report` reads it).
-pub const FAILED_FILE: &str = "failed.json";
-
 /// Runs every distinct unfinished cell of `cells` with `base` config plus the cell's overrides, then (with `eval`)
 /// evaluates every finished cell whose eval.json is missing or was made with other benchmark settings.
 /// `base_model` (if given) is shared by new cells whose model settings equal `base`'s. A cell whose folder holds
@@ -193,13 +190,8 @@ pub fn run_grid(
             report.stopped = true;
             break;
         }
-        let evaluated = |store: &ResultStore| -> bool {
-            match eval {
-                None => true,
-                Some(cfg) => matches!(store.eval_report(&cell.id), Ok(Some(r)) if r.config == *cfg),
-            }
-        };
-        if store.finished(&cell.id)?.is_some() && evaluated(store) {
+        let evaluated = eval.is_none_or(|cfg| store.evaluated_with(&cell.id, cfg));
+        if store.finished(&cell.id)?.is_some() && evaluated {
             report.skipped += 1;
             report.eval_skipped += usize::from(eval.is_some());
             on_progress(Progress::Skipped { cell });
@@ -306,13 +298,7 @@ fn train_cell(
         lost,
     } = *grid;
     let fail = |report: &mut RunReport, error: String, on_progress: &mut dyn FnMut(Progress<'_>)| {
-        let marker = serde_json::json!({ "error": error, "worker": handle.worker() });
-        let path = store.cell_dir(&cell.id).join(FAILED_FILE);
-        let written =
-            crate::store::write_atomic(&path, marker.to_string().as_bytes()).map_err(|source| StoreError::Io {
-                path: path.clone(),
-                source,
-            });
+        let written = store.mark_failed(&cell.id, &error, handle.worker());
         report.failed.push((cell.id.clone(), error.clone()));
         on_progress(Progress::Failed { cell, error });
         written

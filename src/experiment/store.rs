@@ -10,7 +10,7 @@ use super::grid::Cell;
 use super::plot::{PlotError, study_plot_png};
 use super::resolve::Resolution;
 use super::results::{CellResult, CellStatus, FinishedCell, plot_path, results_csv, results_markdown, study_tables};
-use crate::eval::benchmark::BenchmarkReport;
+use crate::eval::benchmark::{BenchmarkConfig, BenchmarkReport};
 use crate::eval::study::{benchmark_values, training_values};
 use crate::store::write_atomic;
 use crate::train::run_store::{CONFIG_FILE, RunStoreError, read_metrics};
@@ -21,6 +21,9 @@ pub const CELLS_DIR: &str = "cells";
 pub const CELL_FILE: &str = "cell.json";
 /// A finished cell's training values (its presence marks the cell finished).
 pub const FINISHED_FILE: &str = "finished.json";
+/// A failed cell's marker: the error and the worker it failed on (`focusdpo report` counts it failed until the
+/// cell finishes).
+pub const FAILED_FILE: &str = "failed.json";
 /// A cell's benchmark report (its presence marks the cell evaluated).
 pub const EVAL_FILE: &str = "eval.json";
 /// The grid's table.
@@ -136,6 +139,29 @@ impl ResultStore {
     /// The training values of a finished cell, `None` when it has not finished.
     pub fn finished(&self, id: &str) -> Result<Option<FinishedCell>, StoreError> {
         read_json(&self.cell_dir(id).join(FINISHED_FILE))
+    }
+
+    /// Whether a cell's finished marker exists (without reading it).
+    pub fn is_finished(&self, id: &str) -> bool {
+        self.cell_dir(id).join(FINISHED_FILE).is_file()
+    }
+
+    /// Marks a cell failed ([`FAILED_FILE`]) with `error`, on `worker`.
+    pub fn mark_failed(&self, id: &str, error: &str, worker: &str) -> Result<(), StoreError> {
+        write_json(
+            &self.cell_dir(id).join(FAILED_FILE),
+            &serde_json::json!({ "error": error, "worker": worker }),
+        )
+    }
+
+    /// Whether a cell carries a failed marker.
+    pub fn has_failed(&self, id: &str) -> bool {
+        self.cell_dir(id).join(FAILED_FILE).is_file()
+    }
+
+    /// Whether a cell's eval.json holds the benchmark `cfg` (a missing or unreadable one does not).
+    pub fn evaluated_with(&self, id: &str, cfg: &BenchmarkConfig) -> bool {
+        matches!(self.eval_report(id), Ok(Some(r)) if r.config == *cfg)
     }
 
     /// Whether an unfinished cell has a run to resume (an interrupted attempt that wrote its `config.toml`).

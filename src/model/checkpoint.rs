@@ -64,16 +64,32 @@ impl CheckpointGrads {
             .map_err(|_| candle_core::Error::Msg("checkpoint gradients: poisoned lock".into()))?;
         for var in vars {
             if let Some(g) = grads.remove(&var.as_tensor().id()) {
-                let sum = match store.remove(var.as_tensor()) {
-                    Some(existing) => (existing + g)?,
-                    None => g,
-                };
-                store.insert(var.as_tensor(), sum);
+                add_grad(store, var, g)?;
             }
         }
         grads.clear();
         Ok(())
     }
+}
+
+/// Adds `grad` to `var`'s gradient in `store` (`existing + grad`; sets it when there is none).
+pub fn add_grad(store: &mut GradStore, var: &Var, grad: Tensor) -> Result<()> {
+    let sum = match store.remove(var.as_tensor()) {
+        Some(existing) => (existing + grad)?,
+        None => grad,
+    };
+    store.insert(var.as_tensor(), sum);
+    Ok(())
+}
+
+/// Moves the gradients of `vars` from `from` into `into`, adding them to those already there ([`add_grad`]).
+pub fn add_grads(into: &mut GradStore, from: &mut GradStore, vars: &[Var]) -> Result<()> {
+    for var in vars {
+        if let Some(g) = from.remove(var.as_tensor()) {
+            add_grad(into, var, g)?;
+        }
+    }
+    Ok(())
 }
 
 /// A value computed before its candle op runs (without a graph), handed to candle once by the op's forward: how

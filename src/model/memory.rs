@@ -245,7 +245,7 @@ pub fn device_available(device: &candle_core::Device) -> Option<u64> {
     if device.is_cpu() {
         return cpu_available();
     }
-    let free = gpu_free(device)?;
+    let (free, _) = gpu_memory(device)?;
     Some(match env_limit() {
         Some(limit) => limit.min(free),
         None => free,
@@ -260,15 +260,16 @@ fn env_limit() -> Option<u64> {
         .map(|v| (v * 1e9) as u64)
 }
 
+/// A GPU's free and total memory in bytes (`cuMemGetInfo`); `None` off CUDA.
 #[cfg(feature = "cuda")]
-fn gpu_free(device: &candle_core::Device) -> Option<u64> {
+fn gpu_memory(device: &candle_core::Device) -> Option<(u64, u64)> {
     let cuda = device.as_cuda_device().ok()?;
-    let (free, _total) = cuda.cuda_stream().context().mem_get_info().ok()?;
-    Some(free as u64)
+    let (free, total) = cuda.cuda_stream().context().mem_get_info().ok()?;
+    Some((free as u64, total as u64))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn gpu_free(_: &candle_core::Device) -> Option<u64> {
+fn gpu_memory(_: &candle_core::Device) -> Option<(u64, u64)> {
     None
 }
 
@@ -285,31 +286,11 @@ static TRACE_MAX: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::n
 /// Bytes in use on `device` after a synchronisation (GPU: total − free; CPU: resident set), when tracing.
 fn in_use(device: &candle_core::Device) -> Option<u64> {
     if device.is_cpu() {
-        let status = std::fs::read_to_string("/proc/self/status").ok()?;
-        let kb = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))?
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse::<u64>()
-            .ok()?;
-        return Some(kb * 1024);
+        return crate::alloc::resident_mib().map(|mib| (mib * 1024.0 * 1024.0) as u64);
     }
     device.synchronize().ok()?;
-    gpu_used(device)
-}
-
-#[cfg(feature = "cuda")]
-fn gpu_used(device: &candle_core::Device) -> Option<u64> {
-    let cuda = device.as_cuda_device().ok()?;
-    let (free, total) = cuda.cuda_stream().context().mem_get_info().ok()?;
-    Some((total - free) as u64)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn gpu_used(_: &candle_core::Device) -> Option<u64> {
-    None
+    let (free, total) = gpu_memory(device)?;
+    Some(total - free)
 }
 
 /// Prints `label` and the memory in use (and the largest [`trace_point`] since the last call) to stderr, when

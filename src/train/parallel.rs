@@ -34,6 +34,14 @@ pub enum CollectiveError {
     },
 }
 
+/// A [`CollectiveError::Group`] of `rank`.
+fn group_error(rank: usize, message: impl Into<String>) -> CollectiveError {
+    CollectiveError::Group {
+        rank,
+        message: message.into(),
+    }
+}
+
 /// What data-parallel training needs from the ranks.
 pub trait Collective: Send {
     /// This rank, `0..world_size`.
@@ -103,10 +111,7 @@ impl LocalGroup {
     }
 
     fn error(&self, message: impl Into<String>) -> CollectiveError {
-        CollectiveError::Group {
-            rank: self.rank,
-            message: message.into(),
-        }
+        group_error(self.rank, message)
     }
 }
 
@@ -173,7 +178,7 @@ pub fn world_from_env() -> Result<Option<TcpGroup>, CollectiveError> {
     let Some(world) = var("WORLD_SIZE") else {
         return Ok(None);
     };
-    let bad = |message: String| CollectiveError::Group { rank: 0, message };
+    let bad = |message: String| group_error(0, message);
     let world: usize = world
         .trim()
         .parse()
@@ -256,7 +261,7 @@ impl TcpGroup {
     /// Joins rank `rank` of `world` at `addr` (rank 0 listens there; the others connect, retrying until
     /// `wait`).
     pub fn connect(rank: usize, world: usize, addr: &str, wait: Duration) -> Result<TcpGroup, CollectiveError> {
-        let err = |message: String| CollectiveError::Group { rank, message };
+        let err = |message: String| group_error(rank, message);
         let peers = if rank == 0 {
             let listener = TcpListener::bind(addr).map_err(|e| err(format!("listening on {addr}: {e}")))?;
             let mut slots: Vec<Option<TcpStream>> = (1..world).map(|_| None).collect();
@@ -308,11 +313,7 @@ impl Collective for TcpGroup {
     }
 
     fn all_reduce_mean(&self, tensors: &mut [Tensor]) -> Result<(), CollectiveError> {
-        let err = |message: String| CollectiveError::Group {
-            rank: self.rank,
-            message,
-        };
-        let mut peers = self.peers.lock().map_err(|_| err("poisoned connection lock".into()))?;
+        let mut peers = self.lock_peers()?;
         let mine = tensors
             .iter()
             .map(|t| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>())
@@ -320,9 +321,9 @@ impl Collective for TcpGroup {
         let mean = if self.rank == 0 {
             let mut sum = mine;
             for (i, p) in peers.iter_mut().enumerate() {
-                let theirs = read_tensors(p).map_err(|e| err(format!("rank {} is gone: {e}", i + 1)))?;
+                let theirs = read_tensors(p).map_err(|e| self.gone(i + 1, e))?;
                 if theirs.len() != sum.len() || theirs.iter().zip(&sum).any(|(a, b)| a.len() != b.len()) {
-                    return Err(err(format!("rank {} passed a different tensor list", i + 1)));
+                    return Err(self.error(format!("rank {} passed a different tensor list", i + 1)));
                 }
                 for (s, t) in sum.iter_mut().zip(&theirs) {
                     s.iter_mut().zip(t).for_each(|(a, b)| *a += b);
@@ -331,16 +332,14 @@ impl Collective for TcpGroup {
             let scale = (1.0 / self.world as f64) as f32;
             sum.iter_mut()
                 .for_each(|v| v.iter_mut().for_each(|x| *x = *x * scale + 0.0));
-            for (i, p) in peers.iter_mut().enumerate() {
-                write_tensors(p, &sum).map_err(|e| err(format!("rank {} is gone: {e}", i + 1)))?;
-            }
+            self.send_to_all(&mut peers, &sum)?;
             sum
         } else {
-            let p = peers.first_mut().ok_or_else(|| err("no connection to rank 0".into()))?;
-            write_tensors(p, &mine).map_err(|e| err(format!("rank 0 is gone: {e}")))?;
-            let back = read_tensors(p).map_err(|e| err(format!("rank 0 is gone: {e}")))?;
+            let p = self.rank0(&mut peers)?;
+            write_tensors(p, &mine).map_err(|e| self.gone(0, e))?;
+            let back = read_tensors(p).map_err(|e| self.gone(0, e))?;
             if back.len() != tensors.len() {
-                return Err(err("rank 0 answered a different tensor list".into()));
+                return Err(self.error("rank 0 answered a different tensor list"));
             }
             back
         };
@@ -352,22 +351,41 @@ impl Collective for TcpGroup {
 }
 
 impl TcpGroup {
+    fn error(&self, message: impl Into<String>) -> CollectiveError {
+        group_error(self.rank, message)
+    }
+
+    /// The error for a peer whose connection broke.
+    fn gone(&self, peer: usize, e: std::io::Error) -> CollectiveError {
+        self.error(format!("rank {peer} is gone: {e}"))
+    }
+
+    fn lock_peers(&self) -> Result<std::sync::MutexGuard<'_, Vec<TcpStream>>, CollectiveError> {
+        self.peers.lock().map_err(|_| self.error("poisoned connection lock"))
+    }
+
+    /// Rank 0: sends `values` to every other rank.
+    fn send_to_all(&self, peers: &mut [TcpStream], values: &[Vec<f32>]) -> Result<(), CollectiveError> {
+        for (i, p) in peers.iter_mut().enumerate() {
+            write_tensors(p, values).map_err(|e| self.gone(i + 1, e))?;
+        }
+        Ok(())
+    }
+
+    /// Another rank: its connection to rank 0.
+    fn rank0<'a>(&self, peers: &'a mut [TcpStream]) -> Result<&'a mut TcpStream, CollectiveError> {
+        peers.first_mut().ok_or_else(|| self.error("no connection to rank 0"))
+    }
+
     /// Sends rank 0's `bytes` to every rank (others pass anything; every rank gets rank 0's).
     pub fn broadcast_bytes(&self, bytes: &[u8]) -> Result<Vec<u8>, CollectiveError> {
-        let err = |message: String| CollectiveError::Group {
-            rank: self.rank,
-            message,
-        };
-        let mut peers = self.peers.lock().map_err(|_| err("poisoned connection lock".into()))?;
+        let mut peers = self.lock_peers()?;
         let as_f32 = vec![bytes.iter().map(|&b| f32::from(b)).collect::<Vec<f32>>()];
         if self.rank == 0 {
-            for (i, p) in peers.iter_mut().enumerate() {
-                write_tensors(p, &as_f32).map_err(|e| err(format!("rank {} is gone: {e}", i + 1)))?;
-            }
+            self.send_to_all(&mut peers, &as_f32)?;
             Ok(bytes.to_vec())
         } else {
-            let p = peers.first_mut().ok_or_else(|| err("no connection to rank 0".into()))?;
-            let got = read_tensors(p).map_err(|e| err(format!("rank 0 is gone: {e}")))?;
+            let got = read_tensors(self.rank0(&mut peers)?).map_err(|e| self.gone(0, e))?;
             Ok(got
                 .into_iter()
                 .next()
@@ -400,10 +418,7 @@ impl NcclGroup {
     /// Joins the NCCL world of `tcp`'s ranks on `device` (this rank's GPU).
     pub fn new(tcp: &TcpGroup, device: &candle_core::Device) -> Result<NcclGroup, CollectiveError> {
         use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id};
-        let err = |message: String| CollectiveError::Group {
-            rank: tcp.rank,
-            message,
-        };
+        let err = |message: String| group_error(tcp.rank, message);
         let cuda = device.as_cuda_device()?;
         let id = if tcp.rank == 0 {
             Id::new().map_err(|e| err(format!("NCCL id: {e:?}")))?
@@ -478,10 +493,7 @@ impl Collective for NcclGroup {
         let comm = self
             .comm
             .lock()
-            .map_err(|_| CollectiveError::Group {
-                rank: self.rank,
-                message: "poisoned communicator lock".into(),
-            })?
+            .map_err(|_| group_error(self.rank, "poisoned communicator lock"))?
             .0
             .clone();
         for t in tensors.iter_mut() {

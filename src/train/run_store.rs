@@ -136,13 +136,22 @@ impl RunStore {
     /// Opens an existing run for resuming and reads its config. The caller restores a checkpoint
     /// ([`restore_newest_intact`]) and then records where it resumed with [`RunStore::mark_resume`].
     pub fn resume<C: DeserializeOwned>(dir: impl AsRef<Path>) -> Result<(Self, C), RunStoreError> {
-        let dir = dir.as_ref().to_path_buf();
+        let config = Self::run_config(dir.as_ref())?;
+        Ok((Self::reopen(dir)?, config))
+    }
+
+    /// The config of the run in `dir` (an error naming the folder when it holds no run), without opening it:
+    /// what data-parallel ranks other than 0, which never write, read to resume.
+    pub fn run_config<C: DeserializeOwned>(dir: &Path) -> Result<C, RunStoreError> {
         if !dir.join(CONFIG_FILE).is_file() {
-            return Err(RunStoreError::NoRun { dir });
+            return Err(RunStoreError::NoRun { dir: dir.to_path_buf() });
         }
-        let config = read_config(&dir)?;
-        let store = Self::open_log(dir)?;
-        Ok((store, config))
+        read_config(dir)
+    }
+
+    /// Opens the run in `dir` for appending, its config already read ([`RunStore::run_config`]).
+    pub fn reopen(dir: impl AsRef<Path>) -> Result<Self, RunStoreError> {
+        Self::open_log(dir.as_ref().to_path_buf())
     }
 
     /// Appends the resume marker `{"event":"resume","from_step":K}` (with the checkpoints skipped on the way, if

@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::model::checkpoint::CheckpointGrads;
+use crate::model::checkpoint::{CheckpointGrads, add_grads};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::JoinHandle;
@@ -156,6 +156,19 @@ pub struct StepRecord {
     pub lr: f64,
     /// Wall time of the step.
     pub seconds: f64,
+}
+
+/// The gradients of `vars` taken out of `grads`, in order (zeros where a variable got none).
+fn take_var_grads(
+    grads: &mut candle_core::backprop::GradStore,
+    vars: &[candle_core::Var],
+) -> candle_core::Result<Vec<Tensor>> {
+    vars.iter()
+        .map(|v| match grads.remove(v.as_tensor()) {
+            Some(g) => Ok(g),
+            None => v.as_tensor().zeros_like(),
+        })
+        .collect()
 }
 
 /// One pair's part of a step ([`Trainer::step`] averages over `train.grad_accum` of them).
@@ -500,32 +513,16 @@ impl Trainer {
         let accum = u64::from(self.cfg.train.grad_accum.max(1));
         let (rank, ranks) = (world.rank() as u64, world.world_size().max(1) as u64);
         let vars = self.lora.vars();
-        let mut sum: Option<candle_core::backprop::GradStore> = None;
-        let mut passes = Vec::with_capacity(accum as usize);
-        for k in 0..accum {
-            // Pairs are numbered across steps, so that the item order and the noise of pair `n` are the same
-            // whatever the accumulation (with one pair a step, pair `n` is step `n`).
-            let pair_index = (step - 1) * accum * ranks + rank * accum + k + 1;
-            let (mut grads, pass) = self.pass(step, pair_index, objective, dump && k + 1 == accum)?;
-            match &mut sum {
-                None => sum = Some(grads),
-                Some(total) => {
-                    for var in &vars {
-                        if let Some(g) = grads.remove(var.as_tensor()) {
-                            let s = match total.remove(var.as_tensor()) {
-                                Some(existing) => (existing + g)?,
-                                None => g,
-                            };
-                            total.insert(var.as_tensor(), s);
-                        }
-                    }
-                }
-            }
+        // Pairs are numbered across steps, so that the item order and the noise of pair `n` are the same whatever
+        // the accumulation (with one pair a step, pair `n` is step `n`).
+        let pair_index = |k: u64| (step - 1) * accum * ranks + rank * accum + k + 1;
+        let (mut grads, first) = self.pass(step, pair_index(0), objective, dump && accum == 1)?;
+        let mut passes = vec![first];
+        for k in 1..accum {
+            let (mut more, pass) = self.pass(step, pair_index(k), objective, dump && k + 1 == accum)?;
+            add_grads(&mut grads, &mut more, &vars)?;
             passes.push(pass);
         }
-        let Some(mut grads) = sum else {
-            return Err(TrainError::Data("train.grad_accum is 0".into()));
-        };
         if accum > 1 {
             for var in &vars {
                 if let Some(g) = grads.remove(var.as_tensor()) {
@@ -537,13 +534,7 @@ impl Trainer {
         let mut stats = StepStats::mean(&stats);
         let mut m_mean = passes.iter().map(|p| p.m_mean).sum::<f32>() / passes.len().max(1) as f32;
         if world.reduces() {
-            let mut all: Vec<Tensor> = vars
-                .iter()
-                .map(|v| match grads.remove(v.as_tensor()) {
-                    Some(g) => Ok(g),
-                    None => v.as_tensor().zeros_like(),
-                })
-                .collect::<candle_core::Result<_>>()?;
+            let mut all = take_var_grads(&mut grads, &vars)?;
             let logged = [
                 stats.loss,
                 stats.implicit_accuracy,
@@ -618,15 +609,8 @@ impl Trainer {
     pub fn pair_gradients(&mut self, pair_index: u64) -> Result<Vec<Tensor>, TrainError> {
         let step = self.step + 1;
         let objective = self.cfg.objective_at(step);
-        let (grads, _) = self.pass(step, pair_index, objective, false)?;
-        self.lora
-            .vars()
-            .iter()
-            .map(|v| match grads.get(v.as_tensor()) {
-                Some(g) => Ok(g.clone()),
-                None => Ok(v.as_tensor().zeros_like()?),
-            })
-            .collect()
+        let (mut grads, _) = self.pass(step, pair_index, objective, false)?;
+        Ok(take_var_grads(&mut grads, &self.lora.vars())?)
     }
 
     /// The forward and backward passes of one pair (`pair_index`, from 1) of step `step`: its LoRA gradients
@@ -798,15 +782,7 @@ impl Trainer {
                 c.merge_into(&mut loser, &vars)?;
             }
             trace("after the loser's forward and backward");
-            for var in &vars {
-                if let Some(g) = loser.remove(var.as_tensor()) {
-                    let sum = match grads.remove(var.as_tensor()) {
-                        Some(existing) => (existing + g)?,
-                        None => g,
-                    };
-                    grads.insert(var.as_tensor(), sum);
-                }
-            }
+            add_grads(&mut grads, &mut loser, &vars)?;
         }
         let m_mean = match &m_tensor {
             Some(m) => m.mean_all()?.to_scalar::<f32>()?,
@@ -1122,49 +1098,30 @@ fn run_worker(
     stop: &AtomicBool,
     last: &mut u64,
 ) -> Result<(), TrainError> {
-    // Rank 0 writes the run folder; other ranks only read it (to resume). A world from the environment is joined
-    // below, on the device; its rank is known before.
-    let env_rank = || {
-        std::env::var("RANK")
-            .ok()
-            .and_then(|r| r.trim().parse::<usize>().ok())
-            .unwrap_or(0)
-    };
-    let writer = match &options.world {
-        Some(WorldSpec::Given(w)) => w.0.rank() == 0,
-        Some(WorldSpec::FromEnv) => env_rank() == 0,
-        None => true,
-    };
-    let (mut store, dir, mut cfg, resuming) = match launch {
+    let (dir, cfg, resuming) = match launch {
         Launch::New { config, dir } => {
             config.validate()?;
-            let store = if writer {
-                Some(RunStore::create(&dir, &*config)?)
-            } else {
-                None
-            };
-            (store, dir, *config, false)
+            (dir, *config, false)
         }
         Launch::Resume { dir, steps } => {
-            let (store, mut cfg): (Option<RunStore>, RunConfig) = if writer {
-                let (store, cfg) = RunStore::resume(&dir)?;
-                (Some(store), cfg)
-            } else {
-                (None, super::run_store::read_config(&dir)?)
-            };
+            let mut cfg: RunConfig = RunStore::run_config(&dir)?;
             if let Some(s) = steps {
                 cfg.steps = s;
             }
-            (store, dir, cfg, true)
+            (dir, cfg, true)
         }
     };
-    if matches!(options.world, Some(WorldSpec::FromEnv))
-        && cfg.model.device.trim() == "cuda"
-        && let Ok(local) = std::env::var("LOCAL_RANK")
-    {
-        cfg.model.device = format!("cuda:{}", local.trim());
-    }
-    let device = cfg.model.device()?;
+    // A launcher's rank takes GPU LOCAL_RANK when the run says plain `cuda` (the run's config keeps `cuda`).
+    let device = match std::env::var("LOCAL_RANK") {
+        Ok(local) if matches!(options.world, Some(WorldSpec::FromEnv)) && cfg.model.device.trim() == "cuda" => {
+            super::config::ModelSettings {
+                device: format!("cuda:{}", local.trim()),
+                ..cfg.model.clone()
+            }
+            .device()?
+        }
+        _ => cfg.model.device()?,
+    };
     let world: Arc<dyn super::parallel::Collective + Sync> = match &options.world {
         Some(WorldSpec::Given(w)) => w.0.clone(),
         Some(WorldSpec::FromEnv) => match super::parallel::world_for(&device) {
@@ -1173,6 +1130,13 @@ fn run_worker(
             Err(e) => return Err(TrainError::Data(e.to_string())),
         },
         None => Arc::new(super::parallel::Solo),
+    };
+    // Rank 0 writes the run folder; other ranks only read it (to resume).
+    let writer = world.rank() == 0;
+    let mut store = match (writer, resuming) {
+        (false, _) => None,
+        (true, false) => Some(RunStore::create(&dir, &cfg)?),
+        (true, true) => Some(RunStore::reopen(&dir)?),
     };
     let base = match options.base {
         Some(b) => b,

@@ -206,3 +206,70 @@ fn stop_ends_the_grid_within_one_step() {
         "logged {logged} steps, clicked at {step_at_click}"
     );
 }
+
+#[test]
+fn the_slurm_script_runs_the_studios_cells_and_other_workers_cells_show_up_as_they_finish() {
+    use focusdpo::experiment::claim::{ClaimOutcome, try_claim};
+    use focusdpo::experiment::grid::unique_ids;
+
+    let runs = tempfile::tempdir().unwrap();
+    let mut h = studio(runs.path());
+    open_tab(&mut h);
+    load_tiny_plan(&mut h, runs.path(), 1);
+    h.get_by_label("Slurm job array").click();
+    h.step();
+    h.state_mut().settings_mut().experiments.slurm.partition = Some("gpu".into());
+    h.get_by_label("Write Slurm script").click();
+    step_until(&mut h, "the script", |a| a.experiments().slurm_written().is_some());
+    let out = runs.path().join("tiny");
+    let written = h.state().experiments().slurm_written().unwrap().clone();
+    let (path, tasks) = written.unwrap_or_else(|e| panic!("not written: {e}"));
+    assert_eq!((path.clone(), tasks), (out.join("ablate.sbatch"), 2));
+    let submit = format!(
+        "sbatch {}",
+        focusdpo::experiment::slurm::shell_quote(&path.to_string_lossy())
+    );
+    assert!(h.query_by_label(&submit).is_some(), "`{submit}` is shown");
+    for f in ["grid.json", "plan.md", "resolution.json"] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    let script = std::fs::read_to_string(&path).unwrap();
+    assert!(script.contains("#SBATCH --partition=gpu\n"), "{script}");
+    let grid = h.state().experiments().grid().unwrap().clone();
+    let ids: Vec<String> = unique_ids(&grid.cells).into_iter().map(String::from).collect();
+    assert!(script.contains(&format!("CELLS=({})\n", ids.join(" "))), "{script}");
+
+    // An array task's command, run here with this build's binary on the first cell: another worker.
+    let task = script.lines().find(|l| l.contains("--cell")).unwrap();
+    let mut words = shlex::split(task).unwrap();
+    assert_eq!(words.split_off(words.len() - 2)[0], "--cell");
+    words[0] = env!("CARGO_BIN_EXE_focusdpo").into();
+    assert!(words.contains(&"--no-eval".to_string()), "{words:?}");
+    // The other cell is held by a worker on another node.
+    let lease = Duration::from_secs(600);
+    assert!(matches!(
+        try_claim(&out, &ids[1], "node7:42", lease).unwrap(),
+        ClaimOutcome::Claimed(_)
+    ));
+    let status = std::process::Command::new(&words[0])
+        .args(&words[1..])
+        .args(["--cell", &ids[0]])
+        .current_dir(runs.path())
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    // The Studio, running nothing itself, shows both as its watch reads the store.
+    step_until(&mut h, "the other workers' cells", |a| {
+        a.experiments().cell_state(&ids[0]) == Some(&CellState::Finished)
+            && matches!(a.experiments().cell_state(&ids[1]), Some(CellState::Elsewhere { .. }))
+    });
+    assert!(!h.state().experiments().is_running());
+    assert!(h.state().experiments().results()[&ids[0]].contains_key("train.loss"));
+    assert!(h.query_by_label_contains("running on node7:42").is_some());
+    assert!(
+        h.query_by_label_contains("2 distinct: 1 finished, 0 running here, 1 on other workers")
+            .is_some()
+    );
+    let tables = h.state().experiments().tables();
+    assert_eq!(tables[0].rows.iter().map(|r| r.finished).sum::<usize>(), 1);
+}

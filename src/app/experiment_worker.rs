@@ -8,6 +8,12 @@
 //!   benchmark when asked; at the end it writes `results.csv`, `results.md` and the plots with the store's
 //!   `write_results`, exactly as `focusdpo ablate` does.
 //!
+//! * While a grid is on screen the plan thread **watches its store** every [`WATCH_PERIOD`]: cells other workers
+//!   (`focusdpo ablate --cell/--shard`, Slurm array tasks, another Studio) claim, finish or fail show up as they
+//!   do, and their results join the tables.
+//! * It also writes a grid's **Slurm job array** ([`crate::experiment::slurm`]), the same script
+//!   `focusdpo ablate --slurm` writes.
+//!
 //! A cell's results are a `metric id → value` map with the study value ids of `eval::study` (`train.*` from
 //! `finished.json`, `single.*` / `multi.*` from `eval.json`), so the tab and results.md show the same numbers.
 
@@ -15,20 +21,27 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::time::Duration;
 
 use crate::eval::benchmark::BenchmarkConfig;
+use crate::experiment::claim::Claim;
+use crate::experiment::grid::unique_ids;
 use crate::experiment::grid::{Cell, build_grid};
 use crate::experiment::plan::PlanWarning;
 use crate::experiment::resolve::{Override, Resolution, model_overrides, resolve_plan};
 use crate::experiment::runner::{Progress, RunReport, Sharing, run_grid};
-use crate::experiment::store::ResultStore;
+use crate::experiment::slurm::{SlurmJob, SlurmResources, check_resources, sbatch_script};
+use crate::experiment::store::{CellActivity, PLAN_COPY, ResultStore};
 use crate::experiment::{parse_plan, read_plan_file};
 use crate::train::RunConfig;
 use crate::train::config::ModelSettings;
 
 /// A cell's results: metric id → value.
 pub type Metrics = BTreeMap<String, f64>;
+
+/// How often the plan thread reads the store of the grid on screen.
+pub const WATCH_PERIOD: Duration = Duration::from_secs(2);
 
 /// Where a plan comes from.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -87,6 +100,8 @@ pub struct LoadedPlan {
     pub warnings: Vec<PlanWarning>,
     /// Studies mapped onto knobs, and what was left out.
     pub resolution: Arc<Resolution>,
+    /// The plan's bytes as read (copied into the results folder for `focusdpo report` and array tasks).
+    pub text: Arc<[u8]>,
 }
 
 /// What the grid is built from.
@@ -125,6 +140,57 @@ impl GridRequest {
     }
 }
 
+/// What a results folder holds for the cells of a grid, as any worker sees it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StoreView {
+    /// Results of the finished cells, by cell id.
+    pub finished: HashMap<String, Metrics>,
+    /// Cells a worker marked failed: the error and the worker.
+    pub failed: HashMap<String, (String, String)>,
+    /// Cells a worker holds (this Studio's own included), with the claim.
+    pub claimed: HashMap<String, Claim>,
+    /// Cells whose stored files could not be read, with why.
+    pub unreadable: Vec<(String, String)>,
+}
+
+impl StoreView {
+    /// Whether the two views differ in anything but the claims' renewal times.
+    pub fn differs_from(&self, other: &StoreView) -> bool {
+        let holders = |v: &StoreView| -> BTreeMap<String, (String, bool)> {
+            v.claimed
+                .iter()
+                .map(|(id, c)| (id.clone(), (c.worker.clone(), c.expired())))
+                .collect()
+        };
+        self.finished != other.finished
+            || self.failed != other.failed
+            || self.unreadable != other.unreadable
+            || holders(self) != holders(other)
+    }
+}
+
+/// Reads where every distinct cell of `cells` stands in the store at `out` (creating nothing).
+pub fn survey_store(out: &Path, cells: &[Cell]) -> StoreView {
+    let store = ResultStore::at(out);
+    let mut view = StoreView::default();
+    for id in unique_ids(cells) {
+        match store.activity(id) {
+            Ok(CellActivity::Finished(f)) => {
+                view.finished.insert(id.to_string(), cell_metrics(f));
+            }
+            Ok(CellActivity::Failed { error, worker }) => {
+                view.failed.insert(id.to_string(), (error, worker));
+            }
+            Ok(CellActivity::Claimed(claim)) => {
+                view.claimed.insert(id.to_string(), claim);
+            }
+            Ok(CellActivity::Waiting) => {}
+            Err(e) => view.unreadable.push((id.to_string(), e.to_string())),
+        }
+    }
+    view
+}
+
 /// The grid of a loaded plan and what the store already holds.
 #[derive(Clone, Debug)]
 pub struct GridView {
@@ -132,10 +198,21 @@ pub struct GridView {
     pub request: GridRequest,
     /// Every cell, in plan order (a cell shared by two studies appears in both).
     pub cells: Arc<Vec<Cell>>,
-    /// Results of the cells found finished in the store, by cell id.
-    pub finished: HashMap<String, Metrics>,
-    /// Cells whose stored results could not be read, with why.
-    pub unreadable: Vec<(String, String)>,
+    /// What the store held when the grid was built.
+    pub store: StoreView,
+}
+
+/// A grid's Slurm job array to write.
+#[derive(Clone, Debug)]
+pub struct SlurmRequest {
+    /// The grid on screen.
+    pub grid: Box<GridView>,
+    /// Its plan.
+    pub plan: Box<LoadedPlan>,
+    /// Whether each task evaluates its cell (the benchmark of [`crate::experiment::runner::cell_benchmark`]).
+    pub evaluate: bool,
+    /// Resources per task.
+    pub resources: SlurmResources,
 }
 
 /// A request to the plan thread.
@@ -157,6 +234,22 @@ pub enum ExperimentCommand {
         /// Seeds, steps, backbone, folder (boxed: a backbone's settings are large).
         request: Box<GridRequest>,
     },
+    /// Read the store of these cells every [`WATCH_PERIOD`] and report changes ([`ExperimentEvent::Store`]);
+    /// `None` stops watching.
+    Watch(Option<Watch>),
+    /// Write the grid's Slurm job array (and grid.json, plan.md) into its results folder.
+    WriteSlurm(Box<SlurmRequest>),
+}
+
+/// A store to watch.
+#[derive(Clone, Debug)]
+pub struct Watch {
+    /// Answer tag (the grid's).
+    pub generation: u64,
+    /// Results folder.
+    pub out: PathBuf,
+    /// The grid's cells.
+    pub cells: Arc<Vec<Cell>>,
 }
 
 /// Progress of a grid run, per cell id.
@@ -190,6 +283,13 @@ pub enum RunEvent {
         /// Its results.
         metrics: Metrics,
     },
+    /// Another worker holds the cell: this run passes it over.
+    Elsewhere {
+        /// Cell id.
+        id: String,
+        /// The worker.
+        worker: String,
+    },
     /// The cell could not run; the grid goes on.
     Failed {
         /// Cell id.
@@ -220,6 +320,15 @@ pub enum ExperimentEvent {
     },
     /// Progress of the grid run.
     Run(RunEvent),
+    /// The watched store changed.
+    Store {
+        /// Tag of the watch.
+        generation: u64,
+        /// What it holds now.
+        view: Box<StoreView>,
+    },
+    /// The Slurm script was written: its path and its number of array tasks (or why not).
+    SlurmWritten(Result<(PathBuf, usize), String>),
 }
 
 #[derive(Clone)]
@@ -305,26 +414,74 @@ impl ExperimentWorker {
     }
 }
 
+/// What the plan thread watches, and what it saw last.
+#[derive(Default)]
+struct Watching {
+    target: Option<Watch>,
+    last: Option<StoreView>,
+}
+
+impl Watching {
+    fn poll(&mut self, notify: &Notifier) {
+        let Some(target) = &self.target else {
+            return;
+        };
+        let view = survey_store(&target.out, &target.cells);
+        if self.last.as_ref().is_none_or(|last| view.differs_from(last)) {
+            notify.send(ExperimentEvent::Store {
+                generation: target.generation,
+                view: Box::new(view.clone()),
+            });
+        }
+        self.last = Some(view);
+    }
+}
+
 fn plan_thread(commands: &Receiver<ExperimentCommand>, notify: &Notifier) {
-    while let Ok(mut command) = commands.recv() {
+    let mut watching = Watching::default();
+    loop {
+        let received = if watching.target.is_some() {
+            commands.recv_timeout(WATCH_PERIOD)
+        } else {
+            commands.recv().map_err(|_| RecvTimeoutError::Disconnected)
+        };
+        let mut command = match received {
+            Ok(c) => c,
+            Err(RecvTimeoutError::Timeout) => {
+                watching.poll(notify);
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
         // Only the newest request of each kind matters (a spinner dragged over many values).
         while let Ok(next) = commands.try_recv() {
             let same_kind = matches!(
                 (&command, &next),
                 (ExperimentCommand::Grid { .. }, ExperimentCommand::Grid { .. })
                     | (ExperimentCommand::Load { .. }, ExperimentCommand::Load { .. })
+                    | (ExperimentCommand::Watch(_), ExperimentCommand::Watch(_))
             );
             if !same_kind {
-                handle(command, notify);
+                handle(command, notify, &mut watching);
             }
             command = next;
         }
-        handle(command, notify);
+        handle(command, notify, &mut watching);
     }
 }
 
-fn handle(command: ExperimentCommand, notify: &Notifier) {
+fn handle(command: ExperimentCommand, notify: &Notifier, watching: &mut Watching) {
     match command {
+        ExperimentCommand::Watch(target) => {
+            // The grid event carried the store as it was: report only changes from there on.
+            *watching = Watching {
+                last: target.as_ref().map(|t| survey_store(&t.out, &t.cells)),
+                target,
+            };
+        }
+        ExperimentCommand::WriteSlurm(request) => {
+            notify.send(ExperimentEvent::SlurmWritten(write_slurm(&request)));
+        }
         ExperimentCommand::Load { generation, source } => notify.send(ExperimentEvent::Loaded {
             generation,
             result: load_plan(source).map(Box::new),
@@ -353,50 +510,102 @@ pub fn load_plan(source: PlanSource) -> Result<LoadedPlan, String> {
             parse_plan(text).map_err(|e| format!("{name}: {e}"))?
         }
     };
+    let text: Arc<[u8]> = match &source {
+        PlanSource::File(path) => std::fs::read(path)
+            .map_err(|e| format!("{}: {e}", path.display()))?
+            .into(),
+        PlanSource::Bundled(name) => BUNDLED_PLANS
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, text)| text.as_bytes())
+            .unwrap_or_default()
+            .into(),
+    };
     Ok(LoadedPlan {
         source,
         title: plan.title.clone(),
         warnings: plan.warnings.clone(),
         resolution: Arc::new(resolve_plan(&plan)),
+        text,
     })
 }
 
-/// Builds the grid and reads the results already in the store (a folder that does not exist yet holds none).
+/// Builds the grid and reads what the store already holds (a folder that does not exist yet holds nothing).
 pub fn grid_view(resolution: &Resolution, request: GridRequest) -> Result<GridView, String> {
     let cells = build_grid(resolution, &request.overrides(), &request.seed_list());
-    let mut finished = HashMap::new();
-    let mut unreadable = Vec::new();
-    let cells_dir = request.out.join(crate::experiment::store::CELLS_DIR);
-    for cell in &cells {
-        if finished.contains_key(&cell.id) {
-            continue;
-        }
-        match read_cell_metrics(&cells_dir.join(&cell.id)) {
-            Ok(Some(m)) => {
-                finished.insert(cell.id.clone(), m);
-            }
-            Ok(None) => {}
-            Err(e) => unreadable.push((cell.id.clone(), e)),
-        }
-    }
+    let store = survey_store(&request.out, &cells);
     Ok(GridView {
         request,
         cells: Arc::new(cells),
-        finished,
-        unreadable,
+        store,
     })
 }
 
-/// A finished cell's results from its run folder, keyed by the study value ids the CLI's results.md uses
-/// (`train.*` from `finished.json`, `single.*` / `multi.*` from `eval.json` when the cell was evaluated); `None`
-/// when it has not finished.
-pub fn read_cell_metrics(cell_dir: &Path) -> Result<Option<Metrics>, String> {
-    let Some(finished) = crate::experiment::store::finished_cell_values(cell_dir).map_err(|e| e.to_string())? else {
-        return Ok(None);
-    };
+/// A finished cell's values keyed by the study value ids the CLI's results.md uses (`train.*` from
+/// `finished.json`, `single.*` / `multi.*` from `eval.json` when the cell was evaluated), plus `steps`.
+fn cell_metrics(finished: crate::experiment::results::FinishedCell) -> Metrics {
     let mut metrics: Metrics = finished.values.into_iter().filter(|(_, v)| v.is_finite()).collect();
     metrics.insert("steps".into(), finished.steps as f64);
-    Ok(Some(metrics))
+    metrics
+}
+
+/// A finished cell's results from its run folder ([`cell_metrics`]); `None` when it has not finished.
+pub fn read_cell_metrics(cell_dir: &Path) -> Result<Option<Metrics>, String> {
+    crate::experiment::store::finished_cell_values(cell_dir)
+        .map(|f| f.map(cell_metrics))
+        .map_err(|e| e.to_string())
+}
+
+/// The arguments after the binary of a task of `request`'s job array: the `focusdpo ablate` command that makes
+/// the same cells as the Studio (the plan copy in the results folder, the grid's overrides as `--set`s, in the
+/// order [`GridRequest::overrides`] gives them).
+pub fn task_arguments(request: &GridRequest, evaluate: bool, cwd: &Path) -> Vec<String> {
+    let out = crate::experiment::slurm::absolute(&request.out, cwd);
+    let mut args = vec![
+        "ablate".to_string(),
+        out.join(PLAN_COPY).to_string_lossy().into_owned(),
+        "--out".into(),
+        out.to_string_lossy().into_owned(),
+        "--seeds".into(),
+        request.seeds.max(1).to_string(),
+    ];
+    if !evaluate {
+        args.push("--no-eval".into());
+    }
+    for o in request.overrides() {
+        args.push("--set".into());
+        args.push(o.arg());
+    }
+    args
+}
+
+/// Writes grid.json, plan.md and the job array's script into the grid's results folder.
+pub fn write_slurm(request: &SlurmRequest) -> Result<(PathBuf, usize), String> {
+    check_resources(&request.resources)?;
+    let grid = &request.grid;
+    let plan = &request.plan;
+    let cwd = std::env::current_dir().map_err(|e| format!("the current folder: {e}"))?;
+    let out = crate::experiment::slurm::absolute(&grid.request.out, &cwd);
+    let store = ResultStore::open(&out).map_err(|e| e.to_string())?;
+    store
+        .write_grid(plan.title.as_deref(), &plan.resolution, &grid.cells, &plan.text)
+        .map_err(|e| e.to_string())?;
+    let cells: Vec<String> = unique_ids(&grid.cells).into_iter().map(String::from).collect();
+    let job = SlurmJob {
+        name: plan.source.stem(),
+        plan: match &plan.source {
+            PlanSource::File(p) => p.clone(),
+            PlanSource::Bundled(name) => PathBuf::from(name),
+        },
+        exe: std::env::current_exe().map_err(|e| format!("the path of this focusdpo binary: {e}"))?,
+        workdir: cwd.clone(),
+        task_args: task_arguments(&grid.request, request.evaluate, &cwd),
+        out,
+        resources: request.resources.clone(),
+        cells,
+    };
+    let path = store.write_sbatch(&sbatch_script(&job)).map_err(|e| e.to_string())?;
+    Ok((path, job.cells.len()))
 }
 
 /// Every finite number of a JSON document, by its dotted path (`{"a": {"b": 1}}` → `a.b = 1`); arrays and text
@@ -440,11 +649,16 @@ pub struct GridJob {
     pub resolution: Arc<Resolution>,
     /// The benchmark of each trained cell, if any.
     pub eval: Option<BenchmarkConfig>,
+    /// The plan's text (copied into the folder, so `focusdpo report` and other workers can read the grid).
+    pub plan_text: Arc<[u8]>,
 }
 
 fn run_cells(job: &GridJob, stop: &AtomicBool, notify: &Notifier) -> Result<(RunReport, PathBuf), String> {
     let cells: &[Cell] = &job.cells;
     let store = ResultStore::open(&job.out).map_err(|e| e.to_string())?;
+    store
+        .write_grid(job.title.as_deref(), &job.resolution, cells, &job.plan_text)
+        .map_err(|e| e.to_string())?;
     let metrics_of = |id: &str| {
         read_cell_metrics(&store.cell_dir(id))
             .ok()
@@ -481,7 +695,15 @@ fn run_cells(job: &GridJob, stop: &AtomicBool, notify: &Notifier) -> Result<(Run
             error: format!("evaluation: {error}"),
         }),
         // Cells other workers hold stay pending here until their results land in the store.
-        Progress::Evaluating { .. } | Progress::EvalItem { .. } | Progress::Busy { .. } | Progress::Lost { .. } => {}
+        Progress::Busy { cell, worker } => send(RunEvent::Elsewhere {
+            id: cell.id.clone(),
+            worker,
+        }),
+        Progress::Lost { cell } => send(RunEvent::Elsewhere {
+            id: cell.id.clone(),
+            worker: "another worker (this Studio's lease expired)".into(),
+        }),
+        Progress::Evaluating { .. } | Progress::EvalItem { .. } => {}
     };
     let report = run_grid(
         cells,
@@ -546,7 +768,7 @@ mod tests {
         let view = grid_view(&plan.resolution, request.clone()).expect("grid");
         // Baseline + 8 values, 2 seeds each.
         assert_eq!(view.cells.len(), 18);
-        assert!(view.finished.is_empty());
+        assert!(view.store.finished.is_empty());
         assert_eq!(
             view.cells[0].overrides,
             vec!["model.base=\"random:0\"", "steps=5", "seed=0"]
@@ -560,7 +782,7 @@ mod tests {
         )
         .expect("write");
         let view = grid_view(&plan.resolution, request).expect("grid");
-        let m = view.finished.get(first).expect("finished");
+        let m = view.store.finished.get(first).expect("finished");
         assert_eq!((m.get("train.loss"), m.get("steps")), (Some(&0.5), Some(&5.0)));
     }
 
@@ -581,6 +803,95 @@ mod tests {
         let cfg = crate::train::config::apply_overrides(&RunConfig::default(), &args).expect("applies");
         assert_eq!(cfg.data.dir, request.dataset);
         assert_eq!(cfg.model.base, BaseSource::Random(0));
+    }
+
+    #[test]
+    fn the_store_survey_sees_other_workers_claims_failures_and_results() {
+        let plan = load_plan(PlanSource::Bundled("focusdpo_a3_tau_gamma.md".into())).expect("loads");
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let out = tmp.path().join("not yet");
+        let request = GridRequest {
+            seeds: 1,
+            steps: 5,
+            base: ModelSettings {
+                base: BaseSource::Random(0),
+                ..ModelSettings::default()
+            },
+            dataset: None,
+            out: out.clone(),
+        };
+        let view = grid_view(&plan.resolution, request).expect("grid");
+        assert_eq!(view.store, StoreView::default());
+        assert!(!out.exists(), "a survey creates nothing");
+        let ids: Vec<&str> = unique_ids(&view.cells);
+        let store = ResultStore::open(&out).expect("store");
+        let lease = std::time::Duration::from_secs(60);
+        assert!(matches!(
+            crate::experiment::claim::try_claim(&out, ids[0], "node7:42", lease).expect("claims"),
+            crate::experiment::claim::ClaimOutcome::Claimed(_)
+        ));
+        store.mark_failed(ids[1], "out of memory", "node8:7").expect("marks");
+        std::fs::create_dir_all(store.cell_dir(ids[2])).expect("mkdir");
+        std::fs::write(
+            store.cell_dir(ids[2]).join(FINISHED_FILE),
+            r#"{"steps": 5, "values": {"train.loss": 0.25}}"#,
+        )
+        .expect("write");
+        std::fs::create_dir_all(store.cell_dir(ids[3])).expect("mkdir");
+        std::fs::write(store.cell_dir(ids[3]).join(FINISHED_FILE), "{garbled").expect("write");
+        let seen = survey_store(&out, &view.cells);
+        let claim = &seen.claimed[ids[0]];
+        assert_eq!(claim.worker, "node7:42");
+        assert!(!claim.expired());
+        assert_eq!(
+            seen.failed[ids[1]],
+            ("out of memory".to_string(), "node8:7".to_string())
+        );
+        assert_eq!(seen.finished[ids[2]]["train.loss"], 0.25);
+        assert_eq!(seen.finished[ids[2]]["steps"], 5.0);
+        assert_eq!(seen.unreadable.len(), 1);
+        assert!(seen.unreadable[0].1.contains(FINISHED_FILE), "{:?}", seen.unreadable);
+        assert_eq!(seen.finished.len() + seen.failed.len() + seen.claimed.len(), 3);
+        // A renewal (a later expiry) is no change; another holder is.
+        let mut renewed = seen.clone();
+        renewed.claimed.get_mut(ids[0]).expect("held").expires_ms += 1000;
+        assert!(!renewed.differs_from(&seen));
+        renewed.claimed.get_mut(ids[0]).expect("held").worker = "node9:1".into();
+        assert!(renewed.differs_from(&seen));
+    }
+
+    #[test]
+    fn task_arguments_name_the_plan_copy_and_the_grid_overrides_in_order() {
+        let request = GridRequest {
+            seeds: 2,
+            steps: 5,
+            base: ModelSettings {
+                base: BaseSource::Random(3),
+                ..ModelSettings::default()
+            },
+            dataset: Some(PathBuf::from("data/my dip")),
+            out: PathBuf::from("runs/x"),
+        };
+        let args = task_arguments(&request, false, Path::new("/work"));
+        assert_eq!(
+            args,
+            [
+                "ablate",
+                "/work/runs/x/plan.md",
+                "--out",
+                "/work/runs/x",
+                "--seeds",
+                "2",
+                "--no-eval",
+                "--set",
+                "model.base=\"random:3\"",
+                "--set",
+                "steps=5",
+                "--set",
+                "data.dir=\"data/my dip\"",
+            ]
+        );
+        assert!(!task_arguments(&request, true, Path::new("/w")).contains(&"--no-eval".to_string()));
     }
 
     #[test]

@@ -15,12 +15,13 @@ use super::StudioApp;
 pub use super::experiment_worker::PlanSource;
 use super::experiment_worker::{
     BUNDLED_PLANS, ExperimentCommand, ExperimentEvent, ExperimentWorker, GridRequest, GridView, LoadedPlan, Metrics,
-    RunEvent,
+    RunEvent, SlurmRequest, StoreView, Watch,
 };
 use super::training::Outcome;
 use crate::eval::metrics::mean_ci95;
 use crate::experiment::grid::{BASELINE, Cell, unique_ids};
 use crate::experiment::resolve::{MetricMatch, Override, Resolution};
+use crate::experiment::slurm::SlurmResources;
 use crate::train::config::ModelSettings;
 
 /// The persisted part of the tab.
@@ -35,6 +36,8 @@ pub struct ExperimentSettings {
     pub steps: u64,
     /// Evaluate every trained cell on the small synthetic benchmark ([`crate::experiment::runner::cell_benchmark`]).
     pub evaluate: bool,
+    /// Resources per task of the Slurm job array the tab writes.
+    pub slurm: SlurmResources,
 }
 
 impl Default for ExperimentSettings {
@@ -44,6 +47,7 @@ impl Default for ExperimentSettings {
             seeds: 1,
             steps: 20,
             evaluate: true,
+            slurm: SlurmResources::default(),
         }
     }
 }
@@ -64,6 +68,13 @@ pub enum CellState {
     },
     /// Finished (now or earlier); its results are in [`ExperimentsPanel::results`].
     Finished,
+    /// Another worker holds the cell (a CLI worker, a Slurm array task, another Studio).
+    Elsewhere {
+        /// The worker (`host:pid`, or the Slurm job and task).
+        worker: String,
+        /// Its lease ran out: it is taken for dead and the next worker takes the cell over.
+        expired: bool,
+    },
     /// The cell could not run.
     Failed(String),
 }
@@ -78,6 +89,10 @@ impl CellState {
                 None => format!("running step {step}/{total}"),
             },
             CellState::Finished => "finished".into(),
+            CellState::Elsewhere { worker, expired: false } => format!("running on {worker}"),
+            CellState::Elsewhere { worker, expired: true } => {
+                format!("stalled on {worker} (lease expired)")
+            }
             CellState::Failed(e) => format!("failed: {e}"),
         }
     }
@@ -192,6 +207,12 @@ pub struct ExperimentsPanel {
     metric: Option<String>,
     dialog: Option<Receiver<Option<PathBuf>>>,
     outcomes: Vec<Outcome>,
+    /// This process's worker name in claims (its own cells are not "elsewhere").
+    me: String,
+    /// A Slurm script is being written.
+    writing_slurm: bool,
+    /// The last Slurm script written (path, array tasks), or why not.
+    slurm_written: Option<Result<(PathBuf, usize), String>>,
 }
 
 impl ExperimentsPanel {
@@ -219,6 +240,9 @@ impl ExperimentsPanel {
             metric: None,
             dialog: None,
             outcomes: Vec::new(),
+            me: crate::experiment::claim::worker_name(),
+            writing_slurm: false,
+            slurm_written: None,
         }
     }
 
@@ -348,6 +372,7 @@ impl ExperimentsPanel {
             title: plan.title.clone(),
             resolution: Arc::clone(&plan.resolution),
             eval: settings.evaluate.then(crate::experiment::runner::cell_benchmark),
+            plan_text: Arc::clone(&plan.text),
         };
         match self.worker.run(job) {
             Ok(()) => {
@@ -361,6 +386,32 @@ impl ExperimentsPanel {
             }
             Err(e) => self.outcomes.push(Outcome::Error(e)),
         }
+    }
+
+    /// Writes the grid's Slurm job array (one task per distinct cell, the same script as `focusdpo ablate --slurm`)
+    /// into its results folder, on the plan thread.
+    pub fn write_slurm(&mut self, settings: &ExperimentSettings) {
+        let (Some(grid), Some(plan)) = (
+            self.grid.as_ref().filter(|_| self.grid_is_current(settings)),
+            &self.plan,
+        ) else {
+            self.outcomes.push(Outcome::Error(
+                "the grid is still being built: write the script in a moment".into(),
+            ));
+            return;
+        };
+        self.writing_slurm = true;
+        self.worker.send(ExperimentCommand::WriteSlurm(Box::new(SlurmRequest {
+            grid: Box::new(grid.clone()),
+            plan: Box::new(plan.clone()),
+            evaluate: settings.evaluate,
+            resources: settings.slurm.clone(),
+        })));
+    }
+
+    /// The last Slurm script written (its path and array tasks), or why not.
+    pub fn slurm_written(&self) -> Option<&Result<(PathBuf, usize), String>> {
+        self.slurm_written.as_ref()
     }
 
     /// Asks the running grid to stop after the training step in flight.
@@ -437,6 +488,8 @@ impl ExperimentsPanel {
                         self.states.clear();
                         self.results.clear();
                         self.last_run = None;
+                        self.slurm_written = None;
+                        self.worker.send(ExperimentCommand::Watch(None));
                         true
                     }
                     Err(e) => {
@@ -452,25 +505,18 @@ impl ExperimentsPanel {
                 }
                 match result {
                     Ok(view) => {
-                        for (id, e) in &view.unreadable {
-                            self.outcomes
-                                .push(Outcome::Error(format!("cell {id}: results cannot be read: {e}")));
-                        }
-                        self.states = view
-                            .cells
-                            .iter()
-                            .map(|c| {
-                                let state = if view.finished.contains_key(&c.id) {
-                                    CellState::Finished
-                                } else {
-                                    CellState::Pending
-                                };
-                                (c.id.clone(), state)
-                            })
-                            .collect();
-                        self.results = view.finished.clone();
+                        self.states.clear();
+                        self.results.clear();
+                        self.worker.send(ExperimentCommand::Watch(Some(Watch {
+                            generation,
+                            out: view.request.out.clone(),
+                            cells: Arc::clone(&view.cells),
+                        })));
+                        let store = view.store.clone();
                         self.grid = Some(*view);
                         self.grid_error = None;
+                        self.slurm_written = None;
+                        self.apply_store(&store);
                     }
                     Err(e) => {
                         self.grid = None;
@@ -480,7 +526,66 @@ impl ExperimentsPanel {
                 true
             }
             ExperimentEvent::Run(event) => self.apply_run(event),
+            ExperimentEvent::Store { generation, view } => {
+                generation == self.grid_generation && self.apply_store(&view)
+            }
+            ExperimentEvent::SlurmWritten(result) => {
+                self.writing_slurm = false;
+                match &result {
+                    Ok((path, tasks)) => self.outcomes.push(Outcome::Info(format!(
+                        "wrote {} ({tasks} array tasks); submit it with: sbatch {}",
+                        path.display(),
+                        path.display()
+                    ))),
+                    Err(e) => self.outcomes.push(Outcome::Error(format!("Slurm script: {e}"))),
+                }
+                self.slurm_written = Some(result);
+                false
+            }
         }
+    }
+
+    /// Shows what the store holds: cells finished (their results join the tables), failed, or held by another
+    /// worker. A cell this Studio is training keeps its progress until it finishes. Returns whether results
+    /// changed.
+    fn apply_store(&mut self, view: &StoreView) -> bool {
+        for (id, e) in &view.unreadable {
+            self.outcomes
+                .push(Outcome::Error(format!("cell {id}: results cannot be read: {e}")));
+        }
+        let Some(grid) = &self.grid else {
+            return false;
+        };
+        let mut changed = false;
+        for id in unique_ids(&grid.cells) {
+            let state = if let Some(metrics) = view.finished.get(id) {
+                if self.results.get(id) != Some(metrics) {
+                    self.results.insert(id.to_string(), metrics.clone());
+                    changed = true;
+                }
+                CellState::Finished
+            } else if matches!(self.states.get(id), Some(CellState::Running { .. })) {
+                continue;
+            } else if let Some((error, worker)) = view.failed.get(id) {
+                CellState::Failed(if worker.is_empty() || *worker == self.me {
+                    error.clone()
+                } else {
+                    format!("{error} (on {worker})")
+                })
+            } else if let Some(claim) = view.claimed.get(id).filter(|c| c.worker != self.me) {
+                CellState::Elsewhere {
+                    worker: claim.worker.clone(),
+                    expired: claim.expired(),
+                }
+            } else {
+                CellState::Pending
+            };
+            if state != CellState::Finished && self.results.remove(id).is_some() {
+                changed = true;
+            }
+            self.states.insert(id.to_string(), state);
+        }
+        changed
     }
 
     fn apply_run(&mut self, event: RunEvent) -> bool {
@@ -511,6 +616,11 @@ impl ExperimentsPanel {
                         loss: Some(loss),
                     },
                 );
+                false
+            }
+            RunEvent::Elsewhere { id, worker } => {
+                let expired = matches!(self.states.get(&id), Some(CellState::Elsewhere { expired: true, .. }));
+                self.states.insert(id, CellState::Elsewhere { worker, expired });
                 false
             }
             RunEvent::Failed { id, error } => {
@@ -760,6 +870,7 @@ fn grid_form_ui(app: &mut StudioApp, ui: &mut egui::Ui) {
             panel.stop();
         }
     });
+    slurm_ui(settings, panel, ui);
     if let Some(run) = &panel.run {
         ui.horizontal(|ui| {
             ui.spinner();
@@ -772,6 +883,97 @@ fn grid_form_ui(app: &mut StudioApp, ui: &mut egui::Ui) {
     } else if let Some(text) = &panel.last_run {
         ui.label(text);
     }
+}
+
+/// The Slurm job array form: resources per task and the button that writes `OUT/ablate.sbatch`.
+fn slurm_ui(settings: &mut ExperimentSettings, panel: &mut ExperimentsPanel, ui: &mut egui::Ui) {
+    egui::CollapsingHeader::new("Slurm job array")
+        .id_salt("experiments-slurm")
+        .show(ui, |ui| {
+            ui.label(
+                egui::RichText::new(
+                    "one array task per distinct cell, each running focusdpo ablate --cell on this results folder \
+                     (on a filesystem the cluster's nodes share); workers claim cells, so finished cells are never \
+                     rerun and a dead task's cell is taken over",
+                )
+                .small(),
+            );
+            let r = &mut settings.slurm;
+            egui::Grid::new("experiments-slurm-form").num_columns(2).show(ui, |ui| {
+                ui.label("partition");
+                let mut partition = r.partition.clone().unwrap_or_default();
+                if ui
+                    .add(
+                        egui::TextEdit::singleline(&mut partition)
+                            .hint_text("cluster default")
+                            .desired_width(120.0),
+                    )
+                    .changed()
+                {
+                    r.partition = Some(partition.trim().to_string()).filter(|p| !p.is_empty());
+                }
+                ui.end_row();
+                ui.label("GPUs per task");
+                ui.add(egui::DragValue::new(&mut r.gpus).range(0..=16));
+                ui.end_row();
+                ui.label("CPU cores per task");
+                ui.add(egui::DragValue::new(&mut r.cpus).range(1..=256));
+                ui.end_row();
+                ui.label("memory per task");
+                ui.add(egui::TextEdit::singleline(&mut r.mem).desired_width(120.0))
+                    .on_hover_text("Slurm's --mem: a number with K, M, G or T");
+                ui.end_row();
+                ui.label("time limit");
+                ui.add(egui::TextEdit::singleline(&mut r.time).desired_width(120.0))
+                    .on_hover_text(
+                        "Slurm's --time: [D-]HH:MM:SS; a task that hits it leaves a checkpoint the next resumes",
+                    );
+                ui.end_row();
+                ui.label("tasks at once");
+                ui.add(egui::DragValue::new(&mut r.max_parallel).range(0..=10_000))
+                    .on_hover_text("--array=…%N; 0: no limit");
+                ui.end_row();
+            });
+            let problem = crate::experiment::slurm::check_resources(r).err();
+            if let Some(p) = &problem {
+                ui.colored_label(ui.visuals().error_fg_color, p);
+            }
+            ui.horizontal(|ui| {
+                let ready = panel.grid_is_current(settings) && problem.is_none() && !panel.writing_slurm;
+                if ui
+                    .add_enabled(ready, egui::Button::new("Write Slurm script"))
+                    .on_hover_text("writes ablate.sbatch, grid.json and plan.md into the results folder; runs nothing")
+                    .clicked()
+                {
+                    panel.write_slurm(settings);
+                }
+                if panel.writing_slurm {
+                    ui.spinner();
+                }
+            });
+            match &panel.slurm_written {
+                Some(Ok((path, tasks))) => {
+                    ui.label(format!("{tasks} array tasks; submit with:"));
+                    let command = format!(
+                        "sbatch {}",
+                        crate::experiment::slurm::shell_quote(&path.to_string_lossy())
+                    );
+                    ui.horizontal(|ui| {
+                        ui.monospace(&command);
+                        if ui.small_button("copy").clicked() {
+                            ui.ctx().copy_text(command.clone());
+                        }
+                    });
+                    ui.label(
+                        egui::RichText::new("the Cells table shows the tasks' cells as they run and finish").small(),
+                    );
+                }
+                Some(Err(e)) => {
+                    ui.colored_label(ui.visuals().error_fg_color, format!("cannot write the script: {e}"));
+                }
+                None => {}
+            }
+        });
 }
 
 fn resolution_ui(panel: &ExperimentsPanel, ui: &mut egui::Ui) {
@@ -838,6 +1040,22 @@ fn cells_ui(panel: &ExperimentsPanel, ui: &mut egui::Ui) {
         ui.label("no grid yet");
         return;
     };
+    let ids = unique_ids(&grid.cells);
+    let count = |f: &dyn Fn(&CellState) -> bool| ids.iter().filter(|id| panel.states.get(**id).is_some_and(f)).count();
+    let elsewhere = count(&|s| matches!(s, CellState::Elsewhere { .. }));
+    ui.label(format!(
+        "{} distinct: {} finished, {} running here, {elsewhere} on other workers, {} failed, {} pending",
+        ids.len(),
+        count(&|s| *s == CellState::Finished),
+        count(&|s| matches!(s, CellState::Running { .. })),
+        count(&|s| matches!(s, CellState::Failed(_))),
+        count(&|s| *s == CellState::Pending),
+    ))
+    .on_hover_text(format!(
+        "the results folder is read every {} s: cells other workers (focusdpo ablate --cell/--shard, Slurm array \
+         tasks, another Studio) run show up here and join the results as they finish",
+        super::experiment_worker::WATCH_PERIOD.as_secs()
+    ));
     egui::Grid::new("experiments-cells")
         .num_columns(5)
         .striped(true)
@@ -854,6 +1072,10 @@ fn cells_ui(panel: &ExperimentsPanel, ui: &mut egui::Ui) {
                 let state = panel.states.get(&c.id).cloned().unwrap_or(CellState::Pending);
                 match &state {
                     CellState::Failed(_) => ui.colored_label(ui.visuals().error_fg_color, state.label()),
+                    CellState::Elsewhere { expired: true, .. } => ui
+                        .colored_label(ui.visuals().warn_fg_color, state.label())
+                        .on_hover_text("its worker stopped renewing its claim: the next worker takes the cell over"),
+                    CellState::Elsewhere { .. } => ui.colored_label(ui.visuals().hyperlink_color, state.label()),
                     _ => ui.label(state.label()),
                 };
                 ui.end_row();
@@ -1034,6 +1256,11 @@ mod tests {
                 seeds: 3,
                 steps: 7,
                 evaluate: false,
+                slurm: SlurmResources {
+                    partition: Some("gpu".into()),
+                    gpus: 8,
+                    ..SlurmResources::default()
+                },
             },
             ..Default::default()
         };

@@ -15,27 +15,13 @@ use anyhow::Context;
 use clap::Args;
 use focusdpo::eval::benchmark::BenchmarkConfig;
 use focusdpo::eval::sampler::SampleSettings;
-use focusdpo::experiment::claim::is_claimed;
 use focusdpo::experiment::grid::{BASELINE, Cell, build_grid, unique_ids};
 use focusdpo::experiment::read_plan_file;
 use focusdpo::experiment::resolve::{MetricMatch, Override, Resolution, model_overrides, resolve_plan};
 use focusdpo::experiment::runner::{Progress, Sharing, cell_benchmark, run_grid};
-use focusdpo::experiment::store::ResultStore;
+use focusdpo::experiment::slurm::{SlurmJob, SlurmResources, sbatch_script};
+use focusdpo::experiment::store::{CellActivity, GRID_FILE, PLAN_COPY, ResultStore};
 use focusdpo::train::RunConfig;
-use serde::{Deserialize, Serialize};
-
-/// The grid of a results folder, written by every worker, read by `focusdpo report`.
-pub const GRID_FILE: &str = "grid.json";
-/// The plan's text, copied into the results folder (the report resolves it again).
-pub const PLAN_COPY: &str = "plan.md";
-/// The job-array script `--slurm` writes.
-pub const SBATCH_FILE: &str = "ablate.sbatch";
-
-#[derive(Serialize, Deserialize)]
-struct GridFile {
-    title: Option<String>,
-    cells: Vec<Cell>,
-}
 
 #[derive(Debug, Args)]
 pub struct AblateArgs {
@@ -140,23 +126,6 @@ fn select_cells(args: &AblateArgs, cells: &[Cell]) -> anyhow::Result<Vec<Cell>> 
     Ok(cells.iter().filter(|c| keep(&c.id)).cloned().collect())
 }
 
-/// Single-quotes `s` for a POSIX shell.
-fn shell_quote(s: &str) -> String {
-    shlex::try_quote(s)
-        .map(|q| q.into_owned())
-        .unwrap_or_else(|_| format!("'{}'", s.replace('\0', "")))
-}
-
-/// A value of an `#SBATCH` line: as it is unless it holds spaces or quotes (sbatch splits those lines itself and
-/// keeps `%A`-style patterns), else double-quoted.
-fn sbatch_value(s: &str) -> String {
-    if s.chars().any(|c| c.is_whitespace() || c == '"' || c == '\'') {
-        format!("\"{}\"", s.replace('"', "\\\""))
-    } else {
-        s.to_string()
-    }
-}
-
 /// This command's own arguments without the `--slurm*` ones (and their values) and without `--cell`/`--shard`.
 fn task_arguments() -> Vec<String> {
     super::own_args_without(
@@ -174,102 +143,51 @@ fn task_arguments() -> Vec<String> {
     )
 }
 
-/// The `sbatch` script: one array task per distinct cell, each running this command on its cell, then
-/// assembling the results of whatever has finished.
-fn sbatch_script(args: &AblateArgs, out: &Path, ids: &[String]) -> anyhow::Result<String> {
-    let exe = std::env::current_exe().context("the path of this focusdpo binary")?;
-    let cwd = std::env::current_dir().context("the current folder")?;
-    let name = args
-        .plan
-        .file_stem()
-        .map(|s| s.to_string_lossy().to_string())
-        .unwrap_or_else(|| "ablate".into());
-    let mut lines = vec![
-        "#!/bin/bash".to_string(),
-        format!(
-            "#SBATCH --job-name=focusdpo-{}",
-            name.chars()
-                .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                    c
-                } else {
-                    '-'
-                })
-                .collect::<String>()
-        ),
-        format!(
-            "#SBATCH --array=0-{}{}",
-            ids.len().saturating_sub(1),
-            if args.slurm_max_parallel > 0 {
-                format!("%{}", args.slurm_max_parallel)
-            } else {
-                String::new()
-            }
-        ),
-        "#SBATCH --ntasks=1".into(),
-        format!("#SBATCH --cpus-per-task={}", args.slurm_cpus),
-        format!("#SBATCH --mem={}", args.slurm_mem),
-        format!("#SBATCH --time={}", args.slurm_time),
-        format!("#SBATCH --chdir={}", sbatch_value(&cwd.to_string_lossy())),
-        format!(
-            "#SBATCH --output={}",
-            sbatch_value(&out.join("slurm").join("%A_%a.log").to_string_lossy())
-        ),
-    ];
-    if args.slurm_gpus > 0 {
-        lines.push(format!("#SBATCH --gres=gpu:{}", args.slurm_gpus));
-    }
-    if let Some(p) = &args.slurm_partition {
-        lines.push(format!("#SBATCH --partition={}", sbatch_value(p)));
-    }
-    lines.push(String::new());
-    lines.push(format!(
-        "# {} cells of `{}`; written by `focusdpo ablate --slurm`. Submit: sbatch {}",
-        ids.len(),
-        args.plan.display(),
-        shell_quote(&out.join(SBATCH_FILE).to_string_lossy())
-    ));
-    lines.push("# A task that dies or runs out of time leaves a checkpoint: resubmit the array (finished cells".into());
-    lines.push("# are skipped, interrupted ones resume once their claim's lease has expired).".into());
-    lines.push("set -euo pipefail".into());
-    lines.push(format!("CELLS=({})", ids.join(" ")));
-    lines.push(format!("export OMP_NUM_THREADS={}", args.slurm_cpus));
-    let command: Vec<String> = std::iter::once(exe.to_string_lossy().to_string())
-        .chain(task_arguments())
-        .map(|a| shell_quote(&a))
-        .collect();
-    lines.push(format!(
-        "{} --cell \"${{CELLS[$SLURM_ARRAY_TASK_ID]}}\"",
-        command.join(" ")
-    ));
-    lines.push(format!(
-        "{} report {}",
-        shell_quote(&exe.to_string_lossy()),
-        shell_quote(&out.to_string_lossy())
-    ));
-    Ok(lines.join("\n") + "\n")
+/// The job array of this command: one task per distinct cell, each running this command on its cell.
+fn slurm_job(args: &AblateArgs, ids: &[String]) -> anyhow::Result<SlurmJob> {
+    Ok(SlurmJob {
+        name: args
+            .plan
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_default(),
+        plan: args.plan.clone(),
+        exe: std::env::current_exe().context("the path of this focusdpo binary")?,
+        workdir: std::env::current_dir().context("the current folder")?,
+        task_args: task_arguments(),
+        out: args.out.clone(),
+        cells: ids.to_vec(),
+        resources: SlurmResources {
+            partition: args.slurm_partition.clone(),
+            gpus: args.slurm_gpus,
+            cpus: args.slurm_cpus,
+            mem: args.slurm_mem.clone(),
+            time: args.slurm_time.clone(),
+            max_parallel: args.slurm_max_parallel,
+        },
+    })
 }
 
 /// Writes the assembled results of a shared results folder (`focusdpo report OUT`, and every worker at its end):
 /// whatever has finished, failed markers, cells still claimed.
 pub fn report_grid(out: &Path, plots: bool) -> anyhow::Result<()> {
-    let grid_path = out.join(GRID_FILE);
-    let grid: GridFile = serde_json::from_slice(
-        &std::fs::read(&grid_path).with_context(|| format!("{}: cannot read", grid_path.display()))?,
-    )
-    .with_context(|| format!("{}: not a grid written by focusdpo ablate", grid_path.display()))?;
-    let plan_path = out.join(PLAN_COPY);
-    let plan = read_plan_file(&plan_path)?;
-    let resolution = resolve_plan(&plan);
     let store = ResultStore::open(out)?;
+    let grid = store.read_grid()?.with_context(|| {
+        format!(
+            "{}: no {GRID_FILE}: not a results folder written by focusdpo ablate",
+            out.display()
+        )
+    })?;
+    let plan = read_plan_file(&out.join(PLAN_COPY))?;
+    let resolution = resolve_plan(&plan);
     let ids = unique_ids(&grid.cells);
     let (mut finished, mut failed, mut running) = (0, Vec::new(), 0);
     for id in &ids {
-        if store.is_finished(id) {
-            finished += 1;
-        } else if store.has_failed(id) {
-            failed.push(id.to_string());
-        } else if is_claimed(out, id) {
-            running += 1;
+        match store.activity(id)? {
+            CellActivity::Finished(_) => finished += 1,
+            CellActivity::Failed { .. } => failed.push(id.to_string()),
+            CellActivity::Claimed(_) => running += 1,
+            CellActivity::Waiting => {}
         }
     }
     let files = store.write_results(grid.title.as_deref(), &resolution, &grid.cells, &failed, plots)?;
@@ -388,23 +306,11 @@ pub fn run(args: &AblateArgs) -> anyhow::Result<()> {
     let eval = eval_config(args)?;
     let mine = select_cells(args, &cells)?;
     let store = ResultStore::open(&args.out)?;
-    store.write_root_json("resolution.json", &resolution)?;
-    store.write_root_json(
-        GRID_FILE,
-        &GridFile {
-            title: plan.title.clone(),
-            cells: cells.clone(),
-        },
-    )?;
     let plan_text = std::fs::read(&args.plan).with_context(|| format!("{}: cannot read", args.plan.display()))?;
-    let copy = args.out.join(PLAN_COPY);
-    focusdpo::store::write_atomic(&copy, &plan_text).with_context(|| format!("{}", copy.display()))?;
+    store.write_grid(plan.title.as_deref(), &resolution, &cells, &plan_text)?;
     if args.slurm {
         let ids: Vec<String> = unique_ids(&mine).into_iter().map(String::from).collect();
-        let script = sbatch_script(args, &args.out, &ids)?;
-        let path = args.out.join(SBATCH_FILE);
-        std::fs::create_dir_all(args.out.join("slurm")).with_context(|| format!("{}", args.out.display()))?;
-        focusdpo::store::write_atomic(&path, script.as_bytes()).with_context(|| format!("{}", path.display()))?;
+        let path = store.write_sbatch(&sbatch_script(&slurm_job(args, &ids)?))?;
         println!(
             "wrote {} ({} array tasks); submit it with: sbatch {}",
             path.display(),

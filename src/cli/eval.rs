@@ -410,7 +410,7 @@ fn run_metrics(path: &Path) -> anyhow::Result<RunMetrics> {
 pub fn run_report(args: &ReportArgs) -> anyhow::Result<()> {
     // An ablation results folder (`focusdpo ablate --out DIR`): assemble its tables from whatever has finished.
     if let [dir] = &args.paths[..]
-        && dir.join(super::ablate::GRID_FILE).is_file()
+        && dir.join(focusdpo::experiment::store::GRID_FILE).is_file()
     {
         return super::ablate::report_grid(dir, true);
     }

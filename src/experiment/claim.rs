@@ -101,6 +101,18 @@ pub fn is_claimed(root: &Path, id: &str) -> bool {
     claim_path(root, id).is_file()
 }
 
+/// The claim on cell `id` of the store at `root`, if any (live, or expired and not yet taken over).
+pub fn holder(root: &Path, id: &str) -> Result<Option<Claim>, StoreError> {
+    read_claim(&claim_path(root, id))
+}
+
+impl Claim {
+    /// Whether its lease has run out (its worker is taken for dead; the next worker takes the cell over).
+    pub fn expired(&self) -> bool {
+        self.expires_ms <= now_ms()
+    }
+}
+
 fn read_claim(path: &Path) -> Result<Option<Claim>, StoreError> {
     match std::fs::read_to_string(path) {
         Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| StoreError::Json {

@@ -9,6 +9,7 @@ pub mod plot;
 pub mod resolve;
 pub mod results;
 pub mod runner;
+pub mod slurm;
 pub mod store;
 pub mod text;
 

@@ -32,6 +32,39 @@ pub const RESULTS_CSV: &str = "results.csv";
 pub const RESULTS_MD: &str = "results.md";
 /// Folder of the per-study plots.
 pub const PLOTS_DIR: &str = "plots";
+/// The grid of a results folder, written by every worker, read by `focusdpo report`.
+pub const GRID_FILE: &str = "grid.json";
+/// The plan's text, copied into the results folder (the report resolves it again; array tasks read it).
+pub const PLAN_COPY: &str = "plan.md";
+/// The plan's resolution, as JSON.
+pub const RESOLUTION_FILE: &str = "resolution.json";
+
+/// [`GRID_FILE`]: the plan's title and every cell of the grid.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct GridFile {
+    /// The plan's `# title`.
+    pub title: Option<String>,
+    /// Every cell, in plan order.
+    pub cells: Vec<Cell>,
+}
+
+/// Where a cell of a shared store stands, as any worker (or the Studio) sees it on disk.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CellActivity {
+    /// Its finished marker exists (the values, with the benchmark's when evaluated).
+    Finished(FinishedCell),
+    /// A worker marked it failed.
+    Failed {
+        /// The error it recorded.
+        error: String,
+        /// The worker.
+        worker: String,
+    },
+    /// A worker holds its claim.
+    Claimed(super::claim::Claim),
+    /// Nobody has it.
+    Waiting,
+}
 
 /// A store that cannot be read or written; messages name the file.
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +157,11 @@ impl ResultStore {
         let cells = root.join(CELLS_DIR);
         std::fs::create_dir_all(&cells).map_err(io(&cells))?;
         Ok(Self { root })
+    }
+
+    /// The store at `root` for reading, creating nothing (the Studio watches folders that may not exist yet).
+    pub fn at(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
     }
 
     /// The store folder.
@@ -231,7 +269,66 @@ impl ResultStore {
         })
     }
 
-    /// Writes any JSON document at the store root (`resolution.json`).
+    /// Where a cell stands: finished, failed, claimed by a worker, or waiting. A finished marker or claim that
+    /// cannot be read is an error naming the file.
+    pub fn activity(&self, id: &str) -> Result<CellActivity, StoreError> {
+        if let Some(finished) = finished_cell_values(&self.cell_dir(id))? {
+            return Ok(CellActivity::Finished(finished));
+        }
+        #[derive(serde::Deserialize, Default)]
+        #[serde(default)]
+        struct Failed {
+            error: String,
+            worker: String,
+        }
+        if let Some(f) = read_json::<Failed>(&self.cell_dir(id).join(FAILED_FILE))? {
+            return Ok(CellActivity::Failed {
+                error: f.error,
+                worker: f.worker,
+            });
+        }
+        Ok(match super::claim::holder(&self.root, id)? {
+            Some(claim) => CellActivity::Claimed(claim),
+            None => CellActivity::Waiting,
+        })
+    }
+
+    /// Writes what every worker of a grid and `focusdpo report` read: resolution.json, grid.json and the plan's
+    /// text as plan.md.
+    pub fn write_grid(
+        &self,
+        title: Option<&str>,
+        resolution: &Resolution,
+        cells: &[Cell],
+        plan_text: &[u8],
+    ) -> Result<(), StoreError> {
+        write_json(&self.root.join(RESOLUTION_FILE), resolution)?;
+        write_json(
+            &self.root.join(GRID_FILE),
+            &GridFile {
+                title: title.map(str::to_string),
+                cells: cells.to_vec(),
+            },
+        )?;
+        let copy = self.root.join(PLAN_COPY);
+        write_atomic(&copy, plan_text).map_err(io(&copy))
+    }
+
+    /// The grid written by [`Self::write_grid`], `None` when there is none.
+    pub fn read_grid(&self) -> Result<Option<GridFile>, StoreError> {
+        read_json(&self.root.join(GRID_FILE))
+    }
+
+    /// Writes a job array's script as [`super::slurm::SBATCH_FILE`] (and the folder of its logs); returns its path.
+    pub fn write_sbatch(&self, script: &str) -> Result<PathBuf, StoreError> {
+        let logs = self.root.join(super::slurm::SLURM_LOG_DIR);
+        std::fs::create_dir_all(&logs).map_err(io(&logs))?;
+        let path = self.root.join(super::slurm::SBATCH_FILE);
+        write_atomic(&path, script.as_bytes()).map_err(io(&path))?;
+        Ok(path)
+    }
+
+    /// Writes any JSON document at the store root.
     pub fn write_root_json<T: serde::Serialize>(&self, name: &str, value: &T) -> Result<(), StoreError> {
         write_json(&self.root.join(name), value)
     }

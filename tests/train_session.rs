@@ -713,3 +713,64 @@ fn two_data_parallel_ranks_equal_one_rank_accumulating_two_pairs() {
     let (single, _) = lora_after(config(ObjectiveKind::FocusDpo, steps), None);
     assert!(want.iter().zip(&single).any(|(a, b)| tensor_diff(a, b) > 1e-4));
 }
+
+/// A stop asked of one rank of a data-parallel world stops every rank after the same step (the other rank would
+/// otherwise wait forever in the next step's all-reduce), and rank 0 leaves a checkpoint of that step.
+#[test]
+fn a_stop_asked_of_one_rank_stops_every_rank_after_the_same_step() {
+    use focusdpo::train::parallel::{Collective, LocalGroup};
+    use focusdpo::train::session::{World, WorldSpec};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run_dir = dir.path().join("r");
+    let sessions: Vec<Session> = LocalGroup::new(2)
+        .into_iter()
+        .map(|g| {
+            let world: std::sync::Arc<dyn Collective + Sync> = std::sync::Arc::new(g);
+            Session::start(
+                Launch::New {
+                    config: Box::new(config(ObjectiveKind::Dpo, 10_000)),
+                    dir: run_dir.clone(),
+                },
+                SessionOptions {
+                    world: Some(WorldSpec::Given(World(world))),
+                    ..options()
+                },
+            )
+        })
+        .collect();
+    // Rank 1 is asked to stop at its first step; rank 0 never is.
+    let ends: Vec<Event> = std::thread::scope(|scope| {
+        let joins: Vec<_> = sessions
+            .into_iter()
+            .enumerate()
+            .map(|(rank, session)| {
+                scope.spawn(move || {
+                    let end = loop {
+                        match session.events().recv_timeout(Duration::from_secs(240)).expect("event") {
+                            Event::Step(_) if rank == 1 => session.stop(),
+                            e @ (Event::Finished { .. } | Event::Failed { .. }) => break e,
+                            _ => {}
+                        }
+                    };
+                    session.join();
+                    end
+                })
+            })
+            .collect();
+        joins.into_iter().map(|j| j.join().expect("rank")).collect()
+    });
+    let steps: Vec<u64> = ends
+        .iter()
+        .map(|e| match e {
+            Event::Finished { step, stopped: true } => *step,
+            other => panic!("expected a stopped finish, got {other:?}"),
+        })
+        .collect();
+    assert_eq!(steps[0], steps[1], "both ranks stop after the same step");
+    assert!(steps[0] < 10_000);
+    assert_eq!(records(&run_dir).len() as u64, steps[0]);
+    assert!(
+        !lora_tensors(&run_dir, steps[0]).is_empty(),
+        "rank 0 checkpointed the last step"
+    );
+}

@@ -56,6 +56,16 @@ pub trait Collective: Send {
     fn reduces(&self) -> bool {
         true
     }
+    /// Whether `flag` holds on any rank; every rank calls it at the same point (the training loop asks it whether
+    /// any rank was asked to stop, so that all stop after the same step).
+    fn any(&self, flag: bool) -> Result<bool, CollectiveError> {
+        let mut t = vec![Tensor::new(
+            &[if flag { 1f32 } else { 0.0 }],
+            &candle_core::Device::Cpu,
+        )?];
+        self.all_reduce_mean(&mut t)?;
+        Ok(t[0].to_vec1::<f32>()?.first().is_some_and(|v| *v > 0.0))
+    }
 }
 
 /// The world of one rank: nothing to reduce.
@@ -404,6 +414,8 @@ pub struct NcclGroup {
     rank: usize,
     world: usize,
     comm: Mutex<SendComm>,
+    /// This rank's GPU: tensors elsewhere (the CPU scalars of the resume and stop agreements) travel through it.
+    device: candle_core::Device,
 }
 
 #[cfg(feature = "nccl")]
@@ -437,6 +449,7 @@ impl NcclGroup {
             rank: tcp.rank,
             world: tcp.world,
             comm: Mutex::new(SendComm(std::sync::Arc::new(comm))),
+            device: device.clone(),
         })
     }
 }
@@ -497,12 +510,13 @@ impl Collective for NcclGroup {
             .0
             .clone();
         for t in tensors.iter_mut() {
-            let dtype = t.dtype();
+            let (dtype, home) = (t.dtype(), t.device().clone());
             let reduced = t
+                .to_device(&self.device)?
                 .to_dtype(DType::F32)?
                 .contiguous()?
                 .apply_op1_no_bwd(&NcclAverage(comm.clone()))?;
-            *t = reduced.to_dtype(dtype)?;
+            *t = reduced.to_dtype(dtype)?.to_device(&home)?;
         }
         Ok(())
     }

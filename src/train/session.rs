@@ -1201,7 +1201,13 @@ fn run_worker(
     let _ = tx.send(Event::Pairs(data.pairs.summary));
     let mut last_ckpt = trainer.completed_steps();
     while trainer.completed_steps() < cfg.steps {
-        if stop.load(Ordering::SeqCst) {
+        let mut stopping = stop.load(Ordering::SeqCst);
+        if world.reduces() {
+            // A stop asked of any rank stops every rank after the same step (one waiting in the next step's
+            // all-reduce for a rank that left would hang).
+            stopping = world.any(stopping).map_err(|e| TrainError::Data(e.to_string()))?;
+        }
+        if stopping {
             if let Some(store) = &store
                 && trainer.completed_steps() > last_ckpt
             {

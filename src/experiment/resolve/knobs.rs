@@ -1,0 +1,777 @@
+//! The knob table: every Studio knob an ablation can vary (key, aliases, how values are read), and finding the
+//! knob a study's "Ablated Part" names.
+
+use super::*;
+
+/// How a knob's values are read.
+#[derive(Clone, Copy, Debug)]
+pub enum KnobKind {
+    /// A real number in `[min, max]` (`min` excluded when `min_open`); `%` divides by 100 when `fraction`.
+    Float {
+        /// Lower bound.
+        min: f64,
+        /// Upper bound.
+        max: f64,
+        /// Whether `min` itself is excluded.
+        min_open: bool,
+        /// Whether the knob is a fraction (then `10%` means 0.1; otherwise `5.33%` means 5.33).
+        fraction: bool,
+    },
+    /// A whole number in `[min, max]`.
+    Int {
+        /// Lower bound.
+        min: u64,
+        /// Upper bound.
+        max: u64,
+    },
+    /// One of named values, matched by keywords.
+    Choice(&'static [Choice]),
+    /// `data.pairs.select` with its percent and dynamic-threshold keys.
+    PairSelection,
+    /// `schedule.kind` with `schedule.sft_steps` read from a number in the value.
+    Schedule,
+    /// A list of block indices (`masks.attention.layers`).
+    IndexList,
+    /// `true`/`false` (also on/off, yes/no, enabled/disabled): run-config booleans without a table entry.
+    Bool,
+    /// Any text, passed on as a TOML string: run-config strings without a table entry.
+    Text,
+}
+
+/// A named value of a [`KnobKind::Choice`] knob.
+#[derive(Clone, Copy, Debug)]
+pub struct Choice {
+    /// The value written to the config.
+    pub value: &'static str,
+    /// Phrases that select it (all words of a phrase must occur).
+    pub keywords: &'static [&'static str],
+}
+
+/// A Studio knob an ablation can vary.
+#[derive(Clone, Copy, Debug)]
+pub struct Knob {
+    /// Dotted run-config key.
+    pub key: &'static str,
+    /// What it is, for reports and docs.
+    pub summary: &'static str,
+    /// Phrases of "Ablated Part" texts that name it.
+    pub aliases: &'static [&'static str],
+    /// How values are read.
+    pub kind: KnobKind,
+    /// Value a REMOVE study sets (`None`: REMOVE is unresolved unless the kind handles it).
+    pub off: Option<&'static str>,
+    /// Value phrases that name something this Studio does not implement, with the reason.
+    pub unsupported: &'static [(&'static str, &'static str)],
+}
+
+/// The knob a study varies: a table entry, or a run-config key named explicitly that has none.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// Dotted run-config key.
+    pub key: String,
+    /// What it is.
+    pub summary: String,
+    /// How values are read.
+    pub kind: KnobKind,
+    /// Value a REMOVE study sets.
+    pub off: Option<&'static str>,
+    /// Value phrases naming something not implemented, with the reason.
+    pub unsupported: &'static [(&'static str, &'static str)],
+}
+
+impl From<&Knob> for Target {
+    fn from(k: &Knob) -> Self {
+        Self {
+            key: k.key.to_string(),
+            summary: k.summary.to_string(),
+            kind: k.kind,
+            off: k.off,
+            unsupported: k.unsupported,
+        }
+    }
+}
+
+impl Target {
+    /// A run-config key without a table entry, typed after its default value.
+    fn from_config(key: String, default: &toml::Value) -> Result<Self, String> {
+        let kind = match default {
+            toml::Value::Float(_) => float(f64::MIN, f64::MAX, false, false),
+            toml::Value::Integer(_) => KnobKind::Int {
+                min: 0,
+                max: i64::MAX as u64,
+            },
+            toml::Value::Boolean(_) => KnobKind::Bool,
+            toml::Value::String(_) => KnobKind::Text,
+            other => return Err(format!("`{key}` is a {} field; set it with --set", other.type_str())),
+        };
+        Ok(Self {
+            summary: format!("run-config field `{key}`"),
+            key,
+            kind,
+            off: None,
+            unsupported: &[],
+        })
+    }
+}
+
+pub(super) const fn float(min: f64, max: f64, min_open: bool, fraction: bool) -> KnobKind {
+    KnobKind::Float {
+        min,
+        max,
+        min_open,
+        fraction,
+    }
+}
+
+pub(super) const VARIANTS: &[Choice] = &[
+    Choice {
+        value: "focus",
+        keywords: &["focus", "full", "eq 9", "focusdpo", "all three", "fused"],
+    },
+    Choice {
+        value: "uniform",
+        keywords: &[
+            "uniform",
+            "no mask",
+            "without mask",
+            "without weighting",
+            "no weighting",
+            "plain dpo",
+        ],
+    },
+    Choice {
+        value: "prior",
+        keywords: &[
+            "mprior only",
+            "only mprior",
+            "prior only",
+            "configuration i",
+            "config i",
+        ],
+    },
+    Choice {
+        value: "complexity",
+        keywords: &["md only", "only md", "complexity only", "configuration ii", "config ii"],
+    },
+    Choice {
+        value: "unconstrained",
+        keywords: &[
+            "unconstrained",
+            "configuration iii",
+            "config iii",
+            "eq 11",
+            "without prior constraint",
+        ],
+    },
+    Choice {
+        value: "no-ms",
+        keywords: &[
+            "without ms",
+            "no ms",
+            "remove ms",
+            "md mprior",
+            "without attention",
+            "without semantic",
+        ],
+    },
+    Choice {
+        value: "no-md",
+        keywords: &[
+            "without md",
+            "no md",
+            "remove md",
+            "ms only",
+            "only ms",
+            "without complexity",
+        ],
+    },
+];
+
+pub(super) const OBJECTIVES: &[Choice] = &[
+    Choice {
+        value: "sft",
+        keywords: &["sft", "supervised", "fine tuning only"],
+    },
+    Choice {
+        value: "dpo",
+        keywords: &["dpo", "diffusion dpo", "uniform dpo"],
+    },
+    Choice {
+        value: "focus-dpo",
+        keywords: &["focusdpo", "focus dpo", "focus", "weighted dpo"],
+    },
+];
+
+pub(super) const QUALITY: &[Choice] = &[
+    Choice {
+        value: "product",
+        keywords: &["product", "multiplicative", "multiply", "original", "default"],
+    },
+    Choice {
+        value: "difference",
+        keywords: &["difference", "subtraction", "subtract", "minus", "gap"],
+    },
+    Choice {
+        value: "ratio",
+        keywords: &["ratio", "quotient", "divide", "division", "relative"],
+    },
+];
+
+pub(super) const NEGATIVES: &[Choice] = &[
+    Choice {
+        value: "dataset",
+        keywords: &["dataset", "disrupted", "dip", "original loser", "default"],
+    },
+    Choice {
+        value: "shuffled",
+        keywords: &[
+            "shuffled",
+            "shuffle",
+            "random",
+            "other item",
+            "another item",
+            "other subject",
+            "mismatched",
+        ],
+    },
+    Choice {
+        value: "base",
+        keywords: &[
+            "base model",
+            "generated",
+            "sample",
+            "self generated",
+            "model output",
+            "base",
+        ],
+    },
+];
+
+pub(super) const SOURCES: &[Choice] = &[
+    Choice {
+        value: "reference",
+        keywords: &["reference", "frozen"],
+    },
+    Choice {
+        value: "policy",
+        keywords: &["policy", "trained", "fine tuned", "lora"],
+    },
+];
+
+pub(super) const SIMILARITIES: &[Choice] = &[
+    Choice {
+        value: "cosine",
+        keywords: &["cosine"],
+    },
+    Choice {
+        value: "squared-norm",
+        keywords: &["squared norm", "eq 3", "as printed"],
+    },
+];
+
+pub(super) const POOLS: &[Choice] = &[
+    Choice {
+        value: "mean",
+        keywords: &["mean", "all tokens", "average"],
+    },
+    Choice {
+        value: "foreground",
+        keywords: &["foreground", "subject tokens", "masked"],
+    },
+];
+
+pub(super) const MASK_NORMS: &[Choice] = &[
+    Choice {
+        value: "mean",
+        keywords: &["mean", "average", "default"],
+    },
+    Choice {
+        value: "weighted-mean",
+        keywords: &["weighted", "area independent", "normalised", "normalized"],
+    },
+];
+
+pub(super) const VALIDATION_SELECTION: (&str, &str) = (
+    "validation",
+    "selecting pairs by validation performance is not implemented: pairs are selected by their quality scores \
+     (fixed top-k% or a dynamic threshold on the score distribution)",
+);
+
+/// Every knob the alias table knows (docs/experiments.md lists them; a test keeps the two in sync).
+pub const KNOBS: &[Knob] = &[
+    Knob {
+        key: "masks.fusion.tau",
+        summary: "focus coverage threshold τ of Eq. 9",
+        aliases: &[
+            "τ",
+            "tau",
+            "focus coverage threshold",
+            "coverage threshold",
+            "focus threshold",
+        ],
+        kind: float(0.0, 1.0, false, true),
+        off: None,
+        unsupported: &[],
+    },
+    Knob {
+        key: "masks.fusion.gamma",
+        summary: "fusion coefficient γ of Eq. 9",
+        aliases: &[
+            "γ",
+            "gamma",
+            "fusion coefficient",
+            "fusion weight",
+            "mixing coefficient",
+        ],
+        kind: float(0.0, 1.0, false, true),
+        off: None,
+        unsupported: &[],
+    },
+    Knob {
+        key: "masks.fusion.variant",
+        summary: "weight-map configuration: focus, uniform, prior, complexity, unconstrained, no-ms, no-md",
+        aliases: &[
+            "mask variant",
+            "mask configuration",
+            "weight map",
+            "spatial weighting",
+            "ms",
+            "md",
+            "mprior",
+            "prior mask",
+            "complexity map",
+            "attention field",
+            "mask",
+        ],
+        kind: KnobKind::Choice(VARIANTS),
+        off: None,
+        unsupported: &[],
+    },
+    Knob {
+        key: "objective",
+        summary: "training objective: sft, dpo, focus-dpo",
+        aliases: &[
+            "objective",
+            "training objective",
+            "preference objective",
+            "loss type",
+            "focusdpo",
+        ],
+        kind: KnobKind::Choice(OBJECTIVES),
+        off: None,
+        unsupported: &[],
+    },
+    Knob {
+        key: "dpo.beta",
+        summary: "β of Eq. 1 / Eq. 10 (with T·ω(λ_t) folded in)",
+        aliases: &["β", "beta", "kl weight", "kl regularization", "dpo temperature"],
+        kind: float(0.0, 1e9, true, false),
+        off: None,
+        unsupported: &[],
+    },
+    Knob {
+        key: "dpo.margin",
+        summary: "margin m inside the sigmoid",
+        aliases: &["margin", "margin m", "reward margin offset"],
+        kind: float(-1e9, 1e9, false, false),
+        off: Some("0"),
+        unsupported: &[],
+    },
+    Knob {
+        key: "dpo.sft_lambda",
+        summary: "λ of the SFT regulariser",
+        aliases: &[
+            "λ",
+            "lambda",
+            "balance parameter",
+            "balance weight",
+            "sft weight",
+            "sft regularizer",
+            "sft regulariser",
+        ],
+        kind: float(0.0, 1e9, false, false),
+        off: Some("0"),
+        unsupported: &[],
+    },
+    Knob {
+        key: "dpo.pair_filter_delta",
+        summary: "pair filter δ: drop pairs the reference already prefers by more than δ",
+        aliases: &["δ", "delta", "margin threshold", "pair filter", "filter threshold"],
+        kind: float(-1e9, 1e9, false, false),
+        off: None,
+        unsupported: &[],
+    },
+    Knob {
+        key: "dpo.mask_norm",
+        summary: "reduction of masked errors: mean, weighted-mean",
+        aliases: &["mask normalization", "mask normalisation", "error reduction"],
+        kind: KnobKind::Choice(MASK_NORMS),
+        off: None,
+        unsupported: &[],
+    },
+    Knob {
+        key: "lora.rank",
+        summary: "LoRA rank r",
+        aliases: &["lora rank", "adapter rank", "low rank", "rank r"],
+        kind: KnobKind::Int { min: 1, max: 4096 },
+        off: None,
+        unsupported: &[],
+    },
+    Knob {
+        key: "lora.alpha",
+        summary: "LoRA scale numerator α",
+        aliases: &["lora alpha", "α", "lora scale"],
+        kind: float(0.0, 1e6, true, false),
+        off: None,
+        unsupported: &[],
+    },
+    Knob {
+        key: "optim.adamw.lr",
+        summary: "peak learning rate",
+        aliases: &["learning rate", "lr", "step size"],
+        kind: float(0.0, 1.0, true, false),
+        off: None,
+        unsupported: &[],
+    },
+    Knob {
+        key: "optim.warmup_steps",
+        summary: "linear warm-up steps",
+        aliases: &["warmup", "warm up"],
+        kind: KnobKind::Int {
+            min: 0,
+            max: 1_000_000_000,
+        },
+        off: Some("0"),
+        unsupported: &[],
+    },
+    Knob {
+        key: "optim.grad_clip",
+        summary: "global gradient-norm clip (0 = off)",
+        aliases: &["gradient clipping", "grad clip", "clipping"],
+        kind: float(0.0, 1e9, false, false),
+        off: Some("0"),
+        unsupported: &[],
+    },
+    Knob {
+        key: "steps",
+        summary: "optimiser steps",
+        aliases: &[
+            "steps",
+            "training steps",
+            "iterations",
+            "training length",
+            "training budget",
+            "number of updates",
+        ],
+        kind: KnobKind::Int {
+            min: 1,
+            max: crate::train::config::MAX_STEPS,
+        },
+        off: None,
+        unsupported: &[],
+    },
+    Knob {
+        key: "masks.attention.source",
+        summary: "hidden states of M_s: reference or policy",
+        aliases: &[
+            "attention source",
+            "hidden state source",
+            "hidden states",
+            "policy states",
+            "reference states",
+        ],
+        kind: KnobKind::Choice(SOURCES),
+        off: None,
+        unsupported: &[],
+    },
+    Knob {
+        key: "masks.attention.layers",
+        summary: "double-stream blocks averaged in Eq. 3 (empty = all)",
+        aliases: &["attention layers", "layers", "blocks", "which layers"],
+        kind: KnobKind::IndexList,
+        off: None,
+        unsupported: &[],
+    },
+    Knob {
+        key: "masks.attention.similarity",
+        summary: "similarity of Eq. 3: cosine or squared-norm",
+        aliases: &["similarity", "cosine", "squared norm"],
+        kind: KnobKind::Choice(SIMILARITIES),
+        off: None,
+        unsupported: &[],
+    },
+    Knob {
+        key: "masks.attention.pool",
+        summary: "pooling of Eq. 3's CLS: mean of all reference tokens or of the foreground",
+        aliases: &["cls pooling", "pooling", "cls", "reference pooling", "pool"],
+        kind: KnobKind::Choice(POOLS),
+        off: None,
+        unsupported: &[],
+    },
+    Knob {
+        key: "data.pairs.quality",
+        summary: "pair-quality formula: product ψ_w·(1−ψ_l), difference ψ_w−ψ_l, ratio ψ_w/(ψ_l+ε)",
+        aliases: &[
+            "ψ",
+            "psi",
+            "quality metric",
+            "pair quality",
+            "quality score",
+            "quality formula",
+            "quality function",
+        ],
+        kind: KnobKind::Choice(QUALITY),
+        off: None,
+        unsupported: &[],
+    },
+    Knob {
+        key: "data.pairs.select",
+        summary: "pair selection: all, top-percent (data.pairs.top_percent), dynamic (data.pairs.dynamic, dynamic_k)",
+        aliases: &[
+            "data selection",
+            "pair selection",
+            "selection strategy",
+            "subset selection",
+            "top %",
+            "top percent",
+            "top k",
+            "fixed top",
+            "fixed threshold",
+            "dynamic threshold",
+            "threshold selection",
+        ],
+        kind: KnobKind::PairSelection,
+        off: Some("all"),
+        unsupported: &[VALIDATION_SELECTION],
+    },
+    Knob {
+        key: "data.pairs.top_percent",
+        summary: "percent of pairs kept by top-percent selection",
+        aliases: &["top percentage", "kept percent", "keep ratio"],
+        kind: float(0.0, 100.0, true, false),
+        off: None,
+        unsupported: &[],
+    },
+    Knob {
+        key: "data.pairs.dynamic",
+        summary: "dynamic threshold rule: mean-std (q ≥ mean + k·std) or otsu",
+        aliases: &["dynamic rule", "threshold rule", "otsu"],
+        kind: KnobKind::Choice(&[
+            Choice {
+                value: "mean-std",
+                keywords: &["mean", "std", "standard deviation", "sigma"],
+            },
+            Choice {
+                value: "otsu",
+                keywords: &["otsu"],
+            },
+        ]),
+        off: None,
+        unsupported: &[],
+    },
+    Knob {
+        key: "data.pairs.dynamic_k",
+        summary: "k of the mean-std rule",
+        aliases: &["std multiplier", "dynamic k"],
+        kind: float(-1e3, 1e3, false, false),
+        off: None,
+        unsupported: &[],
+    },
+    Knob {
+        key: "data.pairs.bottom_percent",
+        summary: "drop the lowest-quality k% of pairs",
+        aliases: &[
+            "bottom",
+            "bottom k",
+            "lowest quality",
+            "low quality pair",
+            "filter low quality",
+            "worst pair",
+        ],
+        kind: float(0.0, 100.0, false, false),
+        off: Some("0"),
+        unsupported: &[],
+    },
+    Knob {
+        key: "data.negatives",
+        summary: "loser source: dataset, shuffled (another item's winner), base (a base-model sample)",
+        aliases: &[
+            "negative",
+            "negative sample",
+            "negative source",
+            "loser",
+            "loser image",
+            "rejected image",
+            "dispreferred",
+            "hard negative",
+        ],
+        kind: KnobKind::Choice(NEGATIVES),
+        off: None,
+        unsupported: &[],
+    },
+    Knob {
+        key: "schedule.kind",
+        summary: "joint SFT+DPO or sequential SFT→DPO (schedule.sft_steps)",
+        aliases: &[
+            "schedule",
+            "training schedule",
+            "joint",
+            "sequential",
+            "sft then dpo",
+            "two stage",
+            "multi stage",
+        ],
+        kind: KnobKind::Schedule,
+        off: None,
+        unsupported: &[],
+    },
+    Knob {
+        key: "schedule.sft_steps",
+        summary: "SFT steps before DPO in the sequential schedule",
+        aliases: &["sft steps", "sft phase", "sft stage length"],
+        kind: KnobKind::Int {
+            min: 0,
+            max: crate::train::config::MAX_STEPS,
+        },
+        off: None,
+        unsupported: &[],
+    },
+];
+
+/// The knob table entry of `key`.
+pub fn knob(key: &str) -> Option<&'static Knob> {
+    KNOBS.iter().find(|k| k.key == key)
+}
+
+/// Dotted identifiers (`a.b`, `a.b.c`) and back-quoted words of a text: candidate explicit keys.
+pub(super) fn explicit_key_candidates(text: &str) -> Vec<(String, bool)> {
+    let mut out = Vec::new();
+    let mut quoted = text
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|s| s.trim().to_string())
+        .collect::<Vec<_>>();
+    quoted.retain(|q| !q.is_empty() && q.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.'));
+    out.extend(quoted.into_iter().map(|q| (q, true)));
+    for token in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.')) {
+        let token = token.trim_matches('.');
+        let parts: Vec<&str> = token.split('.').collect();
+        let identifier = |p: &&str| p.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+        if parts.len() >= 2 && parts.iter().all(identifier) && !out.iter().any(|(t, _)| t == token) {
+            out.push((token.to_string(), false));
+        }
+    }
+    out
+}
+
+/// The default run config as a TOML table (for keys outside the knob table).
+pub(super) fn default_config_value(key: &str) -> Option<toml::Value> {
+    let mut value = toml::Value::Table(toml::Table::try_from(RunConfig::default()).ok()?);
+    for part in key.split('.') {
+        value = value.as_table()?.get(part)?.clone();
+    }
+    Some(value)
+}
+
+/// A knob named explicitly: a full key, a unique dotted suffix / last segment of a table key, or any
+/// run-config key.
+pub(super) fn explicit_knob(text: &str) -> Result<Option<Target>, String> {
+    for (candidate, quoted) in explicit_key_candidates(text) {
+        if let Some(k) = knob(&candidate) {
+            return Ok(Some(k.into()));
+        }
+        if candidate.contains('.') {
+            let suffix = format!(".{candidate}");
+            let last = candidate.rsplit('.').next().unwrap_or_default();
+            let by_suffix: Vec<&Knob> = KNOBS.iter().filter(|k| k.key.ends_with(&suffix)).collect();
+            let by_last: Vec<&Knob> = KNOBS
+                .iter()
+                .filter(|k| k.key.rsplit('.').next() == Some(last))
+                .collect();
+            if let [only] = by_suffix.as_slice() {
+                return Ok(Some((*only).into()));
+            }
+            if let [only] = by_last.as_slice() {
+                return Ok(Some((*only).into()));
+            }
+        }
+        if let Some(v) = default_config_value(&candidate).filter(|v| !v.is_table()) {
+            return Target::from_config(candidate, &v).map(Some);
+        }
+        if quoted && candidate.contains('.') {
+            return Err(format!("`{candidate}` names no Studio knob or run-config key"));
+        }
+    }
+    Ok(None)
+}
+
+/// All knob keys, for "known knobs" in reports.
+pub fn known_knobs() -> String {
+    KNOBS.iter().map(|k| k.key).collect::<Vec<_>>().join(", ")
+}
+
+/// The knob an ablated-part text names (module docs), or why none.
+pub fn knob_for_part(part: &str) -> Result<Target, String> {
+    if let Some(target) = explicit_knob(part)? {
+        return Ok(target);
+    }
+    let part_words = words(part);
+    let found = best(KNOBS.iter().map(|k| (k, phrase_score(k.aliases, &part_words))));
+    found.map(Target::from).map_err(|tied| {
+        if tied.is_empty() {
+            format!("no knob matches; known knobs: {}", known_knobs())
+        } else {
+            let keys: Vec<&str> = tied.iter().map(|k| k.key).collect();
+            format!(
+                "ambiguous between {}; write the key explicitly, e.g. `({})`",
+                keys.join(", "),
+                keys.first().copied().unwrap_or_default()
+            )
+        }
+    })
+}
+
+/// The alias table as Markdown (docs/experiments.md embeds it; a test keeps the two equal).
+pub fn alias_table_markdown() -> String {
+    let mut out = String::from("| key | what | aliases in \"Ablated Part\" | values |\n|---|---|---|---|\n");
+    for k in KNOBS {
+        let values = match k.kind {
+            KnobKind::Float { min, max, min_open, .. } => range_text(min, max, min_open),
+            KnobKind::Int { min, max } => format!("whole number in {min}..={max}"),
+            KnobKind::Choice(c) => c
+                .iter()
+                .map(|c| format!("`{}` ({})", c.value, c.keywords.join(", ")))
+                .collect::<Vec<_>>()
+                .join("; "),
+            KnobKind::PairSelection => {
+                "`all`; `N%` → top-percent; dynamic/adaptive/distribution/mean+k·std/otsu → dynamic".into()
+            }
+            KnobKind::Schedule => "`joint`; `sequential` (+ a number → schedule.sft_steps)".into(),
+            KnobKind::IndexList => "block indices (`0, 2`) or `all`".into(),
+            KnobKind::Bool => "true / false".into(),
+            KnobKind::Text => "any text".into(),
+        };
+        let off = k.off.map(|o| format!("; REMOVE → `{o}`")).unwrap_or_default();
+        out.push_str(&format!(
+            "| `{}` | {} | {} | {}{} |\n",
+            k.key,
+            k.summary,
+            k.aliases.join(", "),
+            values.replace('|', "\\|"),
+            off
+        ));
+    }
+    out
+}
+
+/// "number in [0, 1]", "number > 0", "number" (bounds beyond ±1e8 are "no bound").
+pub(super) fn range_text(min: f64, max: f64, min_open: bool) -> String {
+    const UNBOUNDED: f64 = 1e8;
+    match (min > -UNBOUNDED, max < UNBOUNDED) {
+        (true, true) => format!("number in {}{min}, {max}]", if min_open { "(" } else { "[" }),
+        (true, false) => format!("number {} {min}", if min_open { ">" } else { "≥" }),
+        (false, true) => format!("number ≤ {max}"),
+        (false, false) => "number".into(),
+    }
+}

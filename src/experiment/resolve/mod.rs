@@ -1,0 +1,554 @@
+//! Resolution: each study's "Ablated Part" becomes a Studio knob (a run-config key set with the `--set key=value`
+//! mechanism of [`crate::train::config::apply_overrides`]), each replacement a value of that knob's type, and each
+//! metric an implemented metric id — or a clear [`Unresolved`] entry, while the rest of the plan still resolves.
+//!
+//! **Knob.** An explicit key written in the part wins (`` `dpo.beta` ``, `(masks.fusion.tau)`, or a unique
+//! suffix such as `(focus.tau)` → `masks.fusion.tau`); a key of [`RunConfig`] that has no entry in the table works
+//! too, typed after its default value. Otherwise every knob of [`KNOBS`] is scored against the part's words: an
+//! alias scores when all its words occur (in any order), a Greek letter counts 3 and a phrase 1 per word; the best
+//! knob must beat the runner-up. Words are compared lower-case, `M_s`/`M_{s}` read as `ms`, `w/o` as `without`,
+//! and a trailing plural `s` is dropped.
+//!
+//! **Values.** Numbers are found in the text (`0.1`, `1e-4`, `3 × 10^-4`, `5.33%`; `top-1` or `HPSv2` are words,
+//! not numbers); a value must hold exactly one. A percentage is divided by 100 for fraction knobs (τ, γ). Enum
+//! values are matched by keywords (`Difference-based metric: …` → `difference`); some knobs read several keys
+//! from one value (`Dynamic … mean + 1 std` → `data.pairs.select=dynamic`, `data.pairs.dynamic=mean-std`,
+//! `data.pairs.dynamic_k=1`). A REMOVE study takes the knob's "off" value (λ → 0, `M_s` → variant `no-ms`).
+
+mod knobs;
+mod metrics;
+mod phrases;
+mod values;
+
+use std::collections::BTreeSet;
+
+pub use knobs::*;
+pub use metrics::*;
+pub use phrases::*;
+pub use values::*;
+
+use super::plan::{Action, Plan, Study};
+use crate::train::RunConfig;
+
+/// One `--set key=value` override.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub struct Override {
+    /// Dotted run-config key.
+    pub key: String,
+    /// Value as `--set` reads it (TOML, or a bare word taken as a string).
+    pub value: String,
+}
+
+/// The plan-wide overrides that put every cell of a grid on `backbone`: only `model.base` when the rest are the
+/// defaults (so the cells of `--base B` stay those of the Studio and of earlier grids), else every model setting.
+pub fn model_overrides(backbone: &crate::train::config::ModelSettings) -> Vec<Override> {
+    let defaults = crate::train::config::ModelSettings {
+        base: backbone.base.clone(),
+        ..Default::default()
+    };
+    if *backbone == defaults {
+        return vec![Override::string("model.base", &backbone.base.to_string())];
+    }
+    toml::Table::try_from(backbone)
+        .map(|table| {
+            table
+                .into_iter()
+                .map(|(key, value)| Override::new(&format!("model.{key}"), value.to_string()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl Override {
+    fn new(key: &str, value: impl Into<String>) -> Self {
+        Self {
+            key: key.to_string(),
+            value: value.into(),
+        }
+    }
+
+    /// `key = "text"` with `text` quoted as a TOML string (backslashes and quotes in paths escaped).
+    pub fn string(key: &str, text: &str) -> Self {
+        Self::new(key, toml::Value::String(text.to_string()).to_string())
+    }
+
+    /// `key=value`, the form [`crate::train::config::apply_overrides`] takes.
+    pub fn arg(&self) -> String {
+        format!("{}={}", self.key, self.value)
+    }
+}
+
+/// What could not be resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum UnresolvedKind {
+    /// The ablated part maps to no knob.
+    Part,
+    /// A replacement value does not fit the knob.
+    Value,
+    /// A metric maps to no implemented metric.
+    Metric,
+}
+
+/// One thing of a plan that could not be resolved.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Unresolved {
+    /// Study title.
+    pub study: String,
+    /// The study's line in the plan.
+    pub line: usize,
+    /// Part, value or metric.
+    pub kind: UnresolvedKind,
+    /// The text as written.
+    pub text: String,
+    /// Why.
+    pub reason: String,
+}
+
+impl std::fmt::Display for Unresolved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = match self.kind {
+            UnresolvedKind::Part => "ablated part",
+            UnresolvedKind::Value => "replacement",
+            UnresolvedKind::Metric => "metric",
+        };
+        write!(
+            f,
+            "study \"{}\" (line {}): {what} `{}`: {}",
+            self.study, self.line, self.text, self.reason
+        )
+    }
+}
+
+/// A replacement and the overrides it sets.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ResolvedValue {
+    /// The replacement as written (for REMOVE: `REMOVE`).
+    pub text: String,
+    /// Overrides of this cell (one replacement may set several keys).
+    pub overrides: Vec<Override>,
+}
+
+/// A study mapped onto a knob.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ResolvedStudy {
+    /// Study title.
+    pub title: String,
+    /// Line of the study in the plan.
+    pub line: usize,
+    /// The knob's key (`None` when the part is unresolved).
+    pub knob: Option<String>,
+    /// One entry per resolved replacement.
+    pub values: Vec<ResolvedValue>,
+    /// Every metric with its mapping.
+    pub metrics: Vec<ResolvedMetric>,
+}
+
+/// A whole plan resolved: what runs, and what was left out.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Resolution {
+    /// Studies in plan order (also those whose part is unresolved, with no values).
+    pub studies: Vec<ResolvedStudy>,
+    /// Everything left out, in plan order.
+    pub unresolved: Vec<Unresolved>,
+}
+
+/// Resolves one study: its knob, a value per replacement, its metrics; problems go to `unresolved`.
+pub fn resolve_study(study: &Study, unresolved: &mut Vec<Unresolved>) -> ResolvedStudy {
+    let title = if study.title.is_empty() {
+        study.ablated_part.clone()
+    } else {
+        study.title.clone()
+    };
+    let mut report = |kind, text: &str, reason: String| {
+        unresolved.push(Unresolved {
+            study: title.clone(),
+            line: study.line,
+            kind,
+            text: text.to_string(),
+            reason,
+        });
+    };
+    let mut values = Vec::new();
+    let knob = match knob_for_part(&study.ablated_part) {
+        Ok(k) => Some(k),
+        Err(reason) => {
+            report(UnresolvedKind::Part, &study.ablated_part, reason);
+            None
+        }
+    };
+    if let Some(k) = &knob {
+        match &study.action {
+            Action::Remove => match removal(k, &study.ablated_part) {
+                Ok(overrides) => values.push(ResolvedValue {
+                    text: "REMOVE".into(),
+                    overrides,
+                }),
+                Err(reason) => report(UnresolvedKind::Value, "REMOVE", reason),
+            },
+            Action::Replace | Action::Add | Action::Other(_) => {
+                if study.replacements.is_empty() {
+                    report(
+                        UnresolvedKind::Value,
+                        "",
+                        "the study lists no Replacement values".into(),
+                    );
+                }
+                for text in &study.replacements {
+                    match parse_value(k, text) {
+                        Ok(overrides) => values.push(ResolvedValue {
+                            text: text.clone(),
+                            overrides,
+                        }),
+                        Err(reason) => report(
+                            UnresolvedKind::Value,
+                            text,
+                            format!("{} ({}): {reason}", k.key, k.summary),
+                        ),
+                    }
+                }
+            }
+        }
+    }
+    let metrics = study
+        .metrics
+        .iter()
+        .map(|m| {
+            let matched = resolve_metric(m);
+            if let MetricMatch::Unavailable { reason } = &matched {
+                report(UnresolvedKind::Metric, m, reason.clone());
+            }
+            ResolvedMetric {
+                text: m.clone(),
+                matched,
+            }
+        })
+        .collect();
+    ResolvedStudy {
+        title,
+        line: study.line,
+        knob: knob.map(|k| k.key),
+        values,
+        metrics,
+    }
+}
+
+/// Resolves every study of a plan.
+pub fn resolve_plan(plan: &Plan) -> Resolution {
+    let mut unresolved = Vec::new();
+    let studies = plan.studies.iter().map(|s| resolve_study(s, &mut unresolved)).collect();
+    Resolution { studies, unresolved }
+}
+
+/// Every override key a resolution sets, sorted.
+pub fn override_keys(resolution: &Resolution) -> BTreeSet<String> {
+    resolution
+        .studies
+        .iter()
+        .flat_map(|s| s.values.iter().flat_map(|v| v.overrides.iter().map(|o| o.key.clone())))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(part: &str) -> Result<String, String> {
+        knob_for_part(part).map(|k| k.key)
+    }
+
+    fn value(k: &str, text: &str) -> Result<Vec<String>, String> {
+        let knob = knob(k).ok_or("no knob")?;
+        parse_value(&knob.into(), text).map(|o| o.iter().map(Override::arg).collect())
+    }
+
+    #[test]
+    fn words_join_subscripts_and_drop_plurals() {
+        assert_eq!(
+            words("M_s, M_{prior} and $M_d$ w/o steps"),
+            ["ms", "mprior", "and", "md", "without", "step"]
+        );
+        assert_eq!(words("top 5.33%"), ["top", "5", "33", "%"]);
+        assert_eq!(words("(δ)"), ["δ"]);
+    }
+
+    #[test]
+    fn numbers_stand_alone() {
+        let v = |t: &str| numbers(t).iter().map(|n| n.value).collect::<Vec<_>>();
+        assert_eq!(v("0.1"), [0.1]);
+        assert_eq!(v("lr = 1e-4"), [1e-4]);
+        assert_eq!(v("3 × 10^-4"), [3e-4]);
+        assert_eq!(v("2*10^(-3)"), [2e-3]);
+        assert_eq!(v("top-1 accuracy on HPSv2 with M_1"), Vec::<f64>::new());
+        assert_eq!(v("−0.5 and .25"), [-0.5, 0.25]);
+        assert!(numbers("5.33%")[0].percent);
+        assert_eq!(v("the 2nd run"), Vec::<f64>::new());
+        assert_eq!(v("0.1-0.5"), [0.1, 0.5]);
+    }
+
+    #[test]
+    fn parts_map_to_knobs() {
+        assert_eq!(
+            key("margin threshold (δ) in intra-class contrastive learning").as_deref(),
+            Ok("dpo.pair_filter_delta")
+        );
+        assert_eq!(
+            key("balance parameter (λ) in the loss function").as_deref(),
+            Ok("dpo.sft_lambda")
+        );
+        assert_eq!(key("the focus coverage threshold").as_deref(), Ok("masks.fusion.tau"));
+        assert_eq!(key("fusion coefficient γ").as_deref(), Ok("masks.fusion.gamma"));
+        assert_eq!(key("M_s (attention field)").as_deref(), Ok("masks.fusion.variant"));
+        assert_eq!(key("learning rate of AdamW").as_deref(), Ok("optim.adamw.lr"));
+        assert_eq!(key("the LoRA rank").as_deref(), Ok("lora.rank"));
+        assert_eq!(key("number of training steps").as_deref(), Ok("steps"));
+        assert_eq!(key("SFT steps before DPO").as_deref(), Ok("schedule.sft_steps"));
+        assert_eq!(
+            key("joint vs sequential SFT→DPO schedule").as_deref(),
+            Ok("schedule.kind")
+        );
+        assert_eq!(key("source of negative samples").as_deref(), Ok("data.negatives"));
+        assert_eq!(
+            key("bottom-k% filtering by pair quality").as_deref(),
+            Ok("data.pairs.bottom_percent")
+        );
+        assert_eq!(key("DPO β").as_deref(), Ok("dpo.beta"));
+    }
+
+    #[test]
+    fn explicit_keys_win() {
+        assert_eq!(
+            key("the threshold (masks.fusion.gamma)").as_deref(),
+            Ok("masks.fusion.gamma")
+        );
+        assert_eq!(key("KL weight `dpo.beta`").as_deref(), Ok("dpo.beta"));
+        assert_eq!(key("focus threshold (focus.tau)").as_deref(), Ok("masks.fusion.tau"));
+        assert_eq!(key("`steps`").as_deref(), Ok("steps"));
+        assert_eq!(
+            key("`optim.adamw.weight_decay`").as_deref(),
+            Ok("optim.adamw.weight_decay")
+        );
+        let wd = knob_for_part("`optim.adamw.weight_decay`").expect("config key");
+        assert_eq!(
+            parse_value(&wd, "0.01").map(|o| o[0].arg()),
+            Ok("optim.adamw.weight_decay=0.01".into())
+        );
+        let targets = knob_for_part("(lora.targets.modulation)").expect("config key");
+        assert_eq!(
+            parse_value(&targets, "enabled").map(|o| o[0].arg()),
+            Ok("lora.targets.modulation=true".into())
+        );
+        assert!(key("`no.such.key`").is_err_and(|e| e.contains("names no Studio knob")));
+        // "e.g." is not a key.
+        assert_eq!(key("e.g. the learning rate").as_deref(), Ok("optim.adamw.lr"));
+    }
+
+    #[test]
+    fn unknown_parts_list_the_known_knobs() {
+        let err = key("the number of attention heads in the text encoder").expect_err("unknown");
+        assert!(
+            err.contains("masks.fusion.tau") && err.contains("data.negatives"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn values_parse_into_the_knob_type() {
+        assert_eq!(
+            value("masks.fusion.tau", "0.2"),
+            Ok(vec!["masks.fusion.tau=0.2".into()])
+        );
+        assert_eq!(
+            value("masks.fusion.tau", "20%"),
+            Ok(vec!["masks.fusion.tau=0.2".into()])
+        );
+        assert!(value("masks.fusion.tau", "1.5").is_err_and(|e| e.contains("outside")));
+        assert_eq!(
+            value("optim.adamw.lr", "3e-4"),
+            Ok(vec!["optim.adamw.lr=0.0003".into()])
+        );
+        assert_eq!(value("lora.rank", "rank 16"), Ok(vec!["lora.rank=16".into()]));
+        assert!(value("lora.rank", "4.5").is_err());
+        assert!(value("dpo.beta", "0.1 or 0.2").is_err_and(|e| e.contains("several")));
+        assert_eq!(
+            value("masks.fusion.variant", "without M_s"),
+            Ok(vec!["masks.fusion.variant=no-ms".into()])
+        );
+        assert_eq!(
+            value("masks.fusion.variant", "w/o M_d"),
+            Ok(vec!["masks.fusion.variant=no-md".into()])
+        );
+        assert_eq!(
+            value("masks.fusion.variant", "M_prior only (Configuration I)"),
+            Ok(vec!["masks.fusion.variant=prior".into()])
+        );
+        assert_eq!(
+            value("masks.fusion.variant", "Configuration III"),
+            Ok(vec!["masks.fusion.variant=unconstrained".into()])
+        );
+        assert_eq!(value("objective", "Diffusion-DPO"), Ok(vec!["objective=dpo".into()]));
+        assert_eq!(value("objective", "SFT"), Ok(vec!["objective=sft".into()]));
+        assert_eq!(
+            value("masks.attention.layers", "blocks 0 and 2"),
+            Ok(vec!["masks.attention.layers=[0, 2]".into()])
+        );
+    }
+
+    #[test]
+    fn data_and_schedule_values() {
+        assert_eq!(
+            value("data.pairs.quality", "Difference-based metric: ψ(xw/c) - ψ(xl/c)"),
+            Ok(vec!["data.pairs.quality=difference".into()])
+        );
+        assert_eq!(
+            value("data.pairs.quality", "Ratio-based metric: ψ(xw/c) / (ψ(xl/c) + ε)"),
+            Ok(vec!["data.pairs.quality=ratio".into()])
+        );
+        assert_eq!(
+            value(
+                "data.pairs.select",
+                "Dynamic percentile thresholding based on the quality score distribution"
+            ),
+            Ok(vec!["data.pairs.select=dynamic".into()])
+        );
+        assert_eq!(
+            value("data.pairs.select", "mean + 1.5 std"),
+            Ok(vec![
+                "data.pairs.select=dynamic".into(),
+                "data.pairs.dynamic=mean-std".into(),
+                "data.pairs.dynamic_k=1.5".into()
+            ])
+        );
+        assert_eq!(
+            value("data.pairs.select", "Otsu's threshold"),
+            Ok(vec![
+                "data.pairs.select=dynamic".into(),
+                "data.pairs.dynamic=otsu".into()
+            ])
+        );
+        assert_eq!(
+            value("data.pairs.select", "top 5.33%"),
+            Ok(vec![
+                "data.pairs.select=top-percent".into(),
+                "data.pairs.top_percent=5.33".into()
+            ])
+        );
+        assert!(
+            value(
+                "data.pairs.select",
+                "Adaptive thresholding using validation performance"
+            )
+            .is_err_and(|e| e.contains("validation"))
+        );
+        assert_eq!(
+            value("data.negatives", "another item's winner (shuffled)"),
+            Ok(vec!["data.negatives=shuffled".into()])
+        );
+        assert_eq!(
+            value("data.negatives", "samples of the base model"),
+            Ok(vec!["data.negatives=base".into()])
+        );
+        assert_eq!(
+            value("schedule.kind", "sequential: 50 SFT steps, then DPO"),
+            Ok(vec!["schedule.kind=sequential".into(), "schedule.sft_steps=50".into()])
+        );
+        assert_eq!(value("schedule.kind", "joint"), Ok(vec!["schedule.kind=joint".into()]));
+        assert_eq!(
+            value("data.pairs.bottom_percent", "10%"),
+            Ok(vec!["data.pairs.bottom_percent=10.0".into()])
+        );
+    }
+
+    #[test]
+    fn removal_uses_the_off_value() {
+        let remove = |part: &str| {
+            let k = knob_for_part(part)?;
+            removal(&k, part).map(|o| o.iter().map(Override::arg).collect::<Vec<_>>())
+        };
+        assert_eq!(remove("M_d (Eq. 7-8)"), Ok(vec!["masks.fusion.variant=no-md".into()]));
+        assert_eq!(
+            remove("the attention field M_s"),
+            Ok(vec!["masks.fusion.variant=no-ms".into()])
+        );
+        assert_eq!(remove("SFT regulariser λ"), Ok(vec!["dpo.sft_lambda=0".into()]));
+        assert!(remove("focus coverage threshold τ").is_err_and(|e| e.contains("no off value")));
+    }
+
+    #[test]
+    fn metrics_map_or_say_why_not() {
+        let id = |m: &str| match resolve_metric(m) {
+            MetricMatch::Available { id, .. } => id.to_string(),
+            MetricMatch::Unavailable { reason } => format!("unavailable: {reason}"),
+        };
+        assert_eq!(id("top-1 accuracy"), "top1_identification");
+        assert_eq!(id("training stability"), "stability");
+        assert_eq!(id("convergence speed"), "convergence_speed");
+        assert_eq!(id("EER"), "eer");
+        assert_eq!(id("CLIP-T"), "clip_t");
+        assert_eq!(id("DINO"), "dino");
+        assert_eq!(id("FID"), "fd_identity");
+        assert_eq!(id("implicit reward accuracy"), "implicit_accuracy");
+        for m in ["Aesthetic Score", "Image Reward", "PickScore", "HPSv2"] {
+            assert!(id(m).contains("learned"), "{m}: {}", id(m));
+        }
+        assert!(id("BLEU").contains("no implemented metric"));
+    }
+
+    #[test]
+    fn alias_table_lists_every_knob() {
+        let table = alias_table_markdown();
+        for k in KNOBS {
+            assert!(table.contains(&format!("`{}`", k.key)));
+            for a in k.aliases {
+                assert!(table.contains(a), "{a}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod doc_tests {
+    use super::*;
+
+    const DOC: &str = include_str!("../../../docs/experiments.md");
+
+    /// The text between `<!-- NAME:begin -->` and `<!-- NAME:end -->` of docs/experiments.md.
+    fn section(name: &str) -> &'static str {
+        let begin = format!("<!-- {name}:begin -->\n");
+        let end = format!("<!-- {name}:end -->");
+        DOC.split_once(&begin)
+            .and_then(|(_, rest)| rest.split_once(&end))
+            .map_or("", |(inside, _)| inside)
+    }
+
+    /// Rewrites the generated tables of docs/experiments.md:
+    /// `cargo test --lib experiment::resolve::doc_tests -- --ignored`.
+    #[test]
+    #[ignore = "rewrites docs/experiments.md"]
+    fn bless_docs_tables() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/experiments.md");
+        let mut doc = std::fs::read_to_string(&path).expect("docs/experiments.md");
+        for (name, table) in [("knobs", alias_table_markdown()), ("metrics", metric_table_markdown())] {
+            let begin = format!("<!-- {name}:begin -->\n");
+            let end = format!("<!-- {name}:end -->");
+            let (Some(b), Some(e)) = (doc.find(&begin), doc.find(&end)) else {
+                panic!("docs/experiments.md lacks the {name} markers");
+            };
+            doc.replace_range(b + begin.len()..e, &table);
+        }
+        std::fs::write(&path, doc).expect("writes docs/experiments.md");
+    }
+
+    #[test]
+    fn docs_tables_match_the_code() {
+        let knobs = alias_table_markdown();
+        assert!(
+            section("knobs") == knobs,
+            "docs/experiments.md knob table is stale; replace it with:\n{knobs}"
+        );
+        let metrics = metric_table_markdown();
+        assert!(
+            section("metrics") == metrics,
+            "docs/experiments.md metric table is stale; replace it with:\n{metrics}"
+        );
+    }
+}

@@ -498,6 +498,41 @@ fn shuffled_negatives_are_other_items_winners() {
 }
 
 #[test]
+fn augmented_negatives_are_seeded_augmentations_of_the_winner() {
+    let device = Device::Cpu;
+    let b = base();
+    let dataset = load_training_data(&config(ObjectiveKind::Dpo, 2), &b, &device, None).expect("dataset losers");
+    let cfg = config(ObjectiveKind::Dpo, 2)
+        .with_overrides(&["data.negatives=augmented".into()])
+        .expect("overrides");
+    let augmented = load_training_data(&cfg, &b, &device, None).expect("augmented losers");
+    assert_eq!(augmented.items.len(), 3);
+    for (item, pair) in augmented.items.iter().zip(&augmented.pairs.pairs) {
+        assert!(pair.loser.starts_with("augmented winner: "), "{}", pair.loser);
+        let own = dataset.items.iter().find(|i| i.id == item.id).expect("same item");
+        assert_eq!(tensor_diff(&item.x0_w, &own.x0_w), 0.0, "winners are untouched");
+        assert!(
+            tensor_diff(&item.x0_l, &own.x0_l) > 0.0,
+            "the dataset loser was replaced"
+        );
+    }
+    let again = load_training_data(&cfg, &b, &device, None).expect("again");
+    for (a, b) in again.items.iter().zip(&augmented.items) {
+        assert_eq!(tensor_diff(&a.x0_l, &b.x0_l), 0.0, "seeded");
+    }
+    let other_seed = cfg.with_overrides(&["seed=9".into()]).expect("seed");
+    let moved = load_training_data(&other_seed, &b, &device, None).expect("other seed");
+    assert!(tensor_diff(&moved.items[0].x0_l, &augmented.items[0].x0_l) > 0.0);
+    // Ranges are checked with the field named.
+    let e = config(ObjectiveKind::Dpo, 2)
+        .with_overrides(&["data.negatives=augmented".into(), "data.augment.rotate_deg=400".into()])
+        .and_then(|c| c.validate().map(|()| c))
+        .expect_err("out of range")
+        .to_string();
+    assert!(e.contains("data.augment.rotate_deg") && e.contains("400"), "{e}");
+}
+
+#[test]
 fn base_negatives_are_sampled_once_and_cached_in_the_run_dir() {
     let device = Device::Cpu;
     let dir = tempfile::tempdir().expect("tempdir");

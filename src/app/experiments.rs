@@ -995,6 +995,9 @@ fn resolution_ui(panel: &ExperimentsPanel, ui: &mut egui::Ui) {
                     None => ui.colored_label(ui.visuals().error_fg_color, "unresolved part"),
                 };
             });
+            if let Some(why) = &study.reason {
+                ui.label(egui::RichText::new(format!("chosen: {}", why.text())).small().weak());
+            }
             egui::Grid::new(("experiments-values", study.line))
                 .num_columns(2)
                 .striped(true)

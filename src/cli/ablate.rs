@@ -256,6 +256,9 @@ fn print_resolution(resolution: &Resolution, cells: &[Cell]) {
     for study in &resolution.studies {
         let knob = study.knob.as_deref().unwrap_or("(unresolved)");
         println!("study \"{}\" (line {}): {knob}", study.title, study.line);
+        if let Some(why) = &study.reason {
+            println!("  chosen: {}", why.text());
+        }
         for v in &study.values {
             let sets: Vec<String> = v.overrides.iter().map(Override::arg).collect();
             println!("  {:<50} → {}", v.text, sets.join(" "));

@@ -192,6 +192,8 @@ pub struct StudyTable {
     pub line: usize,
     /// Knob key (None: the part is unresolved and nothing ran).
     pub knob: Option<String>,
+    /// Why that knob ([`super::resolve::KnobReason::text`]).
+    pub reason: Option<String>,
     /// Columns with a value in some row.
     pub columns: Vec<Column>,
     /// Baseline first, then each resolved replacement.
@@ -377,6 +379,7 @@ pub fn study_tables(resolution: &Resolution, results: &[CellResult]) -> Vec<Stud
                 slug: s,
                 line: study.line,
                 knob: study.knob.clone(),
+                reason: study.reason.as_ref().map(|r| r.text()),
                 columns,
                 rows,
                 numeric_x,
@@ -411,7 +414,10 @@ fn escape_cell(text: &str) -> String {
 pub fn study_markdown(table: &StudyTable, plot: Option<&str>) -> String {
     let mut out = format!("## {}\n\n", table.title);
     match &table.knob {
-        Some(k) => out.push_str(&format!("Knob `{k}` (plan line {}).\n\n", table.line)),
+        Some(k) => {
+            let why = table.reason.as_deref().map_or(String::new(), |r| format!("; {r}"));
+            out.push_str(&format!("Knob `{k}` (plan line {}{why}).\n\n", table.line));
+        }
         None => out.push_str(&format!(
             "Not run: the ablated part maps to no knob (plan line {}).\n\n",
             table.line

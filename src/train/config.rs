@@ -12,7 +12,7 @@ use crate::model::schedule::Parameterisation;
 use crate::model::{BaseError, BaseLora, BaseModel, BaseSource};
 use crate::pipeline::MaskSettings;
 
-use super::negatives::{BaseNegativesConfig, LoserSource};
+use super::negatives::{AugmentConfig, BaseNegativesConfig, LoserSource};
 use super::objective::{ObjectiveConfig, ObjectiveKind};
 use super::optim::AdamWParams;
 use super::pairs::{PairsConfig, PairsError};
@@ -70,10 +70,13 @@ pub struct DataConfig {
     pub items: Vec<String>,
     /// Pair quality and selection ([`super::pairs`]).
     pub pairs: PairsConfig,
-    /// Loser source: the dataset's, another item's winner, or a base sample ([`super::negatives`]).
+    /// Loser source: the dataset's, another item's winner, a base sample, or an augmentation of the winner
+    /// ([`super::negatives`]).
     pub negatives: LoserSource,
     /// Sampler settings of `negatives = "base"`.
     pub base_negatives: BaseNegativesConfig,
+    /// Augmentation ranges of `negatives = "augmented"`.
+    pub augment: AugmentConfig,
 }
 
 /// How the objective changes over a run.
@@ -614,6 +617,9 @@ impl RunConfig {
         }
         if !(b.shift.is_finite() && b.shift > 0.0) {
             return inv("data.base_negatives.shift", format!("must be > 0, got {}", b.shift));
+        }
+        if let Err((field, message)) = self.data.augment.check() {
+            return inv(field, message);
         }
         self.model.validate()
     }

@@ -43,7 +43,7 @@ use super::config::{ConfigError, HiddenSource, RunConfig};
 use super::data::{PrepareError, PreparedItem, prepare_item};
 use super::focus::{FocusError, StepMasks, step_masks};
 use super::negatives::{
-    BaseNegativesOutcome, LoserSource, NegativesError, base_losers, base_negative_seed, shuffle_losers,
+    BaseNegativesOutcome, LoserSource, NegativesError, augment_losers, base_losers, base_negative_seed, shuffle_losers,
 };
 use super::objective::{ObjectiveKind, PairPredictions, StepStats, eq1_diffusion_dpo, eq10_focus_dpo, sft};
 use super::optim::{AdamW, clip_grad_norm, lr_at};
@@ -309,6 +309,7 @@ pub fn load_training_data(
                 .map(|&i| format!("base sample, seed {}", base_negative_seed(cfg.seed, i)))
                 .collect()
         }
+        LoserSource::Augmented => augment_losers(&mut loaded, &indices, &cfg.data.augment, cfg.seed),
     };
     let inputs = loaded
         .iter()

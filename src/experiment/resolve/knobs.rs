@@ -231,6 +231,13 @@ pub(super) const NEGATIVES: &[Choice] = &[
             "other item",
             "another item",
             "other subject",
+            "another subject",
+            "different subject",
+            "other identity",
+            "another identity",
+            "different identity",
+            "other class",
+            "different class",
             "mismatched",
         ],
     },
@@ -243,6 +250,23 @@ pub(super) const NEGATIVES: &[Choice] = &[
             "self generated",
             "model output",
             "base",
+        ],
+    },
+    Choice {
+        value: "augmented",
+        keywords: &[
+            "augmented",
+            "augmentation",
+            "augment",
+            "augmented winner",
+            "augmented version",
+            "photometric",
+            "geometric",
+            "corrupted",
+            "distorted",
+            "degraded",
+            "transformed",
+            "noisy",
         ],
     },
 ];
@@ -594,7 +618,8 @@ pub const KNOBS: &[Knob] = &[
     },
     Knob {
         key: "data.negatives",
-        summary: "loser source: dataset, shuffled (another item's winner), base (a base-model sample)",
+        summary: "loser source: dataset, shuffled (another item's or subject's winner), base (a base-model sample), \
+                  augmented (a seeded augmentation of the winner)",
         aliases: &[
             "negative",
             "negative sample",
@@ -711,25 +736,254 @@ pub fn known_knobs() -> String {
     KNOBS.iter().map(|k| k.key).collect::<Vec<_>>().join(", ")
 }
 
-/// The knob an ablated-part text names (module docs), or why none.
+/// The knob an ablated-part text names by its words alone (module docs), or why none.
 pub fn knob_for_part(part: &str) -> Result<Target, String> {
+    knob_for_study(part, &[]).map(|(target, _)| target)
+}
+
+/// On what a study's knob was chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum Basis {
+    /// Its key is written in the part.
+    Explicit,
+    /// The part's words name it better than any other knob.
+    Words,
+    /// The part's words name several knobs (or none); the replacement values fit it best.
+    Values,
+}
+
+/// A knob considered for a study and not chosen.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Alternative {
+    /// Its key.
+    pub key: String,
+    /// Its aliases found in the part.
+    pub words: Vec<String>,
+    /// How many replacement values fit it.
+    pub fit: usize,
+}
+
+/// Why a study's knob was chosen: shown by `focusdpo ablate --dry-run`, results.md and the Studio.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct KnobReason {
+    /// On what it was chosen.
+    pub basis: Basis,
+    /// Its aliases found in the part.
+    pub words: Vec<String>,
+    /// Replacement values that fit it.
+    pub fit: usize,
+    /// Replacement values of the study.
+    pub values: usize,
+    /// The other knobs considered (those whose words tie with it, or whose values fit too).
+    pub alternatives: Vec<Alternative>,
+}
+
+impl KnobReason {
+    /// One line: how it was found, the value fit, and the alternatives.
+    pub fn text(&self) -> String {
+        let quoted = |w: &[String]| w.iter().map(|w| format!("`{w}`")).collect::<Vec<_>>().join(", ");
+        let mut out = match self.basis {
+            Basis::Explicit => "key written in the part".to_string(),
+            Basis::Words => format!("words {}", quoted(&self.words)),
+            Basis::Values if self.words.is_empty() => "no knob named; the values decide".to_string(),
+            Basis::Values => {
+                let mut all = self.words.clone();
+                for w in self.alternatives.iter().flat_map(|a| &a.words) {
+                    if !all.contains(w) {
+                        all.push(w.clone());
+                    }
+                }
+                format!("words {} name several knobs; the values decide", quoted(&all))
+            }
+        };
+        if self.values > 0 {
+            out.push_str(&format!("; {}/{} values fit", self.fit, self.values));
+        }
+        if !self.alternatives.is_empty() {
+            let alts: Vec<String> = self
+                .alternatives
+                .iter()
+                .map(|a| format!("{} ({}/{})", a.key, a.fit, self.values))
+                .collect();
+            out.push_str(&format!("; also considered: {}", alts.join(", ")));
+        }
+        out
+    }
+}
+
+/// The aliases of `phrases` whose words all occur in `text_words`.
+fn matched_phrases(phrases: &[&str], text_words: &[String]) -> Vec<String> {
+    phrases
+        .iter()
+        .filter(|p| phrase_score(&[p], text_words) > 0)
+        .map(|p| p.to_string())
+        .collect()
+}
+
+/// Whether `text` is a value name of `choices` rather than a text that merely contains one: a keyword of a choice
+/// covers at least half of its words (`shuffled` or `other subject's image`, not `full moon phase`).
+fn names_a_value(choices: &[Choice], text: &str) -> bool {
+    const FILLER: &[&str] = &[
+        "the", "a", "an", "of", "s", "from", "with", "by", "its", "their", "as", "one", "using",
+    ];
+    let w: Vec<String> = words(text)
+        .into_iter()
+        .filter(|w| !FILLER.contains(&w.as_str()))
+        .collect();
+    let covered = choices
+        .iter()
+        .flat_map(|c| c.keywords.iter())
+        .filter(|k| phrase_score(&[k], &w) > 0)
+        .map(|k| words(k).len())
+        .max()
+        .unwrap_or(0);
+    !w.is_empty() && 2 * covered >= w.len()
+}
+
+/// How narrow a knob's values are: a value that fits a narrow knob says more than one that fits a wide one
+/// (named choices, then compound values, then whole numbers, then real numbers by the width of their range).
+fn specificity(kind: &KnobKind) -> (u8, f64) {
+    match *kind {
+        KnobKind::Choice(_) => (5, 0.0),
+        KnobKind::PairSelection | KnobKind::Schedule => (4, 0.0),
+        KnobKind::Bool => (3, 0.0),
+        KnobKind::Int { min, max } => (2, -((max - min) as f64)),
+        KnobKind::IndexList => (2, f64::NEG_INFINITY),
+        KnobKind::Float { min, max, .. } => (1, -(max - min)),
+        KnobKind::Text => (0, 0.0),
+    }
+}
+
+/// The knob a study varies, from its ablated part and its replacement values, with why:
+///
+/// 1. a key written in the part wins;
+/// 2. else the knob whose aliases score best on the part's words (module docs), when it beats the runner-up;
+/// 3. else — the words tie between several knobs, or name none — the replacement values decide among the tied
+///    knobs (or, when none is named, among the knobs of named values): the knob most values fit ([`parse_value`]:
+///    numbers only fit numeric knobs whose type and range hold them, words only fit named choices they contain)
+///    wins, then the most specific one ([`specificity`]). With no knob named, at least two values and more than
+///    half of them must be value names of the knob ([`names_a_value`]).
+pub fn knob_for_study(part: &str, values: &[String]) -> Result<(Target, KnobReason), String> {
+    let fit_of = |t: &Target| values.iter().filter(|v| parse_value(t, v).is_ok()).count();
     if let Some(target) = explicit_knob(part)? {
-        return Ok(target);
+        let fit = fit_of(&target);
+        return Ok((
+            target,
+            KnobReason {
+                basis: Basis::Explicit,
+                words: Vec::new(),
+                fit,
+                values: values.len(),
+                alternatives: Vec::new(),
+            },
+        ));
     }
     let part_words = words(part);
-    let found = best(KNOBS.iter().map(|k| (k, phrase_score(k.aliases, &part_words))));
-    found.map(Target::from).map_err(|tied| {
-        if tied.is_empty() {
-            format!("no knob matches; known knobs: {}", known_knobs())
-        } else {
-            let keys: Vec<&str> = tied.iter().map(|k| k.key).collect();
-            format!(
-                "ambiguous between {}; write the key explicitly, e.g. `({})`",
-                keys.join(", "),
-                keys.first().copied().unwrap_or_default()
-            )
+    let scored: Vec<(&Knob, usize)> = KNOBS
+        .iter()
+        .map(|k| (k, phrase_score(k.aliases, &part_words)))
+        .collect();
+    let alternative = |k: &Knob| Alternative {
+        key: k.key.to_string(),
+        words: matched_phrases(k.aliases, &part_words),
+        fit: fit_of(&k.into()),
+    };
+    match best(scored.iter().map(|&(k, s)| (k, s))) {
+        Ok(k) => {
+            let target = Target::from(k);
+            let fit = fit_of(&target);
+            Ok((
+                target,
+                KnobReason {
+                    basis: Basis::Words,
+                    words: matched_phrases(k.aliases, &part_words),
+                    fit,
+                    values: values.len(),
+                    alternatives: Vec::new(),
+                },
+            ))
         }
-    })
+        Err(tied) => {
+            let named = !tied.is_empty();
+            // Named by no word, a study is only taken for a knob whose value names its values are: numbers
+            // alone fit too many knobs to say which one a plan means.
+            let pool: Vec<&Knob> = if named {
+                tied
+            } else {
+                KNOBS.iter().filter(|k| matches!(k.kind, KnobKind::Choice(_))).collect()
+            };
+            let fit_in_pool = |k: &Knob| match k.kind {
+                KnobKind::Choice(choices) if !named => values
+                    .iter()
+                    .filter(|v| names_a_value(choices, v) && parse_value(&k.into(), v).is_ok())
+                    .count(),
+                _ => fit_of(&k.into()),
+            };
+            let mut ranked: Vec<(&Knob, usize)> = pool
+                .iter()
+                .map(|&k| (k, fit_in_pool(k)))
+                .filter(|&(_, fit)| {
+                    if named {
+                        fit > 0
+                    } else {
+                        fit >= 2 && 2 * fit > values.len()
+                    }
+                })
+                .collect();
+            ranked.sort_by(|a, b| {
+                b.1.cmp(&a.1).then_with(|| {
+                    let (sa, sb) = (specificity(&a.0.kind), specificity(&b.0.kind));
+                    sb.0.cmp(&sa.0).then(sb.1.total_cmp(&sa.1))
+                })
+            });
+            let same =
+                |a: &(&Knob, usize), b: &(&Knob, usize)| a.1 == b.1 && specificity(&a.0.kind) == specificity(&b.0.kind);
+            let keys = |ks: &[&Knob]| ks.iter().map(|k| k.key).collect::<Vec<_>>().join(", ");
+            match ranked.as_slice() {
+                [first, rest @ ..] if rest.first().is_none_or(|second| !same(first, second)) => {
+                    let k = first.0;
+                    let alternatives = if named {
+                        pool.iter().filter(|o| o.key != k.key).map(|o| alternative(o)).collect()
+                    } else {
+                        rest.iter().map(|(o, _)| alternative(o)).collect()
+                    };
+                    Ok((
+                        k.into(),
+                        KnobReason {
+                            basis: Basis::Values,
+                            words: matched_phrases(k.aliases, &part_words),
+                            fit: first.1,
+                            values: values.len(),
+                            alternatives,
+                        },
+                    ))
+                }
+                [first, ..] => {
+                    let top: Vec<&Knob> = ranked.iter().filter(|r| same(r, first)).map(|r| r.0).collect();
+                    Err(format!(
+                        "ambiguous between {}: the part's words {} and the values fit {} equally; write the key \
+                         explicitly, e.g. `({})`",
+                        keys(&top),
+                        if named { "name each" } else { "name none" },
+                        if top.len() == 2 { "both" } else { "them" },
+                        top[0].key
+                    ))
+                }
+                [] if named && values.is_empty() => Err(format!(
+                    "ambiguous between {}; write the key explicitly, e.g. `({})`",
+                    keys(&pool),
+                    pool[0].key
+                )),
+                [] if named => Err(format!(
+                    "ambiguous between {}; no replacement value fits one of them; write the key explicitly, e.g. \
+                     `({})`",
+                    keys(&pool),
+                    pool[0].key
+                )),
+                [] => Err(format!("no knob matches; known knobs: {}", known_knobs())),
+            }
+        }
+    }
 }
 
 /// The alias table as Markdown (docs/experiments.md embeds it; a test keeps the two equal).

@@ -7,7 +7,8 @@
 //! too, typed after its default value. Otherwise every knob of [`KNOBS`] is scored against the part's words: an
 //! alias scores when all its words occur (in any order), a Greek letter counts 3 and a phrase 1 per word; the best
 //! knob must beat the runner-up. Words are compared lower-case, `M_s`/`M_{s}` read as `ms`, `w/o` as `without`,
-//! and a trailing plural `s` is dropped.
+//! and a trailing plural `s` is dropped. When the words tie or name no knob, the replacement values decide
+//! ([`knob_for_study`]); every study records why its knob was chosen ([`KnobReason`]).
 //!
 //! **Values.** Numbers are found in the text (`0.1`, `1e-4`, `3 × 10^-4`, `5.33%`; `top-1` or `HPSv2` are words,
 //! not numbers); a value must hold exactly one. A percentage is divided by 100 for fraction knobs (τ, γ). Enum
@@ -137,6 +138,8 @@ pub struct ResolvedStudy {
     pub line: usize,
     /// The knob's key (`None` when the part is unresolved).
     pub knob: Option<String>,
+    /// Why that knob: matched words, value fit, the alternatives (`None` when the part is unresolved).
+    pub reason: Option<KnobReason>,
     /// One entry per resolved replacement.
     pub values: Vec<ResolvedValue>,
     /// Every metric with its mapping.
@@ -169,11 +172,15 @@ pub fn resolve_study(study: &Study, unresolved: &mut Vec<Unresolved>) -> Resolve
         });
     };
     let mut values = Vec::new();
-    let knob = match knob_for_part(&study.ablated_part) {
-        Ok(k) => Some(k),
+    let candidates: &[String] = match study.action {
+        Action::Remove => &[],
+        _ => &study.replacements,
+    };
+    let (knob, reason) = match knob_for_study(&study.ablated_part, candidates) {
+        Ok((k, why)) => (Some(k), Some(why)),
         Err(reason) => {
             report(UnresolvedKind::Part, &study.ablated_part, reason);
-            None
+            (None, None)
         }
     };
     if let Some(k) = &knob {
@@ -227,6 +234,7 @@ pub fn resolve_study(study: &Study, unresolved: &mut Vec<Unresolved>) -> Resolve
         title,
         line: study.line,
         knob: knob.map(|k| k.key),
+        reason,
         values,
         metrics,
     }
@@ -349,6 +357,104 @@ mod tests {
             err.contains("masks.fusion.tau") && err.contains("data.negatives"),
             "{err}"
         );
+    }
+
+    fn study(part: &str, values: &[&str]) -> Result<(String, KnobReason), String> {
+        let values: Vec<String> = values.iter().map(|v| v.to_string()).collect();
+        knob_for_study(part, &values).map(|(t, why)| (t.key, why))
+    }
+
+    #[test]
+    fn values_decide_between_knobs_the_words_tie_on() {
+        // "β and τ" names both (a Greek letter scores 3 each): β's range holds 500, τ's does not.
+        let (key, why) = study("the β and τ trade-off", &["500", "1000", "2500"]).expect("resolves");
+        assert_eq!(key, "dpo.beta");
+        assert_eq!((why.basis, why.fit, why.values), (Basis::Values, 3, 3));
+        assert_eq!(why.alternatives.len(), 1);
+        assert_eq!(
+            (why.alternatives[0].key.as_str(), why.alternatives[0].fit),
+            ("masks.fusion.tau", 0)
+        );
+        assert!(why.text().contains("the values decide") && why.text().contains("masks.fusion.tau (0/3)"));
+        // Values that fit are resolved even when some do not: 0.3 fits both, 5000 only β.
+        let (key, why) = study("β or τ", &["0.3", "5000"]).expect("resolves");
+        assert_eq!((key.as_str(), why.fit), ("dpo.beta", 2));
+        // Fractions fit τ and β alike, and β's range is wider: the narrower τ is the more specific fit.
+        let (key, _) = study("β or τ", &["0.1", "50%"]).expect("resolves");
+        assert_eq!(key, "masks.fusion.tau");
+        // τ and γ: same range, same fit: still ambiguous, and the message says why.
+        let err = study("τ and γ", &["0.3", "0.5"]).expect_err("ambiguous");
+        assert!(
+            err.contains("masks.fusion.tau, masks.fusion.gamma") && err.contains("equally"),
+            "{err}"
+        );
+        // Words fit the choice knob whose value names they contain.
+        let (key, why) = study("mask and similarity", &["cosine", "squared norm"]).expect("resolves");
+        assert_eq!((key.as_str(), why.fit), ("masks.attention.similarity", 2));
+    }
+
+    #[test]
+    fn value_names_decide_when_no_knob_is_named() {
+        let (key, why) = study(
+            "what the model is contrasted against",
+            &["the dataset's loser", "another subject's image", "a base-model sample"],
+        )
+        .expect("resolves");
+        assert_eq!(key, "data.negatives");
+        assert_eq!((why.basis, why.fit), (Basis::Values, 3));
+        assert!(why.words.is_empty());
+        assert!(
+            why.text()
+                .starts_with("no knob named; the values decide; 3/3 values fit"),
+            "{}",
+            why.text()
+        );
+        // One word that merely occurs in a value name is not enough, nor are numbers alone.
+        assert!(study("the moon phase", &["full"]).is_err());
+        assert!(study("the moon phase", &["full moon", "new moon"]).is_err());
+        assert!(study("number of attention heads", &["4", "8"]).is_err());
+    }
+
+    #[test]
+    fn every_loser_source_of_preference_pair_papers_has_a_name() {
+        for (text, want) in [
+            ("the dataset's loser", "dataset"),
+            ("original rejected image from DIP", "dataset"),
+            ("another subject's image", "shuffled"),
+            ("an image of a different identity", "shuffled"),
+            ("a base-model sample", "base"),
+            ("self-generated samples", "base"),
+            ("an augmented copy of the winner", "augmented"),
+            ("photometric and geometric augmentation", "augmented"),
+            ("corrupted winner", "augmented"),
+        ] {
+            assert_eq!(
+                value("data.negatives", text),
+                Ok(vec![format!("data.negatives={want}")]),
+                "{text}"
+            );
+        }
+        let (key, why) = study(
+            "negatives",
+            &[
+                "dataset loser",
+                "other identity's image",
+                "base model samples",
+                "augmented winner",
+            ],
+        )
+        .expect("resolves");
+        assert_eq!((key.as_str(), why.fit), ("data.negatives", 4));
+    }
+
+    #[test]
+    fn the_reason_says_how_the_knob_was_found() {
+        let (_, why) = study("focus coverage threshold τ", &["0.1", "2"]).expect("resolves");
+        assert_eq!((why.basis, why.fit, why.values), (Basis::Words, 1, 2));
+        assert!(why.text().starts_with("words `τ`"), "{}", why.text());
+        let (_, why) = study("(dpo.beta)", &["100"]).expect("resolves");
+        assert_eq!(why.basis, Basis::Explicit);
+        assert_eq!(why.text(), "key written in the part; 1/1 values fit");
     }
 
     #[test]

@@ -164,7 +164,7 @@ fn a_tiny_grid_runs_to_finished_and_a_rerun_skips_it() {
     // The table and the plot of the study.
     let tables = h.state().experiments().tables();
     assert_eq!(tables.len(), 1);
-    assert!(tables[0].rows.iter().all(|r| r.finished == 1));
+    assert!(tables[0].rows.iter().all(|r| r.n == 1));
     assert!(h.query_by_label_contains("plotted metric").is_some());
 
     // Rerun: every cell was finished earlier.
@@ -271,5 +271,25 @@ fn the_slurm_script_runs_the_studios_cells_and_other_workers_cells_show_up_as_th
             .is_some()
     );
     let tables = h.state().experiments().tables();
-    assert_eq!(tables[0].rows.iter().map(|r| r.finished).sum::<usize>(), 1);
+    assert_eq!(tables[0].rows.iter().map(|r| r.n).sum::<usize>(), 1);
+}
+
+/// Every results-table column label (plain and against the baseline) has its glyphs in the Studio's fonts: egui
+/// panics on a missing glyph, and a plan asking for that metric would take the window down.
+#[test]
+fn every_results_column_label_renders() {
+    use focusdpo::experiment::resolve::Derivation;
+    let mut labels: Vec<String> = Vec::new();
+    for (_, label, _) in focusdpo::eval::study::all_metrics() {
+        for d in [Derivation::Change, Derivation::RelativeChange] {
+            labels.push(format!("{} {label}", d.label()));
+        }
+        labels.push(label);
+    }
+    let mut h = egui_kittest::Harness::new_ui(|ui| {
+        for l in &labels {
+            ui.label(l);
+        }
+    });
+    h.run();
 }

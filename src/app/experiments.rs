@@ -3,7 +3,7 @@
 //! watch the cells fill in, and read the per-study tables and plots. Parsing, resolution, the grid and the runs
 //! happen on the threads of [`super::experiment_worker`]; this file only keeps state and draws.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver};
@@ -18,9 +18,9 @@ use super::experiment_worker::{
     RunEvent, SlurmRequest, StoreView, Watch,
 };
 use super::training::Outcome;
-use crate::eval::metrics::mean_ci95;
 use crate::experiment::grid::{BASELINE, Cell, unique_ids};
-use crate::experiment::resolve::{MetricMatch, Override, Resolution};
+use crate::experiment::resolve::{MetricMatch, Override};
+use crate::experiment::results::{CellResult, CellStatus, Stat, StudyTable, study_tables};
 use crate::experiment::slurm::SlurmResources;
 use crate::train::config::ModelSettings;
 
@@ -98,83 +98,34 @@ impl CellState {
     }
 }
 
-/// A metric over the seeds of one value.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SeedStats {
-    /// Value per finished seed.
-    pub per_seed: Vec<(u64, f64)>,
-    /// Mean over seeds.
-    pub mean: f64,
-    /// Half-width of the 95 % interval (NaN with one seed).
-    pub ci95: f64,
-}
-
-/// One row of a study's table: the baseline or one replacement value.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ValueRow {
-    /// The value as written ([`BASELINE`] for the baseline).
-    pub value: String,
-    /// Seeds in the grid.
-    pub seeds: usize,
-    /// Seeds finished.
-    pub finished: usize,
-    /// Per metric id.
-    pub metrics: BTreeMap<String, SeedStats>,
-}
-
-/// The results of one study.
-#[derive(Clone, Debug, PartialEq)]
-pub struct StudyResults {
-    /// Study title.
-    pub title: String,
-    /// Rows: the baseline, then the values in plan order.
-    pub rows: Vec<ValueRow>,
-    /// Every metric id some finished cell of the study has.
-    pub columns: Vec<String>,
-}
-
-/// Groups the finished cells' results per study and value, with mean ± 95 % CI over seeds
-/// ([`mean_ci95`]). Studies whose part did not resolve (no values) are left out.
-pub fn study_results(resolution: &Resolution, cells: &[Cell], results: &HashMap<String, Metrics>) -> Vec<StudyResults> {
-    let row = |study: &str, value: &str| -> ValueRow {
-        let mine: Vec<&Cell> = cells.iter().filter(|c| c.study == study && c.value == value).collect();
-        let mut per_metric: BTreeMap<String, Vec<(u64, f64)>> = BTreeMap::new();
-        let mut finished = 0;
-        for c in &mine {
-            if let Some(m) = results.get(&c.id) {
-                finished += 1;
-                for (k, v) in m {
-                    per_metric.entry(k.clone()).or_default().push((c.seed, *v));
-                }
-            }
-        }
-        let metrics = per_metric
-            .into_iter()
-            .map(|(k, per_seed)| {
-                let values: Vec<f64> = per_seed.iter().map(|(_, v)| *v).collect();
-                let (mean, ci95) = mean_ci95(&values);
-                (k, SeedStats { per_seed, mean, ci95 })
-            })
-            .collect();
-        ValueRow {
-            value: value.to_string(),
-            seeds: mine.len(),
-            finished,
-            metrics,
-        }
-    };
-    resolution
-        .studies
+/// The grid's cells as the results tables of [`crate::experiment::results`] read them: finished with their
+/// values, failed, or pending. The Studio, `focusdpo ablate` and `focusdpo report` aggregate with the same code.
+pub fn cell_results(
+    cells: &[Cell],
+    results: &HashMap<String, Metrics>,
+    states: &HashMap<String, CellState>,
+) -> Vec<CellResult> {
+    cells
         .iter()
-        .filter(|s| !s.values.is_empty())
-        .map(|s| {
-            let mut rows = vec![row(BASELINE, BASELINE)];
-            rows.extend(s.values.iter().map(|v| row(&s.title, &v.text)));
-            let columns: BTreeSet<String> = rows.iter().flat_map(|r| r.metrics.keys().cloned()).collect();
-            StudyResults {
-                title: s.title.clone(),
-                rows,
-                columns: columns.into_iter().collect(),
+        .map(|c| {
+            let metrics = results.get(&c.id);
+            let status = match (metrics, states.get(&c.id)) {
+                (Some(_), _) => CellStatus::Finished,
+                (None, Some(CellState::Failed(_))) => CellStatus::Failed,
+                _ => CellStatus::Pending,
+            };
+            CellResult {
+                cell: c.clone(),
+                status,
+                steps: metrics.and_then(|m| m.get("steps")).map(|s| *s as usize),
+                values: metrics
+                    .map(|m| {
+                        m.iter()
+                            .filter(|(k, _)| k.as_str() != "steps")
+                            .map(|(k, v)| (k.clone(), *v))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
             }
         })
         .collect()
@@ -201,7 +152,7 @@ pub struct ExperimentsPanel {
     grid_error: Option<String>,
     states: HashMap<String, CellState>,
     results: HashMap<String, Metrics>,
-    tables: Vec<StudyResults>,
+    tables: Vec<StudyTable>,
     run: Option<RunState>,
     last_run: Option<String>,
     metric: Option<String>,
@@ -303,8 +254,8 @@ impl ExperimentsPanel {
         &self.results
     }
 
-    /// The per-study tables.
-    pub fn tables(&self) -> &[StudyResults] {
+    /// The per-study tables (those of results.md).
+    pub fn tables(&self) -> &[StudyTable] {
         &self.tables
     }
 
@@ -662,7 +613,13 @@ impl ExperimentsPanel {
 
     fn refresh_tables(&mut self) {
         self.tables = match (&self.plan, &self.grid) {
-            (Some(plan), Some(grid)) => study_results(&plan.resolution, &grid.cells, &self.results),
+            (Some(plan), Some(grid)) => {
+                let results = cell_results(&grid.cells, &self.results, &self.states);
+                study_tables(&plan.resolution, &results)
+                    .into_iter()
+                    .filter(|t| !t.rows.is_empty())
+                    .collect()
+            }
             _ => Vec::new(),
         };
     }
@@ -691,24 +648,14 @@ impl ExperimentsPanel {
         }
     }
 
-    /// The metric plotted: the picked one, else the plan's first available metric that has results, else the
-    /// first with results.
+    /// The metric plotted: the picked one, else the first column of the first table (the plan's first metric
+    /// that has results: tables list the requested metrics first).
     fn plotted_metric(&self) -> Option<String> {
-        let have: BTreeSet<&String> = self.tables.iter().flat_map(|t| t.columns.iter()).collect();
-        if let Some(m) = self.metric.as_ref().filter(|m| have.contains(m)) {
+        let has = |m: &String| self.tables.iter().any(|t| t.columns.iter().any(|c| &c.id == m));
+        if let Some(m) = self.metric.as_ref().filter(|m| has(m)) {
             return Some(m.clone());
         }
-        let from_plan = self.plan.as_ref().and_then(|p| {
-            p.resolution
-                .studies
-                .iter()
-                .flat_map(|s| &s.metrics)
-                .find_map(|m| match &m.matched {
-                    MetricMatch::Available { id, .. } => have.iter().find(|h| h.as_str() == *id).map(|h| (*h).clone()),
-                    MetricMatch::Unavailable { .. } => None,
-                })
-        });
-        from_plan.or_else(|| have.into_iter().next().cloned())
+        self.tables.iter().flat_map(|t| &t.columns).map(|c| c.id.clone()).next()
     }
 }
 
@@ -1012,7 +959,7 @@ fn resolution_ui(panel: &ExperimentsPanel, ui: &mut egui::Ui) {
             ui.horizontal_wrapped(|ui| {
                 ui.label("metrics:");
                 for m in &study.metrics {
-                    if let MetricMatch::Available { id, note } = &m.matched {
+                    if let (MetricMatch::Available { note, .. }, Some(id)) = (&m.matched, m.matched.shown_id()) {
                         let r = ui.label(format!("{} = {id}", m.text));
                         if let Some(n) = note {
                             r.on_hover_text(*n);
@@ -1098,7 +1045,7 @@ fn format_number(v: f64) -> String {
     }
 }
 
-fn format_stats(s: &SeedStats) -> String {
+fn format_stats(s: &Stat) -> String {
     if s.ci95.is_finite() {
         format!("{} ± {}", format_number(s.mean), format_number(s.ci95))
     } else {
@@ -1112,19 +1059,31 @@ fn results_ui(panel: &mut ExperimentsPanel, ui: &mut egui::Ui) {
         return;
     }
     let plotted = panel.plotted_metric();
-    let all: BTreeSet<String> = panel.tables.iter().flat_map(|t| t.columns.iter().cloned()).collect();
+    let mut all: Vec<(String, String)> = Vec::new();
+    for c in panel.tables.iter().flat_map(|t| &t.columns) {
+        if !all.iter().any(|(id, _)| *id == c.id) {
+            all.push((c.id.clone(), c.label.clone()));
+        }
+    }
+    let label_of = |id: &str| {
+        all.iter()
+            .find(|(i, _)| i == id)
+            .map_or(id.to_string(), |(_, l)| l.clone())
+    };
     ui.horizontal(|ui| {
         ui.label("plotted metric");
         egui::ComboBox::from_id_salt("experiments-metric")
-            .selected_text(plotted.clone().unwrap_or_default())
+            .selected_text(plotted.as_deref().map(label_of).unwrap_or_default())
             .show_ui(ui, |ui| {
-                for m in &all {
-                    if ui.selectable_label(plotted.as_ref() == Some(m), m).clicked() {
-                        panel.metric = Some(m.clone());
+                for (id, label) in &all {
+                    if ui.selectable_label(plotted.as_ref() == Some(id), label).clicked() {
+                        panel.metric = Some(id.clone());
                     }
                 }
             });
-        ui.label("(mean ± 95 % CI over seeds when two or more finished)");
+        ui.label(
+            "(mean ± 95 % CI over seeds when two or more finished; Δ: against the baseline cell of the same seed)",
+        );
     });
     for (i, table) in panel.tables.iter().enumerate() {
         ui.separator();
@@ -1139,32 +1098,39 @@ fn results_ui(panel: &mut ExperimentsPanel, ui: &mut egui::Ui) {
                         ui.strong("value");
                         ui.strong("seeds");
                         for c in &table.columns {
-                            ui.strong(c);
+                            let better = match c.better {
+                                crate::eval::study::Better::Higher => "higher is better",
+                                crate::eval::study::Better::Lower => "lower is better",
+                            };
+                            ui.strong(&c.label).on_hover_text(format!("{}: {better}", c.id));
                         }
                         ui.end_row();
                         for row in &table.rows {
-                            ui.label(&row.value);
-                            ui.label(format!("{}/{}", row.finished, row.seeds));
+                            ui.label(&row.value).on_hover_text(row.overrides.join(" "));
+                            ui.label(format!("{}/{}", row.n, row.cells));
                             for c in &table.columns {
-                                ui.label(row.metrics.get(c).map_or_else(|| "–".into(), format_stats));
+                                ui.label(row.stats.get(&c.id).map_or_else(|| "–".into(), format_stats));
                             }
                             ui.end_row();
                         }
                     });
             });
+        for note in &table.left_out {
+            ui.colored_label(ui.visuals().weak_text_color(), note);
+        }
         if let Some(metric) = &plotted {
-            study_plot_ui(table, metric, i, ui);
+            study_plot_ui(table, metric, &label_of(metric), i, ui);
         }
     }
 }
 
-fn study_plot_ui(table: &StudyResults, metric: &str, i: usize, ui: &mut egui::Ui) {
+fn study_plot_ui(table: &StudyTable, metric: &str, label: &str, i: usize, ui: &mut egui::Ui) {
     let labels: Vec<String> = table.rows.iter().map(|r| r.value.clone()).collect();
     let mut seeds = Vec::new();
     let mut means = Vec::new();
     let mut bars = Vec::new();
     for (x, row) in table.rows.iter().enumerate() {
-        let Some(s) = row.metrics.get(metric) else {
+        let Some(s) = row.stats.get(metric) else {
             continue;
         };
         let x = x as f64;
@@ -1177,7 +1143,7 @@ fn study_plot_ui(table: &StudyResults, metric: &str, i: usize, ui: &mut egui::Ui
     Plot::new(("experiments-plot", i))
         .height(180.0)
         .legend(Legend::default())
-        .y_axis_label(metric.to_string())
+        .y_axis_label(label.to_string())
         .x_axis_formatter(move |mark, _| {
             let x = mark.value;
             if x.fract().abs() > 1e-9 || x < 0.0 {
@@ -1221,31 +1187,47 @@ mod tests {
     use crate::experiment::resolve::resolve_plan;
 
     #[test]
-    fn results_are_grouped_per_value_with_a_ci_over_seeds() {
-        let text = "### tau\n- Ablated Part: τ\n- Replacement: 0.1, 0.2\n- Metrics: loss\n";
+    fn the_tab_tables_are_the_results_md_tables() {
+        let text = "### tau\n- Ablated Part: τ\n- Replacement: 0.1, 0.2\n- Metrics: loss, loss reduction\n";
         let r = resolve_plan(&parse_plan(text).expect("parses"));
         let cells = build_grid(&r, &[], &[0, 1, 2]);
         let mut results = HashMap::new();
+        let mut states = HashMap::new();
         for c in &cells {
-            // Value 0.2 has only seed 0 finished.
+            // Value 0.2 has only seed 0 finished, seed 1 failed.
             if c.value == "0.2" && c.seed > 0 {
+                if c.seed == 1 {
+                    states.insert(c.id.clone(), CellState::Failed("boom".into()));
+                }
                 continue;
             }
-            results.insert(c.id.clone(), Metrics::from([("loss".to_string(), 1.0 + c.seed as f64)]));
+            let loss = 1.0 + c.seed as f64 - if c.value == "0.1" { 0.5 } else { 0.0 };
+            results.insert(
+                c.id.clone(),
+                Metrics::from([("train.loss".to_string(), loss), ("steps".to_string(), 5.0)]),
+            );
         }
-        let tables = study_results(&r, &cells, &results);
+        let cr = cell_results(&cells, &results, &states);
+        assert_eq!(cr.iter().filter(|c| c.status == CellStatus::Finished).count(), 7);
+        assert_eq!(cr.iter().filter(|c| c.status == CellStatus::Failed).count(), 1);
+        assert!(cr.iter().all(|c| !c.values.contains_key("steps")));
+        assert_eq!(cr[0].steps, Some(5));
+        let tables = study_tables(&r, &cr);
         assert_eq!(tables.len(), 1);
         let t = &tables[0];
-        assert_eq!(t.columns, vec!["loss".to_string()]);
+        let ids: Vec<&str> = t.columns.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(ids, ["train.loss", "change:train.loss"]);
         let names: Vec<&str> = t.rows.iter().map(|r| r.value.as_str()).collect();
         assert_eq!(names, vec![BASELINE, "0.1", "0.2"]);
-        let base = &t.rows[0].metrics["loss"];
-        assert_eq!((t.rows[0].finished, t.rows[0].seeds), (3, 3));
+        let base = &t.rows[0].stats["train.loss"];
+        assert_eq!((t.rows[0].n, t.rows[0].cells), (3, 3));
         assert!((base.mean - 2.0).abs() < 1e-12);
-        let (_, h) = mean_ci95(&[1.0, 2.0, 3.0]);
+        let (_, h) = crate::eval::metrics::mean_ci95(&[1.0, 2.0, 3.0]);
         assert!((base.ci95 - h).abs() < 1e-12);
-        let single = &t.rows[2].metrics["loss"];
-        assert_eq!(t.rows[2].finished, 1);
+        assert_eq!(base.per_seed, [(0, 1.0), (1, 2.0), (2, 3.0)]);
+        assert!((t.rows[1].stats["change:train.loss"].mean + 0.5).abs() < 1e-12);
+        let single = &t.rows[2].stats["train.loss"];
+        assert_eq!(t.rows[2].n, 1);
         assert!(single.ci95.is_nan() && format_stats(single) == "1");
         assert_eq!(format_number(0.25), "0.2500");
         assert_eq!(format_number(2e-5), "2.000e-5");

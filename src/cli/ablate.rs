@@ -17,7 +17,7 @@ use focusdpo::eval::benchmark::BenchmarkConfig;
 use focusdpo::eval::sampler::SampleSettings;
 use focusdpo::experiment::grid::{BASELINE, Cell, build_grid, unique_ids};
 use focusdpo::experiment::read_plan_file;
-use focusdpo::experiment::resolve::{MetricMatch, Override, Resolution, model_overrides, resolve_plan};
+use focusdpo::experiment::resolve::{Override, Resolution, model_overrides, resolve_plan};
 use focusdpo::experiment::runner::{Progress, Sharing, cell_benchmark, run_grid};
 use focusdpo::experiment::slurm::{SlurmJob, SlurmResources, sbatch_script};
 use focusdpo::experiment::store::{CellActivity, GRID_FILE, PLAN_COPY, ResultStore};
@@ -266,9 +266,9 @@ fn print_resolution(resolution: &Resolution, cells: &[Cell]) {
         let metrics: Vec<String> = study
             .metrics
             .iter()
-            .map(|m| match &m.matched {
-                MetricMatch::Available { id, .. } => format!("{} → {id}", m.text),
-                MetricMatch::Unavailable { .. } => format!("{} → unavailable", m.text),
+            .map(|m| match m.matched.shown_id() {
+                Some(id) => format!("{} → {id}", m.text),
+                None => format!("{} → unavailable", m.text),
             })
             .collect();
         println!("  metrics: {}", metrics.join(", "));

@@ -25,7 +25,10 @@ use serde::{Deserialize, Serialize};
 
 use super::denoise::{DenoiseScores, denoise_split};
 use super::identity::{IDENTITY_EMBEDDER, IdentityEmbedder, subject_crop};
-use super::metrics::{Verification, cmmd, frechet_distance, psnr, top1_identification, verification};
+use super::metrics::{
+    IDENTITY_CLASSIFIER_TEMPERATURE, Verification, cmmd, frechet_distance, identity_inception_score, psnr,
+    top1_identification, verification,
+};
 use super::sampler::{SampleRequest, SampleSettings, sample};
 use super::{EvalError, ImageEmbedder, TextEmbedder};
 use crate::dip::synth::{NegativeSource, SubjectCount, SynthConfig, SynthItem, synthesize_item};
@@ -86,6 +89,10 @@ pub struct SplitScores {
     /// Rank-1 identification of generated subjects among the split's distinct subject identities.
     #[serde(default)]
     pub top1_identification: Option<f64>,
+    /// Inception-style score over the split's identity classes with the built-in identity classifier
+    /// ([`identity_inception_score`]); absent in reports written before it existed.
+    #[serde(default)]
+    pub identity_is: Option<f64>,
     /// Identity verification of generated subjects against references.
     pub verification: Option<Verification>,
     /// Mean PSNR to the ideal target (dB).
@@ -262,6 +269,7 @@ pub fn score_split(
         images: images.iter().map(Vec::len).sum(),
         identity_sim: mean(&sims),
         top1_identification: top1_identification(&probes, &gallery),
+        identity_is: identity_inception_score(&probes, &gallery, IDENTITY_CLASSIFIER_TEMPERATURE),
         verification: verification(&genuine, &impostor).ok(),
         psnr: mean(&psnrs),
         subject_psnr: mean(&subject_psnrs),
@@ -356,10 +364,11 @@ pub fn report_markdown(r: &BenchmarkReport) -> String {
     out.push_str(&"---|".repeat(names.len()));
     out.push('\n');
     type Getter = fn(&SplitScores) -> Option<f64>;
-    let rows: [(&str, Getter, usize); 21] = [
+    let rows: [(&str, Getter, usize); 22] = [
         ("items / images", |s| Some(s.items as f64 * 1000.0 + s.images as f64), 0),
         ("identity similarity ↑", |s| Some(s.identity_sim), 4),
         ("top-1 identification ↑", |s| s.top1_identification, 3),
+        ("identity IS ↑", |s| s.identity_is, 3),
         ("verification AUC ↑", |s| s.verification.map(|v| v.auc), 4),
         ("EER ↓", |s| s.verification.map(|v| v.eer), 4),
         ("FMR100 ↓", |s| s.verification.map(|v| v.fmr100), 4),

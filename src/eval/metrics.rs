@@ -337,6 +337,47 @@ pub fn top1_identification(probes: &[(Vec<f32>, usize)], gallery: &[Vec<f32>]) -
     Some(hits as f64 / probes.len() as f64)
 }
 
+/// The temperature of the built-in identity classifier behind [`identity_inception_score`]: cosine similarities
+/// (in [-1, 1]) divided by it are the logits.
+pub const IDENTITY_CLASSIFIER_TEMPERATURE: f64 = 0.1;
+
+/// An Inception-style score over identity classes: `exp(E_x KL(p(y|x) ‖ p(y)))`, where `p(y|x)` is the built-in
+/// identity classifier's softmax over the gallery identities (cosine similarity / `temperature`) and `p(y)` its
+/// mean over the probes. 1 when every probe gets the same distribution; up to the number of classes when each
+/// probe is confidently one class and the classes are used evenly (recognisable and diverse). `None` without
+/// probes or gallery, or for a temperature that is not positive.
+pub fn identity_inception_score(probes: &[(Vec<f32>, usize)], gallery: &[Vec<f32>], temperature: f64) -> Option<f64> {
+    if probes.is_empty() || gallery.is_empty() || temperature.is_nan() || temperature <= 0.0 {
+        return None;
+    }
+    let conditionals: Vec<Vec<f64>> = probes
+        .iter()
+        .map(|(e, _)| {
+            let logits: Vec<f64> = gallery.iter().map(|g| f64::from(cosine(e, g)) / temperature).collect();
+            let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let exp: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
+            let sum: f64 = exp.iter().sum();
+            exp.iter().map(|x| x / sum).collect()
+        })
+        .collect();
+    let k = gallery.len();
+    let marginal: Vec<f64> = (0..k)
+        .map(|j| conditionals.iter().map(|p| p[j]).sum::<f64>() / conditionals.len() as f64)
+        .collect();
+    let kl: f64 = conditionals
+        .iter()
+        .map(|p| {
+            p.iter()
+                .zip(&marginal)
+                .filter(|(pj, _)| **pj > 0.0)
+                .map(|(pj, mj)| pj * (pj / mj).ln())
+                .sum::<f64>()
+        })
+        .sum::<f64>()
+        / conditionals.len() as f64;
+    Some(kl.exp())
+}
+
 /// Mean and half-width of the 95 % confidence interval of the mean (Student t, n − 1 degrees of freedom); the
 /// half-width is NaN for fewer than two values.
 pub fn mean_ci95(values: &[f64]) -> (f64, f64) {
@@ -361,6 +402,28 @@ pub fn mean_ci95(values: &[f64]) -> (f64, f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn identity_inception_score_hand_cases() {
+        let gallery = vec![vec![1.0, 0.0], vec![0.0, 1.0]];
+        // Every probe the same: p(y|x) = p(y), KL = 0, IS = 1.
+        let same = vec![(vec![1.0, 1.0], 0), (vec![2.0, 2.0], 1)];
+        let is = identity_inception_score(&same, &gallery, 0.1).expect("score");
+        assert!((is - 1.0).abs() < 1e-12, "{is}");
+        // One probe on each axis: cos 1 vs 0, logits 10 vs 0 at T = 0.1. p(y|x) = (a, 1 − a) and (1 − a, a) with
+        // a = 1 / (1 + e^-10); p(y) = (½, ½); KL = ln 2 + a ln a + (1 − a) ln(1 − a) for both.
+        let apart = vec![(vec![1.0, 0.0], 0), (vec![0.0, 1.0], 1)];
+        let a = 1.0 / (1.0 + (-10f64).exp());
+        let want = (2f64.ln() + a * a.ln() + (1.0 - a) * (1.0 - a).ln()).exp();
+        let is = identity_inception_score(&apart, &gallery, 0.1).expect("score");
+        assert!((is - want).abs() < 1e-9 && is > 1.99, "{is} vs {want}");
+        // Recognisable but all the same identity: not diverse, IS ≈ 1.
+        let one_class = vec![(vec![1.0, 0.0], 0), (vec![1.0, 0.01], 0)];
+        assert!(identity_inception_score(&one_class, &gallery, 0.1).expect("score") < 1.01);
+        assert_eq!(identity_inception_score(&[], &gallery, 0.1), None);
+        assert_eq!(identity_inception_score(&apart, &[], 0.1), None);
+        assert_eq!(identity_inception_score(&apart, &gallery, 0.0), None);
+    }
 
     #[test]
     fn top1_identification_hand_cases() {

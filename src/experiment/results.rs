@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashSet};
 use serde::{Deserialize, Serialize};
 
 use super::grid::{BASELINE, Cell, unique_ids};
-use super::resolve::{METRICS, MetricMatch, Override, Resolution, ResolvedStudy, UnresolvedKind};
+use super::resolve::{Derivation, METRICS, MetricMatch, Override, Resolution, ResolvedStudy, UnresolvedKind};
 use crate::eval::metrics::mean_ci95;
 use crate::eval::study::{Better, SPLITS, all_metrics, column_markdown, metric_spec};
 
@@ -18,7 +18,7 @@ use crate::eval::study::{Better, SPLITS, all_metrics, column_markdown, metric_sp
 ///
 /// | plan metric | values |
 /// |---|---|
-/// | `identity_sim`, `top1_identification`, `eer`, `fmr100`, `fmr1000`, `fdr`, `fd_identity`, `cmmd_identity`, `psnr`, `subject_psnr`, `dino`, `clip_i`, `clip_t` | the benchmark value of the same name, per split |
+/// | `identity_sim`, `top1_identification`, `identity_is`, `eer`, `fmr100`, `fmr1000`, `fdr`, `fd_identity`, `cmmd_identity`, `psnr`, `subject_psnr`, `dino`, `clip_i`, `clip_t` | the benchmark value of the same name, per split |
 /// | `gt_fidelity` | PSNR and subject PSNR to the exact ground truth (the ideal target) of the samples and of the one-step denoised `x̂₀`, per split |
 /// | `implicit_accuracy`, `reward_margin` | `train.` + the same name (mean over the last 20 % of the steps), and the held-out preference accuracy / implicit reward per split (`eval::denoise`) |
 /// | `loss` | `train.loss` (mean over the last 20 % of the steps) |
@@ -42,6 +42,7 @@ pub const METRIC_VALUES: &[(&str, &[&str])] = &[
         &["*.psnr", "*.subject_psnr", "*.denoise_psnr", "*.denoise_subject_psnr"],
     ),
     ("top1_identification", &["*.top1_identification"]),
+    ("identity_is", &["*.identity_is"]),
     (
         "implicit_accuracy",
         &[
@@ -143,7 +144,7 @@ pub struct Column {
 }
 
 /// Mean and 95 % CI half-width (NaN for one seed) of a value over a row's seeds, and how many seeds had it.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Stat {
     /// Mean.
     pub mean: f64,
@@ -151,6 +152,8 @@ pub struct Stat {
     pub ci95: f64,
     /// Seeds with a value.
     pub n: usize,
+    /// The value of each of those seeds (plots draw them).
+    pub per_seed: Vec<(u64, f64)>,
 }
 
 /// One value of a study (the baseline or a replacement) aggregated over its finished seeds.
@@ -221,7 +224,31 @@ pub fn slug(title: &str) -> String {
     if s.is_empty() { "study".into() } else { s }
 }
 
-fn aggregate_row(value: &str, overrides: &[Override], members: &[&CellResult], ids: &[String]) -> Row {
+/// A finished cell's value of `id`: stored, or for a derived id ([`Derivation`]) its change against the finished
+/// baseline cell of the same seed (`None` without one, or for a relative change against a zero baseline).
+fn cell_value(r: &CellResult, id: &str, baseline: &[&CellResult]) -> Option<f64> {
+    let Some((derivation, of)) = Derivation::split(id) else {
+        return r.values.get(id).copied().filter(|x| x.is_finite());
+    };
+    let v = r.values.get(of).copied().filter(|x| x.is_finite())?;
+    let b = baseline
+        .iter()
+        .find(|b| b.status == CellStatus::Finished && b.cell.seed == r.cell.seed)
+        .and_then(|b| b.values.get(of).copied())
+        .filter(|x| x.is_finite())?;
+    match derivation {
+        Derivation::Change => Some(v - b),
+        Derivation::RelativeChange => (b != 0.0).then(|| 100.0 * (v - b) / b.abs()),
+    }
+}
+
+fn aggregate_row(
+    value: &str,
+    overrides: &[Override],
+    members: &[&CellResult],
+    baseline: &[&CellResult],
+    ids: &[String],
+) -> Row {
     let finished: Vec<&CellResult> = members
         .iter()
         .copied()
@@ -230,16 +257,24 @@ fn aggregate_row(value: &str, overrides: &[Override], members: &[&CellResult], i
     let stats = ids
         .iter()
         .filter_map(|id| {
-            let v: Vec<f64> = finished
+            let per_seed: Vec<(u64, f64)> = finished
                 .iter()
-                .filter_map(|r| r.values.get(id).copied())
-                .filter(|x| x.is_finite())
+                .filter_map(|r| cell_value(r, id, baseline).map(|v| (r.cell.seed, v)))
                 .collect();
-            if v.is_empty() {
+            if per_seed.is_empty() {
                 return None;
             }
+            let v: Vec<f64> = per_seed.iter().map(|(_, v)| *v).collect();
             let (mean, ci95) = mean_ci95(&v);
-            Some((id.clone(), Stat { mean, ci95, n: v.len() }))
+            Some((
+                id.clone(),
+                Stat {
+                    mean,
+                    ci95,
+                    n: v.len(),
+                    per_seed,
+                },
+            ))
         })
         .collect();
     let x = match overrides {
@@ -256,18 +291,35 @@ fn aggregate_row(value: &str, overrides: &[Override], members: &[&CellResult], i
     }
 }
 
-/// A study's available plan metrics: (name as written, metric id).
-type ResolvedMetricRef<'a> = (&'a str, &'static str);
+/// A study's available plan metrics: (name as written, metric id, taken against the baseline or not).
+type ResolvedMetricRef<'a> = (&'a str, &'static str, Option<Derivation>);
 
 fn available_metrics(study: &ResolvedStudy) -> Vec<ResolvedMetricRef<'_>> {
     study
         .metrics
         .iter()
         .filter_map(|m| match &m.matched {
-            MetricMatch::Available { id, .. } => Some((m.text.as_str(), *id)),
+            MetricMatch::Available { id, derived, .. } => Some((m.text.as_str(), *id, *derived)),
             MetricMatch::Unavailable { .. } => None,
         })
         .collect()
+}
+
+/// The value ids of a plan metric, prefixed for a derived one.
+fn study_value_ids(metric_id: &str, derived: Option<Derivation>) -> Vec<String> {
+    let ids = value_ids(metric_id);
+    match derived {
+        None => ids,
+        Some(d) => ids.into_iter().map(|i| format!("{}{i}", d.prefix())).collect(),
+    }
+}
+
+/// Label and direction of a value id, derived ones included (`Δ single: identity sim`).
+fn column_spec(id: &str) -> Option<(String, Better)> {
+    match Derivation::split(id) {
+        Some((d, of)) => metric_spec(of).map(|(label, better)| (format!("{} {label}", d.label()), better)),
+        None => metric_spec(id),
+    }
 }
 
 fn is_benchmark_id(id: &str) -> bool {
@@ -306,8 +358,8 @@ pub fn study_tables(resolution: &Resolution, results: &[CellResult]) -> Vec<Stud
         .map(|study| {
             let available = available_metrics(study);
             let mut ids: Vec<String> = Vec::new();
-            for (_, metric_id) in &available {
-                for id in value_ids(metric_id) {
+            for (_, metric_id, derived) in &available {
+                for id in study_value_ids(metric_id, *derived) {
                     if !ids.contains(&id) {
                         ids.push(id);
                     }
@@ -321,7 +373,7 @@ pub fn study_tables(resolution: &Resolution, results: &[CellResult]) -> Vec<Stud
             let mut rows = Vec::new();
             let mut members_all: Vec<&CellResult> = baseline.clone();
             if study.knob.is_some() {
-                rows.push(aggregate_row(BASELINE, &[], &baseline, &ids));
+                rows.push(aggregate_row(BASELINE, &[], &baseline, &baseline, &ids));
             }
             let mut seen_values = HashSet::new();
             for v in study.values.iter().filter(|v| seen_values.insert(v.text.as_str())) {
@@ -330,13 +382,13 @@ pub fn study_tables(resolution: &Resolution, results: &[CellResult]) -> Vec<Stud
                     .filter(|r| r.cell.study == study.title && r.cell.value == v.text)
                     .collect();
                 members_all.extend(&members);
-                rows.push(aggregate_row(&v.text, &v.overrides, &members, &ids));
+                rows.push(aggregate_row(&v.text, &v.overrides, &members, &baseline, &ids));
             }
             let columns: Vec<Column> = ids
                 .iter()
                 .filter(|id| rows.iter().any(|r| r.stats.contains_key(*id)))
                 .filter_map(|id| {
-                    metric_spec(id).map(|(label, better)| Column {
+                    column_spec(id).map(|(label, better)| Column {
                         id: id.clone(),
                         label,
                         better,
@@ -357,8 +409,8 @@ pub fn study_tables(resolution: &Resolution, results: &[CellResult]) -> Vec<Stud
                 })
                 .collect();
             if study.knob.is_some() {
-                for (text, metric_id) in &available {
-                    let mids = value_ids(metric_id);
+                for (text, metric_id, derived) in &available {
+                    let mids = study_value_ids(metric_id, *derived);
                     if !mids.iter().any(|i| columns.iter().any(|c| &c.id == i)) {
                         let reason = no_value_reason(metric_id, &mids, &members_all);
                         left_out.push(format!("metric `{text}` (`{metric_id}`): {reason}"));
@@ -664,7 +716,7 @@ pub(crate) mod tests {
         let ids: Vec<&str> = t.columns.iter().map(|c| c.id.as_str()).collect();
         assert_eq!(ids, ["single.identity_sim", "train.loss", "train.implicit_accuracy"]);
         // Baseline identity sim: mean 0.6, sd √0.02, t(1) = 12.706 → half-width 12.706 · √0.02 / √2 = 1.2706.
-        let s = t.rows[0].stats["single.identity_sim"];
+        let s = &t.rows[0].stats["single.identity_sim"];
         assert!(
             (s.mean - 0.6).abs() < 1e-12 && (s.ci95 - 1.2706).abs() < 1e-9 && s.n == 2,
             "{s:?}"
@@ -713,6 +765,43 @@ pub(crate) mod tests {
         assert!(!md.contains("**"), "{md}");
         assert!(md.contains("Not run: the ablated part maps to no knob"), "{md}");
         assert!(!md.contains("!["), "{md}");
+    }
+
+    #[test]
+    fn changes_against_the_baseline_pair_cells_by_seed() {
+        let text = "### Coverage\n- Ablated Part: τ\n- Replacement: 0.1, 0.2\n\
+                    - Metrics: identity similarity improvement over baseline, relative loss reduction (%)\n";
+        let resolution = resolve_plan(&parse_plan(text).expect("parses"));
+        let results = hand_results(&resolution);
+        let table = &study_tables(&resolution, &results)[0];
+        let ids: Vec<&str> = table.columns.iter().map(|c| c.id.as_str()).collect();
+        assert!(ids.contains(&"change:single.identity_sim"), "{ids:?}");
+        assert!(ids.contains(&"relchange:train.loss"), "{ids:?}");
+        let column = table
+            .columns
+            .iter()
+            .find(|c| c.id == "change:single.identity_sim")
+            .expect("column");
+        assert_eq!(column.label, "Δ single: identity sim");
+        assert_eq!(column.better, Better::Higher);
+        let stat = |row: usize, id: &str| table.rows[row].stats.get(id).cloned();
+        // τ = 0.1: seed 0 0.7 − 0.5, seed 1 0.9 − 0.7: both +0.2, so the interval is 0.
+        let s = stat(1, "change:single.identity_sim").expect("τ = 0.1");
+        assert!(
+            (s.mean - 0.2).abs() < 1e-12 && s.ci95.abs() < 1e-12 && s.n == 2,
+            "{s:?}"
+        );
+        // Loss 0.8 vs 1.0 and 0.8 vs 1.2: −20 % and −33.3 %, mean −26.67 %, t(1) interval.
+        let s = stat(1, "relchange:train.loss").expect("τ = 0.1");
+        let (want, ci) = mean_ci95(&[-20.0, -100.0 * 0.4 / 1.2]);
+        assert!((s.mean - want).abs() < 1e-9 && (s.ci95 - ci).abs() < 1e-9, "{s:?}");
+        // τ = 0.2 finished seed 0 only: paired with baseline seed 0.
+        let s = stat(2, "change:single.identity_sim").expect("τ = 0.2");
+        assert!((s.mean - 0.1).abs() < 1e-12 && s.n == 1, "{s:?}");
+        // The baseline against itself.
+        assert_eq!(stat(0, "change:single.identity_sim").map(|s| s.mean), Some(0.0));
+        let md = results_markdown(None, &resolution, &results, std::slice::from_ref(table), &|_| false);
+        assert!(md.contains("Δ% train: loss") || md.contains("Δ% loss"), "{md}");
     }
 
     #[test]

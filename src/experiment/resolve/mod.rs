@@ -600,6 +600,43 @@ mod tests {
     }
 
     #[test]
+    fn derived_metrics_abbreviations_and_the_inception_style_score() {
+        let shown = |m: &str| resolve_metric(m).shown_id().unwrap_or_else(|| "unavailable".into());
+        for (name, want) in [
+            (
+                "Improvement ratio of identity similarity over the baseline",
+                "Δ% identity_sim vs baseline",
+            ),
+            ("Δ EER", "Δ eer vs baseline"),
+            ("loss reduction", "Δ loss vs baseline"),
+            (
+                "Relative gain (%) in top-1 identification",
+                "Δ% top1_identification vs baseline",
+            ),
+            (
+                "gain in implicit accuracy vs. baseline",
+                "Δ implicit_accuracy vs baseline",
+            ),
+            // Words of the metric's own name are not asking for a change.
+            ("Fisher discriminant ratio", "fdr"),
+            ("peak signal-to-noise ratio", "psnr"),
+            ("reward margin", "reward_margin"),
+            // Case, punctuation, abbreviations.
+            ("IS", "identity_is"),
+            ("Inception Score", "identity_is"),
+            ("ID-Sim", "identity_sim"),
+            ("id sim.", "identity_sim"),
+            ("Top-1 Acc.", "top1_identification"),
+            ("eer", "eer"),
+            ("improvement in aesthetic score", "unavailable"),
+        ] {
+            assert_eq!(shown(name), want, "{name}");
+        }
+        // "is" inside a longer name is a word, not the abbreviation.
+        assert_ne!(shown("loss is stable"), "identity_is");
+    }
+
+    #[test]
     fn alias_table_lists_every_knob() {
         let table = alias_table_markdown();
         for k in KNOBS {

@@ -804,3 +804,60 @@ fn ablate_slurm_writes_a_job_array_and_shards_select_cells() {
         assert!(!ok && text.contains(expected), "{flag} {value}: {text}");
     }
 }
+
+/// The five plans of docs/plans/other-papers resolve as docs/experiments.md shows (the `--dry-run` output up to
+/// the grid); `UPDATE_DOCS=1` rewrites the blocks from the binary.
+#[test]
+fn docs_other_paper_plans_resolve_as_documented() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc_path = root.join("docs/experiments.md");
+    let mut doc = std::fs::read_to_string(&doc_path).expect("docs/experiments.md");
+    let mut plans: Vec<std::path::PathBuf> = std::fs::read_dir(root.join("docs/plans/other-papers"))
+        .expect("plans")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    plans.sort();
+    assert_eq!(plans.len(), 5, "{plans:?}");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = tmp.path().join("out");
+    for plan in &plans {
+        let name = plan.file_name().expect("name").to_string_lossy().into_owned();
+        let (ok, text) = focusdpo(&[
+            "ablate",
+            plan.to_str().expect("utf-8"),
+            "--out",
+            out.to_str().expect("utf-8"),
+            "--dry-run",
+        ]);
+        assert!(ok, "{name}: {text}");
+        let resolved = text.split("\ngrid:").next().unwrap_or_default().trim_end();
+        let begin = format!("<!-- resolved:{name}:begin -->\n```text\n");
+        let end = format!("\n```\n<!-- resolved:{name}:end -->");
+        let (Some(b), Some(e)) = (doc.find(&begin), doc.find(&end)) else {
+            panic!("docs/experiments.md has no block for {name}");
+        };
+        if std::env::var_os("UPDATE_DOCS").is_some() {
+            doc.replace_range(b + begin.len()..e, resolved);
+        } else {
+            assert_eq!(
+                &doc[b + begin.len()..e],
+                resolved,
+                "{name}: docs/experiments.md is stale"
+            );
+        }
+    }
+    if std::env::var_os("UPDATE_DOCS").is_some() {
+        std::fs::write(&doc_path, doc).expect("writes docs/experiments.md");
+    }
+    // Every study but the distillation temperature resolves every value.
+    for plan in &plans {
+        let r = resolve_plan(&read_plan_file(plan).expect("parses"));
+        for u in &r.unresolved {
+            assert!(
+                u.study == "Distillation temperature" && u.kind == UnresolvedKind::Part,
+                "{}: {u}",
+                plan.display()
+            );
+        }
+    }
+}

@@ -220,7 +220,15 @@ pub(super) const QUALITY: &[Choice] = &[
 pub(super) const NEGATIVES: &[Choice] = &[
     Choice {
         value: "dataset",
-        keywords: &["dataset", "disrupted", "dip", "original loser", "default"],
+        keywords: &[
+            "dataset",
+            "disrupted",
+            "dip",
+            "original loser",
+            "losing image",
+            "original rejected",
+            "default",
+        ],
     },
     Choice {
         value: "shuffled",
@@ -260,6 +268,7 @@ pub(super) const NEGATIVES: &[Choice] = &[
             "augment",
             "augmented winner",
             "augmented version",
+            "augmented copy",
             "photometric",
             "geometric",
             "corrupted",
@@ -563,6 +572,9 @@ pub const KNOBS: &[Knob] = &[
             "fixed threshold",
             "dynamic threshold",
             "threshold selection",
+            "quality filtering",
+            "data filtering",
+            "pairs kept",
         ],
         kind: KnobKind::PairSelection,
         off: Some("all"),
@@ -627,6 +639,7 @@ pub const KNOBS: &[Knob] = &[
             "loser",
             "loser image",
             "rejected image",
+            "rejected sample",
             "dispreferred",
             "hard negative",
         ],
@@ -645,6 +658,9 @@ pub const KNOBS: &[Knob] = &[
             "sft then dpo",
             "two stage",
             "multi stage",
+            "curriculum",
+            "sft warm up",
+            "supervised warm up",
         ],
         kind: KnobKind::Schedule,
         off: None,
@@ -766,6 +782,9 @@ pub struct Alternative {
 /// Why a study's knob was chosen: shown by `focusdpo ablate --dry-run`, results.md and the Studio.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct KnobReason {
+    /// Found in the study's title, the part naming no knob.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub from_title: bool,
     /// On what it was chosen.
     pub basis: Basis,
     /// Its aliases found in the part.
@@ -782,7 +801,12 @@ impl KnobReason {
     /// One line: how it was found, the value fit, and the alternatives.
     pub fn text(&self) -> String {
         let quoted = |w: &[String]| w.iter().map(|w| format!("`{w}`")).collect::<Vec<_>>().join(", ");
-        let mut out = match self.basis {
+        let mut out = if self.from_title {
+            "the part names no knob; the title's ".to_string()
+        } else {
+            String::new()
+        };
+        out += &match self.basis {
             Basis::Explicit => "key written in the part".to_string(),
             Basis::Words => format!("words {}", quoted(&self.words)),
             Basis::Values if self.words.is_empty() => "no knob named; the values decide".to_string(),
@@ -870,6 +894,7 @@ pub fn knob_for_study(part: &str, values: &[String]) -> Result<(Target, KnobReas
         return Ok((
             target,
             KnobReason {
+                from_title: false,
                 basis: Basis::Explicit,
                 words: Vec::new(),
                 fit,
@@ -892,9 +917,35 @@ pub fn knob_for_study(part: &str, values: &[String]) -> Result<(Target, KnobReas
         Ok(k) => {
             let target = Target::from(k);
             let fit = fit_of(&target);
+            // Several knobs named, one by more words: still, when another named knob holds more of the values,
+            // the values decide among the named ones (fit, then words, then specificity).
+            let named: Vec<(&Knob, usize)> = scored.iter().copied().filter(|&(_, s)| s > 0).collect();
+            let fits: Vec<(&Knob, usize, usize)> = named.iter().map(|&(o, s)| (o, s, fit_of(&o.into()))).collect();
+            if fits.iter().any(|&(_, _, f)| f > fit) {
+                let mut ranked = fits.clone();
+                ranked.sort_by(|a, b| {
+                    b.2.cmp(&a.2).then(b.1.cmp(&a.1)).then_with(|| {
+                        let (sa, sb) = (specificity(&a.0.kind), specificity(&b.0.kind));
+                        sb.0.cmp(&sa.0).then(sb.1.total_cmp(&sa.1))
+                    })
+                });
+                let (chosen, _, chosen_fit) = ranked[0];
+                return Ok((
+                    chosen.into(),
+                    KnobReason {
+                        from_title: false,
+                        basis: Basis::Values,
+                        words: matched_phrases(chosen.aliases, &part_words),
+                        fit: chosen_fit,
+                        values: values.len(),
+                        alternatives: ranked[1..].iter().map(|(o, _, _)| alternative(o)).collect(),
+                    },
+                ));
+            }
             Ok((
                 target,
                 KnobReason {
+                    from_title: false,
                     basis: Basis::Words,
                     words: matched_phrases(k.aliases, &part_words),
                     fit,
@@ -950,6 +1001,7 @@ pub fn knob_for_study(part: &str, values: &[String]) -> Result<(Target, KnobReas
                     Ok((
                         k.into(),
                         KnobReason {
+                            from_title: false,
                             basis: Basis::Values,
                             words: matched_phrases(k.aliases, &part_words),
                             fit: first.1,

@@ -176,12 +176,31 @@ pub fn resolve_study(study: &Study, unresolved: &mut Vec<Unresolved>) -> Resolve
         Action::Remove => &[],
         _ => &study.replacements,
     };
+    // A part that names no knob (or several equally) leaves it to the title ("Ablation of Margin Threshold"),
+    // when the title's own words name one.
+    let from_title = || {
+        knob_for_study(&study.title, candidates)
+            .ok()
+            .filter(|(_, why)| why.basis != Basis::Values || !why.words.is_empty())
+            .map(|(k, why)| {
+                (
+                    k,
+                    KnobReason {
+                        from_title: true,
+                        ..why
+                    },
+                )
+            })
+    };
     let (knob, reason) = match knob_for_study(&study.ablated_part, candidates) {
         Ok((k, why)) => (Some(k), Some(why)),
-        Err(reason) => {
-            report(UnresolvedKind::Part, &study.ablated_part, reason);
-            (None, None)
-        }
+        Err(reason) => match from_title() {
+            Some((k, why)) => (Some(k), Some(why)),
+            None => {
+                report(UnresolvedKind::Part, &study.ablated_part, reason);
+                (None, None)
+            }
+        },
     };
     if let Some(k) = &knob {
         match &study.action {
@@ -445,6 +464,36 @@ mod tests {
         )
         .expect("resolves");
         assert_eq!((key.as_str(), why.fit), ("data.negatives", 4));
+    }
+
+    #[test]
+    fn values_overrule_a_weaker_word_match_and_titles_stand_in_for_a_silent_part() {
+        // "lowest quality" names the bottom filter (2 words), "pair quality" the quality formula (2 words) and
+        // "quality" alone nothing: a tie the values break, as before…
+        let (key, _) = study("dropping the lowest-quality pairs", &["5%", "10%"]).expect("resolves");
+        assert_eq!(key, "data.pairs.bottom_percent");
+        // …and a word winner that holds fewer values than another named knob gives way to it.
+        // ("warm up" scores 2 for the warm-up steps, "curriculum" 1 for the schedule, which holds both values.)
+        let (key, why) =
+            study("the curriculum of the warm-up", &["joint", "sequential, 50 SFT steps"]).expect("resolves");
+        assert_eq!(key, "schedule.kind");
+        assert_eq!((why.basis, why.fit), (Basis::Values, 2));
+        assert_eq!(
+            (why.alternatives[0].key.as_str(), why.alternatives[0].fit),
+            ("optim.warmup_steps", 1)
+        );
+        // A part that names nothing: the title's words.
+        let text = "### Ablation of Margin Threshold\n- Ablated Part: the filtering of anchors\n\
+                    - Replacement: 0.1, 0.2\n- Metrics: loss\n";
+        let r = resolve_plan(&crate::experiment::parse_plan(text).expect("parses"));
+        assert_eq!(r.studies[0].knob.as_deref(), Some("dpo.pair_filter_delta"));
+        let why = r.studies[0].reason.as_ref().expect("reason");
+        assert!(
+            why.from_title && why.text().starts_with("the part names no knob; the title's words"),
+            "{}",
+            why.text()
+        );
+        assert!(r.unresolved.is_empty(), "{:?}", r.unresolved);
     }
 
     #[test]

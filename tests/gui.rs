@@ -193,6 +193,11 @@ fn training_run_starts_streams_curves_and_stops_within_one_step() {
             .iter()
             .any(|r| r.name == "gui-test" && !r.curves.is_empty())
     });
+    // The curves are smoothed as TensorBoard does, the raw values drawn faint behind (0 turns it off).
+    assert_eq!(h.state().settings().plots.smoothing, 0.6);
+    assert!(h.query_by_label("smoothing").is_some());
+    h.state_mut().settings_mut().plots.smoothing = 0.0;
+    h.step();
 }
 
 // ---- snapshot tests of the overlay shader ----------------------------------------------------------------------

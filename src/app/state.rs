@@ -204,6 +204,21 @@ impl Default for TrainingForm {
     }
 }
 
+/// How the Training tab draws its curves.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct PlotSettings {
+    /// Weight of the debiased exponential moving average drawn over each curve (TensorBoard's smoothing: 0 = the
+    /// raw values, 0.99 = very smooth); the raw values stay behind it, faint.
+    pub smoothing: f64,
+}
+
+impl Default for PlotSettings {
+    fn default() -> Self {
+        Self { smoothing: 0.6 }
+    }
+}
+
 /// Everything persisted between launches.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
@@ -228,6 +243,8 @@ pub struct Settings {
     pub t_index: usize,
     /// Training form.
     pub training: TrainingForm,
+    /// The Training tab's curves.
+    pub plots: PlotSettings,
     /// Experiments tab: last plan, seeds, steps.
     pub experiments: super::experiments::ExperimentSettings,
     /// Last opened backbone profile (a TOML file or a FLUX.1 folder; None = the bundled base).

@@ -10,8 +10,9 @@ use egui_plot::{Legend, Line, Plot, PlotPoints};
 use serde_json::Value;
 
 use super::StudioApp;
-use super::state::TrainingForm;
+use super::state::{PlotSettings, TrainingForm};
 use super::worker::Command;
+use crate::eval::metrics::debiased_ema;
 use crate::masks::{FusionParams, MaskVariant};
 use crate::train::config::ModelSettings;
 use crate::train::config::RunConfig;
@@ -422,7 +423,7 @@ pub fn training_ui(app: &mut StudioApp, ui: &mut egui::Ui) {
                 past_runs_ui(app, ui);
             });
         });
-    egui::CentralPanel::default().show(ui, |ui| plots_ui(&app.training, ui));
+    egui::CentralPanel::default().show(ui, |ui| plots_ui(&app.training, &mut app.settings.plots, ui));
 }
 
 fn form_ui(app: &mut StudioApp, ui: &mut egui::Ui) {
@@ -555,7 +556,20 @@ fn past_runs_ui(app: &mut StudioApp, ui: &mut egui::Ui) {
     }
 }
 
-fn plots_ui(panel: &TrainingPanel, ui: &mut egui::Ui) {
+/// The colour of the `i`-th curve of a plot (the live run first, then the shown past runs).
+fn curve_color(i: usize) -> egui::Color32 {
+    const PALETTE: [egui::Color32; 6] = [
+        egui::Color32::from_rgb(86, 156, 214),
+        egui::Color32::from_rgb(230, 145, 56),
+        egui::Color32::from_rgb(106, 190, 106),
+        egui::Color32::from_rgb(214, 86, 120),
+        egui::Color32::from_rgb(170, 130, 220),
+        egui::Color32::from_rgb(200, 190, 90),
+    ];
+    PALETTE[i % PALETTE.len()]
+}
+
+fn plots_ui(panel: &TrainingPanel, settings: &mut PlotSettings, ui: &mut egui::Ui) {
     type Pick = fn(&Curves) -> &Vec<[f64; 2]>;
     let metrics: [(&str, Pick); 5] = [
         ("loss", |c| &c.loss),
@@ -564,7 +578,28 @@ fn plots_ui(panel: &TrainingPanel, ui: &mut egui::Ui) {
         ("A_focus", |c| &c.a_focus),
         ("grad norm", |c| &c.grad_norm),
     ];
-    let height = ((ui.available_height() - 5.0 * 24.0) / 5.0).max(90.0);
+    ui.horizontal(|ui| {
+        ui.label("smoothing");
+        ui.add(egui::Slider::new(&mut settings.smoothing, 0.0..=0.99).fixed_decimals(2))
+            .on_hover_text(
+                "debiased exponential moving average, as TensorBoard draws it (0 = raw values); the raw values stay \
+                 behind it, faint",
+            );
+    });
+    let height = ((ui.available_height() - 5.0 * 24.0 - 24.0) / 5.0).max(90.0);
+    let curves: Vec<(String, &Curves)> = panel
+        .live
+        .iter()
+        .map(|l| (format!("{} (live)", l.name), &l.curves))
+        .chain(
+            panel
+                .past
+                .iter()
+                .filter(|r| r.shown)
+                .map(|r| (r.name.clone(), &r.curves)),
+        )
+        .collect();
+    let smoothing = settings.smoothing;
     egui::ScrollArea::vertical().show(ui, |ui| {
         for (name, pick) in metrics {
             ui.label(name);
@@ -572,15 +607,29 @@ fn plots_ui(panel: &TrainingPanel, ui: &mut egui::Ui) {
                 .height(height)
                 .legend(Legend::default())
                 .x_axis_label("step")
-                .show(ui, |plot| {
-                    if let Some(live) = &panel.live {
-                        plot.line(Line::new(
-                            format!("{} (live)", live.name),
-                            PlotPoints::from(pick(&live.curves).clone()),
-                        ));
+                .y_axis_label(name)
+                .x_axis_formatter(|mark, _| {
+                    // Steps are whole numbers: no tick between two.
+                    if mark.value.fract().abs() < 1e-9 && mark.value >= 0.0 {
+                        format!("{}", mark.value as i64)
+                    } else {
+                        String::new()
                     }
-                    for run in panel.past.iter().filter(|r| r.shown) {
-                        plot.line(Line::new(run.name.clone(), PlotPoints::from(pick(&run.curves).clone())));
+                })
+                .show(ui, |plot| {
+                    for (i, (run, c)) in curves.iter().enumerate() {
+                        let raw = pick(c);
+                        let color = curve_color(i);
+                        if smoothing > 0.0 {
+                            plot.line(
+                                Line::new(run.clone(), PlotPoints::from(raw.clone())).color(color.gamma_multiply(0.3)),
+                            );
+                            plot.line(
+                                Line::new(run.clone(), PlotPoints::from(debiased_ema(raw, smoothing))).color(color),
+                            );
+                        } else {
+                            plot.line(Line::new(run.clone(), PlotPoints::from(raw.clone())).color(color));
+                        }
                     }
                 });
         }

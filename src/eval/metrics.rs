@@ -337,6 +337,29 @@ pub fn top1_identification(probes: &[(Vec<f32>, usize)], gallery: &[Vec<f32>]) -
     Some(hits as f64 / probes.len() as f64)
 }
 
+/// TensorBoard's curve smoothing: the exponential moving average `s_i = w·s_{i−1} + (1 − w)·y_i` from `s_0 = 0`,
+/// divided by `1 − w^i` so the first points are not pulled towards zero. `points` are `[x, y]`; non-finite `y`
+/// are skipped (the average goes on from the last finite one); `w` is clamped to [0, 0.999].
+pub fn debiased_ema(points: &[[f64; 2]], weight: f64) -> Vec<[f64; 2]> {
+    let w = if weight.is_finite() {
+        weight.clamp(0.0, 0.999)
+    } else {
+        0.0
+    };
+    let mut last = 0.0;
+    let mut n = 0i32;
+    points
+        .iter()
+        .filter(|p| p[1].is_finite())
+        .map(|&[x, y]| {
+            last = w * last + (1.0 - w) * y;
+            n += 1;
+            let debias = 1.0 - w.powi(n);
+            [x, if debias > 0.0 { last / debias } else { y }]
+        })
+        .collect()
+}
+
 /// The temperature of the built-in identity classifier behind [`identity_inception_score`]: cosine similarities
 /// (in [-1, 1]) divided by it are the logits.
 pub const IDENTITY_CLASSIFIER_TEMPERATURE: f64 = 0.1;
@@ -402,6 +425,23 @@ pub fn mean_ci95(values: &[f64]) -> (f64, f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debiased_ema_hand_cases() {
+        let pts = [[1.0, 1.0], [2.0, 3.0], [3.0, f64::NAN], [4.0, 3.0]];
+        assert_eq!(debiased_ema(&pts, 0.0), vec![[1.0, 1.0], [2.0, 3.0], [4.0, 3.0]]);
+        // w = ½: s1 = ½ → ½ / ½ = 1; s2 = ¼ + 3/2 = 1.75 → 1.75 / ¾; s3 = 0.875 + 1.5 = 2.375 → / ⅞.
+        let s = debiased_ema(&pts, 0.5);
+        let want = [1.0, 1.75 / 0.75, 2.375 / 0.875];
+        for (got, want) in s.iter().zip(want) {
+            assert!((got[1] - want).abs() < 1e-12, "{got:?} vs {want}");
+        }
+        assert_eq!(s.iter().map(|p| p[0]).collect::<Vec<_>>(), [1.0, 2.0, 4.0]);
+        // A constant stays constant at any weight (the debiasing).
+        let flat: Vec<[f64; 2]> = (0..50).map(|i| [f64::from(i), 0.7]).collect();
+        assert!(debiased_ema(&flat, 0.95).iter().all(|p| (p[1] - 0.7).abs() < 1e-12));
+        assert!(debiased_ema(&[], 0.6).is_empty());
+    }
 
     #[test]
     fn identity_inception_score_hand_cases() {

@@ -12,6 +12,7 @@
 pub mod alloc;
 #[cfg(feature = "gui")]
 pub mod app;
+pub mod config_enum;
 pub mod dip;
 pub mod eval;
 pub mod experiment;

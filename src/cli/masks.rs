@@ -74,10 +74,10 @@ pub struct MasksArgs {
     layers: Vec<usize>,
     /// Eq. 3 similarity: cosine or squared-norm.
     #[arg(long, default_value = "cosine")]
-    similarity: String,
+    similarity: Similarity,
     /// Eq. 3's CLS pooling: mean (all reference tokens) or foreground (the reference's non-background tokens).
     #[arg(long, default_value = "foreground")]
-    pool: String,
+    pool: ReferencePool,
     /// Side of the reference images fed to the backbone, in pixels. Default: the backbone's `reference_px`.
     #[arg(long)]
     reference_px: Option<u32>,
@@ -110,21 +110,11 @@ pub fn run(args: &MasksArgs) -> anyhow::Result<()> {
         None if dataset.is_empty() => bail!("{}: the dataset has no valid item", dir.display()),
         None => dataset.load_item(0)?,
     };
-    let similarity = match args.similarity.as_str() {
-        "cosine" => Similarity::Cosine,
-        "squared-norm" => Similarity::SquaredNorm,
-        other => bail!("--similarity: `{other}` is not cosine or squared-norm"),
-    };
-    let pool = match args.pool.as_str() {
-        "mean" => ReferencePool::Mean,
-        "foreground" => ReferencePool::Foreground,
-        other => bail!("--pool: `{other}` is not mean or foreground"),
-    };
     let attention = AttentionConfig {
         source: HiddenSource::Reference,
         layers: args.layers.clone(),
-        similarity,
-        pool,
+        similarity: args.similarity,
+        pool: args.pool,
     };
     // The backbone is loaded only when the variant reads M_s and no --ms-mask replaces it.
     let model_settings = args.backbone.settings()?;

@@ -229,6 +229,9 @@ pub fn attention_field(scores: &[Vec<f32>], subject_priors: &[Grid]) -> Result<G
     prior::union(&fields)
 }
 
+crate::config_enum!(Similarity, [Similarity::Cosine, Similarity::SquaredNorm]);
+crate::config_enum!(ReferencePool, [ReferencePool::Mean, ReferencePool::Foreground]);
+
 #[cfg(test)]
 mod tests {
     use super::*;

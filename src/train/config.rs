@@ -799,6 +799,9 @@ fn parse_value(raw: &str) -> toml::Value {
     }
 }
 
+crate::config_enum!(HiddenSource, [HiddenSource::Reference, HiddenSource::Policy]);
+crate::config_enum!(ScheduleKind, [ScheduleKind::Joint, ScheduleKind::Sequential]);
+
 #[cfg(test)]
 mod tests {
     use super::*;

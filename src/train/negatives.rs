@@ -481,6 +481,16 @@ pub fn base_losers(
     Ok(outcome)
 }
 
+crate::config_enum!(
+    LoserSource,
+    [
+        LoserSource::Dataset,
+        LoserSource::Shuffled,
+        LoserSource::Base,
+        LoserSource::Augmented
+    ]
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -527,6 +527,16 @@ pub fn psi(item: &str, image: &RgbImage, masks: &[GrayImage], references: &[Vec<
     })
 }
 
+crate::config_enum!(
+    PairQuality,
+    [PairQuality::Product, PairQuality::Difference, PairQuality::Ratio]
+);
+crate::config_enum!(
+    PairSelect,
+    [PairSelect::All, PairSelect::TopPercent, PairSelect::Dynamic]
+);
+crate::config_enum!(DynamicThreshold, [DynamicThreshold::MeanStd, DynamicThreshold::Otsu]);
+
 #[cfg(test)]
 mod tests {
     use super::*;

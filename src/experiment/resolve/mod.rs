@@ -496,6 +496,83 @@ mod tests {
         assert!(r.unresolved.is_empty(), "{:?}", r.unresolved);
     }
 
+    /// Every knob is reachable from a plan by its first alias, every named value by its first keyword, and the
+    /// named values of each enum knob are exactly the enum's values (a value added to a config enum without a
+    /// name here fails).
+    #[test]
+    fn every_knob_and_enum_value_is_reachable_from_a_plan() {
+        use crate::config_enum::ConfigEnum;
+        for k in KNOBS {
+            assert_eq!(
+                knob_for_part(k.aliases[0]).map(|t| t.key),
+                Ok(k.key.to_string()),
+                "{}",
+                k.aliases[0]
+            );
+            if let KnobKind::Choice(choices) = k.kind {
+                for c in choices {
+                    assert_eq!(
+                        parse_value(&k.into(), c.keywords[0]).map(|o| o[0].value.clone()),
+                        Ok(c.value.to_string()),
+                        "{}: {}",
+                        k.key,
+                        c.keywords[0]
+                    );
+                }
+            }
+        }
+        let enums: [(&str, Vec<String>); 9] = [
+            ("masks.fusion.variant", crate::masks::MaskVariant::config_names()),
+            ("objective", crate::train::objective::ObjectiveKind::config_names()),
+            ("dpo.mask_norm", crate::train::objective::MaskNorm::config_names()),
+            (
+                "masks.attention.source",
+                crate::train::config::HiddenSource::config_names(),
+            ),
+            (
+                "masks.attention.similarity",
+                crate::masks::attention_field::Similarity::config_names(),
+            ),
+            (
+                "masks.attention.pool",
+                crate::masks::attention_field::ReferencePool::config_names(),
+            ),
+            ("data.pairs.quality", crate::train::pairs::PairQuality::config_names()),
+            (
+                "data.pairs.dynamic",
+                crate::train::pairs::DynamicThreshold::config_names(),
+            ),
+            ("data.negatives", crate::train::negatives::LoserSource::config_names()),
+        ];
+        for (key, names) in enums {
+            let KnobKind::Choice(choices) = knob(key).expect(key).kind else {
+                panic!("{key} is not a named-value knob");
+            };
+            let mut have: Vec<String> = choices.iter().map(|c| c.value.to_string()).collect();
+            let mut want = names;
+            have.sort();
+            want.sort();
+            assert_eq!(
+                have, want,
+                "{key}: the resolver's named values and the config enum differ"
+            );
+        }
+        // The compound knobs read every value of theirs.
+        for (text, want) in [("all", "all"), ("top 10%", "top-percent"), ("otsu", "dynamic")] {
+            let o = parse_value(&knob("data.pairs.select").expect("knob").into(), text).expect(text);
+            assert_eq!(o[0].value, want);
+        }
+        assert!(crate::train::pairs::PairSelect::config_names().len() == 3);
+        for (text, want) in [("joint", "joint"), ("sequential, 5 SFT steps", "sequential")] {
+            let o = parse_value(&knob("schedule.kind").expect("knob").into(), text).expect(text);
+            assert_eq!(o[0].value, want);
+        }
+        assert_eq!(
+            crate::train::config::ScheduleKind::config_names(),
+            ["joint", "sequential"]
+        );
+    }
+
     #[test]
     fn the_reason_says_how_the_knob_was_found() {
         let (_, why) = study("focus coverage threshold τ", &["0.1", "2"]).expect("resolves");

@@ -45,10 +45,10 @@ macro_rules! config_enum {
             }
         }
     };
-    // For enums that already have their own `FromStr`.
-    (no_from_str $t:ty, [$($v:expr),+ $(,)?]) => {
+    // For enums that already list their values in a const `ALL` array and have their own `FromStr`.
+    (no_from_str $t:ty, $all:expr) => {
         impl $crate::config_enum::ConfigEnum for $t {
-            const ALL: &'static [Self] = &[$($v),+];
+            const ALL: &'static [Self] = &$all;
         }
     };
 }

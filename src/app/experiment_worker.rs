@@ -729,6 +729,20 @@ mod tests {
     use crate::experiment::store::FINISHED_FILE;
     use crate::model::BaseSource;
 
+    /// The grid request of the tests: seeds, steps, a random base, the dataset, the results folder.
+    fn request(seeds: u64, steps: u64, base: u64, dataset: Option<PathBuf>, out: PathBuf) -> GridRequest {
+        GridRequest {
+            seeds,
+            steps,
+            base: ModelSettings {
+                base: BaseSource::Random(base),
+                ..ModelSettings::default()
+            },
+            dataset,
+            out,
+        }
+    }
+
     #[test]
     fn metrics_are_every_finite_number_by_path() {
         let v = serde_json::json!({
@@ -755,16 +769,7 @@ mod tests {
     fn grid_matches_the_cli_overrides_and_reads_the_store() {
         let plan = load_plan(PlanSource::Bundled("focusdpo_a3_tau_gamma.md".into())).expect("loads");
         let tmp = tempfile::tempdir().expect("tempdir");
-        let request = GridRequest {
-            seeds: 2,
-            steps: 5,
-            base: ModelSettings {
-                base: BaseSource::Random(0),
-                ..ModelSettings::default()
-            },
-            dataset: None,
-            out: tmp.path().to_path_buf(),
-        };
+        let request = request(2, 5, 0, None, tmp.path().to_path_buf());
         let view = grid_view(&plan.resolution, request.clone()).expect("grid");
         // Baseline + 8 values, 2 seeds each.
         assert_eq!(view.cells.len(), 18);
@@ -788,16 +793,13 @@ mod tests {
 
     #[test]
     fn a_dataset_other_than_the_bundled_one_is_an_override_the_run_config_reads() {
-        let request = GridRequest {
-            seeds: 1,
-            steps: 5,
-            base: ModelSettings {
-                base: BaseSource::Random(0),
-                ..ModelSettings::default()
-            },
-            dataset: Some(PathBuf::from(r#"C:\data\my "dip""#)),
-            out: PathBuf::from("unused"),
-        };
+        let request = request(
+            1,
+            5,
+            0,
+            Some(PathBuf::from(r#"C:\data\my "dip""#)),
+            PathBuf::from("unused"),
+        );
         let args: Vec<String> = request.overrides().iter().map(Override::arg).collect();
         assert!(args[2].starts_with("data.dir="), "{args:?}");
         let cfg = crate::train::config::apply_overrides(&RunConfig::default(), &args).expect("applies");
@@ -810,16 +812,7 @@ mod tests {
         let plan = load_plan(PlanSource::Bundled("focusdpo_a3_tau_gamma.md".into())).expect("loads");
         let tmp = tempfile::tempdir().expect("tempdir");
         let out = tmp.path().join("not yet");
-        let request = GridRequest {
-            seeds: 1,
-            steps: 5,
-            base: ModelSettings {
-                base: BaseSource::Random(0),
-                ..ModelSettings::default()
-            },
-            dataset: None,
-            out: out.clone(),
-        };
+        let request = request(1, 5, 0, None, out.clone());
         let view = grid_view(&plan.resolution, request).expect("grid");
         assert_eq!(view.store, StoreView::default());
         assert!(!out.exists(), "a survey creates nothing");
@@ -862,16 +855,7 @@ mod tests {
 
     #[test]
     fn task_arguments_name_the_plan_copy_and_the_grid_overrides_in_order() {
-        let request = GridRequest {
-            seeds: 2,
-            steps: 5,
-            base: ModelSettings {
-                base: BaseSource::Random(3),
-                ..ModelSettings::default()
-            },
-            dataset: Some(PathBuf::from("data/my dip")),
-            out: PathBuf::from("runs/x"),
-        };
+        let request = request(2, 5, 3, Some(PathBuf::from("data/my dip")), PathBuf::from("runs/x"));
         let args = task_arguments(&request, false, Path::new("/work"));
         assert_eq!(
             args,

@@ -287,18 +287,7 @@ pub fn fuse(params: &FusionParams, inputs: &MaskInputs<'_>) -> Result<FusionOutp
     Ok(FusionOutput { mask, a_focus, branch })
 }
 
-crate::config_enum!(
-    no_from_str MaskVariant,
-    [
-        MaskVariant::Focus,
-        MaskVariant::Uniform,
-        MaskVariant::Prior,
-        MaskVariant::Complexity,
-        MaskVariant::Unconstrained,
-        MaskVariant::NoMs,
-        MaskVariant::NoMd,
-    ]
-);
+crate::config_enum!(no_from_str MaskVariant, MaskVariant::ALL);
 
 #[cfg(test)]
 mod tests {

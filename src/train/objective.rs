@@ -307,7 +307,7 @@ pub fn sft(target_w: &Tensor, policy_w: &Tensor, weights: Option<&Tensor>, norm:
     })
 }
 
-crate::config_enum!(no_from_str ObjectiveKind, [ObjectiveKind::Sft, ObjectiveKind::Dpo, ObjectiveKind::FocusDpo]);
+crate::config_enum!(no_from_str ObjectiveKind, ObjectiveKind::ALL);
 crate::config_enum!(MaskNorm, [MaskNorm::Mean, MaskNorm::WeightedMean]);
 
 #[cfg(test)]

@@ -177,7 +177,14 @@ fn bad_input_gives_errors_not_panics() {
         (vec!["--variant", "prior", "--stride", "0"], "stride"),
         (vec!["--variant", "prior", "--timesteps", "1001"], "outside 0..=1000"),
         (vec!["--ms-mask", "/nonexistent/ms.png"], "file not found"),
-        (vec!["--pool", "max"], "--pool: `max` is not mean or foreground"),
+        (
+            vec!["--pool", "max"],
+            "'max' for '--pool <POOL>': `max` is none of mean, foreground",
+        ),
+        (
+            vec!["--similarity", "dot"],
+            "'dot' for '--similarity <SIMILARITY>': `dot` is none of cosine, squared-norm",
+        ),
     ];
     for (extra, expect) in cases {
         let mut args: Vec<&str> = base.to_vec();

@@ -33,7 +33,7 @@ use crate::experiment::resolve::{Override, Resolution, model_overrides, resolve_
 use crate::experiment::runner::{Progress, RunReport, Sharing, run_grid};
 use crate::experiment::slurm::{SlurmJob, SlurmResources, check_resources, sbatch_script};
 use crate::experiment::store::{CellActivity, PLAN_COPY, ResultStore};
-use crate::experiment::{parse_plan, read_plan_file};
+use crate::experiment::{parse_plan, read_plan_file_bytes};
 use crate::train::RunConfig;
 use crate::train::config::ModelSettings;
 
@@ -499,27 +499,22 @@ fn handle(command: ExperimentCommand, notify: &Notifier, watching: &mut Watching
 
 /// Reads, parses and resolves a plan.
 pub fn load_plan(source: PlanSource) -> Result<LoadedPlan, String> {
-    let plan = match &source {
-        PlanSource::File(path) => read_plan_file(path).map_err(|e| e.to_string())?,
+    let (plan, text): (_, Arc<[u8]>) = match &source {
+        PlanSource::File(path) => {
+            let (plan, bytes) = read_plan_file_bytes(path).map_err(|e| e.to_string())?;
+            (plan, bytes.into())
+        }
         PlanSource::Bundled(name) => {
             let text = BUNDLED_PLANS
                 .iter()
                 .find(|(n, _)| n == name)
                 .map(|(_, text)| *text)
                 .ok_or_else(|| format!("no bundled plan named {name}"))?;
-            parse_plan(text).map_err(|e| format!("{name}: {e}"))?
+            (
+                parse_plan(text).map_err(|e| format!("{name}: {e}"))?,
+                text.as_bytes().into(),
+            )
         }
-    };
-    let text: Arc<[u8]> = match &source {
-        PlanSource::File(path) => std::fs::read(path)
-            .map_err(|e| format!("{}: {e}", path.display()))?
-            .into(),
-        PlanSource::Bundled(name) => BUNDLED_PLANS
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, text)| text.as_bytes())
-            .unwrap_or_default()
-            .into(),
     };
     Ok(LoadedPlan {
         source,

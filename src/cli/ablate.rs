@@ -16,11 +16,11 @@ use clap::Args;
 use focusdpo::eval::benchmark::BenchmarkConfig;
 use focusdpo::eval::sampler::SampleSettings;
 use focusdpo::experiment::grid::{BASELINE, Cell, build_grid, unique_ids};
-use focusdpo::experiment::read_plan_file;
 use focusdpo::experiment::resolve::{Override, Resolution, model_overrides, resolve_plan};
 use focusdpo::experiment::runner::{Progress, Sharing, cell_benchmark, run_grid};
 use focusdpo::experiment::slurm::{SlurmJob, SlurmResources, sbatch_script};
 use focusdpo::experiment::store::{CellActivity, GRID_FILE, PLAN_COPY, ResultStore};
+use focusdpo::experiment::{read_plan_file, read_plan_file_bytes};
 use focusdpo::train::RunConfig;
 
 #[derive(Debug, Args)]
@@ -292,7 +292,7 @@ fn print_resolution(resolution: &Resolution, cells: &[Cell]) {
 }
 
 pub fn run(args: &AblateArgs) -> anyhow::Result<()> {
-    let plan = read_plan_file(&args.plan)?;
+    let (plan, plan_text) = read_plan_file_bytes(&args.plan)?;
     if let Some(t) = &plan.title {
         println!("plan: {t}");
     }
@@ -309,7 +309,6 @@ pub fn run(args: &AblateArgs) -> anyhow::Result<()> {
     let eval = eval_config(args)?;
     let mine = select_cells(args, &cells)?;
     let store = ResultStore::open(&args.out)?;
-    let plan_text = std::fs::read(&args.plan).with_context(|| format!("{}: cannot read", args.plan.display()))?;
     store.write_grid(plan.title.as_deref(), &resolution, &cells, &plan_text)?;
     if args.slurm {
         let ids: Vec<String> = unique_ids(&mine).into_iter().map(String::from).collect();

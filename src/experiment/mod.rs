@@ -40,6 +40,12 @@ pub enum PlanFileError {
 
 /// Reads and parses a plan file. Bytes that are not UTF-8 are read as Windows-1252 (with a warning on line 1).
 pub fn read_plan_file(path: &Path) -> Result<Plan, PlanFileError> {
+    read_plan_file_bytes(path).map(|(plan, _)| plan)
+}
+
+/// [`read_plan_file`], also returning the file's bytes as read (for the copy in a results folder), so the file
+/// is read once.
+pub fn read_plan_file_bytes(path: &Path) -> Result<(Plan, Vec<u8>), PlanFileError> {
     let bytes = std::fs::read(path).map_err(|source| PlanFileError::Io {
         path: path.to_path_buf(),
         source,
@@ -58,5 +64,5 @@ pub fn read_plan_file(path: &Path) -> Result<Plan, PlanFileError> {
             },
         );
     }
-    Ok(plan)
+    Ok((plan, bytes))
 }

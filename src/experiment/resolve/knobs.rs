@@ -878,6 +878,12 @@ fn specificity(kind: &KnobKind) -> (u8, f64) {
     }
 }
 
+/// Orders the more specific knob ([`specificity`]) first.
+fn more_specific_first(a: &Knob, b: &Knob) -> std::cmp::Ordering {
+    let (sa, sb) = (specificity(&a.kind), specificity(&b.kind));
+    sb.0.cmp(&sa.0).then(sb.1.total_cmp(&sa.1))
+}
+
 /// The knob a study varies, from its ablated part and its replacement values, with why:
 ///
 /// 1. a key written in the part wins;
@@ -920,14 +926,13 @@ pub fn knob_for_study(part: &str, values: &[String]) -> Result<(Target, KnobReas
             // Several knobs named, one by more words: still, when another named knob holds more of the values,
             // the values decide among the named ones (fit, then words, then specificity).
             let named: Vec<(&Knob, usize)> = scored.iter().copied().filter(|&(_, s)| s > 0).collect();
-            let fits: Vec<(&Knob, usize, usize)> = named.iter().map(|&(o, s)| (o, s, fit_of(&o.into()))).collect();
-            if fits.iter().any(|&(_, _, f)| f > fit) {
-                let mut ranked = fits.clone();
+            let mut ranked: Vec<(&Knob, usize, usize)> =
+                named.iter().map(|&(o, s)| (o, s, fit_of(&o.into()))).collect();
+            if ranked.iter().any(|&(_, _, f)| f > fit) {
                 ranked.sort_by(|a, b| {
-                    b.2.cmp(&a.2).then(b.1.cmp(&a.1)).then_with(|| {
-                        let (sa, sb) = (specificity(&a.0.kind), specificity(&b.0.kind));
-                        sb.0.cmp(&sa.0).then(sb.1.total_cmp(&sa.1))
-                    })
+                    b.2.cmp(&a.2)
+                        .then(b.1.cmp(&a.1))
+                        .then_with(|| more_specific_first(a.0, b.0))
                 });
                 let (chosen, _, chosen_fit) = ranked[0];
                 return Ok((
@@ -981,12 +986,7 @@ pub fn knob_for_study(part: &str, values: &[String]) -> Result<(Target, KnobReas
                     }
                 })
                 .collect();
-            ranked.sort_by(|a, b| {
-                b.1.cmp(&a.1).then_with(|| {
-                    let (sa, sb) = (specificity(&a.0.kind), specificity(&b.0.kind));
-                    sb.0.cmp(&sa.0).then(sb.1.total_cmp(&sa.1))
-                })
-            });
+            ranked.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| more_specific_first(a.0, b.0)));
             let same =
                 |a: &(&Knob, usize), b: &(&Knob, usize)| a.1 == b.1 && specificity(&a.0.kind) == specificity(&b.0.kind);
             let keys = |ks: &[&Knob]| ks.iter().map(|k| k.key).collect::<Vec<_>>().join(", ");

@@ -96,7 +96,7 @@ pub fn run(args: &PretrainArgs) -> anyhow::Result<()> {
         if let Some(s) = args.steps {
             cfg.steps = s;
         }
-        let mut trainer = Pretrainer::new(cfg, &device)?;
+        let mut trainer = Pretrainer::for_resume(cfg, &device)?;
         let resumed = restore_newest_intact(&args.out, |c| trainer.restore(c).map_err(|e| e.to_string()))?;
         if let Some(note) = resumed.fallback_note() {
             eprintln!("warning: {note}");
@@ -155,6 +155,15 @@ pub fn run(args: &PretrainArgs) -> anyhow::Result<()> {
             let refs: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (*n, b.as_slice())).collect();
             let ckpt = store.write_checkpoint(r.step, &refs)?;
             bar.println(format!("checkpoint {}", ckpt.dir.display()));
+            let cfg = trainer.config();
+            for gone in store.prune_checkpoints(cfg.keep_last, cfg.keep_every)? {
+                bar.println(format!(
+                    "removed {} (keep_last {}, keep_every {})",
+                    gone.dir.display(),
+                    cfg.keep_last,
+                    cfg.keep_every
+                ));
+            }
         }
     }
     bar.finish_and_clear();

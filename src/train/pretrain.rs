@@ -131,6 +131,15 @@ pub struct PretrainConfig {
     pub timesteps: TimestepSampling,
     /// Checkpoint every N steps (and at the end).
     pub checkpoint_every: u64,
+    /// Checkpoints kept: the newest `keep_last` (0 = all), plus every one whose step is a multiple of `keep_every`
+    /// (0 = none beyond those), like `save_total_limit` of Hugging Face's Trainer. A checkpoint is ~170 MB.
+    pub keep_last: usize,
+    /// See `keep_last`.
+    pub keep_every: u64,
+    /// Warm start: the weights of this base file (of the same model config) instead of the random init. Only read
+    /// at step 0; a resumed run reads its checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<PathBuf>,
 }
 
 impl Default for PretrainConfig {
@@ -159,6 +168,9 @@ impl Default for PretrainConfig {
             // logit-normal steps left x̂₀ at t ≥ 0.9 pure noise (docs/pretraining.md).
             timesteps: TimestepSampling::Uniform,
             checkpoint_every: 100,
+            keep_last: 0,
+            keep_every: 0,
+            init: None,
         }
     }
 }
@@ -301,11 +313,53 @@ fn tokens(img: &image::RgbImage, patch: usize, device: &Device) -> candle_core::
     patchify(&image_to_tensor(img, device)?, patch)
 }
 
+/// The weights of the base file `path` in place of `init`'s, every tensor of the same name and shape (F32).
+fn warm_start(
+    path: &Path,
+    init: HashMap<String, Tensor>,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>, TrainError> {
+    let bad = |message: String| TrainError::Checkpoint {
+        path: path.to_path_buf(),
+        message: format!("{message} (`init` must be a base file of the run's model config)"),
+    };
+    let mut file = candle_core::safetensors::load(path, device).map_err(|e| bad(e.to_string()))?;
+    let mut weights = HashMap::with_capacity(init.len());
+    for (name, fresh) in init {
+        let t = file.remove(&name).ok_or_else(|| bad(format!("no tensor `{name}`")))?;
+        if t.dims() != fresh.dims() {
+            return Err(bad(format!(
+                "`{name}` has shape {:?}, expected {:?}",
+                t.dims(),
+                fresh.dims()
+            )));
+        }
+        weights.insert(name, t.to_dtype(DType::F32)?);
+    }
+    if let Some(extra) = file.keys().min() {
+        return Err(bad(format!("tensor `{extra}` is not part of the model")));
+    }
+    Ok(weights)
+}
+
 impl Pretrainer {
-    /// A fresh run at step 0.
+    /// A fresh run at step 0: the random init, or the weights of `cfg.init`.
     pub fn new(cfg: PretrainConfig, device: &Device) -> Result<Self, TrainError> {
+        let init = cfg.init.clone();
+        Self::build(cfg, init.as_deref(), device)
+    }
+
+    /// A run to be [`restore`](Self::restore)d from its checkpoint: `cfg.init` is not read (it may be gone).
+    pub fn for_resume(cfg: PretrainConfig, device: &Device) -> Result<Self, TrainError> {
+        Self::build(cfg, None, device)
+    }
+
+    fn build(cfg: PretrainConfig, init: Option<&Path>, device: &Device) -> Result<Self, TrainError> {
         cfg.validate()?;
-        let weights = initial_weights(&cfg.model, cfg.seed, device)?;
+        let mut weights = initial_weights(&cfg.model, cfg.seed, device)?;
+        if let Some(path) = init {
+            weights = warm_start(path, weights, device)?;
+        }
         let varmap = VarMap::new();
         let mut vars = Vec::with_capacity(weights.len());
         {
@@ -721,6 +775,67 @@ mod tests {
         assert_eq!(base.patch, 4);
         assert_eq!(base.config().hidden_size, 64);
         assert!(base.prompt.is_some());
+        Ok(())
+    }
+
+    /// A warm start takes the base file's weights (F16 rounding aside) and continues from them; a file of another
+    /// model config is refused, naming the file and the tensor.
+    #[test]
+    fn init_from_a_base_file() -> Result<(), TrainError> {
+        let dev = Device::Cpu;
+        let mut donor = Pretrainer::new(micro(), &dev)?;
+        donor.step()?;
+        let dir = tempfile::tempdir().map_err(|e| TrainError::Data(e.to_string()))?;
+        let path = dir.path().join("donor.safetensors");
+        std::fs::write(&path, donor.export_bytes(DType::F16)?).map_err(|e| TrainError::Data(e.to_string()))?;
+        let warm = Pretrainer::new(
+            PretrainConfig {
+                init: Some(path.clone()),
+                seed: 7,
+                ..micro()
+            },
+            &dev,
+        )?;
+        let cold = Pretrainer::new(PretrainConfig { seed: 7, ..micro() }, &dev)?;
+        let name = "final_layer.linear.weight";
+        let weight = |t: &Pretrainer| -> Result<Vec<f32>, TrainError> {
+            let (_, v) = t
+                .vars
+                .iter()
+                .find(|(n, _)| n == name)
+                .ok_or_else(|| TrainError::Data(name.into()))?;
+            Ok(v.as_tensor().flatten_all()?.to_vec1::<f32>()?)
+        };
+        let donor_ema = donor.ema[donor.vars.iter().position(|(n, _)| n == name).unwrap_or(0)]
+            .to_dtype(DType::F16)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        assert_eq!(weight(&warm)?, donor_ema);
+        assert!(weight(&cold)?.iter().all(|&w| w == 0.0), "adaLN-Zero init");
+        assert!(donor_ema.iter().any(|&w| w != 0.0), "one step moved the final projection");
+
+        let other = PretrainConfig {
+            init: Some(path.clone()),
+            model: Config {
+                hidden_size: 128,
+                num_heads: 4,
+                ..Config::micro()
+            },
+            ..micro()
+        };
+        let err = Pretrainer::new(other, &dev)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("donor.safetensors") && err.contains("shape"), "{err}");
+        // A resumed run does not read `init`.
+        let gone = PretrainConfig {
+            init: Some(dir.path().join("gone.safetensors")),
+            ..micro()
+        };
+        assert!(Pretrainer::new(gone.clone(), &dev).is_err());
+        assert!(Pretrainer::for_resume(gone, &dev).is_ok());
         Ok(())
     }
 

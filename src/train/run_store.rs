@@ -241,6 +241,23 @@ impl RunStore {
         Ok(Checkpoint { step, dir: final_dir })
     }
 
+    /// Removes checkpoints beyond the newest `keep_last` (0 = keep all) whose step is not a multiple of
+    /// `keep_every` (0 = no such milestones); returns the removed ones. The newest is never removed.
+    pub fn prune_checkpoints(&self, keep_last: usize, keep_every: u64) -> Result<Vec<Checkpoint>, RunStoreError> {
+        if keep_last == 0 {
+            return Ok(Vec::new());
+        }
+        let mut removed = Vec::new();
+        for ckpt in checkpoints(&self.dir)?.into_iter().skip(keep_last) {
+            if keep_every > 0 && ckpt.step.is_multiple_of(keep_every) {
+                continue;
+            }
+            fs::remove_dir_all(&ckpt.dir).map_err(io_err(&ckpt.dir))?;
+            removed.push(ckpt);
+        }
+        Ok(removed)
+    }
+
     /// The newest complete checkpoint of this run.
     pub fn latest_checkpoint(&self) -> Result<Option<Checkpoint>, RunStoreError> {
         latest_checkpoint(&self.dir)
@@ -440,6 +457,27 @@ mod tests {
             beta: 2500.0,
             name: "t".into(),
         }
+    }
+
+    #[test]
+    fn pruning_keeps_the_newest_and_the_milestones() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = RunStore::create(&tmp.path().join("run"), &cfg()).unwrap();
+        for step in [50, 100, 150, 200, 250, 300, 350] {
+            store.write_checkpoint(step, &[("a", b"x")]).unwrap();
+        }
+        assert!(store.prune_checkpoints(0, 0).unwrap().is_empty(), "0 keeps all");
+        let removed: Vec<u64> = store
+            .prune_checkpoints(2, 200)
+            .unwrap()
+            .iter()
+            .map(|c| c.step)
+            .collect();
+        assert_eq!(removed, [250, 150, 100, 50]);
+        let left: Vec<u64> = checkpoints(store.dir()).unwrap().iter().map(|c| c.step).collect();
+        assert_eq!(left, [350, 300, 200]);
+        let removed: Vec<u64> = store.prune_checkpoints(1, 0).unwrap().iter().map(|c| c.step).collect();
+        assert_eq!(removed, [300, 200]);
     }
 
     #[test]

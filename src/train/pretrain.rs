@@ -813,7 +813,10 @@ mod tests {
             .to_vec1::<f32>()?;
         assert_eq!(weight(&warm)?, donor_ema);
         assert!(weight(&cold)?.iter().all(|&w| w == 0.0), "adaLN-Zero init");
-        assert!(donor_ema.iter().any(|&w| w != 0.0), "one step moved the final projection");
+        assert!(
+            donor_ema.iter().any(|&w| w != 0.0),
+            "one step moved the final projection"
+        );
 
         let other = PretrainConfig {
             init: Some(path.clone()),

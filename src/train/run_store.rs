@@ -462,7 +462,7 @@ mod tests {
     #[test]
     fn pruning_keeps_the_newest_and_the_milestones() {
         let tmp = tempfile::tempdir().unwrap();
-        let store = RunStore::create(&tmp.path().join("run"), &cfg()).unwrap();
+        let store = RunStore::create(tmp.path().join("run"), &cfg()).unwrap();
         for step in [50, 100, 150, 200, 250, 300, 350] {
             store.write_checkpoint(step, &[("a", b"x")]).unwrap();
         }

@@ -16,6 +16,7 @@ pub mod config_enum;
 pub mod dip;
 pub mod eval;
 pub mod experiment;
+pub mod knobs;
 pub mod masks;
 pub mod model;
 pub mod pipeline;

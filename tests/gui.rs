@@ -16,6 +16,7 @@ use focusdpo::app::overlay::{self, MaskValues, OverlayCallback, RgbaPixels};
 use focusdpo::app::state::{Colormap, Tab, ViewSettings};
 use focusdpo::app::training::RunStatus;
 use focusdpo::app::{Level, StudioApp};
+use focusdpo::masks::attention_field::Similarity;
 use focusdpo::masks::{Branch, MaskVariant};
 
 /// Long enough for a loaded 2-core machine running the model in a debug-profile test build.
@@ -153,8 +154,8 @@ fn training_run_starts_streams_curves_and_stops_within_one_step() {
     {
         let form = &mut h.state_mut().settings_mut().training;
         form.name = "gui-test".into();
-        form.steps = 1000;
-        form.rank = 2;
+        form.config.steps = 1000;
+        form.config.lora.rank = 2;
     }
     h.get_by_label("Start run").click();
     step_until(&mut h, "two logged steps", |a| {
@@ -198,6 +199,39 @@ fn training_run_starts_streams_curves_and_stops_within_one_step() {
     assert!(h.query_by_label("smoothing").is_some());
     h.state_mut().settings_mut().plots.smoothing = 0.0;
     h.step();
+}
+
+/// The inspector edits the run config's own attention type: the similarity of Eq. 3 is a choice there, and
+/// switching it recomputes `M_s` with it (Eq. 4's top-K keeps the same tokens here, so the maps may be equal).
+#[test]
+fn similarity_choice_recomputes_the_attention_field() {
+    let runs = tempfile::tempdir().unwrap();
+    let mut h = studio(runs.path());
+    step_until(&mut h, "the first fused map", fused_with_attention);
+    let t = h.state().settings().t_index;
+    assert_eq!(h.state().attention()[&t].choice.similarity, Similarity::Cosine);
+    h.get_by_label("squared-norm").click();
+    step_until(&mut h, "M_s with the squared-norm similarity", |a| {
+        a.attention()
+            .get(&t)
+            .is_some_and(|at| at.choice.similarity == Similarity::SquaredNorm)
+    });
+    assert_eq!(h.state().settings().attention.similarity, Similarity::SquaredNorm);
+}
+
+/// The training form is drawn from the knob registry: every knob has its row (the main ones, then "more knobs").
+#[test]
+fn training_form_shows_every_registry_knob() {
+    let runs = tempfile::tempdir().unwrap();
+    let mut h = studio(runs.path());
+    h.get_by_label("Training").click();
+    h.step();
+    h.get_by_label_contains("more knobs (").click();
+    h.step();
+    h.step();
+    for k in focusdpo::knobs::KNOBS {
+        assert!(h.query_all_by_label(k.key).next().is_some(), "no row for {}", k.key);
+    }
 }
 
 // ---- snapshot tests of the overlay shader ----------------------------------------------------------------------

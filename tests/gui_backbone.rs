@@ -67,8 +67,8 @@ fn a_dropped_flux_profile_with_unos_lora_drives_the_inspector_and_training() {
     {
         let form = &mut h.state_mut().settings_mut().training;
         form.name = "flux-run".into();
-        form.steps = 2;
-        form.rank = 2;
+        form.config.steps = 2;
+        form.config.lora.rank = 2;
     }
     h.get_by_label("Start run").click();
     step_until(&mut h, "the run to finish", |h| {

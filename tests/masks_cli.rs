@@ -169,7 +169,10 @@ fn bad_input_gives_errors_not_panics() {
             "needs the attention field M_s",
         ),
         (vec!["--variant", "focal"], "unknown mask variant"),
-        (vec!["--variant", "prior", "--gamma", "2"], "γ = 2"),
+        (
+            vec!["--variant", "prior", "--gamma", "2"],
+            "masks.fusion.gamma must be a number in [0, 1], got 2",
+        ),
         (
             vec!["--variant", "prior", "--window", "4"],
             "entropy window must be odd",

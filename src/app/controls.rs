@@ -1,10 +1,10 @@
 //! The controls panel: fusion (τ, γ, variant), the `M_s` source and layers, what is drawn and how, and the
 //! numbers of the item at the current timestep.
 
-use super::state::{AttentionChoice, Colormap, MaskKind, SubjectChoice, TIMESTEPS};
-use super::{StudioApp, chosen_map};
-use crate::masks::{MaskVariant, ReferencePool};
-use crate::train::config::HiddenSource;
+use super::state::{Colormap, MaskKind, SubjectChoice, TIMESTEPS};
+use super::{StudioApp, chosen_map, knob_ui};
+use crate::masks::MaskVariant;
+use crate::train::config::{AttentionConfig, HiddenSource};
 use eframe::egui;
 
 /// The whole panel.
@@ -24,10 +24,8 @@ fn fusion_ui(app: &mut StudioApp, ui: &mut egui::Ui) {
     ui.heading("Fusion");
     let before = app.settings.fusion;
     let f = &mut app.settings.fusion;
-    ui.add(egui::Slider::new(&mut f.tau, 0.0..=1.0).text("τ"))
-        .on_hover_text("focus coverage threshold: Eq. 9 uses M_s alone when A_focus > τ");
-    ui.add(egui::Slider::new(&mut f.gamma, 0.0..=1.0).text("γ"))
-        .on_hover_text("weight of M_s in Eq. 9's blend branch");
+    knob_ui::slider_f32(ui, &mut f.tau, "masks.fusion.tau", "τ");
+    knob_ui::slider_f32(ui, &mut f.gamma, "masks.fusion.gamma", "γ");
     egui::ComboBox::from_label("variant")
         .selected_text(f.variant.name())
         .show_ui(ui, |ui| {
@@ -71,10 +69,11 @@ fn attention_ui(app: &mut StudioApp, ui: &mut egui::Ui) {
     }
     ui.horizontal(|ui| {
         ui.label("CLS pool:");
-        ui.radio_value(&mut choice.pool, ReferencePool::Mean, "mean")
-            .on_hover_text("Eq. 3's CLS is the mean of all reference tokens");
-        ui.radio_value(&mut choice.pool, ReferencePool::Foreground, "foreground")
-            .on_hover_text("the mean of the reference tokens that differ from its border colour (the subject)");
+        knob_ui::radios(ui, &mut choice.pool, "masks.attention.pool");
+    });
+    ui.horizontal(|ui| {
+        ui.label("similarity:");
+        knob_ui::radios(ui, &mut choice.similarity, "masks.attention.similarity");
     });
     if choice != app.settings.attention {
         app.set_attention_choice(choice);
@@ -82,7 +81,7 @@ fn attention_ui(app: &mut StudioApp, ui: &mut egui::Ui) {
 }
 
 /// The layer list after switching `layer` on or off (empty = every block; at least one stays on).
-fn toggled_layers(choice: &AttentionChoice, blocks: usize, layer: usize, on: bool) -> Vec<usize> {
+fn toggled_layers(choice: &AttentionConfig, blocks: usize, layer: usize, on: bool) -> Vec<usize> {
     let mut layers: Vec<usize> = if choice.layers.is_empty() {
         (0..blocks).collect()
     } else {
@@ -203,11 +202,11 @@ mod tests {
 
     #[test]
     fn layers_toggle_between_all_and_a_subset() {
-        let all = AttentionChoice::default();
+        let all = AttentionConfig::default();
         let off = toggled_layers(&all, 3, 1, false);
         assert_eq!(off, vec![0, 2]);
         let back = toggled_layers(
-            &AttentionChoice {
+            &AttentionConfig {
                 layers: off,
                 ..Default::default()
             },
@@ -217,7 +216,7 @@ mod tests {
         );
         assert!(back.is_empty(), "all blocks again is the empty list");
         let last = toggled_layers(
-            &AttentionChoice {
+            &AttentionConfig {
                 layers: vec![2],
                 ..Default::default()
             },

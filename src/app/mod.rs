@@ -10,6 +10,7 @@ pub mod experiment_worker;
 pub mod experiments;
 pub mod frame_time;
 pub mod inspector;
+pub mod knob_ui;
 pub mod overlay;
 pub mod state;
 pub mod timeline;
@@ -24,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use crate::model::BaseSource;
 use crate::train::backbone::read_profile;
-use crate::train::config::ModelSettings;
+use crate::train::config::{AttentionConfig, ModelSettings};
 use state::{MaskKind, PanZoom, Settings, SubjectChoice, Tab};
 use worker::{AttentionAt, Command, DatasetSummary, FuseRequest, FusedView, ItemView, Reply, Worker};
 
@@ -390,7 +391,7 @@ impl StudioApp {
         }
     }
 
-    fn set_attention_choice(&mut self, choice: state::AttentionChoice) {
+    fn set_attention_choice(&mut self, choice: AttentionConfig) {
         if choice == self.settings.attention {
             return;
         }
@@ -483,7 +484,7 @@ impl StudioApp {
                 }
                 self.base = Some((*backbone, double_blocks));
                 let choice = self.settings.attention.clone();
-                if choice != state::AttentionChoice::default() {
+                if choice != AttentionConfig::default() {
                     self.worker.send(Command::SetAttention(choice));
                 }
             }

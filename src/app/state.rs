@@ -2,9 +2,9 @@
 
 use std::path::PathBuf;
 
-use crate::masks::{FusionParams, MaskVariant, ReferencePool};
-use crate::train::config::HiddenSource;
-use crate::train::objective::ObjectiveKind;
+use crate::masks::FusionParams;
+use crate::train::RunConfig;
+use crate::train::config::AttentionConfig;
 
 /// Timesteps of the timeline: `T = 0, 50, …, 1000` (`t = T / 1000`), the grid on which `M_s` and `A_focus` are
 /// computed and cached per item.
@@ -141,65 +141,25 @@ impl SubjectFilter {
     }
 }
 
-/// Whose hidden states feed `M_s` in the inspector, and which double-stream blocks (Eq. 3).
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(default)]
-pub struct AttentionChoice {
-    /// Reference (base) or policy (base + the LoRA of a run).
-    pub source: HiddenSource,
-    /// Blocks averaged in Eq. 3 (0-based); empty = all.
-    pub layers: Vec<usize>,
-    /// Eq. 3's CLS pooling.
-    pub pool: ReferencePool,
-}
-
-impl AttentionChoice {
-    /// A hashable key (policy?, layers, pooling) for caches.
-    pub fn key(&self) -> (bool, Vec<usize>, ReferencePool) {
-        (self.source == HiddenSource::Policy, self.layers.clone(), self.pool)
-    }
-}
-
-/// The training form.
+/// The training form: a run name and the run config itself (the Studio edits the config type, knob by knob from
+/// the registry; the inspector's dataset and backbone are filled in at start).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
 pub struct TrainingForm {
     /// Folder name under the runs folder.
     pub name: String,
-    /// SFT, DPO or FocusDPO.
-    pub objective: ObjectiveKind,
-    /// Optimiser steps.
-    pub steps: u64,
-    /// DPO β.
-    pub beta: f32,
-    /// Peak learning rate.
-    pub lr: f64,
-    /// LoRA rank.
-    pub rank: usize,
-    /// Mask variant of the run.
-    pub variant: MaskVariant,
-    /// τ of the run.
-    pub tau: f32,
-    /// γ of the run.
-    pub gamma: f32,
-    /// Seed of every random choice of the run.
-    pub seed: u64,
+    /// The run's config.
+    pub config: RunConfig,
 }
 
 impl Default for TrainingForm {
     fn default() -> Self {
-        let cfg = crate::train::config::RunConfig::default();
         Self {
             name: "studio".into(),
-            objective: cfg.objective,
-            steps: 20,
-            beta: cfg.dpo.beta,
-            lr: cfg.optim.adamw.lr,
-            rank: cfg.lora.rank,
-            variant: cfg.masks.fusion.variant,
-            tau: cfg.masks.fusion.tau,
-            gamma: cfg.masks.fusion.gamma,
-            seed: cfg.seed,
+            config: RunConfig {
+                steps: 20,
+                ..RunConfig::default()
+            },
         }
     }
 }
@@ -237,8 +197,8 @@ pub struct Settings {
     pub filter: SubjectFilter,
     /// Variant, τ, γ of the inspector's fusion.
     pub fusion: FusionParams,
-    /// `M_s` source and layers.
-    pub attention: AttentionChoice,
+    /// `M_s` source, layers, similarity and pooling (the run config's own type).
+    pub attention: AttentionConfig,
     /// Timeline position (index into [`TIMESTEPS`]).
     pub t_index: usize,
     /// Training form.

@@ -13,10 +13,8 @@ use super::StudioApp;
 use super::state::{PlotSettings, TrainingForm};
 use super::worker::Command;
 use crate::eval::metrics::debiased_ema;
-use crate::masks::{FusionParams, MaskVariant};
 use crate::train::config::ModelSettings;
 use crate::train::config::RunConfig;
-use crate::train::objective::ObjectiveKind;
 use crate::train::run_store::{METRICS_FILE, read_metrics};
 use crate::train::session::{Event, Launch, Session, SessionOptions, StepRecord};
 
@@ -362,22 +360,9 @@ impl TrainingPanel {
     }
 }
 
-/// The run config of a form: defaults for everything else, the inspector's dataset and base.
+/// The run config of a form, with the inspector's dataset and backbone.
 pub fn run_config(form: &TrainingForm, base: &ModelSettings, dataset: Option<PathBuf>) -> RunConfig {
-    let mut cfg = RunConfig {
-        objective: form.objective,
-        steps: form.steps,
-        seed: form.seed,
-        ..RunConfig::default()
-    };
-    cfg.dpo.beta = form.beta;
-    cfg.optim.adamw.lr = form.lr;
-    cfg.lora.rank = form.rank;
-    cfg.masks.fusion = FusionParams {
-        variant: form.variant,
-        tau: form.tau,
-        gamma: form.gamma,
-    };
+    let mut cfg = form.config.clone();
     cfg.data.dir = dataset;
     cfg.model = base.clone();
     cfg
@@ -426,6 +411,18 @@ pub fn training_ui(app: &mut StudioApp, ui: &mut egui::Ui) {
     egui::CentralPanel::default().show(ui, |ui| plots_ui(&app.training, &mut app.settings.plots, ui));
 }
 
+/// The knobs the form shows first (every other knob is under "more knobs").
+const MAIN_KNOBS: &[&str] = &[
+    "objective",
+    "steps",
+    "dpo.beta",
+    "optim.adamw.lr",
+    "lora.rank",
+    "masks.fusion.variant",
+    "masks.fusion.tau",
+    "masks.fusion.gamma",
+];
+
 fn form_ui(app: &mut StudioApp, ui: &mut egui::Ui) {
     ui.heading("New run");
     let running = app.training.is_running();
@@ -435,52 +432,31 @@ fn form_ui(app: &mut StudioApp, ui: &mut egui::Ui) {
             ui.label("name");
             ui.text_edit_singleline(&mut form.name);
             ui.end_row();
-            ui.label("objective");
-            egui::ComboBox::from_id_salt("objective")
-                .selected_text(form.objective.name())
-                .show_ui(ui, |ui| {
-                    for o in [ObjectiveKind::Sft, ObjectiveKind::Dpo, ObjectiveKind::FocusDpo] {
-                        ui.selectable_value(&mut form.objective, o, o.name());
-                    }
-                });
-            ui.end_row();
-            ui.label("steps");
-            ui.add(egui::DragValue::new(&mut form.steps).range(1..=100_000));
-            ui.end_row();
-            ui.label("β");
-            ui.add(egui::DragValue::new(&mut form.beta).range(1.0..=100_000.0).speed(10.0));
-            ui.end_row();
-            ui.label("learning rate");
-            ui.add(
-                egui::DragValue::new(&mut form.lr)
-                    .range(1e-7..=1.0)
-                    .speed(1e-5)
-                    .custom_formatter(|v, _| format!("{v:.1e}")),
-            );
-            ui.end_row();
-            ui.label("LoRA rank");
-            ui.add(egui::DragValue::new(&mut form.rank).range(1..=256));
-            ui.end_row();
-            ui.label("variant");
-            egui::ComboBox::from_id_salt("run-variant")
-                .selected_text(form.variant.name())
-                .show_ui(ui, |ui| {
-                    for v in MaskVariant::ALL {
-                        ui.selectable_value(&mut form.variant, v, v.name());
-                    }
-                });
-            ui.end_row();
-            ui.label("τ");
-            ui.add(egui::DragValue::new(&mut form.tau).range(0.0..=1.0).speed(0.01));
-            ui.end_row();
-            ui.label("γ");
-            ui.add(egui::DragValue::new(&mut form.gamma).range(0.0..=1.0).speed(0.01));
-            ui.end_row();
             ui.label("seed");
-            ui.add(egui::DragValue::new(&mut form.seed));
+            ui.add(egui::DragValue::new(&mut form.config.seed))
+                .on_hover_text("seed of every random choice of the run");
             ui.end_row();
         });
+        super::knob_ui::knob_grid(ui, "training-main-knobs", &mut form.config, Some(MAIN_KNOBS));
+        let more: Vec<&str> = crate::knobs::KNOBS
+            .iter()
+            .map(|k| k.key)
+            .filter(|k| !MAIN_KNOBS.contains(k))
+            .collect();
+        egui::CollapsingHeader::new(format!("more knobs ({})", more.len()))
+            .id_salt("training-more-knobs")
+            .show(ui, |ui| {
+                egui::ScrollArea::vertical().max_height(420.0).show(ui, |ui| {
+                    super::knob_ui::knob_grid(ui, "training-more-knobs-grid", &mut form.config, Some(&more));
+                });
+            });
+        if ui.small_button("reset to defaults").clicked() {
+            form.config = TrainingForm::default().config;
+        }
     });
+    if let Err(e) = form.config.validate() {
+        ui.colored_label(ui.visuals().error_fg_color, e.to_string());
+    }
     let base = app
         .training
         .base
@@ -639,6 +615,7 @@ fn plots_ui(panel: &TrainingPanel, settings: &mut PlotSettings, ui: &mut egui::U
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::masks::MaskVariant;
     use crate::model::BaseSource;
 
     #[test]
@@ -656,11 +633,9 @@ mod tests {
 
     #[test]
     fn form_becomes_a_valid_config() {
-        let form = TrainingForm {
-            variant: MaskVariant::NoMs,
-            tau: 0.2,
-            ..TrainingForm::default()
-        };
+        let mut form = TrainingForm::default();
+        form.config.masks.fusion.variant = MaskVariant::NoMs;
+        form.config.masks.fusion.tau = 0.2;
         let backbone = ModelSettings {
             base: BaseSource::Random(3),
             ..ModelSettings::default()
@@ -670,6 +645,9 @@ mod tests {
         assert_eq!(cfg.masks.fusion.variant, MaskVariant::NoMs);
         assert_eq!(cfg.masks.fusion.tau, 0.2);
         assert_eq!(cfg.model.base, BaseSource::Random(3));
-        assert_eq!(cfg.steps, form.steps);
+        assert_eq!(cfg.steps, form.config.steps);
+        for key in MAIN_KNOBS {
+            assert!(crate::knobs::knob(key).is_some(), "{key} is not a registry knob");
+        }
     }
 }

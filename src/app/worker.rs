@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 use candle_core::Device;
 
 use super::overlay::{MaskValues, RgbaPixels};
-use super::state::{AttentionChoice, TIMESTEPS, t_of_index};
+use super::state::{TIMESTEPS, t_of_index};
 use crate::dip::DipDataset;
-use crate::masks::{Branch, FusionParams, Grid, MaskInputs, ReferencePool, attention_field, fuse};
+use crate::masks::{Branch, FusionParams, Grid, MaskInputs, attention_field, fuse};
 use crate::model::schedule::Parameterisation;
 use crate::model::{Adapters, BaseModel, BaseSource, Mmdit};
 use crate::pipeline::MaskSettings;
@@ -50,7 +50,7 @@ pub enum Command {
         t_index: usize,
     },
     /// Change whose states and which layers feed `M_s`.
-    SetAttention(AttentionChoice),
+    SetAttention(AttentionConfig),
     /// Use the latest checkpoint of a run as the policy (`HiddenSource::Policy`).
     LoadPolicy(PathBuf),
     /// Load another backbone (a profile, [`crate::train::backbone`]); the selected item is prepared again on it.
@@ -148,7 +148,7 @@ pub struct AttentionAt {
     /// Timeline index.
     pub t_index: usize,
     /// Source and layers it was computed with.
-    pub choice: AttentionChoice,
+    pub choice: AttentionConfig,
     /// `M_s^j` per subject.
     pub per_subject: Vec<MapView>,
     /// `M_s` (union).
@@ -353,7 +353,7 @@ struct Current {
 }
 
 /// (dataset root, item index, timeline index, attention key): what an `M_s(t)` depends on.
-type CacheKey = (PathBuf, usize, usize, (bool, Vec<usize>, ReferencePool));
+type CacheKey = (PathBuf, usize, usize, AttentionConfig);
 
 struct ModelThread {
     notify: Notifier,
@@ -363,7 +363,7 @@ struct ModelThread {
     device: Device,
     dataset: Option<Loaded>,
     current: Option<Current>,
-    attention: AttentionChoice,
+    attention: AttentionConfig,
     cache: HashMap<CacheKey, Arc<AttentionAt>>,
 }
 
@@ -377,7 +377,7 @@ impl ModelThread {
             device: Device::Cpu,
             dataset: None,
             current: None,
-            attention: AttentionChoice::default(),
+            attention: AttentionConfig::default(),
             cache: HashMap::new(),
         }
     }
@@ -588,7 +588,7 @@ impl ModelThread {
         match result {
             Ok((model, step)) => {
                 self.policy = Some(model);
-                self.cache.retain(|k, _| !k.3.0);
+                self.cache.retain(|k, _| k.3.source != HiddenSource::Policy);
                 if let Some(cur) = &mut self.current {
                     let first = cur.pending.front().copied().unwrap_or(0);
                     cur.pending = timeline_order(first);
@@ -623,7 +623,7 @@ impl ModelThread {
             loaded.dataset.root().to_path_buf(),
             cur.index,
             t_index,
-            self.attention.key(),
+            self.attention.clone(),
         );
         if let Some(hit) = self.cache.get(&key) {
             self.notify.send(Reply::Attention(Box::new(AttentionAt::clone(hit))));
@@ -634,12 +634,7 @@ impl ModelThread {
             _ => (&base.mmdit, Adapters::Off),
         };
         let started = Instant::now();
-        let attention = AttentionConfig {
-            source: self.attention.source,
-            layers: self.attention.layers.clone(),
-            pool: self.attention.pool,
-            ..AttentionConfig::default()
-        };
+        let attention = self.attention.clone();
         let probe = Probe {
             t: t_of_index(t_index),
             parameterisation: Parameterisation::default(),

@@ -7,6 +7,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use focusdpo::dip::dataset::read_binary_mask;
 use focusdpo::dip::{DipDataset, LoadedItem, bundled_dataset_dir};
+use focusdpo::knobs;
 use focusdpo::masks::{
     ComplexityConfig, FusionOutput, FusionParams, Grid, MaskInputs, MaskVariant, PriorConfig, ReferencePool,
     Similarity, fuse,
@@ -29,11 +30,11 @@ pub struct MasksArgs {
     /// Item id. Default: the first item.
     #[arg(long)]
     item: Option<String>,
-    /// Focus coverage threshold τ of Eq. 9 / 11.
-    #[arg(long, default_value_t = 0.1)]
+    /// Focus coverage threshold τ of Eq. 9 / 11 (knob masks.fusion.tau).
+    #[arg(long, default_value_t = FusionParams::default().tau, value_parser = knobs::flag::<f32>("masks.fusion.tau"))]
     tau: f32,
-    /// Fusion coefficient γ of Eq. 9 / 11.
-    #[arg(long, default_value_t = 0.3)]
+    /// Fusion coefficient γ of Eq. 9 / 11 (knob masks.fusion.gamma).
+    #[arg(long, default_value_t = FusionParams::default().gamma, value_parser = knobs::flag::<f32>("masks.fusion.gamma"))]
     gamma: f32,
     /// Mask variant: focus, uniform, prior, complexity, unconstrained, no-ms, no-md.
     #[arg(long, default_value = "focus")]

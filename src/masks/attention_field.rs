@@ -24,7 +24,7 @@
 use super::{Grid, MaskError, prior};
 
 /// How Eq. 3 normalises the inner product.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Similarity {
     /// `⟨c, h⟩ / (|c|·|h|)` — cosine similarity.

@@ -34,7 +34,7 @@ pub enum HiddenSource {
 }
 
 /// How `M_s` is computed from the backbone (Eq. 3–6).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AttentionConfig {
     /// Reference or policy hidden states.
@@ -556,32 +556,14 @@ impl RunConfig {
     /// Checks ranges that the types do not.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let inv = |field, message: String| Err(ConfigError::Invalid { field, message });
-        if self.steps == 0 || self.steps > MAX_STEPS {
-            return inv("steps", format!("must be in 1..={MAX_STEPS}, got {}", self.steps));
-        }
-        let f = &self.masks.fusion;
-        if !(0.0..=1.0).contains(&f.tau) || !(0.0..=1.0).contains(&f.gamma) {
-            return inv(
-                "masks.fusion",
-                format!("tau {} and gamma {} must be in [0, 1]", f.tau, f.gamma),
-            );
-        }
+        // Each knob's type and range, as declared in the registry.
+        crate::knobs::check(self)?;
         let n = &self.noise;
         if !(0.0..=1.0).contains(&n.t_min) || !(0.0..=1.0).contains(&n.t_max) || n.t_min > n.t_max {
             return inv(
                 "noise",
                 format!("need 0 ≤ t_min ≤ t_max ≤ 1, got {} and {}", n.t_min, n.t_max),
             );
-        }
-        let a = &self.optim.adamw;
-        if !(a.lr.is_finite() && a.lr > 0.0) {
-            return inv("optim.adamw.lr", format!("must be positive, got {}", a.lr));
-        }
-        if !self.dpo.beta.is_finite() || self.dpo.beta <= 0.0 {
-            return inv("dpo.beta", format!("must be positive, got {}", self.dpo.beta));
-        }
-        if self.lora.rank == 0 {
-            return inv("lora.rank", "must be at least 1".into());
         }
         if self.train.grad_accum == 0 || self.train.grad_accum > MAX_GRAD_ACCUM {
             return inv(

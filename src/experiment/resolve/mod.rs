@@ -29,7 +29,6 @@ pub use phrases::*;
 pub use values::*;
 
 use super::plan::{Action, Plan, Study};
-use crate::train::RunConfig;
 
 /// One `--set key=value` override.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
@@ -521,41 +520,23 @@ mod tests {
                 }
             }
         }
-        let enums: [(&str, Vec<String>); 9] = [
-            ("masks.fusion.variant", crate::masks::MaskVariant::config_names()),
-            ("objective", crate::train::objective::ObjectiveKind::config_names()),
-            ("dpo.mask_norm", crate::train::objective::MaskNorm::config_names()),
-            (
-                "masks.attention.source",
-                crate::train::config::HiddenSource::config_names(),
-            ),
-            (
-                "masks.attention.similarity",
-                crate::masks::attention_field::Similarity::config_names(),
-            ),
-            (
-                "masks.attention.pool",
-                crate::masks::attention_field::ReferencePool::config_names(),
-            ),
-            ("data.pairs.quality", crate::train::pairs::PairQuality::config_names()),
-            (
-                "data.pairs.dynamic",
-                crate::train::pairs::DynamicThreshold::config_names(),
-            ),
-            ("data.negatives", crate::train::negatives::LoserSource::config_names()),
-        ];
-        for (key, names) in enums {
-            let KnobKind::Choice(choices) = knob(key).expect(key).kind else {
-                panic!("{key} is not a named-value knob");
-            };
-            let mut have: Vec<String> = choices.iter().map(|c| c.value.to_string()).collect();
-            let mut want = names;
-            have.sort();
-            want.sort();
-            assert_eq!(
-                have, want,
-                "{key}: the resolver's named values and the config enum differ"
-            );
+        for k in KNOBS {
+            let names = k.value_names();
+            match k.kind {
+                KnobKind::Choice(choices) => {
+                    let mut have: Vec<String> = choices.iter().map(|c| c.value.to_string()).collect();
+                    let mut want = names;
+                    have.sort();
+                    want.sort();
+                    assert_eq!(
+                        have, want,
+                        "{}: the resolver's named values and the config enum differ",
+                        k.key
+                    );
+                }
+                KnobKind::PairSelection | KnobKind::Schedule => assert!(!names.is_empty(), "{}", k.key),
+                _ => assert!(names.is_empty(), "{}", k.key),
+            }
         }
         // The compound knobs read every value of theirs.
         for (text, want) in [("all", "all"), ("top 10%", "top-percent"), ("otsu", "dynamic")] {

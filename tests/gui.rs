@@ -234,6 +234,36 @@ fn training_form_shows_every_registry_knob() {
     }
 }
 
+/// A past run's sample sheets are listed and the newest is shown (decoded off the GUI thread); the slider picks
+/// another checkpoint's.
+#[test]
+fn past_runs_sample_sheets_are_shown_by_checkpoint() {
+    let runs = tempfile::tempdir().unwrap();
+    let dir = runs.path().join("old-run");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("metrics.jsonl"), "{\"step\":1,\"loss\":0.7}\n").unwrap();
+    for step in [10, 20] {
+        let img = image::RgbImage::from_pixel(40, 20, image::Rgb([step as u8, 0, 0]));
+        focusdpo::train::samples::write_png(&focusdpo::train::samples::sheet_path(&dir, step), &img).unwrap();
+    }
+    let mut h = studio(runs.path());
+    h.get_by_label("Training").click();
+    step_until(&mut h, "the newest sheet on screen", |a| {
+        a.training()
+            .sheet
+            .shown_path()
+            .is_some_and(|p| p.ends_with("samples/step-20.png"))
+    });
+    assert!(h.query_by_label("step 20").is_some());
+    h.state_mut().training_mut().sheet.step = Some(10);
+    step_until(&mut h, "the older sheet", |a| {
+        a.training()
+            .sheet
+            .shown_path()
+            .is_some_and(|p| p.ends_with("samples/step-10.png"))
+    });
+}
+
 // ---- snapshot tests of the overlay shader ----------------------------------------------------------------------
 
 fn test_image() -> Arc<RgbaPixels> {

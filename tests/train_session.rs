@@ -809,3 +809,53 @@ fn a_stop_asked_of_one_rank_stops_every_rank_after_the_same_step() {
         "rank 0 checkpointed the last step"
     );
 }
+
+/// With `samples.items` set, every checkpoint writes a sample sheet: held-out items, the frozen base beside the
+/// run's LoRA from the same seeds. The base's column is the same at every checkpoint; the run's moves with it.
+#[test]
+fn checkpoints_write_sample_sheets_of_base_and_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(ObjectiveKind::Dpo, 4)
+        .with_overrides(&[
+            "log.checkpoint_every=2".into(),
+            "samples.items=2".into(),
+            "samples.sampler.steps=2".into(),
+            "optim.adamw.lr=0.01".into(),
+        ])
+        .expect("overrides");
+    cfg.data.items = vec!["synth-0001".into()];
+    let run_dir = dir.path().join("run");
+    let events = run(
+        Launch::New {
+            config: Box::new(cfg),
+            dir: run_dir.clone(),
+        },
+        options(),
+    );
+    let sheets: Vec<(u64, std::path::PathBuf)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Samples { step, path } => Some((*step, path.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sheets.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [2, 4], "{events:?}");
+    assert_eq!(focusdpo::train::samples::sheets(&run_dir), sheets);
+    let cell = 64 + 2;
+    let crop = |img: &image::RgbImage, col: u32, row: u32| {
+        image::imageops::crop_imm(img, 2 + col * cell, 2 + row * cell, 64, 64).to_image()
+    };
+    let a = image::open(&sheets[0].1).expect("png").to_rgb8();
+    let b = image::open(&sheets[1].1).expect("png").to_rgb8();
+    // Row 0 single-subject (target, base, run, 1 reference), row 1 multi-subject (2+ references).
+    assert_eq!(a.height(), 2 * cell + 2);
+    assert!(a.width() >= 5 * cell + 2, "{}", a.width());
+    for row in 0..2 {
+        assert_eq!(
+            crop(&a, 1, row),
+            crop(&b, 1, row),
+            "the frozen base is the same at every checkpoint"
+        );
+    }
+    assert_ne!(crop(&b, 2, 0), crop(&b, 1, 0), "the run's LoRA changes its samples");
+}

@@ -334,6 +334,11 @@ impl StudioApp {
         &self.training
     }
 
+    /// The Training tab's state, to change (tests drive the sheet view with it).
+    pub fn training_mut(&mut self) -> &mut training::TrainingPanel {
+        &mut self.training
+    }
+
     /// The experiments panel.
     pub fn experiments(&self) -> &experiments::ExperimentsPanel {
         &self.experiments

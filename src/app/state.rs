@@ -158,6 +158,15 @@ impl Default for TrainingForm {
             name: "studio".into(),
             config: RunConfig {
                 steps: 20,
+                // A checkpoint, and a sample sheet (base beside the run), every 10 steps.
+                log: crate::train::config::LogConfig {
+                    checkpoint_every: 10,
+                    ..Default::default()
+                },
+                samples: crate::train::samples::SampleSheetConfig {
+                    items: 3,
+                    ..Default::default()
+                },
                 ..RunConfig::default()
             },
         }

@@ -113,6 +113,9 @@ pub enum RunStatus {
     },
 }
 
+/// A run's sample sheets: (step, PNG), oldest first.
+pub type Sheets = Vec<(u64, PathBuf)>;
+
 /// A run started from this window.
 pub struct LiveRun {
     session: Session,
@@ -126,6 +129,8 @@ pub struct LiveRun {
     pub status: RunStatus,
     /// Bytes of the base read so far, while it loads.
     pub loading: Option<std::sync::Arc<crate::model::weights::LoadProgress>>,
+    /// Its sample sheets so far, by step.
+    pub sheets: Sheets,
 }
 
 /// A run read back from disk.
@@ -139,6 +144,8 @@ pub struct PastRun {
     pub curves: Curves,
     /// Overlaid on the plots.
     pub shown: bool,
+    /// Its sample sheets (`samples/step-N.png`), by step.
+    pub sheets: Sheets,
 }
 
 /// Something the panel wants shown in the notice bar.
@@ -161,6 +168,71 @@ pub struct TrainingPanel {
     past: Vec<PastRun>,
     scan: Option<Receiver<Scan>>,
     outcomes: Vec<Outcome>,
+    /// The sample sheet on screen.
+    pub sheet: SheetView,
+}
+
+/// The sample sheet shown: which run and step, and its texture (decoded on a thread of its own).
+#[derive(Default)]
+pub struct SheetView {
+    /// Run folder whose sheets are shown (None = the live run's, else the newest past run with sheets).
+    pub run: Option<PathBuf>,
+    /// Step shown (None = the newest).
+    pub step: Option<u64>,
+    texture: Option<(PathBuf, egui::TextureHandle)>,
+    decoding: Option<(PathBuf, Receiver<Result<egui::ColorImage, String>>)>,
+    failed: Option<(PathBuf, String)>,
+}
+
+impl SheetView {
+    /// The PNG on screen, once decoded.
+    pub fn shown_path(&self) -> Option<&Path> {
+        self.texture.as_ref().map(|(p, _)| p.as_path())
+    }
+
+    /// Shows `path`: starts decoding it on a thread when it is not the texture already (never blocks).
+    fn request(&mut self, path: &Path, ctx: &egui::Context) -> Option<&egui::TextureHandle> {
+        if let Some((p, rx)) = &self.decoding {
+            if let Ok(decoded) = rx.try_recv() {
+                let p = p.clone();
+                self.decoding = None;
+                match decoded {
+                    Ok(img) => {
+                        let tex = ctx.load_texture(p.display().to_string(), img, egui::TextureOptions::NEAREST);
+                        self.texture = Some((p, tex));
+                    }
+                    Err(e) => self.failed = Some((p, e)),
+                }
+            } else {
+                ctx.request_repaint_after(std::time::Duration::from_millis(50));
+            }
+        }
+        let current = self.texture.as_ref().is_some_and(|(p, _)| p == path);
+        let pending = self.decoding.as_ref().is_some_and(|(p, _)| p == path);
+        let failed = self.failed.as_ref().is_some_and(|(p, _)| p == path);
+        if !current && !pending && !failed {
+            let (tx, rx) = mpsc::channel();
+            let file = path.to_path_buf();
+            let ctx = ctx.clone();
+            let spawned = std::thread::Builder::new().name("studio-sheet".into()).spawn(move || {
+                let decoded = image::open(&file)
+                    .map(|img| {
+                        let rgba = img.to_rgba8();
+                        egui::ColorImage::from_rgba_unmultiplied(
+                            [rgba.width() as usize, rgba.height() as usize],
+                            rgba.as_raw(),
+                        )
+                    })
+                    .map_err(|e| format!("{}: {e}", file.display()));
+                let _ = tx.send(decoded);
+                ctx.request_repaint();
+            });
+            if spawned.is_ok() {
+                self.decoding = Some((path.to_path_buf(), rx));
+            }
+        }
+        self.texture.as_ref().filter(|(p, _)| p == path).map(|(_, t)| t)
+    }
 }
 
 impl TrainingPanel {
@@ -174,6 +246,7 @@ impl TrainingPanel {
             past: Vec::new(),
             scan: None,
             outcomes: Vec::new(),
+            sheet: SheetView::default(),
         };
         panel.rescan();
         panel
@@ -288,6 +361,7 @@ impl TrainingPanel {
                     Event::Warning(text) => self
                         .outcomes
                         .push(Outcome::Info(format!("run `{}`: {text}", live.name))),
+                    Event::Samples { step, path } => live.sheets.push((step, path)),
                     Event::Masks(_) | Event::Checkpoint(_) | Event::Dumped { .. } | Event::Pairs(_) => {}
                 }
             }
@@ -346,6 +420,7 @@ impl TrainingPanel {
             curves: Curves::default(),
             status: RunStatus::Starting,
             loading: None,
+            sheets: Vec::new(),
         });
     }
 
@@ -388,6 +463,7 @@ fn scan_runs(dir: &Path) -> Scan {
                     .file_name()
                     .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
                 curves: Curves::from_records(&records),
+                sheets: crate::train::samples::sheets(&d),
                 dir: d,
                 shown: false,
             })
@@ -408,7 +484,105 @@ pub fn training_ui(app: &mut StudioApp, ui: &mut egui::Ui) {
                 past_runs_ui(app, ui);
             });
         });
-    egui::CentralPanel::default().show(ui, |ui| plots_ui(&app.training, &mut app.settings.plots, ui));
+    egui::CentralPanel::default().show(ui, |ui| {
+        egui::ScrollArea::vertical().show(ui, |ui| {
+            samples_ui(&mut app.training, ui);
+            plots_ui(&app.training, &mut app.settings.plots, ui);
+        });
+    });
+}
+
+/// The runs that have sample sheets: (name, folder, sheets), the live run first.
+fn runs_with_sheets(panel: &TrainingPanel) -> Vec<(String, PathBuf, Sheets)> {
+    let mut out = Vec::new();
+    if let Some(live) = &panel.live
+        && !live.sheets.is_empty()
+    {
+        out.push((live.name.clone(), live.dir.clone(), live.sheets.clone()));
+    }
+    for r in &panel.past {
+        if !r.sheets.is_empty() && !out.iter().any(|(_, d, _)| d == &r.dir) {
+            out.push((r.name.clone(), r.dir.clone(), r.sheets.clone()));
+        }
+    }
+    out
+}
+
+/// The sample sheet of a run at a checkpoint: held-out items, the frozen base beside the run's LoRA.
+fn samples_ui(panel: &mut TrainingPanel, ui: &mut egui::Ui) {
+    let runs = runs_with_sheets(panel);
+    egui::CollapsingHeader::new(format!("samples ({} runs with sheets)", runs.len()))
+        .id_salt("training-samples")
+        .default_open(true)
+        .show(ui, |ui| {
+            if runs.is_empty() {
+                ui.label(
+                    "no sample sheets yet: a run writes one at each checkpoint when samples.items > 0 \
+                     (the Studio's form sets 3)",
+                );
+                return;
+            }
+            let view = &mut panel.sheet;
+            let chosen = view
+                .run
+                .as_ref()
+                .and_then(|d| runs.iter().find(|(_, dir, _)| dir == d))
+                .unwrap_or(&runs[0]);
+            let (name, dir, sheets) = chosen.clone();
+            ui.horizontal(|ui| {
+                egui::ComboBox::from_id_salt("sheet-run")
+                    .selected_text(&name)
+                    .show_ui(ui, |ui| {
+                        for (n, d, _) in &runs {
+                            if ui.selectable_label(*d == dir, n).clicked() {
+                                view.run = Some(d.clone());
+                                view.step = None;
+                            }
+                        }
+                    });
+                let steps: Vec<u64> = sheets.iter().map(|(s, _)| *s).collect();
+                let newest = steps.len() - 1;
+                let mut index = view
+                    .step
+                    .and_then(|s| steps.iter().position(|&x| x == s))
+                    .unwrap_or(newest);
+                if steps.len() > 1 {
+                    ui.add(
+                        egui::Slider::new(&mut index, 0..=newest)
+                            .show_value(false)
+                            .text("checkpoint"),
+                    );
+                }
+                ui.label(format!("step {}", steps[index]));
+                view.step = (index != newest).then_some(steps[index]);
+            });
+            let index = view
+                .step
+                .and_then(|s| sheets.iter().position(|(x, _)| *x == s))
+                .unwrap_or(sheets.len() - 1);
+            let path = sheets[index].1.clone();
+            ui.label(
+                egui::RichText::new(
+                    "each row a held-out item: ideal target · frozen base · this run's LoRA (same seeds) · references",
+                )
+                .small(),
+            );
+            if let Some((_, e)) = view.failed.as_ref().filter(|(p, _)| *p == path) {
+                ui.colored_label(ui.visuals().error_fg_color, e);
+                return;
+            }
+            match view.request(&path, ui.ctx()) {
+                Some(tex) => {
+                    let size = tex.size_vec2();
+                    // As wide as the panel, but at most 320 px high so the curves stay in view.
+                    let scale = (ui.available_width() / size.x).min(320.0 / size.y).clamp(1.0, 4.0);
+                    ui.image((tex.id(), size * scale));
+                }
+                None => {
+                    ui.spinner();
+                }
+            }
+        });
 }
 
 /// The knobs the form shows first (every other knob is under "more knobs").

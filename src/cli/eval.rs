@@ -125,35 +125,12 @@ pub fn load_model(args: &ModelArgs) -> anyhow::Result<(BaseModel, String)> {
 
 /// A sheet: one row per item (references, ideal target, generated images), 2 px gaps on white.
 fn sheet(rows: &[(Vec<RgbImage>, Vec<RgbImage>)]) -> RgbImage {
-    let cell = rows
-        .iter()
-        .flat_map(|(a, b)| a.iter().chain(b))
-        .map(|i| i.width().max(i.height()))
-        .max()
-        .unwrap_or(1);
-    let cols = rows.iter().map(|(a, b)| a.len() + b.len()).max().unwrap_or(1) as u32;
-    let gap = 2;
-    let mut out = RgbImage::from_pixel(
-        cols * (cell + gap) + gap,
-        rows.len() as u32 * (cell + gap) + gap,
-        image::Rgb([255, 255, 255]),
-    );
-    for (r, (left, right)) in rows.iter().enumerate() {
-        for (c, img) in left.iter().chain(right).enumerate() {
-            let img = image::imageops::resize(img, cell, cell, image::imageops::FilterType::Nearest);
-            let x = gap + c as u32 * (cell + gap);
-            let y = gap + r as u32 * (cell + gap);
-            image::imageops::overlay(&mut out, &img, i64::from(x), i64::from(y));
-        }
-    }
-    out
+    let rows: Vec<Vec<RgbImage>> = rows.iter().map(|(a, b)| a.iter().chain(b).cloned().collect()).collect();
+    focusdpo::train::samples::compose(&rows)
 }
 
 fn write_png(path: &Path, img: &RgbImage) -> anyhow::Result<()> {
-    let mut bytes = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
-        .with_context(|| format!("{}: cannot encode PNG", path.display()))?;
-    focusdpo::store::write_atomic(path, &bytes).with_context(|| format!("{}: cannot write", path.display()))
+    focusdpo::train::samples::write_png(path, img).map_err(anyhow::Error::msg)
 }
 
 /// The DINOv2 and CLIP embedders the arguments name.

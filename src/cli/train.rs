@@ -281,6 +281,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
                 note(&bar, args.plain, line);
             }
             Event::Checkpoint(c) => note(&bar, args.plain, format!("checkpoint {}", c.dir.display())),
+            Event::Samples { path, .. } => note(&bar, args.plain, format!("sample sheet {}", path.display())),
             Event::Warning(text) => note(&bar, args.plain, format!("warning: {text}")),
             Event::Dumped { step, path } => note(&bar, args.plain, format!("step {step} tensors → {}", path.display())),
             Event::Finished { step, stopped } => {

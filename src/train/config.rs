@@ -379,6 +379,8 @@ pub struct RunConfig {
     pub masks: MaskConfig,
     /// Cadence.
     pub log: LogConfig,
+    /// Sample sheets at each checkpoint (`samples/step-N.png`; off unless `samples.items` > 0).
+    pub samples: crate::train::samples::SampleSheetConfig,
     /// Joint or sequential SFT → objective.
     pub schedule: ScheduleConfig,
     /// How each step is computed (memory against time).
@@ -429,6 +431,7 @@ impl Default for RunConfig {
             noise: NoiseConfig::default(),
             masks: MaskConfig::default(),
             log: LogConfig::default(),
+            samples: crate::train::samples::SampleSheetConfig::default(),
             schedule: ScheduleConfig::default(),
             train: TrainSettings::default(),
         }
@@ -601,6 +604,9 @@ impl RunConfig {
             return inv("data.base_negatives.shift", format!("must be > 0, got {}", b.shift));
         }
         if let Err((field, message)) = self.data.augment.check() {
+            return inv(field, message);
+        }
+        if let Err((field, message)) = self.samples.check() {
             return inv(field, message);
         }
         self.model.validate()

@@ -13,6 +13,7 @@ pub mod pairs;
 pub mod parallel;
 pub mod pretrain;
 pub mod run_store;
+pub mod samples;
 pub mod session;
 
 pub use config::RunConfig;

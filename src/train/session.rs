@@ -216,7 +216,8 @@ pub struct StepOutcome {
 /// A trainer: base with LoRA attached, optimiser, prepared data.
 pub struct Trainer {
     cfg: RunConfig,
-    model: Mmdit,
+    /// The base with the run's LoRA attached to its MMDiT (the codec and text encoder are the sampler's).
+    base: BaseModel,
     patch: usize,
     lora: LoraSet,
     opt: AdamW,
@@ -378,12 +379,12 @@ impl Trainer {
             )?;
         }
         let lora = LoraSet::for_model(lora_cfg, base.config(), &device)?;
-        let mut model = base.mmdit;
-        model.attach_lora(&lora)?;
+        let mut base = base;
+        base.mmdit.attach_lora(&lora)?;
         let opt = AdamW::new(lora.named_vars(), cfg.optim.adamw)?;
         Ok(Self {
             cfg,
-            model,
+            base,
             patch: pixels_per_token,
             lora,
             opt,
@@ -411,7 +412,12 @@ impl Trainer {
 
     /// The model (base + attached adapters).
     pub fn model(&self) -> &Mmdit {
-        &self.model
+        &self.base.mmdit
+    }
+
+    /// The base with the run's LoRA attached (adapters on: the policy; off: the frozen base), for sampling.
+    pub fn base(&self) -> &BaseModel {
+        &self.base
     }
 
     /// Pixels per token.
@@ -487,7 +493,7 @@ impl Trainer {
         checkpoint: Option<&Arc<CheckpointGrads>>,
     ) -> candle_core::Result<ForwardOutput> {
         item.forward(
-            &self.model,
+            &self.base.mmdit,
             x_t,
             timesteps,
             ForwardOptions {
@@ -910,6 +916,13 @@ pub enum Event {
     Masks(Box<MaskSnapshot>),
     /// A checkpoint was written.
     Checkpoint(Checkpoint),
+    /// A sample sheet was written (`samples/step-N.png`, [`crate::train::samples`]).
+    Samples {
+        /// Step.
+        step: u64,
+        /// The PNG.
+        path: PathBuf,
+    },
     /// Something the user should know that did not stop the run (e.g. resume fell back to an older checkpoint
     /// because the newest one is damaged).
     Warning(String),
@@ -1089,6 +1102,21 @@ fn checkpoint(trainer: &Trainer, store: &RunStore, tx: &Sender<Event>) -> Result
     let refs: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (*n, b.as_slice())).collect();
     let ckpt = store.write_checkpoint(trainer.completed_steps(), &refs)?;
     let _ = tx.send(Event::Checkpoint(ckpt));
+    let samples = &trainer.config().samples;
+    if samples.items > 0 {
+        // A sheet that cannot be made is a warning: the run goes on.
+        let step = trainer.completed_steps();
+        let path = crate::train::samples::sheet_path(store.dir(), step);
+        let made = samples
+            .items()
+            .and_then(|items| crate::train::samples::sheet(trainer.base(), samples, &items))
+            .map_err(|e| e.to_string())
+            .and_then(|img| crate::train::samples::write_png(&path, &img));
+        let _ = tx.send(match made {
+            Ok(()) => Event::Samples { step, path },
+            Err(e) => Event::Warning(format!("sample sheet of step {step}: {e}")),
+        });
+    }
     Ok(())
 }
 

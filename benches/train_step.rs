@@ -1,6 +1,8 @@
 //! The training hot paths on the tiny default (random weights: speed does not depend on them) with one bundled
 //! single-subject pair: the MMDiT forward at batch 1 (256 target + 64 reference + 40 text tokens), a full
-//! Diffusion-DPO step and a full FocusDPO step (policy + reference pass at batch 2, masks, backward, AdamW).
+//! Diffusion-DPO step and a full FocusDPO step (policy + reference pass at batch 2, masks, backward, AdamW), and a
+//! pretraining step (batch 8, every weight trained). `scripts/reference/cpu_step_ratio.py` compares the same steps
+//! with diffusers + peft on PyTorch.
 
 use std::hint::black_box;
 
@@ -9,6 +11,7 @@ use criterion::{Criterion, criterion_group};
 use focusdpo::model::{Adapters, BaseModel, Config, ForwardOptions};
 use focusdpo::train::RunConfig;
 use focusdpo::train::objective::ObjectiveKind;
+use focusdpo::train::pretrain::{PretrainConfig, PretrainData, Pretrainer, SubjectMix};
 use focusdpo::train::session::{Trainer, load_items};
 
 fn trainer(objective: ObjectiveKind) -> Trainer {
@@ -59,6 +62,20 @@ fn bench_steps(c: &mut Criterion) {
         let mut t = trainer(objective);
         group.bench_function(name, |b| b.iter(|| t.step(false).expect("step")));
     }
+    group.finish();
+    // Pretraining's step: batch 8 of two-subject scenes (rendered in the step), every weight trained, EMA.
+    let mut group = c.benchmark_group("tiny_pretrain_b8");
+    group.sample_size(10);
+    let cfg = PretrainConfig {
+        steps: 1_000_000,
+        data: PretrainData {
+            subjects: SubjectMix::Two,
+            ..PretrainData::default()
+        },
+        ..PretrainConfig::default()
+    };
+    let mut p = Pretrainer::new(cfg, &Device::Cpu).expect("pretrainer");
+    group.bench_function("pretrain_step", |b| b.iter(|| p.step().expect("step")));
     group.finish();
 }
 

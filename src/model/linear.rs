@@ -163,6 +163,13 @@ impl Linear {
         } else {
             &self.weight
         };
+        if lora.is_none()
+            && let Some(y) = super::ops::trainable_linear(&x2, weight, self.bias.as_ref())
+        {
+            let mut out_shape = lead.to_vec();
+            out_shape.push(self.weight.dim(0)?);
+            return y?.reshape(out_shape);
+        }
         if let Some(y) = super::ops::fused_linear(&x2, weight, self.bias.as_ref(), lora) {
             let mut out_shape = lead.to_vec();
             out_shape.push(self.weight.dim(0)?);

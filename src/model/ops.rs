@@ -260,6 +260,65 @@ fn frozen_bias(bias: Option<&Tensor>) -> Result<Option<Vec<f32>>> {
     }
 }
 
+/// `y = x·Wᵀ + b` with a trainable `W` [n, k] and `b` [n] (pretraining) as one graph node: backward is three
+/// 2-D GEMMs (`∂x = g·W`, `∂W = gᵀ·x`, `∂b = 1ᵀ·g`) instead of candle's matmul and broadcast-add backward, whose
+/// bias gradient is a strided reduction over the rows.
+struct TrainableLinear;
+
+impl CustomOp3 for TrainableLinear {
+    fn name(&self) -> &'static str {
+        "trainable-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, n, k) = matmul_dims(lx, lw)?;
+        let bias = contiguous_f32(sb, lb, self.name())?;
+        if bias.len() != n {
+            candle_core::bail!("trainable-linear: bias of {} for {n} outputs", bias.len());
+        }
+        let y = sx.matmul(sw, (1, m, n, k), lx, &lw.transpose(0, 1)?)?;
+        let mut y = into_f32(y, self.name())?;
+        add_bias(&mut y, bias);
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Detached: gradients built from the graph's own tensors would keep the graph alive in the optimiser.
+        let (x, w, g) = (x.detach(), w.detach(), g.contiguous()?);
+        let gx = g.matmul(&w)?;
+        let gw = g.t()?.matmul(&x)?;
+        let gb = Tensor::ones((1, g.dim(0)?), g.dtype(), g.device())?
+            .matmul(&g)?
+            .squeeze(0)?;
+        Ok((Some(gx), Some(gw), Some(gb)))
+    }
+}
+
+/// `x·Wᵀ + b` for `x` [m, k] with a trainable f32 CPU `W` and `b` (both `Var`s) as one graph node; `None` when
+/// that path does not apply (frozen weights take [`fused_linear`]).
+pub fn trainable_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Option<Result<Tensor>> {
+    let b = bias?;
+    if !fast_path(x) || !fast_path(w) || !fast_path(b) || !w.is_variable() || !b.is_variable() {
+        return None;
+    }
+    Some(x.contiguous().and_then(|x| x.apply_op3(w, b, TrainableLinear)))
+}
+
 /// `x·Wᵀ + b (+ scale·(x·Aᵀ)·Bᵀ)` for `x` [m, k] as a single graph node when `W` and `b` are frozen f32 CPU
 /// tensors; returns `None` when that fast path does not apply (trainable base, other device or dtype).
 pub fn fused_linear(
@@ -835,6 +894,35 @@ mod tests {
         // A trainable weight is not for the fused path.
         let wv = Var::from_tensor(&w)?;
         assert!(fused_linear(x.as_tensor(), wv.as_tensor(), None, None).is_none());
+        Ok(())
+    }
+
+    /// The trainable linear against candle's matmul + broadcast-add: values and the gradients of x, W and b.
+    #[test]
+    fn trainable_linear_matches_elementary_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let (m, k, n) = (37, 24, 20);
+        let w = Var::from_tensor(&random_tensor(&[n, k], 0.3, 30, &dev)?)?;
+        let b = Var::from_tensor(&random_tensor(&[n], 0.3, 31, &dev)?)?;
+        let x = Var::from_tensor(&random_tensor(&[m, k], 1.0, 32, &dev)?)?;
+        let c = random_tensor(&[m, n], 1.0, 33, &dev)?;
+        let fused = trainable_linear(x.as_tensor(), w.as_tensor(), Some(b.as_tensor())).expect("fast path")?;
+        let reference = x
+            .as_tensor()
+            .matmul(&w.as_tensor().t()?)?
+            .broadcast_add(b.as_tensor())?;
+        assert!(max_abs_diff(&fused, &reference)? < 1e-5);
+        let gf = (fused * &c)?.sum_all()?.backward()?;
+        let gr = (reference * &c)?.sum_all()?.backward()?;
+        for (name, v) in [("x", &x), ("W", &w), ("b", &b)] {
+            let (f, r) = (gf.get(v.as_tensor()).expect(name), gr.get(v.as_tensor()).expect(name));
+            assert_eq!(f.dims(), v.dims(), "{name}");
+            assert!(max_abs_diff(f, r)? < 1e-4, "{name}: {}", max_abs_diff(f, r)?);
+            assert!(!f.track_op(), "{name}: a gradient carries the graph");
+        }
+        // Frozen weights and a missing bias are not for this path.
+        assert!(trainable_linear(x.as_tensor(), w.as_tensor(), None).is_none());
+        assert!(trainable_linear(x.as_tensor(), &w.as_tensor().detach(), Some(b.as_tensor())).is_none());
         Ok(())
     }
 

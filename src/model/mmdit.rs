@@ -92,11 +92,11 @@ struct ModulationOut {
 
 impl ModulationOut {
     fn scale_shift(&self, x: &Tensor) -> Result<Tensor> {
-        x.broadcast_mul(&(&self.scale + 1.0)?)?.broadcast_add(&self.shift)
+        super::ops::modulate(x, &self.scale, &self.shift)
     }
 
     fn gate(&self, x: &Tensor) -> Result<Tensor> {
-        x.broadcast_mul(&self.gate)
+        super::ops::gate(x, &self.gate)
     }
 }
 
@@ -392,7 +392,7 @@ impl LastLayer {
             .unsqueeze(1)?
             .chunk(2, D::Minus1)?;
         let (shift, scale) = (&chunks[0], &chunks[1]);
-        let modulated = layer_norm(x)?.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)?;
+        let modulated = super::ops::modulate(&layer_norm(x)?, scale, shift)?;
         self.linear.forward(&modulated, ad)
     }
 }

@@ -661,6 +661,208 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// adaLN modulation: y = x·(1 + scale) + shift, and gates y = x·gate, with per-(batch, channel) vectors
+
+/// `y = x·(offset + s) (+ t)` for `x` [B, N, D] and per-batch vectors `s`, `t` [B, 1, D]: adaLN's scale-shift
+/// (`offset` 1, with a shift) and its gate (`offset` 0, no shift) as one pass. The backward reduces over the
+/// tokens in one pass per batch row (candle's broadcast backward is a strided reduction), and only for the vectors
+/// that are part of a graph (pretraining: the modulation is trained; LoRA runs: it is frozen).
+struct Modulate {
+    offset: f32,
+}
+
+/// The vectors of a [B, 1, D] tensor as one contiguous f32 buffer.
+fn per_batch(t: &Tensor, b: usize, d: usize) -> Result<Vec<f32>> {
+    if t.dims() != [b, 1, d] {
+        candle_core::bail!("modulate: expected [{b}, 1, {d}], got {:?}", t.dims());
+    }
+    t.flatten_all()?.to_vec1::<f32>()
+}
+
+impl Modulate {
+    fn run(&self, x: &[f32], dims: &[usize], s: &[f32], t: Option<&[f32]>) -> Result<Vec<f32>> {
+        let &[_, n, d] = dims else {
+            candle_core::bail!("modulate: expected [B, N, D], got {dims:?}");
+        };
+        let off = self.offset;
+        if d == 0 {
+            return Ok(Vec::new());
+        }
+        let mut out = vec![0f32; x.len()];
+        {
+            let row = |(r, (o, xs)): (usize, (&mut [f32], &[f32]))| {
+                let bi = r / n.max(1);
+                let sv = &s[bi * d..(bi + 1) * d];
+                match t {
+                    Some(t) => {
+                        let tv = &t[bi * d..(bi + 1) * d];
+                        for i in 0..d {
+                            o[i] = xs[i] * (off + sv[i]) + tv[i];
+                        }
+                    }
+                    None => {
+                        for i in 0..d {
+                            o[i] = xs[i] * (off + sv[i]);
+                        }
+                    }
+                }
+            };
+            if x.len() >= PAR_MIN_ELEMS {
+                out.par_chunks_mut(d).zip(x.par_chunks(d)).enumerate().for_each(row);
+            } else {
+                out.chunks_mut(d).zip(x.chunks(d)).enumerate().for_each(row);
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl CustomOp3 for Modulate {
+    fn name(&self) -> &'static str {
+        "modulate"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        ss: &CpuStorage,
+        ls: &Layout,
+        st: &CpuStorage,
+        lt: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(sx, lx, "modulate")?;
+        let s = contiguous_f32(ss, ls, "modulate")?;
+        let t = contiguous_f32(st, lt, "modulate")?;
+        let out = self.run(x, lx.dims(), s, Some(t))?;
+        Ok((CpuStorage::F32(out), lx.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        s: &Tensor,
+        t: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (gx, gs, gt) = modulate_grads(self.offset, x, s, Some(t), g)?;
+        Ok((gx, gs, gt))
+    }
+}
+
+impl CustomOp2 for Modulate {
+    fn name(&self) -> &'static str {
+        "gate"
+    }
+
+    fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, ss: &CpuStorage, ls: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(sx, lx, "gate")?;
+        let s = contiguous_f32(ss, ls, "gate")?;
+        let out = self.run(x, lx.dims(), s, None)?;
+        Ok((CpuStorage::F32(out), lx.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, s: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (gx, gs, _) = modulate_grads(self.offset, x, s, None, g)?;
+        Ok((gx, gs))
+    }
+}
+
+/// Gradients of `y = x·(offset + s) (+ t)`: `∂x = g·(offset + s)`, `∂s = Σ_n g·x`, `∂t = Σ_n g` (the last two only
+/// for vectors in a graph).
+fn modulate_grads(
+    offset: f32,
+    x: &Tensor,
+    s: &Tensor,
+    t: Option<&Tensor>,
+    g: &Tensor,
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let (b, n, d) = x.dims3()?;
+    let sv = per_batch(s, b, d)?;
+    let gv = g.flatten_all()?.to_vec1::<f32>()?;
+    let gx = Modulate { offset }.run(&gv, &[b, n, d], &sv, None)?;
+    let gx = Tensor::from_vec(gx, (b, n, d), x.device())?;
+    let want_s = s.track_op();
+    let want_t = t.is_some_and(Tensor::track_op);
+    if !want_s && !want_t {
+        return Ok((Some(gx), None, None));
+    }
+    let xv = if want_s {
+        x.flatten_all()?.to_vec1::<f32>()?
+    } else {
+        Vec::new()
+    };
+    // Per batch row: Σ over tokens of g·x and of g.
+    let sums: Vec<(Vec<f32>, Vec<f32>)> = (0..b)
+        .into_par_iter()
+        .map(|bi| {
+            let (mut ss, mut ts) = (vec![0f32; d], vec![0f32; d]);
+            for ni in 0..n {
+                let at = (bi * n + ni) * d;
+                let grow = &gv[at..at + d];
+                if want_s {
+                    let xrow = &xv[at..at + d];
+                    for i in 0..d {
+                        ss[i] += grow[i] * xrow[i];
+                    }
+                }
+                if want_t {
+                    for i in 0..d {
+                        ts[i] += grow[i];
+                    }
+                }
+            }
+            (ss, ts)
+        })
+        .collect();
+    let dev = x.device();
+    let gs = want_s
+        .then(|| {
+            Tensor::from_vec(
+                sums.iter().flat_map(|(s, _)| s.clone()).collect::<Vec<_>>(),
+                (b, 1, d),
+                dev,
+            )
+        })
+        .transpose()?;
+    let gt = want_t
+        .then(|| {
+            Tensor::from_vec(
+                sums.iter().flat_map(|(_, t)| t.clone()).collect::<Vec<_>>(),
+                (b, 1, d),
+                dev,
+            )
+        })
+        .transpose()?;
+    Ok((Some(gx), gs, gt))
+}
+
+/// candle's adaLN scale-shift `x·(1 + scale) + shift`.
+pub fn modulate_reference(x: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
+    x.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)
+}
+
+/// adaLN's scale-shift `x·(1 + scale) + shift` for `x` [B, N, D] and `scale`, `shift` [B, 1, D], fused.
+pub fn modulate(x: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
+    if fast_path(x) && fast_path(scale) && fast_path(shift) && x.rank() == 3 {
+        x.contiguous()?
+            .apply_op3(&scale.contiguous()?, &shift.contiguous()?, Modulate { offset: 1.0 })
+    } else {
+        modulate_reference(x, scale, shift)
+    }
+}
+
+/// A gate `x·gate` for `x` [B, N, D] and `gate` [B, 1, D], fused.
+pub fn gate(x: &Tensor, gate: &Tensor) -> Result<Tensor> {
+    if fast_path(x) && fast_path(gate) && x.rank() == 3 {
+        x.contiguous()?.apply_op2(&gate.contiguous()?, Modulate { offset: 0.0 })
+    } else {
+        x.broadcast_mul(gate)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // RoPE on interleaved pairs
 
 /// Rotates channel pairs `(2i, 2i+1)` of `x` [B, H, N, D] by per-(batch, token, pair) angles given as cos/sin
@@ -923,6 +1125,43 @@ mod tests {
         // Frozen weights and a missing bias are not for this path.
         assert!(trainable_linear(x.as_tensor(), w.as_tensor(), None).is_none());
         assert!(trainable_linear(x.as_tensor(), &w.as_tensor().detach(), Some(b.as_tensor())).is_none());
+        Ok(())
+    }
+
+    /// The fused scale-shift and gate against candle's broadcasts: values and the gradients of x, scale, shift
+    /// (when they are in a graph), at the parallel size too; frozen vectors get none.
+    #[test]
+    fn fused_modulate_and_gate_match_broadcast_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        for (b, n, d, seed) in [(2, 5, 8, 40), (3, 70, 96, 50)] {
+            let x = Var::from_tensor(&random_tensor(&[b, n, d], 1.0, seed, &dev)?)?;
+            let s = Var::from_tensor(&random_tensor(&[b, 1, d], 0.5, seed + 1, &dev)?)?;
+            let t = Var::from_tensor(&random_tensor(&[b, 1, d], 0.5, seed + 2, &dev)?)?;
+            let c = random_tensor(&[b, n, d], 1.0, seed + 3, &dev)?;
+            let (xs, ss, ts) = (x.as_tensor(), s.as_tensor(), t.as_tensor());
+            for (fused, reference) in [
+                (modulate(xs, ss, ts)?, modulate_reference(xs, ss, ts)?),
+                (gate(xs, ss)?, xs.broadcast_mul(ss)?),
+            ] {
+                assert!(max_abs_diff(&fused, &reference)? < 1e-5);
+                let gf = (fused * &c)?.sum_all()?.backward()?;
+                let gr = (reference * &c)?.sum_all()?.backward()?;
+                for (name, v) in [("x", &x), ("scale", &s), ("shift", &t)] {
+                    match (gf.get(v.as_tensor()), gr.get(v.as_tensor())) {
+                        (Some(f), Some(r)) => {
+                            assert_eq!(f.dims(), v.dims(), "{name}");
+                            assert!(max_abs_diff(f, r)? < 1e-3, "{name}: {}", max_abs_diff(f, r)?);
+                        }
+                        (None, None) => {}
+                        (f, r) => panic!("{name}: fused {:?} vs reference {:?}", f.is_some(), r.is_some()),
+                    }
+                }
+            }
+            // Frozen vectors: only x gets a gradient.
+            let frozen = modulate(xs, &ss.detach(), &ts.detach())?;
+            let g = (frozen * &c)?.sum_all()?.backward()?;
+            assert!(g.get(xs).is_some() && g.get(ss).is_none() && g.get(ts).is_none());
+        }
         Ok(())
     }
 

@@ -32,8 +32,11 @@ import subprocess
 import sys
 import time
 
+from diffusers_dpo_step import FLUX_DEV, TARGETS, grid_ids
+
+# FLUX's layout, our tiny sizes (diffusers_dpo_step.py: FLUX_DEV, its LoRA targets, its position ids).
 TINY = dict(
-    patch_size=1,
+    FLUX_DEV,
     in_channels=48,
     num_layers=3,
     num_single_layers=3,
@@ -43,10 +46,6 @@ TINY = dict(
     pooled_projection_dim=64,
     guidance_embeds=False,
     axes_dims_rope=(8, 28, 28),
-)
-TARGETS = (
-    r".*blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
-    r"|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)|proj_mlp|proj_out)$"
 )
 SIDE, REF_SIDE, REFERENCES, TEXT = 16, 8, 2, 40
 
@@ -74,13 +73,12 @@ def torch_steps(kind, steps, threads):
     def randn(*shape):
         return torch.randn(*shape, generator=g)
 
-    def grid_ids(side, offset):
-        i, j = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-        return torch.stack([torch.zeros_like(i), i + offset, j + offset], dim=-1).reshape(-1, 3).float()
-
     model = FluxTransformer2DModel(**TINY)
     n_img, n_ref, ch = SIDE * SIDE, REFERENCES * REF_SIDE * REF_SIDE, TINY["in_channels"]
-    img_ids = torch.cat([grid_ids(SIDE, 0)] + [grid_ids(REF_SIDE, SIDE * (r + 1)) for r in range(REFERENCES)])
+    cpu = torch.device("cpu")
+    img_ids = torch.cat(
+        [grid_ids(SIDE, 0, cpu)] + [grid_ids(REF_SIDE, SIDE * (r + 1), cpu) for r in range(REFERENCES)]
+    )
     txt_ids = torch.zeros(TEXT, 3)
 
     def predict(x_t, refs, text, pooled, t):

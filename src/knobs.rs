@@ -675,11 +675,10 @@ pub fn knob(key: &str) -> Option<&'static Knob> {
 
 /// The default run config as a TOML table (for keys outside the knob table).
 pub fn default_config_value(key: &str) -> Option<toml::Value> {
-    let mut value = toml::Value::Table(toml::Table::try_from(RunConfig::default()).ok()?);
-    for part in key.split('.') {
-        value = value.as_table()?.get(part)?.clone();
-    }
-    Some(value)
+    // Serialised once: the Studio's forms read the defaults every frame.
+    static DEFAULTS: std::sync::OnceLock<Option<toml::Table>> = std::sync::OnceLock::new();
+    let table = DEFAULTS.get_or_init(|| toml::Table::try_from(RunConfig::default()).ok());
+    value_at(table.as_ref()?, key).cloned()
 }
 
 /// All knob keys, for "known knobs" in reports.

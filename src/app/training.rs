@@ -610,6 +610,16 @@ fn form_ui(app: &mut StudioApp, ui: &mut egui::Ui) {
             ui.add(egui::DragValue::new(&mut form.config.seed))
                 .on_hover_text("seed of every random choice of the run");
             ui.end_row();
+            ui.label("checkpoint every");
+            ui.add(egui::DragValue::new(&mut form.config.log.checkpoint_every).range(0..=100_000))
+                .on_hover_text("steps between checkpoints (log.checkpoint_every; 0 = only at the end)");
+            ui.end_row();
+            ui.label("sample items");
+            ui.add(egui::DragValue::new(&mut form.config.samples.items).range(0..=32))
+                .on_hover_text(
+                    "held-out items on the sample sheet written at each checkpoint (samples.items; 0 = no sheets)",
+                );
+            ui.end_row();
         });
         super::knob_ui::knob_grid(ui, "training-main-knobs", &mut form.config, Some(MAIN_KNOBS));
         let more: Vec<&str> = crate::knobs::KNOBS

@@ -528,38 +528,33 @@ fn samples_ui(panel: &mut TrainingPanel, ui: &mut egui::Ui) {
                 .as_ref()
                 .and_then(|d| runs.iter().find(|(_, dir, _)| dir == d))
                 .unwrap_or(&runs[0]);
-            let (name, dir, sheets) = chosen.clone();
+            let (name, dir, sheets) = chosen;
+            let newest = sheets.len() - 1;
+            let mut index = view
+                .step
+                .and_then(|s| sheets.iter().position(|(x, _)| *x == s))
+                .unwrap_or(newest);
             ui.horizontal(|ui| {
                 egui::ComboBox::from_id_salt("sheet-run")
-                    .selected_text(&name)
+                    .selected_text(name.as_str())
                     .show_ui(ui, |ui| {
                         for (n, d, _) in &runs {
-                            if ui.selectable_label(*d == dir, n).clicked() {
+                            if ui.selectable_label(d == dir, n).clicked() {
                                 view.run = Some(d.clone());
                                 view.step = None;
                             }
                         }
                     });
-                let steps: Vec<u64> = sheets.iter().map(|(s, _)| *s).collect();
-                let newest = steps.len() - 1;
-                let mut index = view
-                    .step
-                    .and_then(|s| steps.iter().position(|&x| x == s))
-                    .unwrap_or(newest);
-                if steps.len() > 1 {
+                if newest > 0 {
                     ui.add(
                         egui::Slider::new(&mut index, 0..=newest)
                             .show_value(false)
                             .text("checkpoint"),
                     );
                 }
-                ui.label(format!("step {}", steps[index]));
-                view.step = (index != newest).then_some(steps[index]);
+                ui.label(format!("step {}", sheets[index].0));
             });
-            let index = view
-                .step
-                .and_then(|s| sheets.iter().position(|(x, _)| *x == s))
-                .unwrap_or(sheets.len() - 1);
+            view.step = (index != newest).then_some(sheets[index].0);
             let path = sheets[index].1.clone();
             ui.label(
                 egui::RichText::new(

@@ -689,29 +689,27 @@ impl Modulate {
             return Ok(Vec::new());
         }
         let mut out = vec![0f32; x.len()];
-        {
-            let row = |(r, (o, xs)): (usize, (&mut [f32], &[f32]))| {
-                let bi = r / n.max(1);
-                let sv = &s[bi * d..(bi + 1) * d];
-                match t {
-                    Some(t) => {
-                        let tv = &t[bi * d..(bi + 1) * d];
-                        for i in 0..d {
-                            o[i] = xs[i] * (off + sv[i]) + tv[i];
-                        }
-                    }
-                    None => {
-                        for i in 0..d {
-                            o[i] = xs[i] * (off + sv[i]);
-                        }
+        let row = |(r, (o, xs)): (usize, (&mut [f32], &[f32]))| {
+            let bi = r / n.max(1);
+            let sv = &s[bi * d..(bi + 1) * d];
+            match t {
+                Some(t) => {
+                    let tv = &t[bi * d..(bi + 1) * d];
+                    for i in 0..d {
+                        o[i] = xs[i] * (off + sv[i]) + tv[i];
                     }
                 }
-            };
-            if x.len() >= PAR_MIN_ELEMS {
-                out.par_chunks_mut(d).zip(x.par_chunks(d)).enumerate().for_each(row);
-            } else {
-                out.chunks_mut(d).zip(x.chunks(d)).enumerate().for_each(row);
+                None => {
+                    for i in 0..d {
+                        o[i] = xs[i] * (off + sv[i]);
+                    }
+                }
             }
+        };
+        if x.len() >= PAR_MIN_ELEMS {
+            out.par_chunks_mut(d).zip(x.par_chunks(d)).enumerate().for_each(row);
+        } else {
+            out.chunks_mut(d).zip(x.chunks(d)).enumerate().for_each(row);
         }
         Ok(out)
     }
@@ -816,24 +814,13 @@ fn modulate_grads(
             (ss, ts)
         })
         .collect();
+    let (ss, ts): (Vec<Vec<f32>>, Vec<Vec<f32>>) = sums.into_iter().unzip();
     let dev = x.device();
     let gs = want_s
-        .then(|| {
-            Tensor::from_vec(
-                sums.iter().flat_map(|(s, _)| s.clone()).collect::<Vec<_>>(),
-                (b, 1, d),
-                dev,
-            )
-        })
+        .then(|| Tensor::from_vec(ss.concat(), (b, 1, d), dev))
         .transpose()?;
     let gt = want_t
-        .then(|| {
-            Tensor::from_vec(
-                sums.iter().flat_map(|(_, t)| t.clone()).collect::<Vec<_>>(),
-                (b, 1, d),
-                dev,
-            )
-        })
+        .then(|| Tensor::from_vec(ts.concat(), (b, 1, d), dev))
         .transpose()?;
     Ok((Some(gx), gs, gt))
 }

@@ -98,6 +98,29 @@ fn eval_then_report_compares_a_base_with_a_run() {
         serde_json::from_slice(&std::fs::read(base_eval.join("eval.json")).expect("read")).expect("json");
     assert_eq!(report["splits"]["single"]["items"], 2);
     assert_eq!(report["splits"]["multi"]["items"], 1);
+    assert_eq!(report["config"]["crop"], "located");
+    // The former crop at the ideal boxes on request, named in the report.
+    let boxed = dir.path().join("boxed");
+    let out = focusdpo(&[
+        "eval",
+        "--base",
+        "random:0",
+        "--single",
+        "1",
+        "--multi",
+        "0",
+        "--samples",
+        "1",
+        "--steps",
+        "1",
+        "--crop",
+        "ideal-box",
+        "--out",
+        boxed.to_str().expect("utf-8"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let md = std::fs::read_to_string(boxed.join("eval.md")).expect("eval.md");
+    assert!(md.contains("cropped at the ideal target's boxes"), "{md}");
 
     // Two seeds of a one-step DPO run, each evaluated in its eval/ folder.
     let mut runs = Vec::new();

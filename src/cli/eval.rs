@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use candle_core::Device;
 use clap::Args;
-use focusdpo::eval::benchmark::{BenchmarkConfig, ExtraEmbedders, report_markdown, run_benchmark};
+use focusdpo::eval::benchmark::{BenchmarkConfig, ExtraEmbedders, SubjectCrop, report_markdown, run_benchmark};
 use focusdpo::eval::dreambench::{DreamBenchConfig, dreambench_markdown, read_dreambench, run_dreambench};
 use focusdpo::eval::pretrained::{ClipEmbedder, ClipModelConfig, DinoV2Config, DinoV2Embedder};
 use focusdpo::eval::sampler::{SampleRequest, SampleSettings, sample};
@@ -75,6 +75,10 @@ pub struct EvalArgs {
     /// Images per item.
     #[arg(long, default_value_t = BenchmarkConfig::default().samples_per_item)]
     samples: usize,
+    /// Where each subject is looked for in a generated image: `located` (searched for: prompts name no positions)
+    /// or `ideal-box` (the ideal target's box: the reports of earlier versions).
+    #[arg(long, default_value = "located")]
+    crop: SubjectCrop,
     /// DINOv2 weights (model.safetensors or a HF folder) for the DINO score.
     #[arg(long)]
     dino: Option<PathBuf>,
@@ -219,6 +223,7 @@ pub fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
         single_items: args.single,
         multi_items: args.multi,
         samples_per_item: args.samples,
+        crop: args.crop,
         sampler: SampleSettings {
             reference_px: BenchmarkConfig::default().sampler.reference_px,
             ..args.sampler.settings()

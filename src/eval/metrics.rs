@@ -318,15 +318,31 @@ pub fn steps_to_fraction(values: &[f64], window: usize, fraction: f64) -> Option
 /// unless the true entry comes first (the first maximum wins), so a constant embedder cannot score above chance.
 /// `None` without probes or gallery, or when a probe's index is outside the gallery.
 pub fn top1_identification(probes: &[(Vec<f32>, usize)], gallery: &[Vec<f32>]) -> Option<f64> {
-    if probes.is_empty() || gallery.is_empty() || probes.iter().any(|(_, k)| *k >= gallery.len()) {
+    if gallery.is_empty() {
         return None;
     }
-    let hits = probes
+    top1_from_scores(&similarity_rows(probes, gallery))
+}
+
+/// Each probe's cosine similarities to the gallery, with its true index.
+fn similarity_rows(probes: &[(Vec<f32>, usize)], gallery: &[Vec<f32>]) -> Vec<(Vec<f32>, usize)> {
+    probes
         .iter()
-        .filter(|(e, truth)| {
+        .map(|(e, truth)| (gallery.iter().map(|g| cosine(e, g)).collect(), *truth))
+        .collect()
+}
+
+/// [`top1_identification`] from each probe's scores against the gallery (`f32::NEG_INFINITY` for an entry the
+/// probe may not be identified as) and its true index.
+pub fn top1_from_scores(rows: &[(Vec<f32>, usize)]) -> Option<f64> {
+    if rows.is_empty() || rows.iter().any(|(s, truth)| *truth >= s.len()) {
+        return None;
+    }
+    let hits = rows
+        .iter()
+        .filter(|(scores, truth)| {
             let mut best = (0usize, f32::NEG_INFINITY);
-            for (k, g) in gallery.iter().enumerate() {
-                let s = cosine(e, g);
+            for (k, &s) in scores.iter().enumerate() {
                 if s > best.1 {
                     best = (k, s);
                 }
@@ -334,7 +350,7 @@ pub fn top1_identification(probes: &[(Vec<f32>, usize)], gallery: &[Vec<f32>]) -
             best.0 == *truth
         })
         .count();
-    Some(hits as f64 / probes.len() as f64)
+    Some(hits as f64 / rows.len() as f64)
 }
 
 /// TensorBoard's curve smoothing: the exponential moving average `s_i = w·s_{i−1} + (1 − w)·y_i` from `s_0 = 0`,
@@ -370,20 +386,29 @@ pub const IDENTITY_CLASSIFIER_TEMPERATURE: f64 = 0.1;
 /// probe is confidently one class and the classes are used evenly (recognisable and diverse). `None` without
 /// probes or gallery, or for a temperature that is not positive.
 pub fn identity_inception_score(probes: &[(Vec<f32>, usize)], gallery: &[Vec<f32>], temperature: f64) -> Option<f64> {
-    if probes.is_empty() || gallery.is_empty() || temperature.is_nan() || temperature <= 0.0 {
+    if gallery.is_empty() {
         return None;
     }
-    let conditionals: Vec<Vec<f64>> = probes
+    inception_from_scores(&similarity_rows(probes, gallery), temperature)
+}
+
+/// [`identity_inception_score`] from each probe's scores against the gallery (`f32::NEG_INFINITY` = class
+/// excluded for that probe; the true index is not used).
+pub fn inception_from_scores(rows: &[(Vec<f32>, usize)], temperature: f64) -> Option<f64> {
+    let k = rows.first()?.0.len();
+    if k == 0 || rows.iter().any(|(s, _)| s.len() != k) || temperature.is_nan() || temperature <= 0.0 {
+        return None;
+    }
+    let conditionals: Vec<Vec<f64>> = rows
         .iter()
-        .map(|(e, _)| {
-            let logits: Vec<f64> = gallery.iter().map(|g| f64::from(cosine(e, g)) / temperature).collect();
+        .map(|(scores, _)| {
+            let logits: Vec<f64> = scores.iter().map(|&s| f64::from(s) / temperature).collect();
             let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let exp: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
             let sum: f64 = exp.iter().sum();
             exp.iter().map(|x| x / sum).collect()
         })
         .collect();
-    let k = gallery.len();
     let marginal: Vec<f64> = (0..k)
         .map(|j| conditionals.iter().map(|p| p[j]).sum::<f64>() / conditionals.len() as f64)
         .collect();

@@ -328,8 +328,9 @@ fn random_lighting(rng: &mut ChaCha8Rng) -> Lighting {
     }
 }
 
-/// Range of subject scales for `n` subjects at `size` pixels (at least 10 px per subject, and a row of `n` must fit).
-fn scale_range(n: usize, size: u32) -> (f64, f64) {
+/// Range of subject scales (bounding-square side as a fraction of the image side) for `n` subjects at `size`
+/// pixels (at least 10 px per subject, and a row of `n` must fit).
+pub fn scale_range(n: usize, size: u32) -> (f64, f64) {
     let (lo, hi): (f64, f64) = match n {
         0 | 1 => (0.25, 0.55),
         2 => (0.22, 0.4),

@@ -30,6 +30,7 @@ use super::dataset::is_inside_relative;
 use super::manifest::{manifest_text, resolve};
 use super::{DipError, ItemRecord, MANIFEST_FILE};
 
+pub use generate::scale_range;
 pub use identity::{Identity, Palette, Pattern, Shape};
 pub use scene::{
     Background, Lighting, PlacedSubject, REFERENCE_BACKGROUND, REFERENCE_SCALE, Scene, colour_name, reference_scene,

@@ -43,6 +43,10 @@ pub struct SamplerArgs {
     /// Guidance strength for a guidance-distilled base (FLUX.1-dev); ignored by other bases.
     #[arg(long, default_value_t = SampleSettings::default().distilled_guidance)]
     guidance: f32,
+    /// Guidance scale on the references (1 = off; one more forward a step when on). Needs a base pretrained with
+    /// reference dropout.
+    #[arg(long, default_value_t = SampleSettings::default().reference_cfg_scale)]
+    ref_cfg: f32,
 }
 
 impl SamplerArgs {
@@ -52,6 +56,7 @@ impl SamplerArgs {
             cfg_scale: self.cfg,
             shift: self.shift,
             distilled_guidance: self.guidance,
+            reference_cfg_scale: self.ref_cfg,
             ..SampleSettings::default()
         }
     }

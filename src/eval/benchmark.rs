@@ -462,7 +462,7 @@ fn fmt(v: f64, digits: usize) -> String {
 pub fn report_markdown(r: &BenchmarkReport) -> String {
     let names: Vec<&String> = r.splits.keys().rev().collect();
     let mut out = format!(
-        "# Synthetic benchmark: {}\n\nIdentity embedder: `{}`, subjects {}; {} images per item, sampler {} steps, CFG {}.\n\n| metric |",
+        "# Synthetic benchmark: {}\n\nIdentity embedder: `{}`, subjects {}; {} images per item, sampler {} steps, CFG {}{}.\n\n| metric |",
         r.model,
         r.identity_embedder,
         match r.config.crop {
@@ -471,7 +471,12 @@ pub fn report_markdown(r: &BenchmarkReport) -> String {
         },
         r.config.samples_per_item,
         r.config.sampler.steps,
-        r.config.sampler.cfg_scale
+        r.config.sampler.cfg_scale,
+        if r.config.sampler.reference_cfg_scale == 1.0 {
+            String::new()
+        } else {
+            format!(", reference CFG {}", r.config.sampler.reference_cfg_scale)
+        }
     );
     for n in &names {
         out.push_str(&format!(" {n} |"));

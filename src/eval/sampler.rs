@@ -3,7 +3,9 @@
 //!
 //! The unconditional branch of CFG is the **empty prompt** with the same references: the base is pretrained with
 //! prompt dropout to the empty prompt (`train::pretrain`), and keeping the references makes guidance push towards
-//! the prompt, not away from the subjects. Each image's noise comes from its own seed, so an image does not depend
+//! the prompt, not away from the subjects. Guidance on the references as well (`reference_cfg_scale` ≠ 1, for a base
+//! pretrained with reference dropout) is InstructPix2Pix's two-condition form, references as its image condition:
+//! `v = v(∅, ∅) + s_ref·(v(∅, refs) − v(∅, ∅)) + s_txt·(v(prompt, refs) − v(∅, refs))`, one more forward a step. Each image's noise comes from its own seed, so an image does not depend
 //! on which other images share its batch.
 
 use candle_core::{Device, Tensor};
@@ -39,6 +41,14 @@ pub struct SampleSettings {
     /// unused by bases without it. Such a base is usually sampled with `cfg_scale` 1.
     #[serde(default = "default_distilled_guidance")]
     pub distilled_guidance: f32,
+    /// Guidance scale on the references (1 = none: no extra forward). Only a base pretrained with reference dropout
+    /// has learned the branch without references that it needs.
+    #[serde(default = "one")]
+    pub reference_cfg_scale: f32,
+}
+
+fn one() -> f32 {
+    1.0
 }
 
 fn default_distilled_guidance() -> f32 {
@@ -54,6 +64,7 @@ impl Default for SampleSettings {
             parameterisation: Parameterisation::RectifiedFlow,
             reference_px: 32,
             distilled_guidance: default_distilled_guidance(),
+            reference_cfg_scale: 1.0,
         }
     }
 }
@@ -69,6 +80,12 @@ impl SampleSettings {
         }
         if !(self.cfg_scale.is_finite() && self.cfg_scale >= 0.0) {
             return Err(EvalError::Invalid(format!("cfg scale {} must be ≥ 0", self.cfg_scale)));
+        }
+        if !(self.reference_cfg_scale.is_finite() && self.reference_cfg_scale >= 0.0) {
+            return Err(EvalError::Invalid(format!(
+                "reference cfg scale {} must be ≥ 0",
+                self.reference_cfg_scale
+            )));
         }
         if !(self.shift.is_finite() && self.shift > 0.0) {
             return Err(EvalError::Invalid(format!("time shift {} must be > 0", self.shift)));
@@ -232,8 +249,20 @@ pub fn sample(
     }
     let device = base.mmdit.device().clone();
     let b = seeds.len();
-    let guided = settings.cfg_scale != 1.0;
+    let ref_guided = settings.reference_cfg_scale != 1.0 && !request.references.is_empty();
+    let guided = settings.cfg_scale != 1.0 || ref_guided;
     let cond = conditioning(base, request, settings, b, guided, &device)?;
+    // The branch with neither prompt nor references.
+    let bare = if ref_guided {
+        let bare = SampleRequest {
+            prompt: "",
+            references: &[],
+            size_px: request.size_px,
+        };
+        Some(conditioning(base, &bare, settings, b, false, &device)?)
+    } else {
+        None
+    };
     let n = cond.grid.0 * cond.grid.1;
     base.mmdit
         .check_memory(
@@ -273,7 +302,15 @@ pub fn sample(
         }
         let cond_pred = pred.narrow(0, 0, b)?;
         let uncond = pred.narrow(0, b, b)?;
-        Ok((&uncond + ((cond_pred - &uncond)? * f64::from(settings.cfg_scale))?)?)
+        let text_guided = (&uncond + ((cond_pred - &uncond)? * f64::from(settings.cfg_scale))?)?;
+        let Some(bare) = &bare else {
+            return Ok(text_guided);
+        };
+        let timesteps = Tensor::from_vec(vec![model_t; b], b, &device)?;
+        let none = forward(base, bare, settings, x, &timesteps, adapters)?;
+        // v(∅,∅) + s_ref·(v(∅,refs) − v(∅,∅)) + s_txt·(v(prompt,refs) − v(∅,refs))
+        //   = text_guided + (s_ref − 1)·(v(∅,refs) − v(∅,∅))
+        Ok((text_guided + ((uncond - none)? * f64::from(settings.reference_cfg_scale - 1.0))?)?)
     };
     match settings.parameterisation {
         Parameterisation::RectifiedFlow => {
@@ -324,6 +361,66 @@ mod tests {
         assert_eq!((s[0], s[4]), (1.0, 0.0));
         assert!((s[2] - 0.75).abs() < 1e-6, "3·0.5/(1+2·0.5) = 0.75, got {}", s[2]);
         assert_eq!(ddim_steps(4), vec![999, 749, 500, 250]);
+    }
+
+    /// One Euler step from t = 1 is `x̂₀ = ε − v`: the sampler's guided `v` equals the two-condition formula
+    /// computed from the three unguided branches; reference scale 1 is plain prompt guidance.
+    #[test]
+    fn reference_guidance_is_the_two_condition_formula() -> Result<(), EvalError> {
+        let base = tiny_base();
+        let refs = [RgbImage::from_fn(32, 32, |x, y| {
+            image::Rgb([(8 * x) as u8, (8 * y) as u8, 90])
+        })];
+        let req = SampleRequest {
+            prompt: "a red ball",
+            references: &refs,
+            size_px: (32, 32),
+        };
+        let settings = SampleSettings {
+            steps: 1,
+            cfg_scale: 2.0,
+            reference_cfg_scale: 3.0,
+            ..SampleSettings::default()
+        };
+        let dev = Device::Cpu;
+        let grid = base
+            .codec
+            .grid_for(32, 32)
+            .map_err(|e| EvalError::Invalid(e.to_string()))?;
+        let (n, c) = (grid.0 * grid.1, base.config().in_channels);
+        let noise = Tensor::from_vec(normal_vec(&mut stream_rng(5, STREAM_SAMPLE, 0), n * c), (1, n, c), &dev)?;
+        let t = Tensor::new(&[1f32], &dev)?;
+        let branch = |prompt: &str, references: &[RgbImage]| {
+            let r = SampleRequest {
+                prompt,
+                references,
+                size_px: (32, 32),
+            };
+            predict_conditioned(&base, &r, &settings, &noise, &t, Adapters::Off)
+        };
+        let (full, no_prompt, none) = (branch("a red ball", &refs)?, branch("", &refs)?, branch("", &[])?);
+        let expected = |s_ref: f64| -> Result<RgbImage, EvalError> {
+            let v = ((&none + ((&no_prompt - &none)? * s_ref)?)? + ((&full - &no_prompt)? * 2.0)?)?;
+            base.codec
+                .decode(&(&noise - v)?, grid)
+                .map_err(|e| EvalError::Invalid(e.to_string()))
+        };
+        let close = |a: &RgbImage, b: &RgbImage| a.as_raw().iter().zip(b.as_raw()).all(|(x, y)| x.abs_diff(*y) <= 1);
+        let guided = sample(&base, &req, &settings, &[5], Adapters::Off)?;
+        assert!(close(&guided[0], &expected(3.0)?));
+        let plain = SampleSettings {
+            reference_cfg_scale: 1.0,
+            ..settings
+        };
+        let text_only = sample(&base, &req, &plain, &[5], Adapters::Off)?;
+        assert!(close(&text_only[0], &expected(1.0)?));
+        assert_ne!(guided[0], text_only[0]);
+        let bad = SampleSettings {
+            reference_cfg_scale: -1.0,
+            ..settings
+        };
+        assert!(sample(&base, &req, &bad, &[5], Adapters::Off).is_err());
+        Ok(())
     }
 
     #[test]

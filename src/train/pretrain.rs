@@ -14,7 +14,8 @@
 //! - **Timesteps**: uniform, logit-normal (SD3/FLUX training: `t = σ(n)`, `n ~ N(mean, std²)`), or uniform shifted
 //!   as the sampler shifts its grid.
 //! - **Condition dropout**: the prompt is replaced by the empty prompt with probability `prompt_dropout`, so the
-//!   sampler can use classifier-free guidance on the text.
+//!   sampler can use classifier-free guidance on the text; a whole step trains without references with probability
+//!   `reference_dropout`, so the sampler can also guide on the references (`SampleSettings::reference_cfg_scale`).
 //! - **Batches**: all items of a step have the same number of subjects (drawn per step from the 40/35/25 mix of the
 //!   generator), so their token sequences have the same length.
 
@@ -51,6 +52,7 @@ pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 
 const STREAM_DATA: u64 = 0x5052_4554_0001;
 const STREAM_NOISE: u64 = 0x5052_4554_0002;
+const STREAM_REFERENCE_DROPOUT: u64 = 0x5052_4554_0003;
 
 /// How many subjects the pretraining items have.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,6 +154,10 @@ pub struct PretrainConfig {
     pub ema_decay: f64,
     /// Probability of training a sample with the empty prompt.
     pub prompt_dropout: f32,
+    /// Probability of training a whole step without references (a batch's token sequences must stay one length),
+    /// for guidance on the references. Configs written before it existed read as 0.
+    #[serde(default)]
+    pub reference_dropout: f32,
     /// Timestep distribution.
     pub timesteps: TimestepSampling,
     /// Checkpoint every N steps (and at the end).
@@ -188,6 +194,7 @@ impl Default for PretrainConfig {
             },
             ema_decay: 0.999,
             prompt_dropout: 0.1,
+            reference_dropout: 0.1,
             // Uniform, not SD3's logit-normal: the sampler's uniform time grid spends as many steps at t > 0.9 as
             // anywhere else, and logit-normal(0, 1) trains there 1.4 % of the time. On the tiny base the first 500
             // logit-normal steps left x̂₀ at t ≥ 0.9 pure noise (docs/pretraining.md).
@@ -243,6 +250,11 @@ impl PretrainConfig {
                 "must be in [0, 1]",
             ),
             (
+                !(0.0..=1.0).contains(&self.reference_dropout),
+                "reference_dropout",
+                "must be in [0, 1]",
+            ),
+            (
                 !(self.optim.adamw.lr.is_finite() && self.optim.adamw.lr > 0.0),
                 "optim.adamw.lr",
                 "must be positive",
@@ -286,6 +298,9 @@ pub struct PretrainRecord {
     pub loss: f32,
     /// Subjects of this step's items.
     pub subjects: usize,
+    /// The step trained without references (`reference_dropout`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub references_dropped: bool,
     /// Mean `t` of the batch.
     pub t_mean: f32,
     /// Gradient norm before clipping.
@@ -516,6 +531,13 @@ impl Pretrainer {
         let step = self.step + 1;
         let items = self.items(step)?;
         let mut batch = self.batch(&items)?;
+        // A stream of its own, so that runs without reference dropout draw exactly what they drew before it existed.
+        let dropped = self.cfg.reference_dropout > 0.0
+            && rand::RngExt::random::<f32>(&mut stream_rng(self.cfg.seed, STREAM_REFERENCE_DROPOUT, step))
+                < self.cfg.reference_dropout;
+        if dropped {
+            batch.refs.clear();
+        }
         let mut rng = stream_rng(self.cfg.seed, STREAM_NOISE, step);
         let b = items.len();
         let ts: Vec<f32> = (0..b).map(|_| self.cfg.timesteps.draw(&mut rng)).collect();
@@ -595,6 +617,7 @@ impl Pretrainer {
             step,
             loss: loss_value,
             subjects: batch.subjects,
+            references_dropped: dropped,
             t_mean: ts.iter().sum::<f32>() / b as f32,
             grad_norm,
             lr,
@@ -887,6 +910,57 @@ mod tests {
             .map(|c| c.timesteps)
             .ok();
         assert_eq!(shifted, Some(TimestepSampling::Shifted { shift: 3.0 }));
+    }
+
+    /// `reference_dropout` trains whole steps without references (and says so in the record); the references
+    /// matter to the run; a config written before the field existed reads as 0 (no dropout, the old draws).
+    #[test]
+    fn reference_dropout_trains_whole_steps_without_references() -> Result<(), TrainError> {
+        let dev = Device::Cpu;
+        let losses = |p: &mut Pretrainer| -> Result<(Vec<f32>, Vec<bool>), TrainError> {
+            let records = (0..3).map(|_| p.step()).collect::<Result<Vec<_>, _>>()?;
+            Ok((
+                records.iter().map(|r| r.loss).collect(),
+                records.iter().map(|r| r.references_dropped).collect(),
+            ))
+        };
+        let (always, dropped) = losses(&mut Pretrainer::new(
+            PretrainConfig {
+                reference_dropout: 1.0,
+                ..micro()
+            },
+            &dev,
+        )?)?;
+        let (never, kept) = losses(&mut Pretrainer::new(
+            PretrainConfig {
+                reference_dropout: 0.0,
+                ..micro()
+            },
+            &dev,
+        )?)?;
+        assert_eq!((dropped, kept), (vec![true; 3], vec![false; 3]));
+        assert!(always.iter().all(|l| l.is_finite()));
+        // adaLN-Zero: step 1 predicts 0 and step 2 learns only the final projection, so the blocks (and the
+        // references, through attention) reach the prediction from step 3.
+        assert_eq!(always[..2], never[..2]);
+        assert_ne!(always[2], never[2]);
+        let text = toml::to_string(&micro()).expect("toml");
+        let old: String = text
+            .lines()
+            .filter(|l| !l.starts_with("reference_dropout"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let read: PretrainConfig = toml::from_str(&old).expect("old config");
+        assert_eq!(read.reference_dropout, 0.0);
+        let bad = PretrainConfig {
+            reference_dropout: 1.5,
+            ..micro()
+        };
+        assert!(
+            bad.validate()
+                .is_err_and(|e| e.to_string().contains("reference_dropout"))
+        );
+        Ok(())
     }
 
     /// The shifted draw is the sampler's shift of a uniform draw: shift 1 is uniform draw for draw, and shift 3

@@ -31,8 +31,8 @@ use serde::{Deserialize, Serialize};
 use super::denoise::{DenoiseScores, denoise_split};
 use super::identity::{IDENTITY_EMBEDDER, IdentityEmbedder, WindowSearch, identity_descriptor, subject_crop};
 use super::metrics::{
-    IDENTITY_CLASSIFIER_TEMPERATURE, Verification, cmmd, cosine, frechet_distance, inception_from_scores, psnr,
-    top1_from_scores, verification,
+    IDENTITY_CLASSIFIER_TEMPERATURE, Verification, cmmd, cosine, frechet_distance, identity_inception_score, psnr,
+    top1_identification, verification,
 };
 use super::sampler::{SampleRequest, SampleSettings, sample};
 use super::{EvalError, ImageEmbedder, TextEmbedder};
@@ -67,9 +67,9 @@ pub struct BenchmarkConfig {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum SubjectCrop {
-    /// Searched for ([`WindowSearch`]): per reference, the window of the image most like it. Prompts name no
-    /// positions, so an image sampled from noise puts its subjects anywhere; every identity, genuine or impostor,
-    /// is searched the same way.
+    /// Searched for ([`WindowSearch`]): as many detections as the prompt names subjects, identity-agnostically,
+    /// and every reference, genuine or impostor, scored against them. Prompts name no positions, so an image
+    /// sampled from noise puts its subjects anywhere.
     #[default]
     Located,
     /// The ideal target's bounding box of the subject (grown by 1 px): only meaningful when the generator was told
@@ -271,6 +271,8 @@ pub fn score_split(
             gallery.push(i);
         }
     }
+    // The located detector's queries: the whole gallery (identity-agnostic).
+    let queries: Vec<&[f32]> = gallery.iter().map(|&g| all_refs[g].1).collect();
     let (mut rows, mut sims, mut genuine, mut impostor) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut gen_crops, mut ideal_crops) = (Vec::new(), Vec::new());
     let (mut psnrs, mut subject_psnrs) = (Vec::new(), Vec::new());
@@ -298,7 +300,6 @@ pub fn score_split(
                     // Detect as many subjects as the prompt names, identity-agnostically (the windows most like
                     // any identity of the split), then score every reference against those detections only.
                     let search = WindowSearch::new(img, window_sides(keys.len(), img.width().min(img.height())));
-                    let queries: Vec<&[f32]> = gallery.iter().map(|&g| all_refs[g].1).collect();
                     let found: Vec<&[f32]> = search
                         .detect(&queries, keys.len(), DETECTION_MAX_IOU)
                         .into_iter()
@@ -376,8 +377,8 @@ pub fn score_split(
         items: items.len(),
         images: images.iter().map(Vec::len).sum(),
         identity_sim: mean(&sims),
-        top1_identification: top1_from_scores(&rows),
-        identity_is: inception_from_scores(&rows, IDENTITY_CLASSIFIER_TEMPERATURE),
+        top1_identification: top1_identification(&rows),
+        identity_is: identity_inception_score(&rows, IDENTITY_CLASSIFIER_TEMPERATURE),
         verification: verification(&genuine, &impostor).ok(),
         psnr: mean(&psnrs),
         subject_psnr: mean(&subject_psnrs),

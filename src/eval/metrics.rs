@@ -313,28 +313,12 @@ pub fn steps_to_fraction(values: &[f64], window: usize, fraction: f64) -> Option
     None
 }
 
-/// Rank-1 (top-1) identification accuracy: each probe `(embedding, true gallery index)` is assigned the gallery
-/// entry of highest cosine similarity; the fraction assigned correctly. A tie with the true entry counts as a miss
-/// unless the true entry comes first (the first maximum wins), so a constant embedder cannot score above chance.
-/// `None` without probes or gallery, or when a probe's index is outside the gallery.
-pub fn top1_identification(probes: &[(Vec<f32>, usize)], gallery: &[Vec<f32>]) -> Option<f64> {
-    if gallery.is_empty() {
-        return None;
-    }
-    top1_from_scores(&similarity_rows(probes, gallery))
-}
-
-/// Each probe's cosine similarities to the gallery, with its true index.
-fn similarity_rows(probes: &[(Vec<f32>, usize)], gallery: &[Vec<f32>]) -> Vec<(Vec<f32>, usize)> {
-    probes
-        .iter()
-        .map(|(e, truth)| (gallery.iter().map(|g| cosine(e, g)).collect(), *truth))
-        .collect()
-}
-
-/// [`top1_identification`] from each probe's scores against the gallery (`f32::NEG_INFINITY` for an entry the
-/// probe may not be identified as) and its true index.
-pub fn top1_from_scores(rows: &[(Vec<f32>, usize)]) -> Option<f64> {
+/// Rank-1 (top-1) identification accuracy: each probe `(its scores against the gallery, its true gallery index)` is
+/// assigned the gallery entry of highest score (`f32::NEG_INFINITY` for an entry the probe may not be identified
+/// as); the fraction assigned correctly. A tie with the true entry counts as a miss unless the true entry comes
+/// first (the first maximum wins), so a constant embedder cannot score above chance. `None` without probes or
+/// gallery, or when a probe's index is outside the gallery.
+pub fn top1_identification(rows: &[(Vec<f32>, usize)]) -> Option<f64> {
     if rows.is_empty() || rows.iter().any(|(s, truth)| *truth >= s.len()) {
         return None;
     }
@@ -381,20 +365,12 @@ pub fn debiased_ema(points: &[[f64; 2]], weight: f64) -> Vec<[f64; 2]> {
 pub const IDENTITY_CLASSIFIER_TEMPERATURE: f64 = 0.1;
 
 /// An Inception-style score over identity classes: `exp(E_x KL(p(y|x) ‖ p(y)))`, where `p(y|x)` is the built-in
-/// identity classifier's softmax over the gallery identities (cosine similarity / `temperature`) and `p(y)` its
-/// mean over the probes. 1 when every probe gets the same distribution; up to the number of classes when each
-/// probe is confidently one class and the classes are used evenly (recognisable and diverse). `None` without
+/// identity classifier's softmax over the gallery identities (each probe's row of scores, cosine similarities,
+/// divided by `temperature`; `f32::NEG_INFINITY` = class excluded for that probe; the true index is not used) and
+/// `p(y)` its mean over the probes. 1 when every probe gets the same distribution; up to the number of classes when
+/// each probe is confidently one class and the classes are used evenly (recognisable and diverse). `None` without
 /// probes or gallery, or for a temperature that is not positive.
-pub fn identity_inception_score(probes: &[(Vec<f32>, usize)], gallery: &[Vec<f32>], temperature: f64) -> Option<f64> {
-    if gallery.is_empty() {
-        return None;
-    }
-    inception_from_scores(&similarity_rows(probes, gallery), temperature)
-}
-
-/// [`identity_inception_score`] from each probe's scores against the gallery (`f32::NEG_INFINITY` = class
-/// excluded for that probe; the true index is not used).
-pub fn inception_from_scores(rows: &[(Vec<f32>, usize)], temperature: f64) -> Option<f64> {
+pub fn identity_inception_score(rows: &[(Vec<f32>, usize)], temperature: f64) -> Option<f64> {
     let k = rows.first()?.0.len();
     if k == 0 || rows.iter().any(|(s, _)| s.len() != k) || temperature.is_nan() || temperature <= 0.0 {
         return None;
@@ -468,26 +444,34 @@ mod tests {
         assert!(debiased_ema(&[], 0.6).is_empty());
     }
 
+    /// Each probe embedding's cosine similarities to the gallery, with its true index.
+    fn similarity_rows(probes: &[(Vec<f32>, usize)], gallery: &[Vec<f32>]) -> Vec<(Vec<f32>, usize)> {
+        probes
+            .iter()
+            .map(|(e, truth)| (gallery.iter().map(|g| cosine(e, g)).collect(), *truth))
+            .collect()
+    }
+
     #[test]
     fn identity_inception_score_hand_cases() {
         let gallery = vec![vec![1.0, 0.0], vec![0.0, 1.0]];
         // Every probe the same: p(y|x) = p(y), KL = 0, IS = 1.
         let same = vec![(vec![1.0, 1.0], 0), (vec![2.0, 2.0], 1)];
-        let is = identity_inception_score(&same, &gallery, 0.1).expect("score");
+        let is = identity_inception_score(&similarity_rows(&same, &gallery), 0.1).expect("score");
         assert!((is - 1.0).abs() < 1e-12, "{is}");
         // One probe on each axis: cos 1 vs 0, logits 10 vs 0 at T = 0.1. p(y|x) = (a, 1 − a) and (1 − a, a) with
         // a = 1 / (1 + e^-10); p(y) = (½, ½); KL = ln 2 + a ln a + (1 − a) ln(1 − a) for both.
         let apart = vec![(vec![1.0, 0.0], 0), (vec![0.0, 1.0], 1)];
         let a = 1.0 / (1.0 + (-10f64).exp());
         let want = (2f64.ln() + a * a.ln() + (1.0 - a) * (1.0 - a).ln()).exp();
-        let is = identity_inception_score(&apart, &gallery, 0.1).expect("score");
+        let is = identity_inception_score(&similarity_rows(&apart, &gallery), 0.1).expect("score");
         assert!((is - want).abs() < 1e-9 && is > 1.99, "{is} vs {want}");
         // Recognisable but all the same identity: not diverse, IS ≈ 1.
         let one_class = vec![(vec![1.0, 0.0], 0), (vec![1.0, 0.01], 0)];
-        assert!(identity_inception_score(&one_class, &gallery, 0.1).expect("score") < 1.01);
-        assert_eq!(identity_inception_score(&[], &gallery, 0.1), None);
-        assert_eq!(identity_inception_score(&apart, &[], 0.1), None);
-        assert_eq!(identity_inception_score(&apart, &gallery, 0.0), None);
+        assert!(identity_inception_score(&similarity_rows(&one_class, &gallery), 0.1).expect("score") < 1.01);
+        assert_eq!(identity_inception_score(&similarity_rows(&[], &gallery), 0.1), None);
+        assert_eq!(identity_inception_score(&similarity_rows(&apart, &[]), 0.1), None);
+        assert_eq!(identity_inception_score(&similarity_rows(&apart, &gallery), 0.0), None);
     }
 
     #[test]
@@ -496,12 +480,18 @@ mod tests {
         // Probe 0 is nearest to entry 0 (right), probe 1 nearest to entry 1 (right), probe 2 nearest to entry 0
         // but belongs to entry 2 (wrong): 2/3.
         let probes = vec![(vec![0.9, 0.1], 0), (vec![0.2, 0.8], 1), (vec![0.7, 0.3], 2)];
-        assert_eq!(top1_identification(&probes, &gallery), Some(2.0 / 3.0));
+        assert_eq!(
+            top1_identification(&similarity_rows(&probes, &gallery)),
+            Some(2.0 / 3.0)
+        );
         // A constant (zero) embedder scores every entry 0: the first entry wins, so only its probes hit.
         let zeros = vec![(vec![0.0, 0.0], 0), (vec![0.0, 0.0], 1), (vec![0.0, 0.0], 2)];
-        assert_eq!(top1_identification(&zeros, &gallery), Some(1.0 / 3.0));
-        assert_eq!(top1_identification(&[], &gallery), None);
-        assert_eq!(top1_identification(&[(vec![1.0, 0.0], 3)], &gallery), None);
+        assert_eq!(top1_identification(&similarity_rows(&zeros, &gallery)), Some(1.0 / 3.0));
+        assert_eq!(top1_identification(&similarity_rows(&[], &gallery)), None);
+        assert_eq!(
+            top1_identification(&similarity_rows(&[(vec![1.0, 0.0], 3)], &gallery)),
+            None
+        );
     }
 
     #[test]

@@ -5,8 +5,8 @@
 //! prompt dropout to the empty prompt (`train::pretrain`), and keeping the references makes guidance push towards
 //! the prompt, not away from the subjects. Guidance on the references as well (`reference_cfg_scale` ≠ 1, for a base
 //! pretrained with reference dropout) is InstructPix2Pix's two-condition form, references as its image condition:
-//! `v = v(∅, ∅) + s_ref·(v(∅, refs) − v(∅, ∅)) + s_txt·(v(prompt, refs) − v(∅, refs))`, one more forward a step. Each image's noise comes from its own seed, so an image does not depend
-//! on which other images share its batch.
+//! `v = v(∅, ∅) + s_ref·(v(∅, refs) − v(∅, ∅)) + s_txt·(v(prompt, refs) − v(∅, refs))`, one more forward a step.
+//! Each image's noise comes from its own seed, so an image does not depend on which other images share its batch.
 
 use candle_core::{Device, Tensor};
 use image::RgbImage;
@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::EvalError;
 use crate::model::encoder::reference_at;
-use crate::model::schedule::{DDPM_STEPS, Parameterisation, ddpm_alphas_cumprod, model_time};
+use crate::model::schedule::{DDPM_STEPS, Parameterisation, ddpm_alphas_cumprod, model_time, shift_time};
 use crate::model::{
     Adapters, BaseModel, ForwardOptions, MmditInput, Reference, ids_tensor, reference_ids, target_ids, text_ids,
     uno_reference_offsets,
@@ -31,7 +31,7 @@ pub struct SampleSettings {
     pub steps: usize,
     /// Classifier-free guidance scale on the prompt (1 = no guidance, one forward per step).
     pub cfg_scale: f32,
-    /// Rectified flow only: time shift `s` of SD3/FLUX (`t' = s·t / (1 + (s−1)·t)`); 1 = the uniform grid.
+    /// Rectified flow only: time shift `s` of SD3/FLUX (`model::schedule::shift_time`); 1 = the uniform grid.
     pub shift: f32,
     /// Euler (rectified flow) or DDIM (ε-prediction): must match how the base was trained.
     pub parameterisation: Parameterisation,
@@ -43,11 +43,11 @@ pub struct SampleSettings {
     pub distilled_guidance: f32,
     /// Guidance scale on the references (1 = none: no extra forward). Only a base pretrained with reference dropout
     /// has learned the branch without references that it needs.
-    #[serde(default = "one")]
+    #[serde(default = "no_reference_guidance")]
     pub reference_cfg_scale: f32,
 }
 
-fn one() -> f32 {
+fn no_reference_guidance() -> f32 {
     1.0
 }
 
@@ -64,7 +64,7 @@ impl Default for SampleSettings {
             parameterisation: Parameterisation::RectifiedFlow,
             reference_px: 32,
             distilled_guidance: default_distilled_guidance(),
-            reference_cfg_scale: 1.0,
+            reference_cfg_scale: no_reference_guidance(),
         }
     }
 }
@@ -223,7 +223,7 @@ pub fn flow_time_grid(steps: usize, shift: f32) -> Vec<f32> {
     (0..=steps)
         .map(|i| {
             let t = 1.0 - i as f32 / steps as f32;
-            shift * t / (1.0 + (shift - 1.0) * t)
+            shift_time(t, shift)
         })
         .collect()
 }

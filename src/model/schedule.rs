@@ -115,6 +115,12 @@ pub fn predicted_x0(param: Parameterisation, x_t: &Tensor, prediction: &Tensor, 
     }
 }
 
+/// SD3/FLUX's time shift of a rectified-flow time: `s·t / (1 + (s − 1)·t)`; `s` = 1 leaves `t` as it is, `s` > 1
+/// moves times towards 1 (high noise). The sampler shifts its grid with it, pretraining its draws.
+pub fn shift_time(t: f32, shift: f32) -> f32 {
+    shift * t / (1.0 + (shift - 1.0) * t)
+}
+
 /// The schedule time for a fraction `frac ∈ [0, 1]` of the schedule: `frac` itself for rectified flow, the
 /// nearest integer step `T = round(frac · 999)` for DDPM (the `t` that [`add_noise`] takes).
 pub fn schedule_time(param: Parameterisation, frac: f32) -> f32 {

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use crate::dip::synth::{NegativeSource, SubjectCount, SynthConfig, SynthItem, synthesize_item};
 use crate::model::base::{META_CONFIG, META_PATCH};
 use crate::model::encoder::{image_to_tensor, patchify, reference_at};
-use crate::model::schedule::{Parameterisation, add_noise, model_time};
+use crate::model::schedule::{Parameterisation, add_noise, model_time, shift_time};
 use crate::model::testing::random_weights;
 use crate::model::text::random_prompt_tables;
 use crate::model::{
@@ -122,10 +122,7 @@ impl TimestepSampling {
                 let n = mean + std * standard_normal(rng);
                 1.0 / (1.0 + (-n).exp())
             }
-            Self::Shifted { shift } => {
-                let u = rand::RngExt::random::<f32>(rng);
-                shift * u / (1.0 + (shift - 1.0) * u)
-            }
+            Self::Shifted { shift } => shift_time(rand::RngExt::random::<f32>(rng), shift),
         }
     }
 }

@@ -42,6 +42,8 @@ fn main() -> anyhow::Result<()> {
                 subjects: SubjectMix::Two,
                 ..PretrainData::default()
             },
+            // Every step with its references, as PyTorch's side of the comparison.
+            reference_dropout: 0.0,
             ..PretrainConfig::default()
         };
         let mut p = Pretrainer::new(cfg, &device)?;

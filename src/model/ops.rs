@@ -7,8 +7,8 @@
 //!
 //! Every op has an elementary-op twin (`*_reference`) that the tests compare against, value and gradient; the
 //! twins are also the path taken on other devices (CUDA) and dtypes, where candle's kernels are the better choice.
-//! Ops whose parameter is a trainable `Var` (pretraining the base) take the elementary path too, so that the
-//! parameter gets its gradient.
+//! Ops whose parameter is a trainable `Var` (pretraining the base) either have a variant that returns the
+//! parameter's gradient too (linear layers, RMSNorm's scale, the modulation vectors) or take the elementary path.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Storage, Tensor};
@@ -581,17 +581,102 @@ pub fn rms_norm_reference(x: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor
     x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(scale)
 }
 
-/// FLUX's RMSNorm (`x / rms(x) · scale`) over the last axis, fused when the scale is frozen.
-pub fn rms_norm(x: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
-    if fast_path(x) && !scale.is_variable() && scale.rank() == 1 {
-        let op = RmsNorm {
-            scale: scale.to_dtype(DType::F32)?.to_vec1::<f32>()?,
-            eps: eps as f32,
-        };
-        x.contiguous()?.apply_op1(op)
-    } else {
-        rms_norm_reference(x, scale, eps)
+/// RMSNorm whose scale is trained (pretraining's QK norms): `x` and `scale` are both inputs of the op, and
+/// backward gives `∂x` (as [`RmsNormGrad`]) and `∂scale = Σ_rows g⊙x̂`.
+struct RmsNormTrainable {
+    eps: f32,
+}
+
+/// `Σ_rows g⊙x̂` over the rows of `x` and `g`: the trained scale's gradient.
+struct RmsNormScaleGrad {
+    eps: f32,
+}
+
+/// Rows per task of [`RmsNormScaleGrad`]'s reduction: a fixed split, so the sum is the same for any thread count.
+const SCALE_GRAD_ROWS: usize = 256;
+
+impl CustomOp2 for RmsNormTrainable {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm-trainable"
     }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, self.name())?;
+        let scale = contiguous_f32(s2, l2, self.name())?;
+        if last_dim(l1) != scale.len() || l2.shape().rank() != 1 {
+            candle_core::bail!("rms_norm: last axis {} but scale is {:?}", last_dim(l1), l2.shape());
+        }
+        let eps = self.eps;
+        let out = map_rows(x, last_dim(l1), |row, o| {
+            let inv = inv_rms(row, eps);
+            for ((oi, &xi), &si) in o.iter_mut().zip(row).zip(scale) {
+                *oi = xi * inv * si;
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, scale: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (x, g) = (x.detach(), g.contiguous()?);
+        let op = RmsNormGrad {
+            scale: scale.to_vec1::<f32>()?,
+            eps: self.eps,
+        };
+        let dx = x.apply_op2_no_bwd(&g, &op)?;
+        let ds = x.apply_op2_no_bwd(&g, &RmsNormScaleGrad { eps: self.eps })?;
+        Ok((Some(dx), Some(ds)))
+    }
+}
+
+impl CustomOp2 for RmsNormScaleGrad {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm-scale-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        same_shape(l1, l2, self.name())?;
+        let x = contiguous_f32(s1, l1, self.name())?;
+        let g = contiguous_f32(s2, l2, self.name())?;
+        let d = last_dim(l1).max(1);
+        let eps = self.eps;
+        let block = SCALE_GRAD_ROWS * d;
+        let partial = |(x, g): (&[f32], &[f32])| {
+            let mut acc = vec![0f32; d];
+            for (x, g) in x.chunks(d).zip(g.chunks(d)) {
+                let r = inv_rms(x, eps);
+                for ((a, &xi), &gi) in acc.iter_mut().zip(x).zip(g) {
+                    *a += gi * xi * r;
+                }
+            }
+            acc
+        };
+        let parts: Vec<Vec<f32>> = if x.len() >= PAR_MIN_ELEMS {
+            x.par_chunks(block).zip(g.par_chunks(block)).map(partial).collect()
+        } else {
+            x.chunks(block).zip(g.chunks(block)).map(partial).collect()
+        };
+        let mut out = vec![0f32; d];
+        for part in parts {
+            out.iter_mut().zip(part).for_each(|(o, p)| *o += p);
+        }
+        Ok((CpuStorage::F32(out), Shape::from(d)))
+    }
+}
+
+/// FLUX's RMSNorm (`x / rms(x) · scale`) over the last axis: one fused op on CPU f32, with the scale's gradient
+/// when it is trained.
+pub fn rms_norm(x: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
+    if !fast_path(x) || scale.rank() != 1 {
+        return rms_norm_reference(x, scale, eps);
+    }
+    if scale.is_variable() && fast_path(scale) {
+        return x.contiguous()?.apply_op2(scale, RmsNormTrainable { eps: eps as f32 });
+    }
+    let op = RmsNorm {
+        scale: scale.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+        eps: eps as f32,
+    };
+    x.contiguous()?.apply_op1(op)
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1205,6 +1290,31 @@ mod tests {
             |x| rms_norm_reference(x, &scale, eps),
             2e-5,
         )
+    }
+
+    /// A trained RMSNorm scale: the value and the gradients of x and of the scale against the elementary ops, at
+    /// the small and the parallel size.
+    #[test]
+    fn fused_rms_norm_trains_its_scale() -> Result<()> {
+        let dev = Device::Cpu;
+        for (shape, seed) in [(vec![2, 2, 5, 16], 60), (vec![2, 4, 300, 16], 70)] {
+            let scale = Var::from_tensor(&random_tensor(&[16], 1.0, seed, &dev)?)?;
+            let x = Var::from_tensor(&random_tensor(&shape, 1.0, seed + 1, &dev)?)?;
+            let c = random_tensor(&shape, 1.0, seed + 2, &dev)?;
+            let fused = rms_norm(x.as_tensor(), scale.as_tensor(), 1e-6)?;
+            let reference = rms_norm_reference(x.as_tensor(), scale.as_tensor(), 1e-6)?;
+            assert!(max_abs_diff(&fused, &reference)? < 2e-5);
+            let gf = (fused * &c)?.sum_all()?.backward()?;
+            let gr = (reference * &c)?.sum_all()?.backward()?;
+            for (name, v) in [("x", &x), ("scale", &scale)] {
+                let (f, r) = (gf.get(v.as_tensor()).expect(name), gr.get(v.as_tensor()).expect(name));
+                assert_eq!(f.dims(), v.dims(), "{name}");
+                let tol = 1e-4 * (1.0 + r.abs()?.max_all()?.to_scalar::<f32>()?);
+                assert!(max_abs_diff(f, r)? < tol, "{name}: {}", max_abs_diff(f, r)?);
+                assert!(!f.track_op(), "{name}: a gradient carries the graph");
+            }
+        }
+        Ok(())
     }
 
     #[test]

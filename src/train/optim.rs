@@ -3,6 +3,11 @@
 //! [`AdamW`] performs exactly the update of `candle_nn::AdamW` (a test checks them step by step), but its moments
 //! and step count can be saved and restored: candle keeps them private, and a resumed run must continue with the
 //! same optimiser state to reproduce an uninterrupted one.
+//!
+//! On the CPU with f32 tensors the update runs in place, one pass over each of `m`, `v` and the weight (see
+//! [`fused`]), instead of a dozen tensor ops that each allocate a tensor the size of the weight; other devices and
+//! dtypes take the tensor-op path. Both compute the same f32 operations in the same order, so they agree bit for
+//! bit (a test checks it). The gradient-norm clip folds into the update as a scale on the gradient.
 
 use std::collections::HashMap;
 
@@ -50,8 +55,9 @@ pub struct AdamW {
 impl AdamW {
     /// A fresh optimiser (zero moments) for `vars`.
     pub fn new(vars: Vec<(String, Var)>, params: AdamWParams) -> Result<Self> {
+        // Separate storage for every moment: the CPU path updates them in place.
         let m = vars.iter().map(|(_, v)| v.zeros_like()).collect::<Result<Vec<_>>>()?;
-        let v = m.clone();
+        let v = vars.iter().map(|(_, v)| v.zeros_like()).collect::<Result<Vec<_>>>()?;
         Ok(Self {
             vars,
             m,
@@ -73,6 +79,12 @@ impl AdamW {
 
     /// One update from `grads`; variables without a gradient are left unchanged.
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.step_scaled(grads, 1.0)
+    }
+
+    /// One update from `grads` multiplied by `grad_scale` (the factor of a gradient-norm clip, see [`clip_scale`]),
+    /// without writing the scaled gradients anywhere.
+    pub fn step_scaled(&mut self, grads: &GradStore, grad_scale: f64) -> Result<()> {
         self.step += 1;
         let AdamWParams {
             lr,
@@ -89,7 +101,27 @@ impl AdamW {
                 continue;
             };
             // A gradient may still reference the step's graph; the moments must not keep it alive.
-            let g = &g.detach();
+            let g = g.detach();
+            if fused::applies(&[var.as_tensor(), &g, &self.m[i], &self.v[i]]) {
+                let g = g.contiguous()?;
+                let scale = grad_scale as f32;
+                self.m[i].inplace_op2(&g, &fused::Blend::new(beta1, 1.0 - beta1, scale, false))?;
+                self.v[i].inplace_op2(&g, &fused::Blend::new(beta2, 1.0 - beta2, scale, true))?;
+                let update = fused::AdamWUpdate {
+                    decay: (1.0 - lr * weight_decay) as f32,
+                    lr: lr as f32,
+                    scale_m: scale_m as f32,
+                    scale_v: scale_v as f32,
+                    eps: eps as f32,
+                };
+                var.as_tensor().inplace_op3(&self.m[i], &self.v[i], &update)?;
+                continue;
+            }
+            let g = &if grad_scale == 1.0 {
+                g
+            } else {
+                g.affine(grad_scale, 0.0)?
+            };
             let m = ((&self.m[i] * beta1)? + (g * (1.0 - beta1))?)?;
             let v = ((&self.v[i] * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
             let update = ((&m * scale_m)? / ((&v * scale_v)?.sqrt()? + eps)?)?;
@@ -140,7 +172,8 @@ impl AdamW {
                         var.dims()
                     );
                 }
-                out.push(t.to_dtype(var.dtype())?.to_device(var.device())?);
+                // A copy: the CPU path updates the moments in place, and the caller's tensors must not change.
+                out.push(t.to_dtype(var.dtype())?.to_device(var.device())?.copy()?);
             }
         }
         self.m = m;
@@ -159,31 +192,46 @@ pub fn lr_at(step: u64, peak: f64, warmup_steps: u64) -> f64 {
     }
 }
 
-/// The global L2 norm of the gradients of `vars` (vars without a gradient count as zero).
+/// The global L2 norm of the gradients of `vars` (vars without a gradient count as zero). CPU f32 gradients are
+/// summed in f64 in one pass ([`fused::sum_squares`]); others by tensor ops.
 pub fn grad_norm(grads: &GradStore, vars: &[Var]) -> Result<f64> {
     let mut sum_sq = 0.0f64;
     for v in vars {
         if let Some(g) = grads.get(v.as_tensor()) {
-            sum_sq += f64::from(
-                g.sqr()?
-                    .sum_all()?
-                    .to_dtype(candle_core::DType::F32)?
-                    .to_scalar::<f32>()?,
-            );
+            sum_sq += match fused::sum_squares(g) {
+                Some(s) => s,
+                None => f64::from(
+                    g.sqr()?
+                        .sum_all()?
+                        .to_dtype(candle_core::DType::F32)?
+                        .to_scalar::<f32>()?,
+                ),
+            };
         }
     }
     Ok(sum_sq.sqrt())
 }
 
+/// The factor a gradient-norm clip to `max_norm` multiplies the gradients by, for a pre-clip `norm`: 1 when the
+/// norm is within the limit, not finite (the caller stops the run instead) or the clip is off (`max_norm ≤ 0`).
+pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
+    if !norm.is_finite() || norm <= max_norm || max_norm <= 0.0 {
+        1.0
+    } else {
+        max_norm / (norm + 1e-6)
+    }
+}
+
 /// Scales every gradient so that the global norm is at most `max_norm` (PyTorch's `clip_grad_norm_`), returning
 /// the norm **before** clipping. A non-finite norm is returned unchanged and the gradients are left as they are,
-/// so the caller can stop the run (NaN/Inf guard) instead of stepping.
+/// so the caller can stop the run (NaN/Inf guard) instead of stepping. [`AdamW::step_scaled`] with
+/// [`clip_scale`] does the same without rewriting the gradients.
 pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Result<f64> {
     let norm = grad_norm(grads, vars)?;
-    if !norm.is_finite() || norm <= max_norm || max_norm <= 0.0 {
+    let scale = clip_scale(norm, max_norm);
+    if scale == 1.0 {
         return Ok(norm);
     }
-    let scale = max_norm / (norm + 1e-6);
     for v in vars {
         if let Some(g) = grads.get(v.as_tensor()) {
             let scaled: Tensor = g.affine(scale, 0.0)?;
@@ -191,6 +239,157 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Res
         }
     }
     Ok(norm)
+}
+
+/// In-place element-wise kernels for CPU f32 tensors: the optimiser's and the EMA's updates as one pass each.
+pub mod fused {
+    use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor, bail};
+    use rayon::prelude::*;
+
+    /// Elements per parallel task: large enough that rayon's overhead is small, and a fixed split, so a sum is
+    /// the same whatever the number of threads.
+    const CHUNK: usize = 1 << 15;
+
+    /// Whether every tensor is on the CPU in f32 (the fused kernels' domain); layouts are checked by the kernels.
+    pub fn applies(tensors: &[&Tensor]) -> bool {
+        tensors
+            .iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
+    }
+
+    fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+        let (CpuStorage::F32(data), Some((a, b))) = (s, l.contiguous_offsets()) else {
+            bail!("{op}: needs a contiguous f32 CPU tensor")
+        };
+        Ok(&data[a..b])
+    }
+
+    fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout, op: &str) -> Result<&'a mut [f32]> {
+        let (CpuStorage::F32(data), Some((a, b))) = (s, l.contiguous_offsets()) else {
+            bail!("{op}: needs a contiguous f32 CPU tensor")
+        };
+        Ok(&mut data[a..b])
+    }
+
+    fn same_len(op: &str, a: usize, b: usize) -> Result<()> {
+        if a != b {
+            bail!("{op}: {a} elements against {b}")
+        }
+        Ok(())
+    }
+
+    /// `dst ← a·dst + b·(s·x)` (or `b·(s·x)²`): an AdamW moment, or an EMA with `s = 1`. The operations are those
+    /// of the tensor-op path in its order, in f32.
+    pub struct Blend {
+        a: f32,
+        b: f32,
+        scale: f32,
+        square: bool,
+    }
+
+    impl Blend {
+        /// `a·dst + b·(scale·x)`, squared before `b` when `square`.
+        pub fn new(a: f64, b: f64, scale: f32, square: bool) -> Self {
+            Self {
+                a: a as f32,
+                b: b as f32,
+                scale,
+                square,
+            }
+        }
+    }
+
+    impl InplaceOp2 for Blend {
+        fn name(&self) -> &'static str {
+            "fused-blend"
+        }
+
+        fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
+            let dst = slice_mut(s1, l1, self.name())?;
+            let x = slice(s2, l2, self.name())?;
+            same_len(self.name(), dst.len(), x.len())?;
+            let &Self { a, b, scale, square } = self;
+            dst.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(d, x)| {
+                for (d, &x) in d.iter_mut().zip(x) {
+                    let x = if scale == 1.0 { x } else { x * scale };
+                    let x = if square { x * x } else { x };
+                    *d = *d * a + x * b;
+                }
+            });
+            Ok(())
+        }
+    }
+
+    /// `w ← w·decay − lr·(m·scale_m) / (√(v·scale_v) + ε)`: AdamW's step from its updated moments.
+    pub struct AdamWUpdate {
+        /// `1 − lr·weight_decay`.
+        pub decay: f32,
+        /// The learning rate.
+        pub lr: f32,
+        /// `1 / (1 − β₁ᵗ)`.
+        pub scale_m: f32,
+        /// `1 / (1 − β₂ᵗ)`.
+        pub scale_v: f32,
+        /// ε.
+        pub eps: f32,
+    }
+
+    impl InplaceOp3 for AdamWUpdate {
+        fn name(&self) -> &'static str {
+            "fused-adamw"
+        }
+
+        fn cpu_fwd(
+            &self,
+            s1: &mut CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+            s3: &CpuStorage,
+            l3: &Layout,
+        ) -> Result<()> {
+            let w = slice_mut(s1, l1, self.name())?;
+            let m = slice(s2, l2, self.name())?;
+            let v = slice(s3, l3, self.name())?;
+            same_len(self.name(), w.len(), m.len())?;
+            same_len(self.name(), w.len(), v.len())?;
+            let &Self {
+                decay,
+                lr,
+                scale_m,
+                scale_v,
+                eps,
+            } = self;
+            w.par_chunks_mut(CHUNK)
+                .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
+                .for_each(|(w, (m, v))| {
+                    for ((w, &m), &v) in w.iter_mut().zip(m).zip(v) {
+                        let update = (m * scale_m) / ((v * scale_v).sqrt() + eps);
+                        *w = *w * decay - update * lr;
+                    }
+                });
+            Ok(())
+        }
+    }
+
+    /// `Σ x²` in f64 over a CPU f32 tensor in one pass (chunk sums added in order: the same value whatever the
+    /// threads); `None` for other devices and dtypes.
+    pub fn sum_squares(t: &Tensor) -> Option<f64> {
+        if !applies(&[t]) {
+            return None;
+        }
+        let t = t.contiguous().ok()?;
+        let (storage, layout) = t.storage_and_layout();
+        let candle_core::Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
+            return None;
+        };
+        let (a, b) = layout.contiguous_offsets()?;
+        let partial: Vec<f64> = data[a..b]
+            .par_chunks(CHUNK)
+            .map(|c| c.iter().map(|&x| f64::from(x) * f64::from(x)).sum())
+            .collect();
+        Some(partial.iter().sum())
+    }
 }
 
 #[cfg(test)]
@@ -256,6 +455,96 @@ mod tests {
         let mut wrong = AdamW::new(vec![("w".into(), other)], params)?;
         assert!(wrong.load_state(&state).is_err());
         assert_eq!(wrong.steps(), 0);
+        Ok(())
+    }
+
+    /// The in-place CPU path computes what the tensor-op path computes, bit for bit: moments, weights, over
+    /// several chunks of the kernels, with a clip scale and weight decay. The tensor-op path is the f64 run of
+    /// the same optimiser (other dtypes take it), rounded: both must stay within f32 rounding of it.
+    #[test]
+    fn fused_update_equals_the_tensor_ops() -> Result<()> {
+        let d = Device::Cpu;
+        let n = 3 * (1 << 15) + 17;
+        let mut rng = crate::rng::stream_rng(7, 0, 0);
+        let w0 = Tensor::from_vec(crate::rng::normal_vec(&mut rng, n), n, &d)?;
+        let grads_of = |rng: &mut rand_chacha::ChaCha8Rng| -> Result<Tensor> {
+            Tensor::from_vec(crate::rng::normal_vec(rng, n), n, &d)
+        };
+        let params = AdamWParams {
+            lr: 1e-2,
+            weight_decay: 0.05,
+            ..AdamWParams::default()
+        };
+        let var = Var::from_tensor(&w0)?;
+        let mut opt = AdamW::new(vec![("w".into(), var.clone())], params)?;
+        let (mut m, mut v, mut w) = (w0.zeros_like()?, w0.zeros_like()?, w0.clone());
+        for t in 1..=3 {
+            let g = grads_of(&mut rng)?;
+            let scale = 0.3;
+            // The optimiser reads the gradient of its variable from a store.
+            let mut store = (var.as_tensor() * 0.0)?.sum_all()?.backward()?;
+            store.insert(var.as_tensor(), g.clone());
+            opt.step_scaled(&store, scale)?;
+            // The same formula as tensor ops, in f32.
+            let (b1, b2) = (params.beta1, params.beta2);
+            let gs = g.affine(scale, 0.0)?;
+            m = ((&m * b1)? + (&gs * (1.0 - b1))?)?;
+            v = ((&v * b2)? + (gs.sqr()? * (1.0 - b2))?)?;
+            let update =
+                ((&m * (1.0 / (1.0 - b1.powi(t))))? / ((&v * (1.0 / (1.0 - b2.powi(t))))?.sqrt()? + params.eps)?)?;
+            w = ((&w * (1.0 - params.lr * params.weight_decay))? - (update * params.lr)?)?;
+            assert_eq!(opt.m[0].to_vec1::<f32>()?, m.to_vec1::<f32>()?, "m, step {t}");
+            assert_eq!(opt.v[0].to_vec1::<f32>()?, v.to_vec1::<f32>()?, "v, step {t}");
+            assert_eq!(var.as_tensor().to_vec1::<f32>()?, w.to_vec1::<f32>()?, "w, step {t}");
+        }
+        // The EMA's blend and the squared-sum reduction.
+        let e = w0.copy()?;
+        e.inplace_op2(var.as_tensor(), &fused::Blend::new(0.99, 0.01, 1.0, false))?;
+        let expect = ((&w0 * 0.99)? + (var.as_tensor() * 0.01)?)?;
+        assert_eq!(e.to_vec1::<f32>()?, expect.to_vec1::<f32>()?);
+        let xs = w0.to_vec1::<f32>()?;
+        let by_hand: f64 = xs.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+        let fused = fused::sum_squares(&w0).expect("f32 on the CPU");
+        assert!((fused - by_hand).abs() < 1e-9 * by_hand, "{fused} vs {by_hand}");
+        assert!(fused::sum_squares(&w0.to_dtype(candle_core::DType::F64)?).is_none());
+        Ok(())
+    }
+
+    /// Other dtypes take the tensor-op path and still match candle's AdamW.
+    #[test]
+    fn tensor_op_path_for_other_dtypes() -> Result<()> {
+        use candle_nn::Optimizer;
+        let d = Device::Cpu;
+        let init = Tensor::new(&[[0.5f64, -1.0], [2.0, 0.1]], &d)?;
+        let ours_v = Var::from_tensor(&init)?;
+        let theirs_v = Var::from_tensor(&init)?;
+        let params = AdamWParams {
+            lr: 0.05,
+            weight_decay: 0.1,
+            ..AdamWParams::default()
+        };
+        let mut ours = AdamW::new(vec![("w".into(), ours_v.clone())], params)?;
+        let mut theirs = candle_nn::AdamW::new(
+            vec![theirs_v.clone()],
+            candle_nn::ParamsAdamW {
+                lr: 0.05,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.1,
+            },
+        )?;
+        let target = Tensor::new(&[[1f64, 1.0], [-1.0, 0.0]], &d)?;
+        let loss_of = |v: &Var| -> Result<Tensor> { (v.as_tensor() - &target)?.sqr()?.sum_all() };
+        for _ in 0..4 {
+            ours.step(&loss_of(&ours_v)?.backward()?)?;
+            theirs.step(&loss_of(&theirs_v)?.backward()?)?;
+        }
+        let diff = (ours_v.as_tensor() - theirs_v.as_tensor())?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f64>()?;
+        assert!(diff < 1e-12, "{diff}");
         Ok(())
     }
 

@@ -39,7 +39,7 @@ use crate::model::{
 };
 use crate::rng::{standard_normal, stream_rng};
 use crate::train::config::{ConfigError, MAX_STEPS, OptimConfig, apply_overrides, read_toml_file};
-use crate::train::optim::{AdamW, AdamWParams, clip_grad_norm, lr_at};
+use crate::train::optim::{AdamW, AdamWParams, clip_scale, fused, grad_norm, lr_at};
 use crate::train::run_store::Checkpoint;
 use crate::train::session::TrainError;
 
@@ -426,7 +426,7 @@ impl Pretrainer {
             })?;
         let ema = vars
             .iter()
-            .map(|(_, v)| v.as_tensor().copy())
+            .map(|(_, v)| v.as_tensor().detach().copy())
             .collect::<candle_core::Result<Vec<_>>>()?;
         let opt = AdamW::new(vars.clone(), cfg.optim.adamw)?;
         Ok(Self {
@@ -595,8 +595,8 @@ impl Pretrainer {
             });
         }
         let vars: Vec<Var> = self.vars.iter().map(|(_, v)| v.clone()).collect();
-        let mut grads = loss.backward()?;
-        let grad_norm = clip_grad_norm(&mut grads, &vars, self.cfg.optim.grad_clip)?;
+        let grads = loss.backward()?;
+        let grad_norm = grad_norm(&grads, &vars)?;
         if !grad_norm.is_finite() {
             return Err(TrainError::NonFinite {
                 step,
@@ -606,7 +606,8 @@ impl Pretrainer {
         }
         let lr = lr_at(step, self.cfg.optim.adamw.lr, self.cfg.optim.warmup_steps);
         self.opt.set_lr(lr);
-        self.opt.step(&grads)?;
+        self.opt
+            .step_scaled(&grads, clip_scale(grad_norm, self.cfg.optim.grad_clip))?;
         drop(grads);
         self.update_ema(step)?;
         self.step = step;
@@ -628,7 +629,13 @@ impl Pretrainer {
     fn update_ema(&mut self, step: u64) -> candle_core::Result<()> {
         let d = self.cfg.ema_decay.min((1 + step) as f64 / (10 + step) as f64);
         for (e, (_, v)) in self.ema.iter_mut().zip(&self.vars) {
-            *e = ((&*e * d)? + (v.as_tensor().detach() * (1.0 - d))?)?.detach();
+            let w = v.as_tensor().detach();
+            if fused::applies(&[e, &w]) {
+                // In place, one pass; the EMA tensors have storage of their own (copies at creation and load).
+                e.inplace_op2(&w.contiguous()?, &fused::Blend::new(d, 1.0 - d, 1.0, false))?;
+            } else {
+                *e = ((&*e * d)? + (w * (1.0 - d))?)?.detach();
+            }
         }
         Ok(())
     }
@@ -719,7 +726,8 @@ impl Pretrainer {
                     message: format!("`{name}` has shape {:?}, expected {:?}", m.dims(), var.dims()),
                 });
             }
-            *e = m.to_dtype(DType::F32)?;
+            // A copy of its own: the EMA is updated in place.
+            *e = m.to_dtype(DType::F32)?.copy()?;
         }
         self.opt.load_state(&opt).map_err(|err| shape_err(&opt_path, err))?;
         self.step = ckpt.step;

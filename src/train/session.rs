@@ -46,7 +46,7 @@ use super::negatives::{
     BaseNegativesOutcome, LoserSource, NegativesError, augment_losers, base_losers, base_negative_seed, shuffle_losers,
 };
 use super::objective::{ObjectiveKind, PairPredictions, StepStats, eq1_diffusion_dpo, eq10_focus_dpo, sft};
-use super::optim::{AdamW, clip_grad_norm, lr_at};
+use super::optim::{AdamW, clip_scale, grad_norm, lr_at};
 use super::pairs::{PairInput, PairsError, PairsReport, PairsSummary, psi, reference_descriptors, score_and_select};
 use super::run_store::{Checkpoint, RunStore, RunStoreError, restore_newest_intact};
 
@@ -575,13 +575,14 @@ impl Trainer {
                 grads.insert(var.as_tensor(), g);
             }
         }
-        let grad_norm = clip_grad_norm(&mut grads, &vars, self.cfg.optim.grad_clip)?;
+        let grad_norm = grad_norm(&grads, &vars)?;
         if !grad_norm.is_finite() {
             return Err(non_finite(step, "gradient norm", grad_norm));
         }
         let lr = lr_at(step, self.cfg.optim.adamw.lr, self.cfg.optim.warmup_steps);
         self.opt.set_lr(lr);
-        self.opt.step(&grads)?;
+        self.opt
+            .step_scaled(&grads, clip_scale(grad_norm, self.cfg.optim.grad_clip))?;
         crate::model::memory::trace(&self.device, &format!("step {step}, after the optimiser step"));
         self.step = step;
 

@@ -77,6 +77,25 @@ fn same_shape(l1: &Layout, l2: &Layout, op: &str) -> Result<()> {
     Ok(())
 }
 
+/// `exp` of every element in place, eight lanes at a time: `wide`'s vectorised polynomial (within a few ulp of
+/// libm's, `exp_in_place_is_libm_exp` checks) instead of one libm call per element, which was 3.5 % of a
+/// pretraining step (softmax, GELU and its gradient).
+pub(super) fn exp_in_place(xs: &mut [f32]) {
+    let mut chunks = xs.chunks_exact_mut(8);
+    for c in &mut chunks {
+        let mut lanes = [0f32; 8];
+        lanes.copy_from_slice(c);
+        c.copy_from_slice(&wide::f32x8::new(lanes).exp().to_array());
+    }
+    let rest = chunks.into_remainder();
+    if !rest.is_empty() {
+        let mut lanes = [0f32; 8];
+        lanes[..rest.len()].copy_from_slice(rest);
+        let e = wide::f32x8::new(lanes).exp().to_array();
+        rest.copy_from_slice(&e[..rest.len()]);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // x · Wᵀ with a frozen W
 
@@ -368,11 +387,11 @@ impl CustomOp1 for Softmax {
         let x = contiguous_f32(s, l, self.name())?;
         let out = map_rows(x, last_dim(l), |row, o| {
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
             for (oi, &xi) in o.iter_mut().zip(row) {
-                *oi = (xi - max).exp();
-                sum += *oi;
+                *oi = xi - max;
             }
+            exp_in_place(o);
+            let sum: f32 = o.iter().sum();
             let inv = 1.0 / sum;
             o.iter_mut().for_each(|v| *v *= inv);
         });
@@ -698,7 +717,11 @@ impl CustomOp1 for Gelu {
         let x = contiguous_f32(s, l, self.name())?;
         let out = map_rows(x, last_dim(l), |row, o| {
             for (oi, &v) in o.iter_mut().zip(row) {
-                *oi = v / (1.0 + (-2.0 * SQRT_2_OVER_PI * (v + GELU_C * v * v * v)).exp());
+                *oi = -2.0 * SQRT_2_OVER_PI * (v + GELU_C * v * v * v);
+            }
+            exp_in_place(o);
+            for (oi, &v) in o.iter_mut().zip(row) {
+                *oi = v / (1.0 + *oi);
             }
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
@@ -721,8 +744,12 @@ impl CustomOp2 for GeluGrad {
         let x = contiguous_f32(s1, l1, self.name())?;
         let g = contiguous_f32(s2, l2, self.name())?;
         let out = map_rows2(x, g, last_dim(l1), |x, g, o| {
+            for (oi, &v) in o.iter_mut().zip(x) {
+                *oi = -2.0 * SQRT_2_OVER_PI * (v + GELU_C * v * v * v);
+            }
+            exp_in_place(o);
             for ((oi, &v), &gi) in o.iter_mut().zip(x).zip(g) {
-                let s = 1.0 / (1.0 + (-2.0 * SQRT_2_OVER_PI * (v + GELU_C * v * v * v)).exp());
+                let s = 1.0 / (1.0 + *oi);
                 let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * v * v);
                 *oi = gi * (s + 2.0 * v * s * (1.0 - s) * du);
             }
@@ -1315,6 +1342,35 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    /// The vectorised `exp` against libm's over the range softmax and GELU feed it, at a ragged length (the tail
+    /// lanes), and its limits: overflow to ∞, underflow to 0, NaN kept.
+    #[test]
+    fn exp_in_place_is_libm_exp() {
+        let xs: Vec<f32> = (0..2003).map(|i| -87.0 + i as f32 * 0.0873).collect();
+        let mut ys = xs.clone();
+        exp_in_place(&mut ys);
+        for (&x, &y) in xs.iter().zip(&ys) {
+            let e = x.exp();
+            assert!((y - e).abs() <= 4.0 * f32::EPSILON * e, "exp({x}) = {y}, libm {e}");
+        }
+        let mut edge = [
+            -1e4f32,
+            -200.0,
+            0.0,
+            100.0,
+            1e4,
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            1.0,
+        ];
+        exp_in_place(&mut edge);
+        assert_eq!(&edge[..5], &[0.0, 0.0, 1.0, f32::INFINITY, f32::INFINITY]);
+        assert!(edge[5].is_nan());
+        assert_eq!(&edge[6..8], &[f32::INFINITY, 0.0]);
+        assert!((edge[8] - std::f32::consts::E).abs() <= 2.0 * f32::EPSILON * std::f32::consts::E);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use rayon::prelude::*;
 const PAR_MIN_ELEMS: usize = 1 << 14;
 
 /// The f32 data of a contiguous CPU storage, or an error naming `op`.
-pub(super) fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+pub(crate) fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
         candle_core::bail!("{op}: expected f32 storage");
     };
@@ -26,6 +26,17 @@ pub(super) fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Res
         candle_core::bail!("{op}: expected a contiguous tensor");
     };
     Ok(&v[start..end])
+}
+
+/// [`contiguous_f32`] for writing (the destination of an in-place op).
+pub(crate) fn contiguous_f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout, op: &str) -> Result<&'a mut [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("{op}: expected f32 storage");
+    };
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op}: expected a contiguous tensor");
+    };
+    Ok(&mut v[start..end])
 }
 
 /// Applies `f(row_in, row_out)` to every row of width `cols`, in parallel when the tensor is large.

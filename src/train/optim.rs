@@ -212,8 +212,9 @@ pub fn grad_norm(grads: &GradStore, vars: &[Var]) -> Result<f64> {
     Ok(sum_sq.sqrt())
 }
 
-/// The factor a gradient-norm clip to `max_norm` multiplies the gradients by, for a pre-clip `norm`: 1 when the
-/// norm is within the limit, not finite (the caller stops the run instead) or the clip is off (`max_norm ≤ 0`).
+/// The factor a gradient-norm clip to `max_norm` multiplies the gradients by (PyTorch's `clip_grad_norm_`), for a
+/// pre-clip `norm`: 1 when the norm is within the limit, not finite (the caller stops the run instead: NaN/Inf
+/// guard) or the clip is off (`max_norm ≤ 0`). [`AdamW::step_scaled`] applies it without rewriting the gradients.
 pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
     if !norm.is_finite() || norm <= max_norm || max_norm <= 0.0 {
         1.0
@@ -222,29 +223,12 @@ pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
     }
 }
 
-/// Scales every gradient so that the global norm is at most `max_norm` (PyTorch's `clip_grad_norm_`), returning
-/// the norm **before** clipping. A non-finite norm is returned unchanged and the gradients are left as they are,
-/// so the caller can stop the run (NaN/Inf guard) instead of stepping. [`AdamW::step_scaled`] with
-/// [`clip_scale`] does the same without rewriting the gradients.
-pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Result<f64> {
-    let norm = grad_norm(grads, vars)?;
-    let scale = clip_scale(norm, max_norm);
-    if scale == 1.0 {
-        return Ok(norm);
-    }
-    for v in vars {
-        if let Some(g) = grads.get(v.as_tensor()) {
-            let scaled: Tensor = g.affine(scale, 0.0)?;
-            grads.insert(v.as_tensor(), scaled);
-        }
-    }
-    Ok(norm)
-}
-
 /// In-place element-wise kernels for CPU f32 tensors: the optimiser's and the EMA's updates as one pass each.
 pub mod fused {
     use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor, bail};
     use rayon::prelude::*;
+
+    use crate::model::ops::{contiguous_f32, contiguous_f32_mut};
 
     /// Elements per parallel task: large enough that rayon's overhead is small, and a fixed split, so a sum is
     /// the same whatever the number of threads.
@@ -255,20 +239,6 @@ pub mod fused {
         tensors
             .iter()
             .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
-    }
-
-    fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
-        let (CpuStorage::F32(data), Some((a, b))) = (s, l.contiguous_offsets()) else {
-            bail!("{op}: needs a contiguous f32 CPU tensor")
-        };
-        Ok(&data[a..b])
-    }
-
-    fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout, op: &str) -> Result<&'a mut [f32]> {
-        let (CpuStorage::F32(data), Some((a, b))) = (s, l.contiguous_offsets()) else {
-            bail!("{op}: needs a contiguous f32 CPU tensor")
-        };
-        Ok(&mut data[a..b])
     }
 
     fn same_len(op: &str, a: usize, b: usize) -> Result<()> {
@@ -305,8 +275,8 @@ pub mod fused {
         }
 
         fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
-            let dst = slice_mut(s1, l1, self.name())?;
-            let x = slice(s2, l2, self.name())?;
+            let dst = contiguous_f32_mut(s1, l1, self.name())?;
+            let x = contiguous_f32(s2, l2, self.name())?;
             same_len(self.name(), dst.len(), x.len())?;
             let &Self { a, b, scale, square } = self;
             dst.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(d, x)| {
@@ -348,9 +318,9 @@ pub mod fused {
             s3: &CpuStorage,
             l3: &Layout,
         ) -> Result<()> {
-            let w = slice_mut(s1, l1, self.name())?;
-            let m = slice(s2, l2, self.name())?;
-            let v = slice(s3, l3, self.name())?;
+            let w = contiguous_f32_mut(s1, l1, self.name())?;
+            let m = contiguous_f32(s2, l2, self.name())?;
+            let v = contiguous_f32(s3, l3, self.name())?;
             same_len(self.name(), w.len(), m.len())?;
             same_len(self.name(), w.len(), v.len())?;
             let &Self {
@@ -542,17 +512,17 @@ mod tests {
         let a = Var::new(&[1.0f32], &d)?;
         let b = Var::new(&[1.0f32], &d)?;
         let loss = (a.as_tensor().affine(3.0, 0.0)? + b.as_tensor().affine(4.0, 0.0)?)?.sum_all()?;
-        let mut grads = loss.backward()?;
+        let grads = loss.backward()?;
         let vars = [a.clone(), b.clone()];
-        let before = clip_grad_norm(&mut grads, &vars, 1.0)?;
+        let before = grad_norm(&grads, &vars)?;
         assert!((before - 5.0).abs() < 1e-6);
-        let ga = grads.get(a.as_tensor()).unwrap().to_vec1::<f32>()?[0];
-        let gb = grads.get(b.as_tensor()).unwrap().to_vec1::<f32>()?[0];
+        let scale = clip_scale(before, 1.0);
+        let (ga, gb) = (3.0 * scale, 4.0 * scale);
         assert!((ga - 0.6).abs() < 1e-5 && (gb - 0.8).abs() < 1e-5, "{ga} {gb}");
-        assert!((grad_norm(&grads, &vars)? - 1.0).abs() < 1e-5);
-        // Below the limit: untouched.
-        let norm = clip_grad_norm(&mut grads, &vars, 10.0)?;
-        assert!((norm - 1.0).abs() < 1e-5);
+        assert!((before * scale - 1.0).abs() < 1e-5);
+        // Below the limit, or the clip off: untouched.
+        assert_eq!(clip_scale(1.0, 10.0), 1.0);
+        assert_eq!(clip_scale(5.0, 0.0), 1.0);
         Ok(())
     }
 
@@ -561,9 +531,10 @@ mod tests {
         let d = Device::Cpu;
         let a = Var::new(&[f32::INFINITY], &d)?;
         let loss = a.as_tensor().sqr()?.sum_all()?;
-        let mut grads = loss.backward()?;
-        let norm = clip_grad_norm(&mut grads, &[a], 1.0)?;
+        let grads = loss.backward()?;
+        let norm = grad_norm(&grads, &[a])?;
         assert!(!norm.is_finite());
+        assert_eq!(clip_scale(norm, 1.0), 1.0);
         Ok(())
     }
 }

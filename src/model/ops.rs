@@ -547,6 +547,16 @@ fn inv_rms(row: &[f32], eps: f32) -> f32 {
     1.0 / (ms + eps).sqrt()
 }
 
+/// `x / rms(x) · scale` for every row of width `cols` (both RMSNorm ops' forward).
+fn rms_norm_rows(x: &[f32], cols: usize, scale: &[f32], eps: f32) -> Vec<f32> {
+    map_rows(x, cols, |row, o| {
+        let inv = inv_rms(row, eps);
+        for ((oi, &xi), &si) in o.iter_mut().zip(row).zip(scale) {
+            *oi = xi * inv * si;
+        }
+    })
+}
+
 impl CustomOp1 for RmsNorm {
     fn name(&self) -> &'static str {
         "fused-rms-norm"
@@ -557,13 +567,7 @@ impl CustomOp1 for RmsNorm {
         if last_dim(l) != self.scale.len() {
             candle_core::bail!("rms_norm: last axis {} but scale has {}", last_dim(l), self.scale.len());
         }
-        let (scale, eps) = (&self.scale, self.eps);
-        let out = map_rows(x, last_dim(l), |row, o| {
-            let inv = inv_rms(row, eps);
-            for ((oi, &xi), &si) in o.iter_mut().zip(row).zip(scale) {
-                *oi = xi * inv * si;
-            }
-        });
+        let out = rms_norm_rows(x, last_dim(l), &self.scale, self.eps);
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -636,13 +640,7 @@ impl CustomOp2 for RmsNormTrainable {
         if last_dim(l1) != scale.len() || l2.shape().rank() != 1 {
             candle_core::bail!("rms_norm: last axis {} but scale is {:?}", last_dim(l1), l2.shape());
         }
-        let eps = self.eps;
-        let out = map_rows(x, last_dim(l1), |row, o| {
-            let inv = inv_rms(row, eps);
-            for ((oi, &xi), &si) in o.iter_mut().zip(row).zip(scale) {
-                *oi = xi * inv * si;
-            }
-        });
+        let out = rms_norm_rows(x, last_dim(l1), scale, self.eps);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 

@@ -47,6 +47,9 @@ pub struct SamplerArgs {
     /// reference dropout.
     #[arg(long, default_value_t = SampleSettings::default().reference_cfg_scale)]
     ref_cfg: f32,
+    /// Fresh noise put back at each step, 0–1 (0 = the Euler ODE; 1 = diffusers' stochastic_sampling).
+    #[arg(long, default_value_t = SampleSettings::default().stochasticity)]
+    stochastic: f32,
 }
 
 impl SamplerArgs {
@@ -57,6 +60,7 @@ impl SamplerArgs {
             shift: self.shift,
             distilled_guidance: self.guidance,
             reference_cfg_scale: self.ref_cfg,
+            stochasticity: self.stochastic,
             ..SampleSettings::default()
         }
     }

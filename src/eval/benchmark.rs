@@ -463,7 +463,7 @@ fn fmt(v: f64, digits: usize) -> String {
 pub fn report_markdown(r: &BenchmarkReport) -> String {
     let names: Vec<&String> = r.splits.keys().rev().collect();
     let mut out = format!(
-        "# Synthetic benchmark: {}\n\nIdentity embedder: `{}`, subjects {}; {} images per item, sampler {} steps, CFG {}{}.\n\n| metric |",
+        "# Synthetic benchmark: {}\n\nIdentity embedder: `{}`, subjects {}; {} images per item, sampler {} steps, CFG {}{}{}{}.\n\n| metric |",
         r.model,
         r.identity_embedder,
         match r.config.crop {
@@ -477,6 +477,16 @@ pub fn report_markdown(r: &BenchmarkReport) -> String {
             String::new()
         } else {
             format!(", reference CFG {}", r.config.sampler.reference_cfg_scale)
+        },
+        if r.config.sampler.shift == 1.0 {
+            String::new()
+        } else {
+            format!(", shift {}", r.config.sampler.shift)
+        },
+        if r.config.sampler.stochasticity == 0.0 {
+            String::new()
+        } else {
+            format!(", stochasticity {}", r.config.sampler.stochasticity)
         }
     );
     for n in &names {

@@ -45,6 +45,12 @@ pub struct SampleSettings {
     /// has learned the branch without references that it needs.
     #[serde(default = "no_reference_guidance")]
     pub reference_cfg_scale: f32,
+    /// Rectified flow only: how much fresh noise each step puts back, `η ∈ [0, 1]`. From `t` to `t'` the step is
+    /// `x' = (1 − t')·x̂₀ + t'·(√(1 − η²)·ε̂ + η·z)` with `x̂₀ = x − t·v`, `ε̂ = x + (1 − t)·v` and `z` fresh
+    /// noise (seeded per image and step): `η = 0` is the Euler ODE step exactly (the default), `η = 1` is diffusers'
+    /// `FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)`, which re-noises `x̂₀` to the next level.
+    #[serde(default)]
+    pub stochasticity: f32,
 }
 
 fn no_reference_guidance() -> f32 {
@@ -65,6 +71,7 @@ impl Default for SampleSettings {
             reference_px: 32,
             distilled_guidance: default_distilled_guidance(),
             reference_cfg_scale: no_reference_guidance(),
+            stochasticity: 0.0,
         }
     }
 }
@@ -89,6 +96,12 @@ impl SampleSettings {
         }
         if !(self.shift.is_finite() && self.shift > 0.0) {
             return Err(EvalError::Invalid(format!("time shift {} must be > 0", self.shift)));
+        }
+        if !(0.0..=1.0).contains(&self.stochasticity) {
+            return Err(EvalError::Invalid(format!(
+                "sampler stochasticity {} must be in [0, 1] (0 = the Euler ODE)",
+                self.stochasticity
+            )));
         }
         Ok(())
     }
@@ -315,10 +328,26 @@ pub fn sample(
     match settings.parameterisation {
         Parameterisation::RectifiedFlow => {
             let ts = flow_time_grid(settings.steps, settings.shift);
-            for w in ts.windows(2) {
+            let eta = f64::from(settings.stochasticity);
+            for (i, w) in ts.windows(2).enumerate() {
                 let v = predict(&x, w[0])?;
-                // dx/dt = v = ε − x0, integrated from t = 1 (noise) to 0 (image).
-                x = (x + (v * f64::from(w[1] - w[0]))?)?;
+                let (t, next) = (f64::from(w[0]), f64::from(w[1]));
+                if eta == 0.0 || next == 0.0 {
+                    // dx/dt = v = ε − x0, integrated from t = 1 (noise) to 0 (image).
+                    x = (x + (v * (next - t))?)?;
+                    continue;
+                }
+                let x0 = (&x - (&v * t)?)?;
+                let eps = (&x + (&v * (1.0 - t))?)?;
+                let fresh = seeds
+                    .iter()
+                    .map(|&s| {
+                        let mut rng = stream_rng(s, STREAM_SAMPLE, i as u64 + 1);
+                        Tensor::from_vec(normal_vec(&mut rng, n * c), (1, n, c), &device)
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let noise = ((eps * (1.0 - eta * eta).sqrt())? + (Tensor::cat(&fresh, 0)? * eta)?)?;
+                x = ((x0 * (1.0 - next))? + (noise * next)?)?;
             }
         }
         Parameterisation::Epsilon => {
@@ -420,6 +449,80 @@ mod tests {
             ..settings
         };
         assert!(sample(&base, &req, &bad, &[5], Adapters::Off).is_err());
+        Ok(())
+    }
+
+    /// The stochastic step by hand, over a 2-step grid (t = 1, 0.5, 0) at η = 0.6: `x' = 0.5·x̂₀ + 0.5·(0.8·ε̂ +
+    /// 0.6·z)` with `z` the seed's stream at step 1, then the last step to t = 0 is the plain Euler step. η = 0 is
+    /// the Euler sampler; η outside [0, 1] is an error.
+    #[test]
+    fn stochastic_sampling_renoises_the_prediction() -> Result<(), EvalError> {
+        let base = tiny_base();
+        let refs = [RgbImage::from_fn(32, 32, |x, y| {
+            image::Rgb([(8 * x) as u8, (8 * y) as u8, 90])
+        })];
+        let req = SampleRequest {
+            prompt: "a red ball",
+            references: &refs,
+            size_px: (32, 32),
+        };
+        let settings = SampleSettings {
+            steps: 2,
+            cfg_scale: 1.0,
+            stochasticity: 0.6,
+            ..SampleSettings::default()
+        };
+        let dev = Device::Cpu;
+        let grid = base
+            .codec
+            .grid_for(32, 32)
+            .map_err(|e| EvalError::Invalid(e.to_string()))?;
+        let (n, c) = (grid.0 * grid.1, base.config().in_channels);
+        let draw = |step: u64| {
+            Tensor::from_vec(
+                normal_vec(&mut stream_rng(5, STREAM_SAMPLE, step), n * c),
+                (1, n, c),
+                &dev,
+            )
+        };
+        let v_at = |x: &Tensor, t: f32| -> Result<Tensor, EvalError> {
+            predict_conditioned(&base, &req, &settings, x, &Tensor::new(&[t], &dev)?, Adapters::Off)
+        };
+        let x = draw(0)?;
+        let v1 = v_at(&x, 1.0)?;
+        let (x0, eps) = ((&x - &v1)?, x.clone());
+        let x_half = ((x0 * 0.5)? + (((eps * 0.8)? + (draw(1)? * 0.6)?)? * 0.5)?)?;
+        let v2 = v_at(&x_half, 0.5)?;
+        let expected = base
+            .codec
+            .decode(&(&x_half - (v2 * 0.5)?)?, grid)
+            .map_err(|e| EvalError::Invalid(e.to_string()))?;
+        let got = sample(&base, &req, &settings, &[5], Adapters::Off)?;
+        let diff = got[0]
+            .as_raw()
+            .iter()
+            .zip(expected.as_raw())
+            .map(|(a, b)| a.abs_diff(*b))
+            .max();
+        assert!(diff.is_some_and(|d| d <= 1), "differs by {diff:?} levels");
+        let euler = sample(
+            &base,
+            &req,
+            &SampleSettings {
+                stochasticity: 0.0,
+                ..settings
+            },
+            &[5],
+            Adapters::Off,
+        )?;
+        assert_ne!(got[0], euler[0]);
+        for bad in [-0.1, 1.5, f32::NAN] {
+            let s = SampleSettings {
+                stochasticity: bad,
+                ..settings
+            };
+            assert!(sample(&base, &req, &s, &[5], Adapters::Off).is_err(), "{bad}");
+        }
         Ok(())
     }
 

@@ -417,14 +417,12 @@ impl FlashAttention {
     }
 }
 
-/// The f32 data of a contiguous CPU tensor (copied out of the storage lock).
-fn cpu_vec(t: &Tensor, what: &str) -> Result<Vec<f32>> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(s) = &*storage else {
+/// The f32 data of a contiguous CPU tensor, borrowed from its storage (the guard must outlive the slice).
+fn cpu_slice<'a>(storage: &'a Storage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+    let Storage::Cpu(s) = storage else {
         candle_core::bail!("fused attention: {what} is not on the CPU");
     };
-    Ok(super::ops::contiguous_f32(s, layout, what)?.to_vec())
+    super::ops::contiguous_f32(s, layout, &format!("fused attention: {what}"))
 }
 
 impl CustomOp3 for FlashAttention {
@@ -478,8 +476,16 @@ impl CustomOp3 for FlashAttention {
         if lse.len() != b * h * lq {
             candle_core::bail!("fused attention: backward without its forward");
         }
-        let (qv, kv, vv) = (cpu_vec(q, "q")?, cpu_vec(k, "k")?, cpu_vec(v, "v")?);
-        let (ov, gv) = (cpu_vec(res, "output")?, cpu_vec(grad, "output gradient")?);
+        // Read in place (no copies): `contiguous` is free on the contiguous tensors the forward produced.
+        let inputs = [q, k, v, res, grad].map(Tensor::contiguous);
+        let [q_, k_, v_, o_, g_] = inputs;
+        let (q_, k_, v_, o_, g_) = (q_?, k_?, v_?, o_?, g_?);
+        let guards = [&q_, &k_, &v_, &o_, &g_].map(|t| t.storage_and_layout());
+        let [qv, kv, vv, ov, gv] = [0, 1, 2, 3, 4].map(|i| {
+            let what = ["q", "k", "v", "output", "output gradient"][i];
+            cpu_slice(&guards[i].0, guards[i].1, what)
+        });
+        let (qv, kv, vv, ov, gv) = (qv?, kv?, vv?, ov?, gv?);
         let mut dq = vec![0f32; qv.len()];
         let mut dk = vec![0f32; kv.len()];
         let mut dv = vec![0f32; vv.len()];

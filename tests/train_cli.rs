@@ -311,3 +311,105 @@ fn a_world_of_one_trains_like_a_plain_run() {
         assert_eq!(d, 0.0, "{name}: the same LoRA, bit for bit");
     }
 }
+
+/// A pretraining run forked from another's checkpoint with changed settings, and a run resumed with `--set`: the
+/// new settings are in config.toml, metrics.jsonl records where each change came from, and the model's shape
+/// cannot change.
+#[test]
+fn pretrain_forks_and_resumes_with_changed_settings() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let (a_s, b_s) = (a.to_str().expect("utf-8"), b.to_str().expect("utf-8"));
+    let micro = [
+        "--set",
+        "model.hidden_size=64",
+        "--set",
+        "model.num_heads=2",
+        "--set",
+        "model.axes_dim=[8, 12, 12]",
+        "--set",
+        "model.depth=1",
+        "--set",
+        "model.depth_single_blocks=1",
+        "--set",
+        "data.size_px=32",
+        "--set",
+        "reference_px=16",
+        "--set",
+        "batch=1",
+        "--set",
+        "checkpoint_every=1",
+    ];
+    let mut first = vec!["pretrain", "--out", a_s, "--steps", "2", "--plain"];
+    first.extend(micro);
+    let out = focusdpo(&first);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = focusdpo(&[
+        "pretrain",
+        "--out",
+        b_s,
+        "--fork",
+        a_s,
+        "--fork-step",
+        "1",
+        "--steps",
+        "2",
+        "--set",
+        "subject_weight=2.0",
+        "--plain",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("step 2:"), "{}", text(&out));
+    let config = std::fs::read_to_string(b.join("config.toml")).expect("config");
+    assert!(config.contains("subject_weight = 2.0"), "{config}");
+    assert!(b.join("checkpoints/step-1/raw.safetensors").is_file());
+    assert!(b.join("checkpoints/step-2/raw.safetensors").is_file());
+    let metrics = std::fs::read_to_string(b.join("metrics.jsonl")).expect("metrics");
+    assert!(
+        metrics.contains(r#""event":"fork""#) && metrics.contains(r#""from_step":1"#),
+        "{metrics}"
+    );
+    // Forking into a folder that holds a run, or from a step the parent does not have, is refused.
+    let out = focusdpo(&["pretrain", "--out", b_s, "--fork", a_s]);
+    assert!(
+        !out.status.success() && text(&out).contains("already"),
+        "{}",
+        text(&out)
+    );
+    let c = dir.path().join("c");
+    let out = focusdpo(&[
+        "pretrain",
+        "--out",
+        c.to_str().expect("utf-8"),
+        "--fork",
+        a_s,
+        "--fork-step",
+        "7",
+    ]);
+    assert!(!out.status.success() && text(&out).contains("step 7"), "{}", text(&out));
+    // Resuming with a new learning rate: config.toml changes, the log says so.
+    let out = focusdpo(&[
+        "pretrain",
+        "--out",
+        a_s,
+        "--resume",
+        "--steps",
+        "3",
+        "--set",
+        "optim.adamw.lr=1e-4",
+        "--plain",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let config = std::fs::read_to_string(a.join("config.toml")).expect("config");
+    assert!(config.contains("lr = 0.0001"), "{config}");
+    let metrics = std::fs::read_to_string(a.join("metrics.jsonl")).expect("metrics");
+    assert!(
+        metrics.contains(r#""event":"config""#) && metrics.contains("optim.adamw.lr=1e-4"),
+        "{metrics}"
+    );
+    // The model's shape cannot change under a checkpoint.
+    let out = focusdpo(&["pretrain", "--out", a_s, "--resume", "--set", "model.depth=2"]);
+    assert!(!out.status.success() && text(&out).contains("model"), "{}", text(&out));
+    let after = std::fs::read_to_string(a.join("config.toml")).expect("config");
+    assert_eq!(after, config, "a refused change leaves config.toml as it was");
+}

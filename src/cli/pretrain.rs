@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 use candle_core::{DType, Device};
 use clap::Args;
 use focusdpo::train::pretrain::{BASE_FILE, PretrainConfig, PretrainRecord, Pretrainer};
-use focusdpo::train::run_store::{RunStore, latest_checkpoint, restore_newest_intact};
+use focusdpo::train::run_store::{RunStore, checkpoints, latest_checkpoint, restore_newest_intact};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Debug, Args)]
@@ -27,9 +27,17 @@ pub struct PretrainArgs {
     /// Override any config field: --set batch=4 --set optim.adamw.lr=3e-4 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
-    /// Continue the run in --out from its latest checkpoint.
+    /// Continue the run in --out from its latest checkpoint. With --set, change settings from here on (not the
+    /// model's shape): config.toml is rewritten and metrics.jsonl records the change.
     #[arg(long)]
     resume: bool,
+    /// Start --out as a branch of another run: its config (with --set applied) and a copy of its checkpoint
+    /// (--fork-step, or its latest), continued from there; metrics.jsonl records where it came from.
+    #[arg(long, value_name = "RUN", conflicts_with_all = ["resume", "config", "seed"])]
+    fork: Option<PathBuf>,
+    /// The parent's checkpoint step to fork from (default: its latest).
+    #[arg(long, value_name = "STEP", requires = "fork")]
+    fork_step: Option<u64>,
     /// Instead of training: write the latest checkpoint's EMA weights of --out to this base file (f16).
     #[arg(long, value_name = "FILE")]
     export: Option<PathBuf>,
@@ -51,6 +59,18 @@ fn build_config(args: &PretrainArgs) -> anyhow::Result<PretrainConfig> {
     }
     let cfg = cfg.with_overrides(&args.set)?;
     cfg.validate()?;
+    Ok(cfg)
+}
+
+/// The config a resumed or forked run continues with: `old` with `--set` and `--steps` applied, validated, and
+/// with the model's shape unchanged.
+fn continued_config(old: &PretrainConfig, args: &PretrainArgs) -> anyhow::Result<PretrainConfig> {
+    let mut cfg = old.with_overrides(&args.set)?;
+    if let Some(s) = args.steps {
+        cfg.steps = s;
+    }
+    cfg.validate()?;
+    old.check_continuable(&cfg)?;
     Ok(cfg)
 }
 
@@ -88,20 +108,51 @@ pub fn run(args: &PretrainArgs) -> anyhow::Result<()> {
         return export(args, to);
     }
     let device = Device::Cpu;
-    let (mut store, mut trainer) = if args.resume {
-        if args.config.is_some() || !args.set.is_empty() || args.seed.is_some() {
-            bail!("--resume continues a run with its own config.toml; only --steps may change");
-        }
-        let (mut store, mut cfg) = RunStore::resume::<PretrainConfig>(&args.out)?;
-        if let Some(s) = args.steps {
-            cfg.steps = s;
-        }
+    let (mut store, mut trainer) = if let Some(parent) = &args.fork {
+        let parent_cfg: PretrainConfig = RunStore::run_config(parent)?;
+        let cfg = continued_config(&parent_cfg, args)?;
+        let all = checkpoints(parent)?;
+        let from = match args.fork_step {
+            Some(step) => all.into_iter().find(|c| c.step == step).with_context(|| {
+                format!(
+                    "{}: no checkpoint of step {step} (see its checkpoints/ folder)",
+                    parent.display()
+                )
+            })?,
+            None => all
+                .into_iter()
+                .next()
+                .with_context(|| format!("{}: the run has no checkpoint to fork from", parent.display()))?,
+        };
+        let mut store = RunStore::create(&args.out, &cfg)?;
+        store.copy_checkpoint(&from)?;
+        store.append(&serde_json::json!({
+            "event": "fork", "from": parent.display().to_string(), "from_step": from.step, "set": args.set,
+        }))?;
         let mut trainer = Pretrainer::for_resume(cfg, &device)?;
+        let resumed = restore_newest_intact(&args.out, |c| trainer.restore(c).map_err(|e| e.to_string()))?;
+        store.mark_resume(&resumed)?;
+        (store, trainer)
+    } else if args.resume {
+        if args.config.is_some() || args.seed.is_some() {
+            bail!("--resume continues a run with its own config.toml; change settings with --set (or --steps)");
+        }
+        let (mut store, old) = RunStore::resume::<PretrainConfig>(&args.out)?;
+        let cfg = continued_config(&old, args)?;
+        let mut trainer = Pretrainer::for_resume(cfg.clone(), &device)?;
         let resumed = restore_newest_intact(&args.out, |c| trainer.restore(c).map_err(|e| e.to_string()))?;
         if let Some(note) = resumed.fallback_note() {
             eprintln!("warning: {note}");
         }
         store.mark_resume(&resumed)?;
+        if !args.set.is_empty() {
+            store.update_config(&cfg)?;
+            store.append(&serde_json::json!({
+                "event": "config",
+                "from_step": resumed.checkpoint.as_ref().map_or(0, |c| c.step),
+                "set": args.set,
+            }))?;
+        }
         (store, trainer)
     } else {
         let cfg = build_config(args)?;

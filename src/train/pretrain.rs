@@ -299,6 +299,29 @@ impl PretrainConfig {
     }
 }
 
+impl PretrainConfig {
+    /// Checks that `next` can continue from a checkpoint of a run with this config (`--resume --set`, `--fork`):
+    /// the fields the checkpoint's tensors and token layout depend on must stay; everything else (learning rate,
+    /// timesteps, data mix, dropouts, loss weights, EMA, checkpointing) may change.
+    pub fn check_continuable(&self, next: &PretrainConfig) -> Result<(), ConfigError> {
+        let fixed = [
+            (self.model != next.model, "model"),
+            (self.patch != next.patch, "patch"),
+            (self.reference_px != next.reference_px, "reference_px"),
+            (self.data.size_px != next.data.size_px, "data.size_px"),
+        ];
+        match fixed.into_iter().find(|(changed, _)| *changed) {
+            Some((_, field)) => Err(ConfigError::Invalid {
+                field,
+                message: "cannot change when a run continues from a checkpoint (its weights and token layout depend \
+                          on it); start a new run instead"
+                    .into(),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
 /// What one pretraining step did (one line of `metrics.jsonl`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PretrainRecord {

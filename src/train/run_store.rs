@@ -154,6 +154,33 @@ impl RunStore {
         Self::open_log(dir.as_ref().to_path_buf())
     }
 
+    /// Rewrites the run's `config.toml` (atomically) when a resumed or forked run changes its settings; the
+    /// caller records the change in the metrics log ([`RunStore::append`]), so the history is not lost.
+    pub fn update_config<C: Serialize>(&self, config: &C) -> Result<(), RunStoreError> {
+        let path = self.dir.join(CONFIG_FILE);
+        let text = toml::to_string_pretty(config).map_err(|e| RunStoreError::Config {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        write_atomic(&path, text.as_bytes()).map_err(io_err(&path))
+    }
+
+    /// Copies checkpoint `from` (of another run) into this run as its own `step-N` (atomically, as
+    /// [`RunStore::write_checkpoint`] writes): the start of a fork.
+    pub fn copy_checkpoint(&self, from: &Checkpoint) -> Result<Checkpoint, RunStoreError> {
+        let mut files = Vec::new();
+        for entry in fs::read_dir(&from.dir).map_err(io_err(&from.dir))? {
+            let entry = entry.map_err(io_err(&from.dir))?;
+            let path = entry.path();
+            if path.is_file() {
+                let bytes = fs::read(&path).map_err(io_err(&path))?;
+                files.push((entry.file_name().to_string_lossy().into_owned(), bytes));
+            }
+        }
+        let refs: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (n.as_str(), b.as_slice())).collect();
+        self.write_checkpoint(from.step, &refs)
+    }
+
     /// Appends the resume marker `{"event":"resume","from_step":K}` (with the checkpoints skipped on the way, if
     /// any): the steps after `K` are logged again after it.
     pub fn mark_resume(&mut self, resumed: &Resumed) -> Result<(), RunStoreError> {

@@ -392,14 +392,26 @@ mod tests {
         assert_eq!(ddim_steps(4), vec![999, 749, 500, 250]);
     }
 
+    /// A 32 px reference with a colour gradient (so every token differs).
+    fn gradient_reference() -> RgbImage {
+        RgbImage::from_fn(32, 32, |x, y| image::Rgb([(8 * x) as u8, (8 * y) as u8, 90]))
+    }
+
+    /// The token grid of a `side`² image on `base`: (grid, tokens, channels).
+    fn token_grid(base: &BaseModel, side: u32) -> Result<((usize, usize), usize, usize), EvalError> {
+        let grid = base
+            .codec
+            .grid_for(side, side)
+            .map_err(|e| EvalError::Invalid(e.to_string()))?;
+        Ok((grid, grid.0 * grid.1, base.config().in_channels))
+    }
+
     /// One Euler step from t = 1 is `x̂₀ = ε − v`: the sampler's guided `v` equals the two-condition formula
     /// computed from the three unguided branches; reference scale 1 is plain prompt guidance.
     #[test]
     fn reference_guidance_is_the_two_condition_formula() -> Result<(), EvalError> {
         let base = tiny_base();
-        let refs = [RgbImage::from_fn(32, 32, |x, y| {
-            image::Rgb([(8 * x) as u8, (8 * y) as u8, 90])
-        })];
+        let refs = [gradient_reference()];
         let req = SampleRequest {
             prompt: "a red ball",
             references: &refs,
@@ -412,11 +424,7 @@ mod tests {
             ..SampleSettings::default()
         };
         let dev = Device::Cpu;
-        let grid = base
-            .codec
-            .grid_for(32, 32)
-            .map_err(|e| EvalError::Invalid(e.to_string()))?;
-        let (n, c) = (grid.0 * grid.1, base.config().in_channels);
+        let (grid, n, c) = token_grid(&base, 32)?;
         let noise = Tensor::from_vec(normal_vec(&mut stream_rng(5, STREAM_SAMPLE, 0), n * c), (1, n, c), &dev)?;
         let t = Tensor::new(&[1f32], &dev)?;
         let branch = |prompt: &str, references: &[RgbImage]| {
@@ -458,9 +466,7 @@ mod tests {
     #[test]
     fn stochastic_sampling_renoises_the_prediction() -> Result<(), EvalError> {
         let base = tiny_base();
-        let refs = [RgbImage::from_fn(32, 32, |x, y| {
-            image::Rgb([(8 * x) as u8, (8 * y) as u8, 90])
-        })];
+        let refs = [gradient_reference()];
         let req = SampleRequest {
             prompt: "a red ball",
             references: &refs,
@@ -473,11 +479,7 @@ mod tests {
             ..SampleSettings::default()
         };
         let dev = Device::Cpu;
-        let grid = base
-            .codec
-            .grid_for(32, 32)
-            .map_err(|e| EvalError::Invalid(e.to_string()))?;
-        let (n, c) = (grid.0 * grid.1, base.config().in_channels);
+        let (grid, n, c) = token_grid(&base, 32)?;
         let draw = |step: u64| {
             Tensor::from_vec(
                 normal_vec(&mut stream_rng(5, STREAM_SAMPLE, step), n * c),

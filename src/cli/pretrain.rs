@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 use candle_core::{DType, Device};
 use clap::Args;
 use focusdpo::train::pretrain::{BASE_FILE, PretrainConfig, PretrainRecord, Pretrainer};
-use focusdpo::train::run_store::{RunStore, checkpoints, latest_checkpoint, restore_newest_intact};
+use focusdpo::train::run_store::{Resumed, RunStore, checkpoints, latest_checkpoint, restore_newest_intact};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Debug, Args)]
@@ -74,6 +74,18 @@ fn continued_config(old: &PretrainConfig, args: &PretrainArgs) -> anyhow::Result
     Ok(cfg)
 }
 
+/// A trainer for `cfg` restored from the newest intact checkpoint of `store`'s run (a warning names any newer one
+/// that failed), with the resume marker logged.
+fn restored(store: &mut RunStore, cfg: PretrainConfig, device: &Device) -> anyhow::Result<(Pretrainer, Resumed)> {
+    let mut trainer = Pretrainer::for_resume(cfg, device)?;
+    let resumed = restore_newest_intact(store.dir(), |c| trainer.restore(c).map_err(|e| e.to_string()))?;
+    if let Some(note) = resumed.fallback_note() {
+        eprintln!("warning: {note}");
+    }
+    store.mark_resume(&resumed)?;
+    Ok((trainer, resumed))
+}
+
 fn export(args: &PretrainArgs, to: &std::path::Path) -> anyhow::Result<()> {
     let ckpt = latest_checkpoint(&args.out)?
         .with_context(|| format!("{}: the run has no checkpoint to export", args.out.display()))?;
@@ -129,9 +141,7 @@ pub fn run(args: &PretrainArgs) -> anyhow::Result<()> {
         store.append(&serde_json::json!({
             "event": "fork", "from": parent.display().to_string(), "from_step": from.step, "set": args.set,
         }))?;
-        let mut trainer = Pretrainer::for_resume(cfg, &device)?;
-        let resumed = restore_newest_intact(&args.out, |c| trainer.restore(c).map_err(|e| e.to_string()))?;
-        store.mark_resume(&resumed)?;
+        let (trainer, _) = restored(&mut store, cfg, &device)?;
         (store, trainer)
     } else if args.resume {
         if args.config.is_some() || args.seed.is_some() {
@@ -139,12 +149,7 @@ pub fn run(args: &PretrainArgs) -> anyhow::Result<()> {
         }
         let (mut store, old) = RunStore::resume::<PretrainConfig>(&args.out)?;
         let cfg = continued_config(&old, args)?;
-        let mut trainer = Pretrainer::for_resume(cfg.clone(), &device)?;
-        let resumed = restore_newest_intact(&args.out, |c| trainer.restore(c).map_err(|e| e.to_string()))?;
-        if let Some(note) = resumed.fallback_note() {
-            eprintln!("warning: {note}");
-        }
-        store.mark_resume(&resumed)?;
+        let (trainer, resumed) = restored(&mut store, cfg.clone(), &device)?;
         if !args.set.is_empty() {
             store.update_config(&cfg)?;
             store.append(&serde_json::json!({

@@ -459,6 +459,16 @@ fn fmt(v: f64, digits: usize) -> String {
     }
 }
 
+/// `", {name} {value}"` for a sampler setting away from its off value, else nothing (the report's header names
+/// only what was turned on).
+fn unless_default(name: &str, value: f32, off: f32) -> String {
+    if value == off {
+        String::new()
+    } else {
+        format!(", {name} {value}")
+    }
+}
+
 /// The report as a markdown table: one row per metric, one column per split.
 pub fn report_markdown(r: &BenchmarkReport) -> String {
     let names: Vec<&String> = r.splits.keys().rev().collect();
@@ -473,21 +483,9 @@ pub fn report_markdown(r: &BenchmarkReport) -> String {
         r.config.samples_per_item,
         r.config.sampler.steps,
         r.config.sampler.cfg_scale,
-        if r.config.sampler.reference_cfg_scale == 1.0 {
-            String::new()
-        } else {
-            format!(", reference CFG {}", r.config.sampler.reference_cfg_scale)
-        },
-        if r.config.sampler.shift == 1.0 {
-            String::new()
-        } else {
-            format!(", shift {}", r.config.sampler.shift)
-        },
-        if r.config.sampler.stochasticity == 0.0 {
-            String::new()
-        } else {
-            format!(", stochasticity {}", r.config.sampler.stochasticity)
-        }
+        unless_default("reference CFG", r.config.sampler.reference_cfg_scale, 1.0),
+        unless_default("shift", r.config.sampler.shift, 1.0),
+        unless_default("stochasticity", r.config.sampler.stochasticity, 0.0),
     );
     for n in &names {
         out.push_str(&format!(" {n} |"));

@@ -297,14 +297,22 @@ pub fn sample(
         )
         .map_err(|e| EvalError::Invalid(e.to_string()))?;
     let c = base.config().in_channels;
-    let noise = seeds
-        .iter()
-        .map(|&s| {
-            let mut rng = stream_rng(s, STREAM_SAMPLE, 0);
-            Tensor::from_vec(normal_vec(&mut rng, n * c), (1, n, c), &device)
-        })
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let mut x = Tensor::cat(&noise, 0)?;
+    // Each image's noise for draw `k` (0: the start; k ≥ 1: the stochastic step k) from its own seed's stream, so an
+    // image does not depend on the batch it is in.
+    let noise = |k: u64| -> candle_core::Result<Tensor> {
+        let per_image = seeds
+            .iter()
+            .map(|&s| {
+                Tensor::from_vec(
+                    normal_vec(&mut stream_rng(s, STREAM_SAMPLE, k), n * c),
+                    (1, n, c),
+                    &device,
+                )
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Tensor::cat(&per_image, 0)
+    };
+    let mut x = noise(0)?;
     let predict = |x: &Tensor, model_t: f32| -> Result<Tensor, EvalError> {
         let rows = if guided { 2 * b } else { b };
         let x_in = if guided { Tensor::cat(&[x, x], 0)? } else { x.clone() };
@@ -339,15 +347,8 @@ pub fn sample(
                 }
                 let x0 = (&x - (&v * t)?)?;
                 let eps = (&x + (&v * (1.0 - t))?)?;
-                let fresh = seeds
-                    .iter()
-                    .map(|&s| {
-                        let mut rng = stream_rng(s, STREAM_SAMPLE, i as u64 + 1);
-                        Tensor::from_vec(normal_vec(&mut rng, n * c), (1, n, c), &device)
-                    })
-                    .collect::<candle_core::Result<Vec<_>>>()?;
-                let noise = ((eps * (1.0 - eta * eta).sqrt())? + (Tensor::cat(&fresh, 0)? * eta)?)?;
-                x = ((x0 * (1.0 - next))? + (noise * next)?)?;
+                let mixed = ((eps * (1.0 - eta * eta).sqrt())? + (noise(i as u64 + 1)? * eta)?)?;
+                x = ((x0 * (1.0 - next))? + (mixed * next)?)?;
             }
         }
         Parameterisation::Epsilon => {

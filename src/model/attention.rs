@@ -477,15 +477,19 @@ impl CustomOp3 for FlashAttention {
             candle_core::bail!("fused attention: backward without its forward");
         }
         // Read in place (no copies): `contiguous` is free on the contiguous tensors the forward produced.
-        let inputs = [q, k, v, res, grad].map(Tensor::contiguous);
-        let [q_, k_, v_, o_, g_] = inputs;
-        let (q_, k_, v_, o_, g_) = (q_?, k_?, v_?, o_?, g_?);
-        let guards = [&q_, &k_, &v_, &o_, &g_].map(|t| t.storage_and_layout());
-        let [qv, kv, vv, ov, gv] = [0, 1, 2, 3, 4].map(|i| {
-            let what = ["q", "k", "v", "output", "output gradient"][i];
-            cpu_slice(&guards[i].0, guards[i].1, what)
-        });
-        let (qv, kv, vv, ov, gv) = (qv?, kv?, vv?, ov?, gv?);
+        let tensors = [q, k, v, res, grad]
+            .map(Tensor::contiguous)
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?;
+        let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+        let slices = guards
+            .iter()
+            .zip(["q", "k", "v", "output", "output gradient"])
+            .map(|((storage, layout), what)| cpu_slice(storage, layout, what))
+            .collect::<Result<Vec<_>>>()?;
+        let [qv, kv, vv, ov, gv] = slices[..] else {
+            candle_core::bail!("fused attention: expected five backward inputs");
+        };
         let mut dq = vec![0f32; qv.len()];
         let mut dk = vec![0f32; kv.len()];
         let mut dv = vec![0f32; vv.len()];

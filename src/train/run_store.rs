@@ -115,6 +115,16 @@ pub struct Checkpoint {
     pub dir: PathBuf,
 }
 
+/// Writes `config.toml` of the run in `dir` atomically.
+fn write_config<C: Serialize>(dir: &Path, config: &C) -> Result<(), RunStoreError> {
+    let path = dir.join(CONFIG_FILE);
+    let text = toml::to_string_pretty(config).map_err(|e| RunStoreError::Config {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    write_atomic(&path, text.as_bytes()).map_err(io_err(&path))
+}
+
 impl RunStore {
     /// Creates a new run: the folder, `config.toml` (atomically) and an empty metrics log. Refuses to reuse a folder
     /// that already holds a run.
@@ -125,11 +135,7 @@ impl RunStore {
             return Err(RunStoreError::AlreadyExists { dir });
         }
         fs::create_dir_all(dir.join(CHECKPOINT_DIR)).map_err(io_err(&dir))?;
-        let text = toml::to_string_pretty(config).map_err(|e| RunStoreError::Config {
-            path: config_path.clone(),
-            message: e.to_string(),
-        })?;
-        write_atomic(&config_path, text.as_bytes()).map_err(io_err(&config_path))?;
+        write_config(&dir, config)?;
         Self::open_log(dir)
     }
 
@@ -157,12 +163,7 @@ impl RunStore {
     /// Rewrites the run's `config.toml` (atomically) when a resumed or forked run changes its settings; the
     /// caller records the change in the metrics log ([`RunStore::append`]), so the history is not lost.
     pub fn update_config<C: Serialize>(&self, config: &C) -> Result<(), RunStoreError> {
-        let path = self.dir.join(CONFIG_FILE);
-        let text = toml::to_string_pretty(config).map_err(|e| RunStoreError::Config {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-        write_atomic(&path, text.as_bytes()).map_err(io_err(&path))
+        write_config(&self.dir, config)
     }
 
     /// Copies checkpoint `from` (of another run) into this run as its own `step-N` (atomically, as

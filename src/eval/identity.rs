@@ -66,8 +66,8 @@ fn median(mut v: Vec<f32>) -> f32 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
-/// The descriptor of one crop (unit norm, [`DESCRIPTOR_DIM`] values).
-pub fn identity_descriptor(img: &RgbImage) -> Vec<f32> {
+/// A crop at [`SIDE`]² and its foreground weights in `[0, 1]` (colour distance from the border's median colour).
+fn foreground(img: &RgbImage) -> (RgbImage, Vec<f32>) {
     let small = imageops::resize(img, SIDE, SIDE, imageops::FilterType::Triangle);
     let s = SIDE as usize;
     let px = |x: usize, y: usize| -> [f32; 3] {
@@ -92,6 +92,82 @@ pub fn identity_descriptor(img: &RgbImage) -> Vec<f32> {
             fg[y * s + x] = ((d - 0.08) / 0.12).clamp(0.0, 1.0);
         }
     }
+    (small, fg)
+}
+
+/// Side of a [`shape_mask`].
+pub const SHAPE_MASK_SIDE: usize = 16;
+
+/// The foreground of a crop (as the identity descriptor finds it) in the square around its bounding box, aspect
+/// kept, resampled to [`SHAPE_MASK_SIDE`]² (bilinear, 0 outside): the subject's silhouette alone. Unlike the
+/// descriptor's silhouette block, which stretches the box to a square and symmetrises it, a disc and a fish stay
+/// apart here. All zeros when nothing stands out from the border.
+pub fn shape_mask(img: &RgbImage) -> Vec<f32> {
+    let n = SHAPE_MASK_SIDE;
+    let mut out = vec![0f32; n * n];
+    if img.width() == 0 || img.height() == 0 {
+        return out;
+    }
+    let (_, fg) = foreground(img);
+    let s = SIDE as usize;
+    let on = (0..s * s).filter(|&i| fg[i] > 0.5);
+    let (mut x0, mut x1, mut y0, mut y1) = (usize::MAX, 0, usize::MAX, 0);
+    for i in on {
+        let (x, y) = (i % s, i / s);
+        (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
+    }
+    if x0 > x1 {
+        return out;
+    }
+    let side = ((x1 - x0).max(y1 - y0) + 1) as f32;
+    let (cx, cy) = ((x0 + x1 + 1) as f32 / 2.0, (y0 + y1 + 1) as f32 / 2.0);
+    let at = |x: isize, y: isize| -> f32 {
+        if x < 0 || y < 0 || x >= s as isize || y >= s as isize {
+            0.0
+        } else {
+            fg[y as usize * s + x as usize]
+        }
+    };
+    for v in 0..n {
+        for u in 0..n {
+            // Pixel-centre coordinates of this cell's centre in the 32 × 32 crop.
+            let x = cx - side / 2.0 + (u as f32 + 0.5) * side / n as f32 - 0.5;
+            let y = cy - side / 2.0 + (v as f32 + 0.5) * side / n as f32 - 0.5;
+            let (xf, yf) = (x.floor(), y.floor());
+            let (fx, fy) = (x - xf, y - yf);
+            let (xi, yi) = (xf as isize, yf as isize);
+            out[v * n + u] = at(xi, yi) * (1.0 - fx) * (1.0 - fy)
+                + at(xi + 1, yi) * fx * (1.0 - fy)
+                + at(xi, yi + 1) * (1.0 - fx) * fy
+                + at(xi + 1, yi + 1) * fx * fy;
+        }
+    }
+    out
+}
+
+/// How alike two [`shape_mask`]s are: the cosine of the masks, the better of `b` as it is and mirrored left–right
+/// (scenes mirror subjects). 1 for the same silhouette at any size and place; 0 when either is empty.
+pub fn shape_similarity(a: &[f32], b: &[f32]) -> f32 {
+    let n = SHAPE_MASK_SIDE;
+    if a.len() != n * n || b.len() != n * n {
+        return 0.0;
+    }
+    let mirrored: Vec<f32> = (0..n * n).map(|i| b[(i / n) * n + n - 1 - i % n]).collect();
+    super::metrics::cosine(a, b).max(super::metrics::cosine(a, &mirrored))
+}
+
+/// The descriptor of one crop (unit norm, [`DESCRIPTOR_DIM`] values).
+pub fn identity_descriptor(img: &RgbImage) -> Vec<f32> {
+    let (small, fg) = foreground(img);
+    let s = SIDE as usize;
+    let px = |x: usize, y: usize| -> [f32; 3] {
+        let p = small.get_pixel(x as u32, y as u32).0;
+        [
+            f32::from(p[0]) / 255.0,
+            f32::from(p[1]) / 255.0,
+            f32::from(p[2]) / 255.0,
+        ]
+    };
 
     // 1. Chromaticity histogram of the foreground.
     let mut colour = vec![0f32; CHROMA_BINS * CHROMA_BINS];
@@ -326,6 +402,49 @@ mod tests {
     use super::*;
     use crate::dip::synth::{NegativeSource, SubjectCount, SynthConfig, synthesize};
     use crate::eval::metrics::{cosine, roc_auc};
+
+    /// A grey canvas with the pixels where `inside(x, y)` red.
+    fn canvas(side: u32, inside: impl Fn(f32, f32) -> bool) -> RgbImage {
+        RgbImage::from_fn(side, side, |x, y| {
+            if inside(x as f32 + 0.5, y as f32 + 0.5) {
+                image::Rgb([220, 30, 30])
+            } else {
+                image::Rgb([128, 128, 128])
+            }
+        })
+    }
+
+    #[test]
+    fn shape_masks_keep_aspect_and_ignore_size_place_and_mirroring() {
+        // A 2:1 bar: its mask fills the middle half of the rows, all columns.
+        let bar = shape_mask(&canvas(32, |x, y| {
+            (8.0..24.0).contains(&x) && (12.0..20.0).contains(&y)
+        }));
+        let n = SHAPE_MASK_SIDE;
+        let rows: Vec<f32> = (0..n)
+            .map(|v| bar[v * n..(v + 1) * n].iter().sum::<f32>() / n as f32)
+            .collect();
+        assert!(rows[..3].iter().chain(&rows[13..]).all(|&r| r < 0.01), "{rows:?}");
+        assert!(rows[5..11].iter().all(|&r| r > 0.99), "{rows:?}");
+        // A right triangle, smaller, elsewhere and mirrored, is the same silhouette; a disc is not.
+        let tri = |x0: f32, s: f32, flip: bool| {
+            canvas(64, move |x, y| {
+                let (u, v) = ((x - x0) / s, (y - 10.0) / s);
+                let u = if flip { 1.0 - u } else { u };
+                (0.0..1.0).contains(&u) && (0.0..1.0).contains(&v) && u < v
+            })
+        };
+        let a = shape_mask(&tri(8.0, 40.0, false));
+        let b = shape_mask(&tri(30.0, 20.0, true));
+        let disc = shape_mask(&canvas(64, |x, y| (x - 32.0).powi(2) + (y - 32.0).powi(2) < 300.0));
+        assert!(shape_similarity(&a, &b) > 0.97, "{}", shape_similarity(&a, &b));
+        assert!(shape_similarity(&a, &disc) < 0.85, "{}", shape_similarity(&a, &disc));
+        // Nothing in the crop: an empty mask, similar to nothing.
+        let empty = shape_mask(&canvas(32, |_, _| false));
+        assert!(empty.iter().all(|&v| v == 0.0));
+        assert_eq!(shape_similarity(&a, &empty), 0.0);
+        assert_eq!(shape_similarity(&a, &a[..10]), 0.0);
+    }
 
     #[test]
     fn descriptor_is_unit_norm_and_deterministic() {

@@ -40,11 +40,13 @@ pub struct MetricSpec {
 }
 
 /// The benchmark metrics per split, in table order: name (the part after `single.` / `multi.`), label, direction.
-pub const BENCHMARK_METRICS: [(&str, &str, Better); 21] = [
+pub const BENCHMARK_METRICS: [(&str, &str, Better); 23] = [
     ("identity_sim", "identity sim", Better::Higher),
     ("top1_identification", "top-1 id", Better::Higher),
     ("identity_is", "identity IS", Better::Higher),
     ("auc", "verif. AUC", Better::Higher),
+    ("silhouette_sim", "silhouette sim", Better::Higher),
+    ("shape_top1", "shape top-1", Better::Higher),
     ("eer", "EER", Better::Lower),
     ("fmr100", "FMR100", Better::Lower),
     ("fmr1000", "FMR1000", Better::Lower),
@@ -122,11 +124,13 @@ pub fn benchmark_values(report: &BenchmarkReport) -> BTreeMap<String, f64> {
     for (split, s) in &report.splits {
         let v = s.verification;
         let d = s.denoise;
-        let pairs: [(&str, Option<f64>); 21] = [
+        let pairs: [(&str, Option<f64>); 23] = [
             ("identity_sim", Some(s.identity_sim)),
             ("top1_identification", s.top1_identification),
             ("identity_is", s.identity_is),
             ("auc", v.map(|v| v.auc)),
+            ("silhouette_sim", s.silhouette_sim),
+            ("shape_top1", s.shape_top1),
             ("eer", v.map(|v| v.eer)),
             ("fmr100", v.map(|v| v.fmr100)),
             ("fmr1000", v.map(|v| v.fmr1000)),

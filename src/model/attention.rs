@@ -450,7 +450,9 @@ impl CustomOp3 for FlashAttention {
             .enumerate()
             .for_each(|(bh, (o, lse))| {
                 let (qs, ks) = (bh * lq * d, bh * lk * d);
-                self.forward_head(&q[qs..qs + lq * d], &k[ks..ks + lk * d], &v[ks..ks + lk * d], d, o, lse);
+                super::ops::widest(|| {
+                    self.forward_head(&q[qs..qs + lq * d], &k[ks..ks + lk * d], &v[ks..ks + lk * d], d, o, lse)
+                });
             });
         if let Ok(mut stash) = self.lse.lock() {
             *stash = lse;
@@ -501,14 +503,16 @@ impl CustomOp3 for FlashAttention {
             .enumerate()
             .for_each(|(bh, (dq, (dk, dv)))| {
                 let (qs, ks) = (bh * lq * d, bh * lk * d);
-                self.backward_head(
-                    (&qv[qs..qs + lq * d], &kv[ks..ks + lk * d], &vv[ks..ks + lk * d]),
-                    &ov[qs..qs + lq * d],
-                    &gv[qs..qs + lq * d],
-                    &lse[bh * lq..(bh + 1) * lq],
-                    d,
-                    (dq, dk, dv),
-                );
+                super::ops::widest(|| {
+                    self.backward_head(
+                        (&qv[qs..qs + lq * d], &kv[ks..ks + lk * d], &vv[ks..ks + lk * d]),
+                        &ov[qs..qs + lq * d],
+                        &gv[qs..qs + lq * d],
+                        &lse[bh * lq..(bh + 1) * lq],
+                        d,
+                        (dq, dk, dv),
+                    )
+                });
             });
         let dev = q.device();
         Ok((

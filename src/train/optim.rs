@@ -228,7 +228,7 @@ pub mod fused {
     use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor, bail};
     use rayon::prelude::*;
 
-    use crate::model::ops::{contiguous_f32, contiguous_f32_mut};
+    use crate::model::ops::{contiguous_f32, contiguous_f32_mut, widest};
 
     /// Elements per parallel task: large enough that rayon's overhead is small, and a fixed split, so a sum is
     /// the same whatever the number of threads.
@@ -280,11 +280,13 @@ pub mod fused {
             same_len(self.name(), dst.len(), x.len())?;
             let &Self { a, b, scale, square } = self;
             dst.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(d, x)| {
-                for (d, &x) in d.iter_mut().zip(x) {
-                    let x = if scale == 1.0 { x } else { x * scale };
-                    let x = if square { x * x } else { x };
-                    *d = *d * a + x * b;
-                }
+                widest(|| {
+                    for (d, &x) in d.iter_mut().zip(x) {
+                        let x = if scale == 1.0 { x } else { x * scale };
+                        let x = if square { x * x } else { x };
+                        *d = *d * a + x * b;
+                    }
+                })
             });
             Ok(())
         }
@@ -333,10 +335,12 @@ pub mod fused {
             w.par_chunks_mut(CHUNK)
                 .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
                 .for_each(|(w, (m, v))| {
-                    for ((w, &m), &v) in w.iter_mut().zip(m).zip(v) {
-                        let update = (m * scale_m) / ((v * scale_v).sqrt() + eps);
-                        *w = *w * decay - update * lr;
-                    }
+                    widest(|| {
+                        for ((w, &m), &v) in w.iter_mut().zip(m).zip(v) {
+                            let update = (m * scale_m) / ((v * scale_v).sqrt() + eps);
+                            *w = *w * decay - update * lr;
+                        }
+                    })
                 });
             Ok(())
         }

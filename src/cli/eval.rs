@@ -9,7 +9,7 @@ use clap::Args;
 use focusdpo::eval::benchmark::{BenchmarkConfig, ExtraEmbedders, SubjectCrop, report_markdown, run_benchmark};
 use focusdpo::eval::dreambench::{DreamBenchConfig, dreambench_markdown, read_dreambench, run_dreambench};
 use focusdpo::eval::pretrained::{ClipEmbedder, ClipModelConfig, DinoV2Config, DinoV2Embedder};
-use focusdpo::eval::sampler::{SampleRequest, SampleSettings, sample};
+use focusdpo::eval::sampler::{InitImage, SampleRequest, SampleSettings, sample_from};
 use focusdpo::eval::study::{RunMetrics, aggregate, benchmark_values, comparison_markdown, group_of, training_values};
 use focusdpo::eval::{ImageEmbedder, TextEmbedder};
 use focusdpo::model::{Adapters, BaseModel};
@@ -88,6 +88,10 @@ pub struct EvalArgs {
     /// or `ideal-box` (the ideal target's box: the reports of earlier versions).
     #[arg(long, default_value = "located")]
     crop: SubjectCrop,
+    /// Diagnosis: start each item's images from its ideal target noised to this img2img strength (0–1; 1 = pure
+    /// noise) instead of from noise: how much of each subject the base keeps from that noise level on.
+    #[arg(long, value_name = "STRENGTH")]
+    from_ideal: Option<f32>,
     /// DINOv2 weights (model.safetensors or a HF folder) for the DINO score.
     #[arg(long)]
     dino: Option<PathBuf>,
@@ -233,6 +237,7 @@ pub fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
         multi_items: args.multi,
         samples_per_item: args.samples,
         crop: args.crop,
+        from_ideal: args.from_ideal,
         sampler: SampleSettings {
             reference_px: BenchmarkConfig::default().sampler.reference_px,
             ..args.sampler.settings()
@@ -305,6 +310,13 @@ pub struct SampleArgs {
     /// Output PNG: a row of the references followed by the images.
     #[arg(long)]
     out: PathBuf,
+    /// Start from this image instead of pure noise (img2img / SDEdit), resized to --size.
+    #[arg(long, requires = "strength")]
+    init: Option<PathBuf>,
+    /// With --init: how much of the sampler's grid is run (diffusers' strength, 0–1): 1 = from pure noise, small
+    /// values keep the image.
+    #[arg(long, requires = "init")]
+    strength: Option<f32>,
 }
 
 pub fn run_sample(args: &SampleArgs) -> anyhow::Result<()> {
@@ -335,8 +347,20 @@ pub fn run_sample(args: &SampleArgs) -> anyhow::Result<()> {
         references: &references,
         size_px: (args.size, args.size),
     };
+    let init_image = match &args.init {
+        Some(path) => Some(
+            image::open(path)
+                .map(|i| i.to_rgb8())
+                .with_context(|| format!("{}: cannot read the init image", path.display()))?,
+        ),
+        None => None,
+    };
+    let init = init_image
+        .as_ref()
+        .zip(args.strength)
+        .map(|(image, strength)| InitImage { image, strength });
     let started = std::time::Instant::now();
-    let images = sample(&base, &req, &args.sampler.settings(), &args.seeds, Adapters::On)?;
+    let images = sample_from(&base, &req, &args.sampler.settings(), &args.seeds, Adapters::On, init)?;
     write_png(&args.out, &sheet(&[(references, images)]))?;
     println!(
         "{} image(s) from {name} for \"{prompt}\" in {:.1} s → {}",

@@ -36,7 +36,7 @@ use super::metrics::{
     IDENTITY_CLASSIFIER_TEMPERATURE, Verification, cmmd, cosine, frechet_distance, identity_inception_score, psnr,
     top1_identification, verification,
 };
-use super::sampler::{SampleRequest, SampleSettings, sample};
+use super::sampler::{InitImage, SampleRequest, SampleSettings, sample_from};
 use super::{EvalError, ImageEmbedder, TextEmbedder};
 use crate::dip::synth::{NegativeSource, SubjectCount, SynthConfig, SynthItem, scale_range, synthesize_item};
 use crate::model::{Adapters, BaseModel};
@@ -63,6 +63,11 @@ pub struct BenchmarkConfig {
     /// Where a subject is looked for in a generated image. Reports written before this existed used the ideal box.
     #[serde(default = "SubjectCrop::ideal_box")]
     pub crop: SubjectCrop,
+    /// Start each item's images from its ideal target noised to this img2img strength ([`InitImage`]) instead of
+    /// pure noise: how much of a subject the base keeps from that noise level on (`None`, the default: generation
+    /// from noise, the benchmark proper).
+    #[serde(default)]
+    pub from_ideal: Option<f32>,
 }
 
 /// Where a subject's crop is taken in a generated image.
@@ -97,6 +102,7 @@ impl Default for BenchmarkConfig {
             size_px: 64,
             sampler: SampleSettings::default(),
             crop: SubjectCrop::default(),
+            from_ideal: None,
         }
     }
 }
@@ -458,7 +464,11 @@ pub fn generate_split(
                 references: &item.references,
                 size_px: item.winner.dimensions(),
             };
-            let out = sample(base, &req, &cfg.sampler, &seeds, Adapters::On);
+            let init = cfg.from_ideal.map(|strength| InitImage {
+                image: &item.winner,
+                strength,
+            });
+            let out = sample_from(base, &req, &cfg.sampler, &seeds, Adapters::On, init);
             progress(k + 1);
             out
         })
@@ -523,7 +533,7 @@ fn unless_default(name: &str, value: f32, off: f32) -> String {
 pub fn report_markdown(r: &BenchmarkReport) -> String {
     let names: Vec<&String> = r.splits.keys().rev().collect();
     let mut out = format!(
-        "# Synthetic benchmark: {}\n\nIdentity embedder: `{}`, subjects {}; {} images per item, sampler {} steps, CFG {}{}{}{}.\n\n| metric |",
+        "# Synthetic benchmark: {}\n\nIdentity embedder: `{}`, subjects {}; {} images per item{}, sampler {} steps, CFG {}{}{}{}.\n\n| metric |",
         r.model,
         r.identity_embedder,
         match r.config.crop {
@@ -531,6 +541,9 @@ pub fn report_markdown(r: &BenchmarkReport) -> String {
             SubjectCrop::IdealBox => "cropped at the ideal target's boxes",
         },
         r.config.samples_per_item,
+        r.config.from_ideal.map_or_else(String::new, |s| format!(
+            " **from the ideal target at img2img strength {s}**"
+        )),
         r.config.sampler.steps,
         r.config.sampler.cfg_scale,
         unless_default("reference CFG", r.config.sampler.reference_cfg_scale, 1.0),

@@ -162,6 +162,13 @@ pub struct PretrainConfig {
     /// backgrounds; kohya's `masked_loss` is the same idea with `w = m`.
     #[serde(default)]
     pub subject_weight: f32,
+    /// `subject_weight` applies only to the samples drawn at `t ≤ subject_weight_max_t`; the others get the plain
+    /// MSE. 1 (the default, and what configs written before it read as) weights every sample. Why: the weight
+    /// depends on the target, so its optimum is the velocity under a posterior tilted toward images with subject at
+    /// that pixel. At low noise `x_t` fixes where the subjects are and the tilt is small; at high noise it makes the
+    /// model paint subject wherever one might be (oversized, textured blobs: `docs/pretraining.md`).
+    #[serde(default = "one")]
+    pub subject_weight_max_t: f32,
     /// Timestep distribution.
     pub timesteps: TimestepSampling,
     /// Checkpoint every N steps (and at the end).
@@ -200,6 +207,7 @@ impl Default for PretrainConfig {
             prompt_dropout: 0.1,
             reference_dropout: 0.1,
             subject_weight: 0.0,
+            subject_weight_max_t: 1.0,
             // Uniform, not SD3's logit-normal: the sampler's uniform time grid spends as many steps at t > 0.9 as
             // anywhere else, and logit-normal(0, 1) trains there 1.4 % of the time. On the tiny base the first 500
             // logit-normal steps left x̂₀ at t ≥ 0.9 pure noise (docs/pretraining.md).
@@ -263,6 +271,11 @@ impl PretrainConfig {
                 !(self.subject_weight.is_finite() && (0.0..=1000.0).contains(&self.subject_weight)),
                 "subject_weight",
                 "must be in [0, 1000] (0 = plain MSE)",
+            ),
+            (
+                !(0.0..=1.0).contains(&self.subject_weight_max_t),
+                "subject_weight_max_t",
+                "must be in [0, 1] (1 = every sample weighted)",
             ),
             (
                 !(self.optim.adamw.lr.is_finite() && self.optim.adamw.lr > 0.0),
@@ -343,6 +356,10 @@ pub struct PretrainRecord {
     /// Resident memory after the step (MiB), where the OS tells.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rss_mib: Option<f64>,
+}
+
+fn one() -> f32 {
+    1.0
 }
 
 /// One step's batch as model inputs.
@@ -622,6 +639,20 @@ impl Pretrainer {
         let mut rng = stream_rng(self.cfg.seed, STREAM_NOISE, step);
         let b = items.len();
         let ts: Vec<f32> = (0..b).map(|_| self.cfg.timesteps.draw(&mut rng)).collect();
+        if let Some(w) = batch.weights.take() {
+            let max_t = self.cfg.subject_weight_max_t;
+            batch.weights = Some(if ts.iter().all(|&t| t <= max_t) {
+                w
+            } else {
+                let rows = (0..b)
+                    .map(|k| {
+                        let row = w.narrow(0, k, 1)?;
+                        if ts[k] <= max_t { Ok(row) } else { row.ones_like() }
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&rows, 0)?
+            });
+        }
         for prompt in &mut batch.prompts {
             let u: f32 = rand::RngExt::random(&mut rng);
             if u < self.cfg.prompt_dropout {
@@ -1130,7 +1161,18 @@ mod tests {
         })?;
         assert!(plain.is_finite() && weighted.is_finite());
         assert_ne!(plain, weighted);
-        assert_eq!(micro_without("subject_weight").subject_weight, 0.0);
+        // Limited to t ≤ 0 (no sample) it is the plain MSE; to t ≤ 1 (every sample) the weighted one.
+        let limited = |max_t| {
+            first(PretrainConfig {
+                subject_weight: 4.0,
+                subject_weight_max_t: max_t,
+                ..micro()
+            })
+        };
+        assert_eq!(limited(0.0)?, plain);
+        assert_eq!(limited(1.0)?, weighted);
+        let old = micro_without("subject_weight");
+        assert_eq!((old.subject_weight, old.subject_weight_max_t), (0.0, 1.0));
         for bad in [-1.0, f32::NAN, 2000.0] {
             let cfg = PretrainConfig {
                 subject_weight: bad,
@@ -1138,6 +1180,17 @@ mod tests {
             };
             assert!(
                 cfg.validate().is_err_and(|e| e.to_string().contains("subject_weight")),
+                "{bad}"
+            );
+        }
+        for bad in [-0.1, f32::NAN, 1.5] {
+            let cfg = PretrainConfig {
+                subject_weight_max_t: bad,
+                ..micro()
+            };
+            assert!(
+                cfg.validate()
+                    .is_err_and(|e| e.to_string().contains("subject_weight_max_t")),
                 "{bad}"
             );
         }

@@ -636,17 +636,26 @@ mod tests {
         score_split(items, images, crop, &ExtraEmbedders::default()).expect("score")
     }
 
-    /// Scoring the ideal targets themselves gives perfect pixel fidelity and a clean identity separation; scoring
-    /// another item's images gives clearly worse numbers (the metric can fail). Both crop modes.
-    #[test]
-    fn ideal_images_score_best() -> Result<(), EvalError> {
+    /// A split's config, its items and one image list per item.
+    type Split = (BenchmarkConfig, Vec<SynthItem>, Vec<Vec<RgbImage>>);
+
+    /// The first `n` single-subject items of the held-out split, with their ideal targets as each one's image.
+    fn single_split(n: usize) -> Result<Split, EvalError> {
         let cfg = BenchmarkConfig {
-            single_items: 12,
+            single_items: n,
             multi_items: 0,
             ..BenchmarkConfig::default()
         };
         let items = eval_items(&cfg, false)?;
-        let ideal: Vec<Vec<RgbImage>> = items.iter().map(|i| vec![i.winner.clone()]).collect();
+        let ideal = items.iter().map(|i| vec![i.winner.clone()]).collect();
+        Ok((cfg, items, ideal))
+    }
+
+    /// Scoring the ideal targets themselves gives perfect pixel fidelity and a clean identity separation; scoring
+    /// another item's images gives clearly worse numbers (the metric can fail). Both crop modes.
+    #[test]
+    fn ideal_images_score_best() -> Result<(), EvalError> {
+        let (cfg, items, ideal) = single_split(12)?;
         let shifted: Vec<Vec<RgbImage>> = ideal.iter().cycle().skip(1).take(ideal.len()).cloned().collect();
         for crop in SubjectCrop::ALL.iter().copied() {
             let good = score(&items, &ideal, crop);
@@ -725,13 +734,7 @@ mod tests {
     /// high while the shape identification falls to chance.
     #[test]
     fn silhouette_scores_tell_subjects_from_blobs_in_their_colours() -> Result<(), EvalError> {
-        let cfg = BenchmarkConfig {
-            single_items: 16,
-            multi_items: 0,
-            ..BenchmarkConfig::default()
-        };
-        let items = eval_items(&cfg, false)?;
-        let ideal: Vec<Vec<RgbImage>> = items.iter().map(|i| vec![i.winner.clone()]).collect();
+        let (_, items, ideal) = single_split(16)?;
         let blobbed: Vec<Vec<RgbImage>> = items.iter().map(|i| vec![blobs(i)]).collect();
         let good = score(&items, &ideal, SubjectCrop::Located);
         let blob = score(&items, &blobbed, SubjectCrop::Located);

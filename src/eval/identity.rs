@@ -66,18 +66,13 @@ fn median(mut v: Vec<f32>) -> f32 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
-/// A crop at [`SIDE`]² and its foreground weights in `[0, 1]` (colour distance from the border's median colour).
-fn foreground(img: &RgbImage) -> (RgbImage, Vec<f32>) {
+/// A crop resized to [`SIDE`]² as RGB in `[0, 1]` (row-major), and its foreground weights in `[0, 1]` (colour
+/// distance from the border's median colour).
+fn foreground(img: &RgbImage) -> (Vec<[f32; 3]>, Vec<f32>) {
     let small = imageops::resize(img, SIDE, SIDE, imageops::FilterType::Triangle);
     let s = SIDE as usize;
-    let px = |x: usize, y: usize| -> [f32; 3] {
-        let p = small.get_pixel(x as u32, y as u32).0;
-        [
-            f32::from(p[0]) / 255.0,
-            f32::from(p[1]) / 255.0,
-            f32::from(p[2]) / 255.0,
-        ]
-    };
+    let pixels: Vec<[f32; 3]> = small.pixels().map(|p| p.0.map(|c| f32::from(c) / 255.0)).collect();
+    let px = |x: usize, y: usize| pixels[y * s + x];
     // Background colour: per-channel median of the border.
     let border: Vec<[f32; 3]> = (0..s)
         .flat_map(|i| [(i, 0), (i, s - 1), (0, i), (s - 1, i)])
@@ -92,7 +87,7 @@ fn foreground(img: &RgbImage) -> (RgbImage, Vec<f32>) {
             fg[y * s + x] = ((d - 0.08) / 0.12).clamp(0.0, 1.0);
         }
     }
-    (small, fg)
+    (pixels, fg)
 }
 
 /// Side of a [`shape_mask`].
@@ -158,16 +153,9 @@ pub fn shape_similarity(a: &[f32], b: &[f32]) -> f32 {
 
 /// The descriptor of one crop (unit norm, [`DESCRIPTOR_DIM`] values).
 pub fn identity_descriptor(img: &RgbImage) -> Vec<f32> {
-    let (small, fg) = foreground(img);
+    let (pixels, fg) = foreground(img);
     let s = SIDE as usize;
-    let px = |x: usize, y: usize| -> [f32; 3] {
-        let p = small.get_pixel(x as u32, y as u32).0;
-        [
-            f32::from(p[0]) / 255.0,
-            f32::from(p[1]) / 255.0,
-            f32::from(p[2]) / 255.0,
-        ]
-    };
+    let px = |x: usize, y: usize| pixels[y * s + x];
 
     // 1. Chromaticity histogram of the foreground.
     let mut colour = vec![0f32; CHROMA_BINS * CHROMA_BINS];

@@ -464,6 +464,15 @@ mod tests {
         assert_eq!(ddim_steps(4), vec![999, 749, 500, 250]);
     }
 
+    /// A 32 px request for `prompt` with `refs`.
+    fn request<'a>(prompt: &'a str, refs: &'a [RgbImage]) -> SampleRequest<'a> {
+        SampleRequest {
+            prompt,
+            references: refs,
+            size_px: (32, 32),
+        }
+    }
+
     /// A 32 px reference with a colour gradient (so every token differs).
     fn gradient_reference() -> RgbImage {
         RgbImage::from_fn(32, 32, |x, y| image::Rgb([(8 * x) as u8, (8 * y) as u8, 90]))
@@ -484,11 +493,7 @@ mod tests {
     fn reference_guidance_is_the_two_condition_formula() -> Result<(), EvalError> {
         let base = tiny_base();
         let refs = [gradient_reference()];
-        let req = SampleRequest {
-            prompt: "a red ball",
-            references: &refs,
-            size_px: (32, 32),
-        };
+        let req = request("a red ball", &refs);
         let settings = SampleSettings {
             steps: 1,
             cfg_scale: 2.0,
@@ -539,11 +544,7 @@ mod tests {
     fn stochastic_sampling_renoises_the_prediction() -> Result<(), EvalError> {
         let base = tiny_base();
         let refs = [gradient_reference()];
-        let req = SampleRequest {
-            prompt: "a red ball",
-            references: &refs,
-            size_px: (32, 32),
-        };
+        let req = request("a red ball", &refs);
         let settings = SampleSettings {
             steps: 2,
             cfg_scale: 1.0,
@@ -605,11 +606,7 @@ mod tests {
         let base = tiny_base();
         let reference = RgbImage::from_pixel(32, 32, image::Rgb([200, 40, 40]));
         let refs = [reference];
-        let req = SampleRequest {
-            prompt: "a red ball",
-            references: &refs,
-            size_px: (32, 32),
-        };
+        let req = request("a red ball", &refs);
         let settings = SampleSettings {
             steps: 3,
             ..SampleSettings::default()
@@ -652,11 +649,7 @@ mod tests {
         };
         let base = BaseModel::random(&cfg, 4, 3, &Device::Cpu).map_err(|e| EvalError::Invalid(e.to_string()))?;
         let refs = [RgbImage::from_pixel(32, 32, image::Rgb([20, 200, 40]))];
-        let req = SampleRequest {
-            prompt: "a green ball",
-            references: &refs,
-            size_px: (32, 32),
-        };
+        let req = request("a green ball", &refs);
         let at = |g: f32| {
             let settings = SampleSettings {
                 steps: 2,
@@ -677,11 +670,7 @@ mod tests {
     fn img2img_runs_the_end_of_the_grid_from_the_noised_image() -> Result<(), EvalError> {
         let base = tiny_base();
         let refs = [gradient_reference()];
-        let req = SampleRequest {
-            prompt: "a ball",
-            references: &refs,
-            size_px: (32, 32),
-        };
+        let req = request("a ball", &refs);
         let settings = SampleSettings {
             steps: 8,
             ..SampleSettings::default()

@@ -319,6 +319,13 @@ pub struct SampleArgs {
     strength: Option<f32>,
 }
 
+/// An image file as RGB; the error names the file and what it was for (`what`: "reference", "init").
+fn read_rgb(path: &Path, what: &str) -> anyhow::Result<RgbImage> {
+    Ok(image::open(path)
+        .with_context(|| format!("{}: cannot read the {what} image", path.display()))?
+        .to_rgb8())
+}
+
 pub fn run_sample(args: &SampleArgs) -> anyhow::Result<()> {
     let (base, name) = load_model(&args.model)?;
     let (prompt, references) = match (&args.item, &args.prompt) {
@@ -332,11 +339,7 @@ pub fn run_sample(args: &SampleArgs) -> anyhow::Result<()> {
             let refs = args
                 .reference
                 .iter()
-                .map(|path| {
-                    image::open(path)
-                        .map(|i| i.to_rgb8())
-                        .with_context(|| format!("{}: cannot read the reference image", path.display()))
-                })
+                .map(|path| read_rgb(path, "reference"))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             (p.clone(), refs)
         }
@@ -347,14 +350,7 @@ pub fn run_sample(args: &SampleArgs) -> anyhow::Result<()> {
         references: &references,
         size_px: (args.size, args.size),
     };
-    let init_image = match &args.init {
-        Some(path) => Some(
-            image::open(path)
-                .map(|i| i.to_rgb8())
-                .with_context(|| format!("{}: cannot read the init image", path.display()))?,
-        ),
-        None => None,
-    };
+    let init_image = args.init.as_deref().map(|path| read_rgb(path, "init")).transpose()?;
     let init = init_image
         .as_ref()
         .zip(args.strength)

@@ -859,3 +859,30 @@ fn checkpoints_write_sample_sheets_of_base_and_run() {
     }
     assert_ne!(crop(&b, 2, 0), crop(&b, 1, 0), "the run's LoRA changes its samples");
 }
+
+/// A base whose network predicts the clean sample trains like any other under rectified flow (its forward returns
+/// the velocity), and an ε-prediction run on it is refused, naming the field to change.
+#[test]
+fn a_sample_predicting_base_trains_under_rectified_flow_and_refuses_epsilon() {
+    let device = Device::Cpu;
+    let cfg_model = Config {
+        prediction: focusdpo::model::Prediction::Sample,
+        ..Config::micro()
+    };
+    let b = BaseModel::random(&cfg_model, 4, 5, &device).expect("micro base");
+    let mut cfg = config(ObjectiveKind::Dpo, 2);
+    cfg.data.items = vec!["synth-0001".into()];
+    let items = load_items(&cfg, &b, &device).expect("items");
+    let mut trainer = Trainer::new(cfg.clone(), b.clone(), items.clone()).expect("trainer");
+    let loss = trainer.step(false).expect("step").record.stats.loss;
+    assert!(
+        (loss - std::f32::consts::LN_2).abs() < 1e-6,
+        "a fresh LoRA starts at ln 2: {loss}"
+    );
+    cfg.noise.parameterisation = focusdpo::model::schedule::Parameterisation::Epsilon;
+    let err = Trainer::new(cfg, b, items).err().expect("ε on an x̂₀ base").to_string();
+    assert!(
+        err.contains("noise.parameterisation") && err.contains("rectified-flow"),
+        "{err}"
+    );
+}

@@ -16,8 +16,8 @@ use super::EvalError;
 use crate::model::encoder::reference_at;
 use crate::model::schedule::{DDPM_STEPS, Parameterisation, ddpm_alphas_cumprod, model_time, shift_time};
 use crate::model::{
-    Adapters, BaseModel, ForwardOptions, MmditInput, Reference, ids_tensor, reference_ids, target_ids, text_ids,
-    uno_reference_offsets,
+    Adapters, BaseModel, ForwardOptions, MmditInput, Prediction, Reference, ids_tensor, reference_ids, target_ids,
+    text_ids, uno_reference_offsets,
 };
 use crate::rng::{normal_vec, stream_rng};
 
@@ -306,6 +306,13 @@ pub fn sample_from(
     init: Option<InitImage<'_>>,
 ) -> Result<Vec<RgbImage>, EvalError> {
     settings.validate()?;
+    if base.config().prediction == Prediction::Sample && settings.parameterisation != Parameterisation::RectifiedFlow {
+        return Err(EvalError::Invalid(
+            "this base predicts the clean sample under rectified flow (model.prediction = \"sample\"); sample it \
+             as rectified flow, not ε (DDIM)"
+                .into(),
+        ));
+    }
     if init.is_some() && settings.parameterisation != Parameterisation::RectifiedFlow {
         return Err(EvalError::Invalid(
             "starting from an image (img2img) needs a rectified-flow base; this one predicts ε (DDIM)".into(),
@@ -660,6 +667,34 @@ mod tests {
             sample(&base, &req, &settings, &[3], Adapters::Off)
         };
         assert_ne!(at(1.0)?, at(6.0)?);
+        Ok(())
+    }
+
+    /// A base that predicts the clean sample samples under rectified flow (its last step lands on its `x̂₀`), and
+    /// asking for DDIM on it is an error that names the fix instead of a silently wrong image.
+    #[test]
+    fn a_sample_predicting_base_samples_as_rectified_flow_only() -> Result<(), EvalError> {
+        let cfg = Config {
+            prediction: crate::model::Prediction::Sample,
+            ..Config::micro()
+        };
+        let base = BaseModel::random(&cfg, 4, 3, &Device::Cpu).map_err(|e| EvalError::Invalid(e.to_string()))?;
+        let refs = [RgbImage::from_pixel(32, 32, image::Rgb([20, 200, 40]))];
+        let req = request("a green ball", &refs);
+        let settings = SampleSettings {
+            steps: 3,
+            ..SampleSettings::default()
+        };
+        assert_eq!(
+            sample(&base, &req, &settings, &[3], Adapters::Off)?[0].dimensions(),
+            (32, 32)
+        );
+        let ddim = SampleSettings {
+            parameterisation: Parameterisation::Epsilon,
+            ..settings
+        };
+        let err = sample(&base, &req, &ddim, &[3], Adapters::Off).expect_err("ε on an x̂₀ base");
+        assert!(err.to_string().contains("rectified flow"), "{err}");
         Ok(())
     }
 

@@ -34,6 +34,37 @@ pub struct Config {
     pub qkv_bias: bool,
     /// Whether the model has a `guidance_in` embedder (guidance-distilled FLUX.1-dev).
     pub guidance_embed: bool,
+    /// What the last layer outputs ([`Prediction`]); the forward pass returns the velocity either way. Absent
+    /// from FLUX's parameters and from files written before it existed: velocity.
+    #[serde(default, skip_serializing_if = "Prediction::is_velocity")]
+    pub prediction: Prediction,
+}
+
+/// Smallest `t` that [`Prediction::Sample`] divides by: `v̂ = (x_t − x̂₀) / max(t, SAMPLE_PREDICTION_T_MIN)`
+/// (JiT clips its `1 − t` at 0.05 the same way).
+pub const SAMPLE_PREDICTION_T_MIN: f32 = 0.05;
+
+/// What the network's last layer predicts under rectified flow (`x_t = (1 − t)·x₀ + t·ε`, `v = ε − x₀`).
+///
+/// [`crate::model::Mmdit::forward`] returns the velocity in both cases, so the sampler, the objectives and the
+/// attention field never see the difference; the loss stays the velocity MSE.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Prediction {
+    /// The velocity itself (FLUX, UNO).
+    #[default]
+    Velocity,
+    /// The clean sample `x̂₀`, turned into `v̂ = (x_t − x̂₀) / max(t, SAMPLE_PREDICTION_T_MIN)`: Li & He,
+    /// "Back to Basics: Let Denoising Generative Models Denoise" (JiT, 2025), x-prediction with the v-loss,
+    /// for pixel-space transformers that otherwise spend their width carrying the noise to the output.
+    Sample,
+}
+
+impl Prediction {
+    /// True for [`Prediction::Velocity`] (the default, left out when a config is written).
+    pub fn is_velocity(&self) -> bool {
+        *self == Prediction::Velocity
+    }
 }
 
 /// A `Config` that cannot describe a working model.
@@ -99,6 +130,7 @@ impl Config {
             theta: 10_000.0,
             qkv_bias: true,
             guidance_embed: true,
+            prediction: Prediction::Velocity,
         }
     }
 
@@ -118,6 +150,7 @@ impl Config {
             theta: 10_000.0,
             qkv_bias: true,
             guidance_embed: false,
+            prediction: Prediction::Velocity,
         }
     }
 
@@ -255,6 +288,26 @@ mod tests {
         assert_eq!(Config::flux_dev().head_dim(), 128);
         assert_eq!(Config::tiny().head_dim(), 64);
         assert_eq!(Config::flux_dev().mlp_hidden_dim(), 12288);
+    }
+
+    /// Files written before `prediction` existed read as velocity; a velocity config is written without the field
+    /// (so such files stay byte-identical), a sample-predicting one with it.
+    #[test]
+    fn prediction_defaults_to_velocity_and_is_written_only_when_it_is_not() {
+        let json = serde_json::to_string(&Config::tiny()).expect("serialises");
+        assert!(!json.contains("prediction"), "{json}");
+        let back: Config = serde_json::from_str(&json).expect("parses");
+        assert_eq!(back.prediction, Prediction::Velocity);
+        let sample = Config {
+            prediction: Prediction::Sample,
+            ..Config::tiny()
+        };
+        let json = serde_json::to_string(&sample).expect("serialises");
+        assert!(json.contains("\"prediction\":\"sample\""), "{json}");
+        assert_eq!(serde_json::from_str::<Config>(&json).expect("parses"), sample);
+        let bad = json.replace("\"sample\"", "\"x0\"");
+        let err = serde_json::from_str::<Config>(&bad).expect_err("unknown prediction");
+        assert!(err.to_string().contains("x0"), "{err}");
     }
 
     #[test]

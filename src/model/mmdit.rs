@@ -13,7 +13,7 @@ use candle_nn::VarBuilder;
 use thiserror::Error;
 
 use super::checkpoint;
-use super::config::{Config, ConfigError, TIMESTEP_EMBED_DIM};
+use super::config::{Config, ConfigError, Prediction, SAMPLE_PREDICTION_T_MIN, TIMESTEP_EMBED_DIM};
 use super::linear::{Adapters, Linear};
 use super::rope::Rope;
 
@@ -776,10 +776,12 @@ impl Mmdit {
             };
         }
         let target = x.narrow(1, n_txt, n_target)?;
-        Ok(ForwardOutput {
-            prediction: self.final_layer.forward(&target, &vec, ad)?,
-            hidden,
-        })
+        let out = self.final_layer.forward(&target, &vec, ad)?;
+        let prediction = match self.cfg.prediction {
+            Prediction::Velocity => out,
+            Prediction::Sample => velocity_from_sample(input.img, &out, input.timesteps)?,
+        };
+        Ok(ForwardOutput { prediction, hidden })
     }
 
     /// The conditioning vector: `time_in(emb(t)) [+ guidance_in(emb(g))] + vector_in(y)`, [B, hidden].
@@ -816,6 +818,19 @@ impl Mmdit {
         }
         Ok((b, n, c))
     }
+}
+
+/// The velocity implied by a predicted clean sample under rectified flow: `v̂ = (x_t − x̂₀) / max(t, t_min)`
+/// (from `x_t = (1 − t)·x₀ + t·ε` and `v = ε − x₀`; [`Prediction::Sample`]). `x_t` and `x̂₀` are [B, N, C], `t` is
+/// [B].
+pub fn velocity_from_sample(x_t: &Tensor, x0_hat: &Tensor, t: &Tensor) -> Result<Tensor> {
+    let b = t.dim(0)?;
+    let t = t
+        .to_dtype(candle_core::DType::F32)?
+        .maximum(SAMPLE_PREDICTION_T_MIN)?
+        .to_dtype(x_t.dtype())?
+        .reshape((b, 1, 1))?;
+    (x_t - x0_hat)?.broadcast_div(&t)
 }
 
 /// Splits the image stream [B, N + ΣN_k, hidden] into the target and the references.
@@ -981,6 +996,50 @@ mod tests {
                 assert!(out.hidden.is_empty());
                 assert!(max_abs(&out.prediction)? > 0.0);
             }
+        }
+        Ok(())
+    }
+
+    /// `v̂ = (x_t − x̂₀) / max(t, 0.05)`, by hand: t = 0.5 divides by 0.5, t = 0.01 by the floor 0.05.
+    #[test]
+    fn velocity_from_sample_is_the_rectified_flow_velocity_with_t_floored() -> Result<()> {
+        let dev = Device::Cpu;
+        let x_t = Tensor::from_vec(vec![1.0f32, -0.5, 0.2, 0.3], (2, 1, 2), &dev)?;
+        let x0 = Tensor::from_vec(vec![0.5f32, 0.5, 0.1, 0.3], (2, 1, 2), &dev)?;
+        let t = Tensor::from_vec(vec![0.5f32, 0.01], 2, &dev)?;
+        let v = velocity_from_sample(&x_t, &x0, &t)?.flatten_all()?.to_vec1::<f32>()?;
+        let want = [1.0, -2.0, 2.0, 0.0];
+        for (got, want) in v.iter().zip(want) {
+            assert!((got - want).abs() < 1e-5, "{v:?} vs {want:?}");
+        }
+        // Where t is above the floor, x_t − t·v̂ gives the predicted sample back (what the sampler's x̂₀ reads).
+        let back = (&x_t.narrow(0, 0, 1)? - (velocity_from_sample(&x_t, &x0, &t)?.narrow(0, 0, 1)? * 0.5)?)?;
+        assert!(max_abs(&(back - x0.narrow(0, 0, 1)?)?)? < 1e-6);
+        Ok(())
+    }
+
+    /// A sample-predicting model is the velocity model's network with its output read as `x̂₀`: same weights, same
+    /// inputs, and its forward returns `(x_t − out) / max(t, 0.05)` of the other's raw output.
+    #[test]
+    fn a_sample_predicting_model_returns_the_velocity_of_its_output() -> Result<()> {
+        let velocity = tiny_model();
+        let cfg = Config {
+            prediction: Prediction::Sample,
+            ..Config::tiny()
+        };
+        let dir = tempfile::tempdir().expect("temp dir");
+        let sample = load_mmapped(&cfg, &random_weights(&cfg, SEED, &Device::Cpu)?, dir.path())
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let mut inputs = Inputs::new(&cfg, 2, 8, 1, SEED)?;
+        inputs.t = Tensor::from_vec(vec![0.6f32, 0.01], 2, &Device::Cpu)?;
+        let out = inputs
+            .run(&velocity, &inputs.img, ForwardOptions::default())?
+            .prediction;
+        let v = inputs.run(&sample, &inputs.img, ForwardOptions::default())?.prediction;
+        for (k, t) in [(0, 0.6f64), (1, 0.05)] {
+            let want = ((inputs.img.narrow(0, k, 1)? - out.narrow(0, k, 1)?)? / t)?;
+            let diff = max_abs(&(v.narrow(0, k, 1)? - &want)?)?;
+            assert!(diff <= 1e-5 * max_abs(&want)?, "sample {k}: {diff}");
         }
         Ok(())
     }

@@ -23,7 +23,7 @@ pub mod xflux_lora;
 
 pub use base::{BaseError, BaseLora, BaseModel, BaseSource};
 pub use codec::ImageCodec;
-pub use config::{Config, ConfigError};
+pub use config::{Config, ConfigError, Prediction};
 pub use flux_text::TextConditioner;
 pub use linear::{Adapters, Linear};
 pub use mmdit::{

@@ -412,4 +412,61 @@ fn pretrain_forks_and_resumes_with_changed_settings() {
     assert!(!out.status.success() && text(&out).contains("model"), "{}", text(&out));
     let after = std::fs::read_to_string(a.join("config.toml")).expect("config");
     assert_eq!(after, config, "a refused change leaves config.toml as it was");
+
+    // The exported base carries the sampler settings the run recommends, and `eval` uses them unless a flag says
+    // otherwise; at export only those can be set.
+    let file = dir.path().join("base.safetensors");
+    let f_s = file.to_str().expect("utf-8");
+    let out = focusdpo(&["pretrain", "--out", a_s, "--export", f_s, "--set", "batch=4"]);
+    assert!(
+        !out.status.success() && text(&out).contains("sampling.*"),
+        "{}",
+        text(&out)
+    );
+    let out = focusdpo(&[
+        "pretrain",
+        "--out",
+        a_s,
+        "--export",
+        f_s,
+        "--set",
+        "sampling.reference_cfg_scale=2.5",
+        "--set",
+        "sampling.steps=3",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let base = focusdpo::model::BaseModel::load_file(&file, &candle_core::Device::Cpu).expect("exported base");
+    assert_eq!(base.sampling.reference_cfg_scale, Some(2.5));
+    assert_eq!(base.sampling.steps, Some(3));
+    assert_eq!(base.sampling.cfg_scale, None);
+    let sampler_of = |extra: &[&str]| {
+        let ev = dir.path().join(format!("eval{}", extra.len()));
+        let mut args = vec![
+            "eval",
+            "--base",
+            f_s,
+            "--out",
+            ev.to_str().expect("utf-8"),
+            "--single",
+            "1",
+            "--multi",
+            "0",
+        ];
+        args.extend(extra);
+        let out = focusdpo(&args);
+        assert!(out.status.success(), "{}", text(&out));
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(ev.join("eval.json")).expect("eval.json")).expect("json");
+        json["config"]["sampler"].clone()
+    };
+    let recommended = sampler_of(&[]);
+    assert_eq!(recommended["reference_cfg_scale"], 2.5, "{recommended}");
+    assert_eq!(recommended["steps"], 3, "{recommended}");
+    assert_eq!(
+        recommended["cfg_scale"], 3.0,
+        "the sampler's default where the base says nothing"
+    );
+    let overridden = sampler_of(&["--ref-cfg", "1"]);
+    assert_eq!(overridden["reference_cfg_scale"], 1.0, "{overridden}");
+    assert_eq!(overridden["steps"], 3, "{overridden}");
 }

@@ -28,40 +28,46 @@ pub struct ModelArgs {
     backbone: BackboneArgs,
 }
 
-/// Sampler options shared by eval and sample.
+/// Sampler options shared by eval and sample. Each one not given is what the base file recommends
+/// (`focusdpo.sampling` in its metadata, `docs/eval.md`), else the sampler's default.
 #[derive(Debug, Args)]
 pub struct SamplerArgs {
-    /// Denoising steps.
-    #[arg(long, default_value_t = SampleSettings::default().steps)]
-    steps: usize,
-    /// Classifier-free guidance scale on the prompt (1 = off).
-    #[arg(long, default_value_t = SampleSettings::default().cfg_scale)]
-    cfg: f32,
-    /// Rectified-flow time shift (1 = uniform grid).
-    #[arg(long, default_value_t = SampleSettings::default().shift)]
-    shift: f32,
+    /// Denoising steps [default: the base's, else 24].
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Classifier-free guidance scale on the prompt, 1 = off [default: the base's, else 3].
+    #[arg(long)]
+    cfg: Option<f32>,
+    /// Rectified-flow time shift, 1 = uniform grid [default: the base's, else 1].
+    #[arg(long)]
+    shift: Option<f32>,
     /// Guidance strength for a guidance-distilled base (FLUX.1-dev); ignored by other bases.
     #[arg(long, default_value_t = SampleSettings::default().distilled_guidance)]
     guidance: f32,
-    /// Guidance scale on the references (1 = off; one more forward a step when on). Needs a base pretrained with
-    /// reference dropout.
-    #[arg(long, default_value_t = SampleSettings::default().reference_cfg_scale)]
-    ref_cfg: f32,
+    /// Guidance scale on the references, 1 = off (one more forward a step when on). Needs a base pretrained with
+    /// reference dropout [default: the base's, else 1].
+    #[arg(long)]
+    ref_cfg: Option<f32>,
     /// Fresh noise put back at each step, 0–1 (0 = the Euler ODE; 1 = diffusers' stochastic_sampling).
     #[arg(long, default_value_t = SampleSettings::default().stochasticity)]
     stochastic: f32,
 }
 
 impl SamplerArgs {
-    fn settings(&self) -> SampleSettings {
-        SampleSettings {
-            steps: self.steps,
-            cfg_scale: self.cfg,
-            shift: self.shift,
+    /// The settings for `base`: the flags given, then the base's recommendation, then the sampler's defaults.
+    fn settings(&self, base: &BaseModel) -> SampleSettings {
+        let s = SampleSettings {
             distilled_guidance: self.guidance,
-            reference_cfg_scale: self.ref_cfg,
             stochasticity: self.stochastic,
             ..SampleSettings::default()
+        }
+        .recommended_by(base);
+        SampleSettings {
+            steps: self.steps.unwrap_or(s.steps),
+            cfg_scale: self.cfg.unwrap_or(s.cfg_scale),
+            shift: self.shift.unwrap_or(s.shift),
+            reference_cfg_scale: self.ref_cfg.unwrap_or(s.reference_cfg_scale),
+            ..s
         }
     }
 }
@@ -177,7 +183,7 @@ fn run_dreambench_eval(args: &EvalArgs, base: &BaseModel, name: &str) -> anyhow:
             } else {
                 SampleSettings::default().reference_px
             }),
-            ..args.sampler.settings()
+            ..args.sampler.settings(base)
         },
     };
     let sets = args
@@ -240,7 +246,7 @@ pub fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
         from_ideal: args.from_ideal,
         sampler: SampleSettings {
             reference_px: BenchmarkConfig::default().sampler.reference_px,
-            ..args.sampler.settings()
+            ..args.sampler.settings(&base)
         },
         ..BenchmarkConfig::default()
     };
@@ -356,7 +362,14 @@ pub fn run_sample(args: &SampleArgs) -> anyhow::Result<()> {
         .zip(args.strength)
         .map(|(image, strength)| InitImage { image, strength });
     let started = std::time::Instant::now();
-    let images = sample_from(&base, &req, &args.sampler.settings(), &args.seeds, Adapters::On, init)?;
+    let images = sample_from(
+        &base,
+        &req,
+        &args.sampler.settings(&base),
+        &args.seeds,
+        Adapters::On,
+        init,
+    )?;
     write_png(&args.out, &sheet(&[(references, images)]))?;
     println!(
         "{} image(s) from {name} for \"{prompt}\" in {:.1} s → {}",

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use candle_core::{DType, Device};
 use clap::Args;
+use focusdpo::model::base::META_SAMPLING;
 use focusdpo::train::pretrain::{BASE_FILE, PretrainConfig, PretrainRecord, Pretrainer};
 use focusdpo::train::run_store::{Resumed, RunStore, checkpoints, latest_checkpoint, restore_newest_intact};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -90,7 +91,15 @@ fn export(args: &PretrainArgs, to: &std::path::Path) -> anyhow::Result<()> {
     let ckpt = latest_checkpoint(&args.out)?
         .with_context(|| format!("{}: the run has no checkpoint to export", args.out.display()))?;
     let from = ckpt.dir.join(BASE_FILE);
-    let metadata = focusdpo::model::base::read_safetensors_metadata(&from)?;
+    let mut metadata = focusdpo::model::base::read_safetensors_metadata(&from)?;
+    // The recommended sampler settings are the run's as they are now (set after the last checkpoint, or here).
+    if let Some(bad) = args.set.iter().find(|s| !s.trim_start().starts_with("sampling.")) {
+        bail!("--set {bad}: with --export only the exported base's sampler settings (sampling.*) can be set");
+    }
+    let run_cfg: PretrainConfig = RunStore::run_config(&args.out)?;
+    let sampling = run_cfg.with_overrides(&args.set)?.sampling;
+    metadata.remove(META_SAMPLING);
+    sampling.write_metadata(&mut metadata).map_err(anyhow::Error::msg)?;
     let tensors = candle_core::safetensors::load(&from, &Device::Cpu)
         .with_context(|| format!("{}: cannot read the checkpoint weights", from.display()))?;
     let mut named = tensors
@@ -106,11 +115,16 @@ fn export(args: &PretrainArgs, to: &std::path::Path) -> anyhow::Result<()> {
     focusdpo::model::BaseModel::load_file(to, &Device::Cpu)
         .with_context(|| format!("{}: the exported file does not load as a base", to.display()))?;
     println!(
-        "exported step {} of {} → {} ({:.1} MB, f16)",
+        "exported step {} of {} → {} ({:.1} MB, f16){}",
         ckpt.step,
         args.out.display(),
         to.display(),
-        bytes.len() as f64 / 1e6
+        bytes.len() as f64 / 1e6,
+        if sampling.is_empty() {
+            String::new()
+        } else {
+            format!(", recommends sampling {}", serde_json::to_string(&sampling)?)
+        }
     );
     Ok(())
 }

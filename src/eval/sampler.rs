@@ -77,6 +77,19 @@ impl Default for SampleSettings {
 }
 
 impl SampleSettings {
+    /// These settings with what `base` recommends ([`crate::model::base::RecommendedSampling`], from its file)
+    /// in place of theirs: the defaults a base is sampled with when nothing else is asked for.
+    pub fn recommended_by(self, base: &BaseModel) -> Self {
+        let r = base.sampling;
+        Self {
+            steps: r.steps.unwrap_or(self.steps),
+            cfg_scale: r.cfg_scale.unwrap_or(self.cfg_scale),
+            shift: r.shift.unwrap_or(self.shift),
+            reference_cfg_scale: r.reference_cfg_scale.unwrap_or(self.reference_cfg_scale),
+            ..self
+        }
+    }
+
     /// Checks ranges.
     pub fn validate(&self) -> Result<(), EvalError> {
         if self.steps == 0 || self.steps > 1000 {

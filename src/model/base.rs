@@ -31,6 +31,53 @@ pub const META_CONFIG: &str = "focusdpo.config";
 /// Metadata key of the patch size.
 pub const META_PATCH: &str = "focusdpo.patch";
 
+/// Metadata key of the sampler settings the base recommends ([`RecommendedSampling`] as JSON).
+pub const META_SAMPLING: &str = "focusdpo.sampling";
+
+/// Sampler settings a base file recommends, found by evaluating it (a diffusers pipeline ships its scheduler
+/// config beside the weights the same way). Each one left out is the sampler's own default; flags given on the
+/// command line override them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RecommendedSampling {
+    /// Denoising steps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steps: Option<usize>,
+    /// Classifier-free guidance scale on the prompt.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cfg_scale: Option<f32>,
+    /// Rectified-flow time shift of the sampler's grid.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shift: Option<f32>,
+    /// Guidance scale on the references (only meaningful for a base pretrained with reference dropout).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference_cfg_scale: Option<f32>,
+}
+
+impl RecommendedSampling {
+    /// True when it recommends nothing (and is then left out of a file's metadata).
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Reads the recommendation from a file's metadata (nothing when the key is absent).
+    pub fn from_metadata(meta: &HashMap<String, String>) -> Result<Self, String> {
+        match meta.get(META_SAMPLING) {
+            Some(json) => serde_json::from_str(json).map_err(|e| format!("metadata `{META_SAMPLING}`: {e}")),
+            None => Ok(Self::default()),
+        }
+    }
+
+    /// Adds the recommendation to a file's metadata (nothing when it is empty, so such files keep their bytes).
+    pub fn write_metadata(&self, meta: &mut HashMap<String, String>) -> Result<(), String> {
+        if !self.is_empty() {
+            let json = serde_json::to_string(self).map_err(|e| e.to_string())?;
+            meta.insert(META_SAMPLING.to_string(), json);
+        }
+        Ok(())
+    }
+}
+
 /// Where the base weights come from.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -219,6 +266,8 @@ pub struct BaseModel {
     /// (FLUX.1-dev; ignored otherwise). 1.0 by default, as UNO's and x-flux's training scripts use; the sampler
     /// takes its own value ([`crate::eval::sampler::SampleSettings::distilled_guidance`]).
     pub train_guidance: f32,
+    /// The sampler settings the file recommends (`focusdpo.sampling` in its metadata; empty without).
+    pub sampling: RecommendedSampling,
 }
 
 /// Reads a base LoRA file (x-flux naming, UNO's `dit_lora.safetensors`) for a model of config `cfg`: its updates,
@@ -254,6 +303,8 @@ pub struct FileLayout {
     pub prefix: &'static str,
     /// Pixels per side of a token on the codec's input (2 on VAE latents without our metadata).
     pub patch: usize,
+    /// The sampler settings the file recommends.
+    pub sampling: RecommendedSampling,
 }
 
 /// Reads a transformer file's [`FileLayout`] from its header.
@@ -280,7 +331,13 @@ pub fn read_file_layout(path: &Path) -> Result<FileLayout, BaseError> {
             .map_err(|_| fmt_err(format!("metadata `{META_PATCH}` = `{p}` is not a positive integer")))?,
         None => 2,
     };
-    Ok(FileLayout { config, prefix, patch })
+    let sampling = RecommendedSampling::from_metadata(&meta).map_err(fmt_err)?;
+    Ok(FileLayout {
+        config,
+        prefix,
+        patch,
+        sampling,
+    })
 }
 
 impl BaseSource {
@@ -446,6 +503,7 @@ impl BaseModel {
             flux_text: None,
             source,
             train_guidance: 1.0,
+            sampling: RecommendedSampling::default(),
         })
     }
 
@@ -460,6 +518,7 @@ impl BaseModel {
             config: cfg,
             prefix,
             patch,
+            sampling,
         } = read_file_layout(path)?;
         let model_err = |source: ModelError| BaseError::Model {
             path: path.to_path_buf(),
@@ -477,7 +536,10 @@ impl BaseModel {
             Some(p) => vb.pp(p),
             None => vb,
         };
-        Self::from_var_builder(&cfg, patch, vb, BaseSource::File(path.to_path_buf())).map_err(model_err)
+        let mut base =
+            Self::from_var_builder(&cfg, patch, vb, BaseSource::File(path.to_path_buf())).map_err(model_err)?;
+        base.sampling = sampling;
+        Ok(base)
     }
 
     /// Merges a base LoRA (UNO's `dit_lora.safetensors`, x-flux naming: [`super::xflux_lora`]) into the weights,
@@ -611,11 +673,12 @@ impl BaseModel {
         }
         named.sort_by(|a, b| a.0.cmp(&b.0));
         let cfg_json = serde_json::to_string(self.config()).map_err(|e| fmt_err(e.to_string()))?;
-        let metadata = HashMap::from([
+        let mut metadata = HashMap::from([
             (META_CONFIG.to_string(), cfg_json),
             (META_PATCH.to_string(), self.patch.to_string()),
             ("generator".to_string(), "focusdpo".to_string()),
         ]);
+        self.sampling.write_metadata(&mut metadata).map_err(fmt_err)?;
         safetensors::serialize(named, Some(metadata)).map_err(|e| fmt_err(e.to_string()))
     }
 }
@@ -685,6 +748,40 @@ mod tests {
             assert_eq!(d, 0.0, "{na}");
         }
         assert!(back.prompt.is_some());
+        assert!(back.sampling.is_empty());
+        assert!(!read_safetensors_metadata(&path)?.contains_key(META_SAMPLING));
+        Ok(())
+    }
+
+    /// The sampler settings a base recommends survive saving; a malformed recommendation is an error naming the
+    /// file and the metadata key.
+    #[test]
+    fn a_base_keeps_its_recommended_sampler_settings() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        let mut base = BaseModel::random(&Config::micro(), 4, 3, &dev)?;
+        base.sampling = RecommendedSampling {
+            reference_cfg_scale: Some(3.0),
+            shift: Some(2.0),
+            ..RecommendedSampling::default()
+        };
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("b.safetensors");
+        std::fs::write(&path, base.to_safetensors_bytes()?)?;
+        let meta = read_safetensors_metadata(&path)?;
+        assert_eq!(meta[META_SAMPLING], r#"{"shift":2.0,"reference_cfg_scale":3.0}"#);
+        assert_eq!(BaseModel::load_file(&path, &dev)?.sampling, base.sampling);
+        let mut bad = meta.clone();
+        bad.insert(META_SAMPLING.to_string(), r#"{"ref_cfg":3}"#.to_string());
+        let tensors: Vec<(String, Tensor)> = candle_core::safetensors::load(&path, &dev)?.into_iter().collect();
+        let bad_path = dir.path().join("bad.safetensors");
+        std::fs::write(&bad_path, safetensors::serialize(tensors, Some(bad))?)?;
+        let err = BaseModel::load_file(&bad_path, &dev)
+            .expect_err("unknown field")
+            .to_string();
+        assert!(
+            err.contains("bad.safetensors") && err.contains(META_SAMPLING) && err.contains("ref_cfg"),
+            "{err}"
+        );
         Ok(())
     }
 

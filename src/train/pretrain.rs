@@ -28,7 +28,7 @@ use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
 use crate::dip::synth::{NegativeSource, SubjectCount, SynthConfig, SynthItem, synthesize_item};
-use crate::model::base::{META_CONFIG, META_PATCH};
+use crate::model::base::{META_CONFIG, META_PATCH, RecommendedSampling};
 use crate::model::encoder::{image_to_tensor, patchify, reference_at};
 use crate::model::schedule::{Parameterisation, add_noise, model_time, shift_time};
 use crate::model::testing::random_weights;
@@ -182,6 +182,11 @@ pub struct PretrainConfig {
     /// at step 0; a resumed run reads its checkpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init: Option<PathBuf>,
+    /// The sampler settings the exported base recommends (`focusdpo.sampling` in its metadata, read by `focusdpo
+    /// sample`/`eval` and the Studio when no flag overrides them): what evaluating the run found best, e.g.
+    /// `--resume --set sampling.reference_cfg_scale=3` before `--export`. Empty by default.
+    #[serde(default)]
+    pub sampling: RecommendedSampling,
 }
 
 impl Default for PretrainConfig {
@@ -216,6 +221,7 @@ impl Default for PretrainConfig {
             keep_last: 0,
             keep_every: 0,
             init: None,
+            sampling: RecommendedSampling::default(),
         }
     }
 }
@@ -760,12 +766,19 @@ impl Pretrainer {
             path: PathBuf::from(BASE_FILE),
             message: e.to_string(),
         })?;
-        let metadata = HashMap::from([
+        let mut metadata = HashMap::from([
             (META_CONFIG.to_string(), cfg_json),
             (META_PATCH.to_string(), self.cfg.patch.to_string()),
             ("generator".to_string(), "focusdpo pretrain".to_string()),
             ("focusdpo.pretrain_step".to_string(), self.step.to_string()),
         ]);
+        self.cfg
+            .sampling
+            .write_metadata(&mut metadata)
+            .map_err(|message| TrainError::Checkpoint {
+                path: PathBuf::from(BASE_FILE),
+                message,
+            })?;
         let tensors = tensors
             .into_iter()
             .map(|(n, t)| Ok((n, t.to_dtype(dtype)?)))

@@ -259,10 +259,11 @@ pub fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
         clip: clip.as_ref().map(|c| (c as &dyn ImageEmbedder, c as &dyn TextEmbedder)),
     };
     let started = std::time::Instant::now();
-    let (report, images) = run_benchmark(&base, &name, &cfg, &extra, |split, k, n| {
+    let result = run_benchmark(&base, &name, &cfg, &extra, |split, k, n| {
         eprint!("\r{split}: {k}/{n} items generated   ");
-    })?;
+    });
     eprintln!();
+    let (report, images) = result?;
     std::fs::create_dir_all(&args.out).with_context(|| format!("{}: cannot create", args.out.display()))?;
     let md = report_markdown(&report);
     write_report(&args.out, "eval", &serde_json::to_vec_pretty(&report)?, &md)?;

@@ -468,9 +468,10 @@ pub fn generate_split(
                 image: &item.winner,
                 strength,
             });
-            let out = sample_from(base, &req, &cfg.sampler, &seeds, Adapters::On, init);
+            // Progress counts items done: a failed item ends the split with its error, not another tick.
+            let out = sample_from(base, &req, &cfg.sampler, &seeds, Adapters::On, init)?;
             progress(k + 1);
-            out
+            Ok(out)
         })
         .collect()
 }

@@ -50,20 +50,7 @@ fi
 
 if [ "$DRY" = 0 ]; then
     # The CUDA libraries the binary links (cuBLAS, cuRAND, NVRTC) from the Python wheels PyTorch installed.
-    LIBS="$(python3 - <<'EOF'
-import glob, os
-try:
-    import nvidia
-    roots = list(nvidia.__path__)
-except Exception:
-    roots = []
-dirs = set()
-for root in roots:
-    for lib in glob.glob(os.path.join(root, "**", "lib*.so*"), recursive=True):
-        dirs.add(os.path.dirname(lib))
-print(":".join(sorted(dirs)))
-EOF
-)"
+    LIBS="$(python3 scripts/cuda_lib_path.py)"
     # Only for our binary: PyTorch loads its own, and a path over all of them can hand it mismatched ones.
     OUR_LIBS="${LIBS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     # diffusers for the reference step, from the carried wheel (the machine has torch, peft and transformers).

@@ -470,3 +470,58 @@ fn pretrain_forks_and_resumes_with_changed_settings() {
     assert_eq!(overridden["reference_cfg_scale"], 1.0, "{overridden}");
     assert_eq!(overridden["steps"], 3, "{overridden}");
 }
+
+/// `--stop-after` ends a run at the step that crosses the time, with a checkpoint, so `--resume` continues it;
+/// a bad time or device is refused before anything is written.
+#[test]
+fn pretrain_stops_after_its_time_with_a_checkpoint_and_resumes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = dir.path().join("run");
+    let r = run.to_str().expect("utf-8");
+    let micro = [
+        "--set",
+        "model.hidden_size=64",
+        "--set",
+        "model.num_heads=2",
+        "--set",
+        "model.axes_dim=[8, 12, 12]",
+        "--set",
+        "model.depth=1",
+        "--set",
+        "model.depth_single_blocks=1",
+        "--set",
+        "data.size_px=32",
+        "--set",
+        "reference_px=16",
+        "--set",
+        "batch=1",
+        "--set",
+        "checkpoint_every=100",
+    ];
+    for (flag, says) in [
+        ("--stop-after=-1", "--stop-after"),
+        ("--device=gpu", "not cpu, cuda or cuda:N"),
+    ] {
+        let mut args = vec!["pretrain", "--out", r, "--steps", "5", flag, "--plain"];
+        args.extend(micro);
+        let out = focusdpo(&args);
+        assert!(!out.status.success() && text(&out).contains(says), "{}", text(&out));
+        assert!(!run.exists(), "a refused run writes nothing");
+    }
+    let mut args = vec!["pretrain", "--out", r, "--steps", "5", "--stop-after", "0", "--plain"];
+    args.extend(micro);
+    let out = focusdpo(&args);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("stopped at step 1"), "{}", text(&out));
+    assert!(
+        run.join("checkpoints/step-1/raw.safetensors").is_file(),
+        "a checkpoint at the stop"
+    );
+    let out = focusdpo(&["pretrain", "--out", r, "--resume", "--plain"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("step 2:") && text(&out).contains("finished at step 5"),
+        "{}",
+        text(&out)
+    );
+}

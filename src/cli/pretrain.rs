@@ -45,6 +45,14 @@ pub struct PretrainArgs {
     /// No progress bar; print one line per step instead.
     #[arg(long)]
     plain: bool,
+    /// Stop after this many seconds of training (at the end of the step that crosses it), with a checkpoint:
+    /// the run continues later with --resume. For time-boxed machines (a session, a lent GPU).
+    #[arg(long, value_name = "SECONDS")]
+    stop_after: Option<f64>,
+    /// Where to train: `cpu`, `cuda` or `cuda:N` (a build with the `cuda` feature). Not part of the run's config:
+    /// a run may continue on another device (its rounding then differs).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 fn build_config(args: &PretrainArgs) -> anyhow::Result<PretrainConfig> {
@@ -130,10 +138,16 @@ fn export(args: &PretrainArgs, to: &std::path::Path) -> anyhow::Result<()> {
 }
 
 pub fn run(args: &PretrainArgs) -> anyhow::Result<()> {
+    if let Some(s) = args.stop_after
+        && !(s.is_finite() && s >= 0.0)
+    {
+        bail!("--stop-after {s}: must be a number of seconds ≥ 0");
+    }
     if let Some(to) = &args.export {
         return export(args, to);
     }
-    let device = Device::Cpu;
+    let device =
+        focusdpo::train::config::device_from_name(&args.device).map_err(|e| anyhow::anyhow!("--device {e}"))?;
     let (mut store, mut trainer) = if let Some(parent) = &args.fork {
         let parent_cfg: PretrainConfig = RunStore::run_config(parent)?;
         let cfg = continued_config(&parent_cfg, args)?;
@@ -198,6 +212,7 @@ pub fn run(args: &PretrainArgs) -> anyhow::Result<()> {
         );
         bar
     };
+    let started = std::time::Instant::now();
     let mut recent: Vec<f32> = Vec::new();
     while trainer.completed_steps() < total {
         let r: PretrainRecord = trainer.step()?;
@@ -220,7 +235,8 @@ pub fn run(args: &PretrainArgs) -> anyhow::Result<()> {
             bar.set_position(r.step);
             bar.set_message(msg);
         }
-        if (every > 0 && r.step.is_multiple_of(every)) || r.step == total {
+        let out_of_time = args.stop_after.is_some_and(|s| started.elapsed().as_secs_f64() >= s);
+        if (every > 0 && r.step.is_multiple_of(every)) || r.step == total || out_of_time {
             let files = trainer.checkpoint_files()?;
             let refs: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (*n, b.as_slice())).collect();
             let ckpt = store.write_checkpoint(r.step, &refs)?;
@@ -234,6 +250,16 @@ pub fn run(args: &PretrainArgs) -> anyhow::Result<()> {
                     cfg.keep_every
                 ));
             }
+        }
+        if out_of_time && r.step < total {
+            bar.finish_and_clear();
+            println!(
+                "stopped at step {} after {:.0} s (--stop-after); continue with: focusdpo pretrain --out {} --resume",
+                r.step,
+                started.elapsed().as_secs_f64(),
+                args.out.display()
+            );
+            return Ok(());
         }
     }
     bar.finish_and_clear();

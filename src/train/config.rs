@@ -169,23 +169,10 @@ impl Default for ModelSettings {
 impl ModelSettings {
     /// The compute device named by `device`.
     pub fn device(&self) -> Result<candle_core::Device, ConfigError> {
-        let invalid = |message: String| ConfigError::Invalid {
+        device_from_name(&self.device).map_err(|message| ConfigError::Invalid {
             field: "model.device",
             message,
-        };
-        match self.device.trim() {
-            "cpu" => Ok(candle_core::Device::Cpu),
-            d if d == "cuda" || d.starts_with("cuda:") => {
-                let ordinal = match d.strip_prefix("cuda:") {
-                    Some(n) => n
-                        .parse()
-                        .map_err(|_| invalid(format!("`{d}`: the GPU index must be a number")))?,
-                    None => 0,
-                };
-                candle_core::Device::new_cuda(ordinal).map_err(|e| invalid(format!("`{d}`: {e}")))
-            }
-            other => Err(invalid(format!("`{other}` is not cpu, cuda or cuda:N"))),
-        }
+        })
     }
 
     /// Checks that the FLUX encoder paths come in complete sets (T5 and CLIP, each with its tokenizer).
@@ -717,6 +704,24 @@ fn merge_tables(root: &mut toml::Table, overlay: toml::Table) {
                 root.insert(key, value);
             }
         }
+    }
+}
+
+/// The compute device named `cpu`, `cuda` (GPU 0) or `cuda:N`; the error says what was wrong with the name (or
+/// why CUDA could not start, e.g. a build without the `cuda` feature).
+pub fn device_from_name(name: &str) -> Result<candle_core::Device, String> {
+    match name.trim() {
+        "cpu" => Ok(candle_core::Device::Cpu),
+        d if d == "cuda" || d.starts_with("cuda:") => {
+            let ordinal = match d.strip_prefix("cuda:") {
+                Some(n) => n
+                    .parse()
+                    .map_err(|_| format!("`{d}`: the GPU index must be a number"))?,
+                None => 0,
+            };
+            candle_core::Device::new_cuda(ordinal).map_err(|e| format!("`{d}`: {e}"))
+        }
+        other => Err(format!("`{other}` is not cpu, cuda or cuda:N")),
     }
 }
 

@@ -312,6 +312,26 @@ fn a_world_of_one_trains_like_a_plain_run() {
     }
 }
 
+/// A pretraining run of the micro model (width 64, one block of each kind) on 32 px items, one a step: seconds.
+const MICRO_PRETRAIN: [&str; 16] = [
+    "--set",
+    "model.hidden_size=64",
+    "--set",
+    "model.num_heads=2",
+    "--set",
+    "model.axes_dim=[8, 12, 12]",
+    "--set",
+    "model.depth=1",
+    "--set",
+    "model.depth_single_blocks=1",
+    "--set",
+    "data.size_px=32",
+    "--set",
+    "reference_px=16",
+    "--set",
+    "batch=1",
+];
+
 /// A pretraining run forked from another's checkpoint with changed settings, and a run resumed with `--set`: the
 /// new settings are in config.toml, metrics.jsonl records where each change came from, and the model's shape
 /// cannot change.
@@ -320,26 +340,8 @@ fn pretrain_forks_and_resumes_with_changed_settings() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));
     let (a_s, b_s) = (a.to_str().expect("utf-8"), b.to_str().expect("utf-8"));
-    let micro = [
-        "--set",
-        "model.hidden_size=64",
-        "--set",
-        "model.num_heads=2",
-        "--set",
-        "model.axes_dim=[8, 12, 12]",
-        "--set",
-        "model.depth=1",
-        "--set",
-        "model.depth_single_blocks=1",
-        "--set",
-        "data.size_px=32",
-        "--set",
-        "reference_px=16",
-        "--set",
-        "batch=1",
-        "--set",
-        "checkpoint_every=1",
-    ];
+    let mut micro = MICRO_PRETRAIN.to_vec();
+    micro.extend(["--set", "checkpoint_every=1"]);
     let mut first = vec!["pretrain", "--out", a_s, "--steps", "2", "--plain"];
     first.extend(micro);
     let out = focusdpo(&first);
@@ -478,32 +480,14 @@ fn pretrain_stops_after_its_time_with_a_checkpoint_and_resumes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let run = dir.path().join("run");
     let r = run.to_str().expect("utf-8");
-    let micro = [
-        "--set",
-        "model.hidden_size=64",
-        "--set",
-        "model.num_heads=2",
-        "--set",
-        "model.axes_dim=[8, 12, 12]",
-        "--set",
-        "model.depth=1",
-        "--set",
-        "model.depth_single_blocks=1",
-        "--set",
-        "data.size_px=32",
-        "--set",
-        "reference_px=16",
-        "--set",
-        "batch=1",
-        "--set",
-        "checkpoint_every=100",
-    ];
+    let mut micro = MICRO_PRETRAIN.to_vec();
+    micro.extend(["--set", "checkpoint_every=100"]);
     for (flag, says) in [
         ("--stop-after=-1", "--stop-after"),
         ("--device=gpu", "not cpu, cuda or cuda:N"),
     ] {
         let mut args = vec!["pretrain", "--out", r, "--steps", "5", flag, "--plain"];
-        args.extend(micro);
+        args.extend(&micro);
         let out = focusdpo(&args);
         assert!(!out.status.success() && text(&out).contains(says), "{}", text(&out));
         assert!(!run.exists(), "a refused run writes nothing");

@@ -16,8 +16,8 @@ use super::EvalError;
 use crate::model::encoder::reference_at;
 use crate::model::schedule::{DDPM_STEPS, Parameterisation, ddpm_alphas_cumprod, model_time, shift_time};
 use crate::model::{
-    Adapters, BaseModel, ForwardOptions, MmditInput, Prediction, Reference, ids_tensor, reference_ids, target_ids,
-    text_ids, uno_reference_offsets,
+    Adapters, BaseModel, ForwardOptions, MmditInput, Reference, ids_tensor, reference_ids, target_ids, text_ids,
+    uno_reference_offsets,
 };
 use crate::rng::{normal_vec, stream_rng};
 
@@ -319,13 +319,8 @@ pub fn sample_from(
     init: Option<InitImage<'_>>,
 ) -> Result<Vec<RgbImage>, EvalError> {
     settings.validate()?;
-    if base.config().prediction == Prediction::Sample && settings.parameterisation != Parameterisation::RectifiedFlow {
-        return Err(EvalError::Invalid(
-            "this base predicts the clean sample under rectified flow (model.prediction = \"sample\"); sample it \
-             as rectified flow, not ε (DDIM)"
-                .into(),
-        ));
-    }
+    base.check_parameterisation(settings.parameterisation)
+        .map_err(EvalError::Invalid)?;
     if init.is_some() && settings.parameterisation != Parameterisation::RectifiedFlow {
         return Err(EvalError::Invalid(
             "starting from an image (img2img) needs a rectified-flow base; this one predicts ε (DDIM)".into(),
@@ -470,7 +465,12 @@ mod tests {
     use crate::model::{BaseModel, Config};
 
     fn tiny_base() -> BaseModel {
-        BaseModel::random(&Config::micro(), 4, 3, &Device::Cpu).expect("random base")
+        base_of(&Config::micro())
+    }
+
+    /// Random weights of `cfg` (seed 3), 4 px a token.
+    fn base_of(cfg: &Config) -> BaseModel {
+        BaseModel::random(cfg, 4, 3, &Device::Cpu).expect("random base")
     }
 
     #[test]
@@ -667,7 +667,7 @@ mod tests {
             guidance_embed: true,
             ..Config::micro()
         };
-        let base = BaseModel::random(&cfg, 4, 3, &Device::Cpu).map_err(|e| EvalError::Invalid(e.to_string()))?;
+        let base = base_of(&cfg);
         let refs = [RgbImage::from_pixel(32, 32, image::Rgb([20, 200, 40]))];
         let req = request("a green ball", &refs);
         let at = |g: f32| {
@@ -691,7 +691,7 @@ mod tests {
             prediction: crate::model::Prediction::Sample,
             ..Config::micro()
         };
-        let base = BaseModel::random(&cfg, 4, 3, &Device::Cpu).map_err(|e| EvalError::Invalid(e.to_string()))?;
+        let base = base_of(&cfg);
         let refs = [RgbImage::from_pixel(32, 32, image::Rgb([20, 200, 40]))];
         let req = request("a green ball", &refs);
         let settings = SampleSettings {

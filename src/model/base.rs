@@ -21,10 +21,11 @@ use super::flux_shapes::flux_layout_from_shapes;
 use super::flux_text::{ClipTextEncoder, FluxTextEncoders, T5TextEncoder, TextConditioner};
 use super::hf::LoadError;
 use super::mmdit::{Mmdit, ModelError};
+use super::schedule::Parameterisation;
 use super::text::{PromptEncoder, random_prompt_tables};
 use super::weights::{WeightDtype, WeightsError, read_header, tensor_shapes, var_builder};
 use super::xflux_lora::{BaseLoraPiece, is_xflux_lora, read_xflux_lora};
-use super::{Config, testing};
+use super::{Config, Prediction, testing};
 
 /// Metadata key of the JSON config.
 pub const META_CONFIG: &str = "focusdpo.config";
@@ -559,6 +560,19 @@ impl BaseModel {
     /// The model config.
     pub fn config(&self) -> &Config {
         self.mmdit.config()
+    }
+
+    /// Whether `param` can drive this base: a network that predicts the clean sample ([`Prediction::Sample`]) is
+    /// defined under rectified flow only. The error says what to use instead (the caller names the setting).
+    pub fn check_parameterisation(&self, param: Parameterisation) -> Result<(), String> {
+        if self.config().prediction == Prediction::Sample && param != Parameterisation::RectifiedFlow {
+            return Err(
+                "this base predicts the clean sample (model.prediction = \"sample\"), which is defined under \
+                        rectified flow: use \"rectified-flow\", not ε-prediction (DDPM / DDIM)"
+                    .into(),
+            );
+        }
+        Ok(())
     }
 
     /// Image pixels per token side: the token stride of every mask (4 for the tiny base, 16 for FLUX).

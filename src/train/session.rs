@@ -35,8 +35,8 @@ use serde::Serialize;
 use crate::dip::{DipDataset, LoadedItem, bundled_dataset_dir};
 use crate::masks::{Grid, MaskVariant};
 use crate::model::lora::{LoraFormat, LoraSet};
-use crate::model::schedule::{Parameterisation, add_noise, model_time, schedule_time};
-use crate::model::{Adapters, BaseModel, ForwardOptions, ForwardOutput, Mmdit, Prediction};
+use crate::model::schedule::{add_noise, model_time, schedule_time};
+use crate::model::{Adapters, BaseModel, ForwardOptions, ForwardOutput, Mmdit};
 use crate::rng::{normal_vec, permutation, stream_rng};
 
 use super::config::{ConfigError, HiddenSource, RunConfig};
@@ -359,17 +359,11 @@ impl Trainer {
         if items.is_empty() {
             return Err(TrainError::Data("no items to train on".into()));
         }
-        if base.config().prediction == Prediction::Sample
-            && cfg.noise.parameterisation != Parameterisation::RectifiedFlow
-        {
-            return Err(ConfigError::Invalid {
+        base.check_parameterisation(cfg.noise.parameterisation)
+            .map_err(|message| ConfigError::Invalid {
                 field: "noise.parameterisation",
-                message: "this base predicts the clean sample under rectified flow (model.prediction = \"sample\"); \
-                          use \"rectified-flow\""
-                    .into(),
-            }
-            .into());
-        }
+                message,
+            })?;
         let device = base.mmdit.device().clone();
         let pixels_per_token = base.pixels_per_token();
         let mut lora_cfg = cfg.lora;

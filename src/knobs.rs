@@ -452,6 +452,46 @@ pub const KNOBS: &[Knob] = &[
         names: None,
     },
     Knob {
+        key: "optim.decay",
+        summary: "learning-rate decay after the warm-up: constant, linear or cosine (to 0 at the last step)",
+        aliases: &[
+            "lr schedule",
+            "learning rate schedule",
+            "lr decay",
+            "learning rate decay",
+            "cosine schedule",
+        ],
+        kind: KnobKind::Choice(&[
+            Choice {
+                value: "constant",
+                keywords: &["constant"],
+            },
+            Choice {
+                value: "linear",
+                keywords: &["linear"],
+            },
+            Choice {
+                value: "cosine",
+                keywords: &["cosine"],
+            },
+        ]),
+        off: Some("constant"),
+        unsupported: &[],
+        names: Some(<crate::train::config::LrDecay as ConfigEnum>::config_names),
+    },
+    Knob {
+        key: "optim.decay_from",
+        summary: "step the learning-rate decay starts after (0 = the end of the warm-up)",
+        aliases: &["decay start", "cooldown start"],
+        kind: KnobKind::Int {
+            min: 0,
+            max: 1_000_000_000,
+        },
+        off: None,
+        unsupported: &[],
+        names: None,
+    },
+    Knob {
         key: "optim.grad_clip",
         summary: "global gradient-norm clip (0 = off)",
         aliases: &["gradient clipping", "grad clip", "clipping"],

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::config_enum::ConfigEnum;
+
 use crate::masks::{FusionParams, ReferencePool, Similarity};
 use crate::model::lora::LoraConfig;
 use crate::model::schedule::Parameterisation;
@@ -309,6 +311,12 @@ pub struct OptimConfig {
     pub warmup_steps: u64,
     /// Global grad-norm clip (0 = off).
     pub grad_clip: f64,
+    /// How the learning rate falls after the warm-up ([`crate::train::optim::lr_at`]): held (`constant`), or a
+    /// `linear` or `cosine` decay to 0 at the run's last step, as diffusers' `lr_scheduler`.
+    pub decay: LrDecay,
+    /// The step the decay starts after (0: the end of the warm-up). A warmup-stable-decay cooldown continues a
+    /// run from its step-N checkpoint with `decay_from = N`.
+    pub decay_from: u64,
 }
 
 impl Default for OptimConfig {
@@ -317,9 +325,44 @@ impl Default for OptimConfig {
             adamw: AdamWParams::default(),
             warmup_steps: 10,
             grad_clip: 1.0,
+            decay: LrDecay::Constant,
+            decay_from: 0,
         }
     }
 }
+
+impl OptimConfig {
+    /// Checks the schedule against the run's `steps`: a decay must start before the last step.
+    pub fn check_schedule(&self, steps: u64) -> Result<(), ConfigError> {
+        if self.decay != LrDecay::Constant && self.decay_from >= steps {
+            return Err(ConfigError::Invalid {
+                field: "optim.decay_from",
+                message: format!(
+                    "{} is not before the run's last step {steps}: the {} decay would never start; set it below \
+                     `steps` (or optim.decay = \"constant\")",
+                    self.decay_from,
+                    self.decay.config_name()
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The learning rate's course after the warm-up ([`OptimConfig::decay`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LrDecay {
+    /// Held at the peak.
+    #[default]
+    Constant,
+    /// Falls linearly to 0 at the last step (diffusers' `linear`).
+    Linear,
+    /// Falls along a half cosine to 0 at the last step (diffusers' `cosine`).
+    Cosine,
+}
+
+crate::config_enum!(LrDecay, [LrDecay::Constant, LrDecay::Linear, LrDecay::Cosine]);
 
 /// Logging and checkpoint cadence.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -596,6 +639,7 @@ impl RunConfig {
         if let Err((field, message)) = self.samples.check() {
             return inv(field, message);
         }
+        self.optim.check_schedule(self.steps)?;
         self.model.validate()
     }
 }

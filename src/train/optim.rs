@@ -14,6 +14,8 @@ use std::collections::HashMap;
 use candle_core::{Result, Tensor, Var, backprop::GradStore};
 use serde::{Deserialize, Serialize};
 
+use crate::train::config::{LrDecay, OptimConfig};
+
 /// AdamW hyper-parameters (PyTorch defaults except the learning rate).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -183,13 +185,29 @@ impl AdamW {
     }
 }
 
-/// Linear warm-up from 0 to `peak` over `warmup_steps`, then constant. `step` counts from 1.
-pub fn lr_at(step: u64, peak: f64, warmup_steps: u64) -> f64 {
-    if warmup_steps == 0 || step >= warmup_steps {
-        peak
-    } else {
-        peak * step as f64 / warmup_steps as f64
+/// The learning rate of optimiser step `step` (counting from 1) of a run of `total_steps`: a linear warm-up from 0
+/// to the peak `optim.adamw.lr` over `warmup_steps`, then held (`decay = constant`) or decayed to 0 at `total_steps`
+/// from the later of the warm-up's end and `decay_from` — as diffusers' `get_linear_schedule_with_warmup` and
+/// `get_cosine_schedule_with_warmup` (half a cycle) do with their 0-based step `s − 1`: the first decayed step
+/// keeps the peak and the last gets `peak / (total − start)` (linear).
+pub fn lr_at(step: u64, total_steps: u64, optim: &OptimConfig) -> f64 {
+    let peak = optim.adamw.lr;
+    let warmup = optim.warmup_steps;
+    if warmup > 0 && step < warmup {
+        return peak * step as f64 / warmup as f64;
     }
+    let start = warmup.max(optim.decay_from);
+    let done = step.saturating_sub(1);
+    if optim.decay == LrDecay::Constant || done <= start || total_steps <= start {
+        return peak;
+    }
+    let progress = ((done - start) as f64 / (total_steps - start) as f64).min(1.0);
+    let factor = match optim.decay {
+        LrDecay::Constant => 1.0,
+        LrDecay::Linear => 1.0 - progress,
+        LrDecay::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+    };
+    peak * factor
 }
 
 /// The global L2 norm of the gradients of `vars` (vars without a gradient count as zero). CPU f32 gradients are
@@ -503,10 +521,86 @@ mod tests {
 
     #[test]
     fn warmup_is_linear_then_flat() {
-        assert_eq!(lr_at(1, 1e-4, 4), 2.5e-5);
-        assert_eq!(lr_at(4, 1e-4, 4), 1e-4);
-        assert_eq!(lr_at(100, 1e-4, 4), 1e-4);
-        assert_eq!(lr_at(1, 1e-4, 0), 1e-4);
+        let o = |warmup_steps| OptimConfig {
+            adamw: AdamWParams {
+                lr: 1e-4,
+                ..AdamWParams::default()
+            },
+            warmup_steps,
+            ..OptimConfig::default()
+        };
+        assert_eq!(lr_at(1, 100, &o(4)), 2.5e-5);
+        assert_eq!(lr_at(4, 100, &o(4)), 1e-4);
+        assert_eq!(lr_at(100, 100, &o(4)), 1e-4);
+        assert_eq!(lr_at(1, 100, &o(0)), 1e-4);
+    }
+
+    /// Hand-computed: peak 1, 2 warm-up steps, 10 steps in all, decay after step 6 (`decay_from`), so the 0-based
+    /// steps 6..9 have progress 0, 1/4, 2/4, 3/4 — diffusers' schedules with 6 warm-up steps give the same.
+    #[test]
+    fn linear_and_cosine_decay_by_hand() {
+        let o = |decay| OptimConfig {
+            adamw: AdamWParams {
+                lr: 1.0,
+                ..AdamWParams::default()
+            },
+            warmup_steps: 2,
+            decay,
+            decay_from: 6,
+            ..OptimConfig::default()
+        };
+        let run = |decay| (1..=10).map(|s| lr_at(s, 10, &o(decay))).collect::<Vec<_>>();
+        assert_eq!(
+            run(LrDecay::Linear),
+            [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25]
+        );
+        let c = run(LrDecay::Cosine);
+        let half = std::f64::consts::FRAC_1_SQRT_2;
+        let want = [
+            0.5,
+            1.0,
+            1.0,
+            1.0,
+            1.0,
+            1.0,
+            1.0,
+            0.5 + 0.5 * half,
+            0.5,
+            0.5 - 0.5 * half,
+        ];
+        for (s, (got, want)) in c.iter().zip(want).enumerate() {
+            assert!((got - want).abs() < 1e-12, "step {}: {got} vs {want}", s + 1);
+        }
+        assert_eq!(
+            run(LrDecay::Constant),
+            [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+        );
+        // decay_from 0: the decay starts at the end of the warm-up (0-based step 2 keeps the peak, 9 gets 1/8).
+        let from_warmup = OptimConfig {
+            decay_from: 0,
+            ..o(LrDecay::Linear)
+        };
+        assert_eq!(lr_at(3, 10, &from_warmup), 1.0);
+        assert_eq!(lr_at(10, 10, &from_warmup), 0.125);
+        // Past the last step (a run continued with more steps than its schedule) the rate stays at 0.
+        assert_eq!(lr_at(12, 10, &from_warmup), 0.0);
+    }
+
+    #[test]
+    fn a_decay_that_never_starts_is_refused() {
+        let o = OptimConfig {
+            decay: LrDecay::Cosine,
+            decay_from: 500,
+            ..OptimConfig::default()
+        };
+        let e = o.check_schedule(500).unwrap_err().to_string();
+        assert!(e.contains("optim.decay_from") && e.contains("500"), "{e}");
+        assert!(o.check_schedule(501).is_ok());
+        let constant = OptimConfig {
+            decay_from: 500,
+            ..OptimConfig::default()
+        };
+        assert!(constant.check_schedule(10).is_ok());
     }
 
     #[test]

@@ -206,7 +206,7 @@ impl Default for PretrainConfig {
                     ..AdamWParams::default()
                 },
                 warmup_steps: 200,
-                grad_clip: 1.0,
+                ..OptimConfig::default()
             },
             ema_decay: 0.999,
             prompt_dropout: 0.1,
@@ -293,6 +293,7 @@ impl PretrainConfig {
         if let Some((_, field, why)) = problems.iter().find(|(bad, _, _)| *bad) {
             return Err(invalid(field, why));
         }
+        self.optim.check_schedule(self.steps)?;
         if let TimestepSampling::LogitNormal { mean, std } = self.timesteps
             && !(mean.is_finite() && std.is_finite() && std > 0.0)
         {
@@ -725,7 +726,7 @@ impl Pretrainer {
                 value: grad_norm,
             });
         }
-        let lr = lr_at(step, self.cfg.optim.adamw.lr, self.cfg.optim.warmup_steps);
+        let lr = lr_at(step, self.cfg.steps, &self.cfg.optim);
         self.opt.set_lr(lr);
         self.opt
             .step_scaled(&grads, clip_scale(grad_norm, self.cfg.optim.grad_clip))?;
@@ -1054,6 +1055,38 @@ mod tests {
             .map(|c| c.timesteps)
             .ok();
         assert_eq!(shifted, Some(TimestepSampling::Shifted { shift: 3.0 }));
+    }
+
+    /// A learning-rate decay set by `--set` reaches the optimiser: the records' rates follow `lr_at` (peak until
+    /// `decay_from`, then linearly down), and a decay that would start at the last step is refused by name.
+    #[test]
+    fn learning_rate_decay_is_applied_and_validated() -> Result<(), TrainError> {
+        let cfg = micro()
+            .with_overrides(&[
+                "steps=4".into(),
+                "optim.decay=linear".into(),
+                "optim.decay_from=2".into(),
+                "optim.adamw.lr=0.001".into(),
+            ])
+            .expect("valid overrides");
+        cfg.validate().expect("valid");
+        let mut p = Pretrainer::new(cfg, &Device::Cpu)?;
+        let lrs = (0..4).map(|_| p.step().map(|r| r.lr)).collect::<Result<Vec<_>, _>>()?;
+        // 0-based steps 2 and 3 of 4 with the decay starting after step 2: factors 1 and 1/2.
+        assert_eq!(lrs, [0.001, 0.001, 0.001, 0.0005]);
+        let never = micro()
+            .with_overrides(&[
+                "steps=4".into(),
+                "optim.decay=cosine".into(),
+                "optim.decay_from=4".into(),
+            ])
+            .expect("parses");
+        assert!(
+            never
+                .validate()
+                .is_err_and(|e| e.to_string().contains("optim.decay_from"))
+        );
+        Ok(())
     }
 
     /// `reference_dropout` trains whole steps without references (and says so in the record); the references

@@ -584,7 +584,7 @@ impl Trainer {
         if !grad_norm.is_finite() {
             return Err(non_finite(step, "gradient norm", grad_norm));
         }
-        let lr = lr_at(step, self.cfg.optim.adamw.lr, self.cfg.optim.warmup_steps);
+        let lr = lr_at(step, self.cfg.steps, &self.cfg.optim);
         self.opt.set_lr(lr);
         self.opt
             .step_scaled(&grads, clip_scale(grad_norm, self.cfg.optim.grad_clip))?;

@@ -12,7 +12,8 @@
 #    12 B parameters), block checkpointing, LoRA rank 32 (attention + MLP), a 512 px item with one 512 px
 #    reference; step times and the peak GPU memory (nvidia-smi, sampled every 100 ms) beside the memory plan.
 # 3. The same step in diffusers + peft on PyTorch (scripts/reference/diffusers_dpo_step.py): the ratio.
-# 4. The paper's hardest setting: 1024 px, 2 references, checkpointing and train.split_pair (the 48 GB target).
+# 4. The paper's hardest setting: 1024 px, 2 references, checkpointing and train.split_pair (the 48 GB target);
+#    then the same with bf16 activations (model.activations, autocast), which the plan says fits 48 GB.
 # 5. While time is left: 1024 px, 2 references in diffusers + peft, and ours without the split pair.
 # 6. A data-parallel world of one GPU (WORLD_SIZE=1: NCCL with the `nccl` build) trains like a plain run.
 # Each stage has its own time limit inside one deadline, and everything lands in OUT as it comes: table.md at the
@@ -164,6 +165,8 @@ plan --size "$SMALL" --references 1 --reference-px "$REF_SMALL" --checkpoint-blo
 plan --size "$LARGE" --references 2 --reference-px "$REF_LARGE" --checkpoint-blocks --split-pair \
     > "$OUT/plan-large-split.txt"
 plan --size "$LARGE" --references 2 --reference-px "$REF_LARGE" --checkpoint-blocks > "$OUT/plan-large.txt"
+plan --size "$LARGE" --references 2 --reference-px "$REF_LARGE" --checkpoint-blocks --split-pair \
+    --activations bf16 > "$OUT/plan-large-split-bf16.txt"
 cat "$OUT/plan-small.txt"
 measure ours-small 150 env FOCUSDPO_MEMORY_TRACE=1 "${BIN_CMD[@]}" "${FLUX[@]}" --data "$OUT/d-small" --set model.reference_px="$REF_SMALL" --steps 3 \
     --out "$OUT/ours-small-run" --set train.checkpoint_blocks=true
@@ -175,6 +178,11 @@ measure torch-small 100 "$PYTHON" scripts/reference/diffusers_dpo_step.py $PY_TI
 log "4. $LARGE px, 2 × $REF_LARGE px references, checkpointing + split pair"
 measure ours-large-split 160 env FOCUSDPO_MEMORY_TRACE=1 "${BIN_CMD[@]}" "${FLUX[@]}" --data "$OUT/d-large" --set model.reference_px="$REF_LARGE" \
     --steps 2 --out "$OUT/ours-large-split-run" --set train.checkpoint_blocks=true --set train.split_pair=true
+
+log "4b. the same with bf16 activations (model.activations = bf16)"
+measure ours-large-split-bf16 160 env FOCUSDPO_MEMORY_TRACE=1 "${BIN_CMD[@]}" "${FLUX[@]}" --data "$OUT/d-large" \
+    --set model.reference_px="$REF_LARGE" --steps 2 --out "$OUT/ours-large-split-bf16-run" \
+    --set train.checkpoint_blocks=true --set train.split_pair=true --set model.activations=bf16
 
 log "5. while time is left: $LARGE px in diffusers + peft, ours without the split pair"
 measure torch-large 100 "$PYTHON" scripts/reference/diffusers_dpo_step.py $PY_TINY --size "$LARGE" --references 2 \
@@ -196,6 +204,8 @@ row() { # LABEL NAME PLAN STEPS_MS
         "median $(ref_field torch-small median_step_ms) (allocator peak $(ref_field torch-small peak_reserved_gb) GB)"
     row "ours, FocusDPO, $LARGE px + 2 × $REF_LARGE px, split pair" ours-large-split "$(total plan-large-split.txt)" \
         "$(our_steps ours-large-split)"
+    row "ours, FocusDPO, $LARGE px + 2 × $REF_LARGE px, split pair, bf16 activations" ours-large-split-bf16 \
+        "$(total plan-large-split-bf16.txt)" "$(our_steps ours-large-split-bf16)"
     row "diffusers + peft, DPO, $LARGE px + 2 × $REF_LARGE px" torch-large "–" \
         "median $(ref_field torch-large median_step_ms) (allocator peak $(ref_field torch-large peak_reserved_gb) GB)"
     row "ours, FocusDPO, $LARGE px + 2 × $REF_LARGE px" ours-large "$(total plan-large.txt)" "$(our_steps ours-large)"

@@ -611,41 +611,65 @@ fn sequential_schedule_logs_phases_and_resumes_exactly_in_either_phase() {
 
 /// `model.dtype = "bf16"`: a FocusDPO run on the CPU with the bundled base read in bf16 trains like the f32 one
 /// (LoRA, optimiser state and loss in f32): same first loss (a fresh LoRA is the reference model either way),
-/// losses within bf16's precision over a few steps.
+/// losses within bf16's precision over a few steps. The same with `model.activations = "bf16"` too (autocast),
+/// with block checkpointing, whose recomputation runs in the activations' dtype.
 #[test]
 fn a_bf16_base_trains_on_the_cpu_like_the_f32_one() {
     use focusdpo::model::weights::WeightDtype;
     let device = Device::Cpu;
     let mut runs = Vec::new();
-    for dtype in [WeightDtype::F32, WeightDtype::Bf16] {
+    let settings = [
+        (WeightDtype::F32, WeightDtype::F32, false),
+        (WeightDtype::Bf16, WeightDtype::F32, false),
+        (WeightDtype::Bf16, WeightDtype::Bf16, true),
+    ];
+    for (dtype, activations, checkpoint) in settings {
         let mut cfg = config(ObjectiveKind::FocusDpo, 3);
         cfg.data.items = vec!["synth-0001".into()];
         cfg.model.dtype = dtype;
+        cfg.model.activations = activations;
+        cfg.train.checkpoint_blocks = checkpoint;
         // The bundled tiny base, read from its file in `model.dtype`.
         let b = cfg.model.load_base(&device).expect("base");
         assert_eq!(b.mmdit.weight_dtype(), dtype.dtype());
+        assert_eq!(b.mmdit.activation_dtype(), activations.dtype());
         let items = load_items(&cfg, &b, &device).expect("items");
         let mut trainer = Trainer::new(cfg, b, items).expect("trainer");
         let records: Vec<_> = (0..3).map(|_| trainer.step(false).expect("bf16 step").record).collect();
         runs.push(records);
     }
-    let (f32_run, bf16_run) = (&runs[0], &runs[1]);
-    assert!((bf16_run[0].stats.loss - std::f32::consts::LN_2).abs() < 1e-6);
-    for (a, b) in f32_run.iter().zip(bf16_run) {
-        assert!(b.stats.loss.is_finite() && b.grad_norm.is_finite());
-        assert!(
-            (a.stats.loss - b.stats.loss).abs() < 5e-3,
-            "step {}: {} vs {}",
-            a.step,
-            a.stats.loss,
-            b.stats.loss
+    for (run, (dtype, activations, _)) in runs.iter().zip(settings) {
+        eprintln!(
+            "weights {dtype}, activations {activations}: losses {:?}, |g| {:?}",
+            run.iter().map(|r| r.stats.loss).collect::<Vec<_>>(),
+            run.iter().map(|r| r.grad_norm).collect::<Vec<_>>()
         );
     }
-    eprintln!(
-        "losses f32 {:?}\n       bf16 {:?}",
-        f32_run.iter().map(|r| r.stats.loss).collect::<Vec<_>>(),
-        bf16_run.iter().map(|r| r.stats.loss).collect::<Vec<_>>()
-    );
+    // bf16 weights: losses within 5e-3 of f32. bf16 activations too: the DPO loss reads a difference of
+    // policy and reference errors scaled by β, in which the rounding of two bf16 forwards does not cancel once the
+    // LoRA has moved (measured 0.016 and 0.025 at steps 2 and 3), while the gradient norms agree within 3 % (measured 0.4, 1.2 and 2.7 %).
+    let f32_run = &runs[0];
+    for (run, loss_tol) in runs[1..].iter().zip([5e-3, 5e-2]) {
+        assert!((run[0].stats.loss - std::f32::consts::LN_2).abs() < 1e-6);
+        for (a, b) in f32_run.iter().zip(run) {
+            assert!(b.stats.loss.is_finite() && b.grad_norm.is_finite());
+            assert!(
+                (a.stats.loss - b.stats.loss).abs() < loss_tol,
+                "step {}: {} vs {}",
+                a.step,
+                a.stats.loss,
+                b.stats.loss
+            );
+            let rel = (a.grad_norm - b.grad_norm).abs() / a.grad_norm;
+            assert!(
+                rel < 0.03,
+                "step {}: gradient norms {} vs {}",
+                a.step,
+                a.grad_norm,
+                b.grad_norm
+            );
+        }
+    }
 }
 
 /// `train.checkpoint_blocks = true` recomputes every block of the policy in backward, and `train.split_pair

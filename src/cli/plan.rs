@@ -37,6 +37,9 @@ pub struct PlanArgs {
     /// The transformer's dtype (default: the backbone's `dtype`).
     #[arg(long)]
     dtype: Option<WeightDtype>,
+    /// The activations' dtype (default: the backbone's `activations`).
+    #[arg(long)]
+    activations: Option<WeightDtype>,
     /// Plan with block checkpointing (`train.checkpoint_blocks`).
     #[arg(long)]
     checkpoint_blocks: bool,
@@ -78,6 +81,7 @@ fn f32_bytes(path: &std::path::Path) -> anyhow::Result<u64> {
 struct Backbone {
     cfg: Config,
     dtype: WeightDtype,
+    activations: WeightDtype,
     pixels_per_token: usize,
     text_tokens: usize,
     reference_px: usize,
@@ -109,6 +113,7 @@ fn backbone(settings: &ModelSettings) -> anyhow::Result<Backbone> {
     Ok(Backbone {
         cfg,
         dtype: settings.dtype,
+        activations: settings.activations,
         // The FLUX autoencoder downsamples by 8 before the patch packing.
         pixels_per_token: if settings.autoencoder.is_some() {
             8 * patch
@@ -159,6 +164,7 @@ fn plan(b: &Backbone, args: &PlanArgs, size: usize, references: usize, mode: Ste
         text_tokens: b.text_tokens,
         checkpoint_blocks: mode.checkpoint,
         on_cpu: !b.on_gpu,
+        activations: args.activations.unwrap_or(b.activations),
     };
     let lora = LoraConfig {
         rank: args.rank,
@@ -195,6 +201,7 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<()> {
         Backbone {
             cfg: Config::flux_dev(),
             dtype: settings.dtype,
+            activations: settings.activations,
             pixels_per_token: 16,
             text_tokens: focusdpo::model::flux_text::FLUX_T5_TOKENS,
             reference_px: 512,
@@ -219,7 +226,7 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<()> {
     };
     let (work, e) = plan(&b, args, args.size, args.references, mode);
     println!(
-        "{} on {}: width {}, {} + {} blocks, weights {dtype}, LoRA rank {}, {} attention",
+        "{} on {}: width {}, {} + {} blocks, weights {dtype}, activations {}, LoRA rank {}, {} attention",
         what,
         if args.flux_dev {
             "FLUX.1-dev's sizes".to_string()
@@ -229,6 +236,7 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<()> {
         b.cfg.hidden_size,
         b.cfg.depth,
         b.cfg.depth_single_blocks,
+        work.activations,
         args.rank,
         if b.on_gpu { "chunked (GPU)" } else { "fused O(L) (CPU)" }
     );

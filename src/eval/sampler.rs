@@ -363,6 +363,7 @@ pub fn sample_from(
                 text_tokens: cond.txt.dims().get(1).copied().unwrap_or(0),
                 checkpoint_blocks: false,
                 on_cpu: true,
+                activations: crate::model::weights::WeightDtype::F32,
             },
         )
         .map_err(|e| EvalError::Invalid(e.to_string()))?;

@@ -88,7 +88,10 @@ pub fn attention_with(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, imp: Atten
             &v.contiguous()?,
             FlashAttention::new(scale, TILE_Q, TILE_K),
         ),
-        AttentionImpl::Fused => attention_with(q, k, v, scale, AttentionImpl::Chunked(chunk_rows(b, h, lk, q.dtype()))),
+        // Rows sized for f32 scores whatever the activations: narrow ones take their softmax in f32.
+        AttentionImpl::Fused => {
+            attention_with(q, k, v, scale, AttentionImpl::Chunked(chunk_rows(b, h, lk, DType::F32)))
+        }
         AttentionImpl::Chunked(rows) => {
             let rows = rows.max(1);
             if rows >= lq {
@@ -120,7 +123,12 @@ fn chunks(rows: usize, lq: usize) -> impl Iterator<Item = (usize, usize)> {
 
 /// One chunk's probabilities `softmax(s·q·kᵀ)` (no graph).
 fn chunk_probs(scale: f64, q: &Tensor, k: &Tensor) -> Result<Tensor> {
-    candle_nn::ops::softmax_last_dim(&(q * scale)?.matmul(&k.t()?)?)
+    let scores = (q * scale)?.matmul(&k.t()?)?;
+    if super::ops::is_narrow(&scores) {
+        // Narrow activations: the softmax in f32 (the chunk's rows are sized for f32 scores).
+        return candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(scores.dtype());
+    }
+    candle_nn::ops::softmax_last_dim(&scores)
 }
 
 /// The chunked path's value, chunk by chunk (call it on detached tensors: no graph).
@@ -198,7 +206,12 @@ impl CustomOp3 for ChunkedAttention {
 fn explicit(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     // Scaling q (B·H·L·D values) instead of the scores (B·H·L·L) is the same product, cheaper.
     let scores = (q * scale)?.matmul(&k.t()?)?;
-    let probs = super::ops::softmax_last_dim(&scores)?;
+    // Narrow activations: the softmax in f32, as fused attention kernels accumulate it.
+    let probs = if super::ops::is_narrow(&scores) {
+        super::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(scores.dtype())?
+    } else {
+        super::ops::softmax_last_dim(&scores)?
+    };
     probs.matmul(v)
 }
 

@@ -151,6 +151,14 @@ impl Linear {
             }
             _ => None,
         };
+        // Under narrow activations (`model.activations`) the adapter is cast to them, as autocast casts a
+        // parameter for its product; its weights and gradients stay f32 (the cast passes the gradient back).
+        let ab = match ab {
+            Some((a, b, scale)) if a.dtype() != x2.dtype() => {
+                Some((a.to_dtype(x2.dtype())?, b.to_dtype(x2.dtype())?, scale))
+            }
+            other => other,
+        };
         let lora = ab.as_ref().map(|(a, b, scale)| (a, b, *scale));
         // A narrow frozen weight (bf16/f16): on the CPU, whose GEMMs are f32, it is widened for this product only
         // (one layer at a time, so the stored base stays narrow); elsewhere the product runs in the weight's dtype,
@@ -181,6 +189,7 @@ impl Linear {
             super::ops::frozen_matmul_t(&x2, weight)?
         };
         let y = match &self.bias {
+            Some(b) if b.dtype() != y.dtype() => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
             Some(b) => y.broadcast_add(b)?,
             None => y,
         };

@@ -57,6 +57,9 @@ pub struct Workload {
     /// measured there. Elsewhere (a GPU): the chunked attention, which holds one chunk's scores, and
     /// [`GPU_STEP_UNITS_PER_SEQUENCE`] on top of a training step.
     pub on_cpu: bool,
+    /// The activations' dtype (`model.activations`): bf16 / f16 halve every activation unit (the constants were
+    /// measured in f32; the halving is the plan's assumption until measured).
+    pub activations: WeightDtype,
 }
 
 impl Workload {
@@ -142,7 +145,7 @@ pub fn transformer_params(cfg: &Config) -> u64 {
 pub fn estimate(cfg: &Config, dtype: WeightDtype, resident: Resident, work: &Workload) -> MemoryEstimate {
     let blocks = (cfg.depth + cfg.depth_single_blocks) as u64;
     let tokens = work.tokens() as u64;
-    let unit = |sequences: usize| cfg.hidden_size as u64 * tokens * sequences as u64 * 4;
+    let unit = |sequences: usize| cfg.hidden_size as u64 * tokens * sequences as u64 * work.activations.bytes() as u64;
     let heads = cfg.num_heads as u64;
     let scores = |sequences: usize| sequences as u64 * heads * tokens * tokens * 4;
     let explicit = |sequences: usize| scores(sequences) <= FUSED_MIN_SCORE_BYTES as u64;
@@ -195,7 +198,8 @@ pub fn estimate(cfg: &Config, dtype: WeightDtype, resident: Resident, work: &Wor
 #[error(
     "{what} needs about {need:.2} GB ({estimate}) but {available:.2} GB are available on {device}: lower the image \
      or reference size, set train.checkpoint_blocks = true (and train.split_pair = true), hold the base in bf16 \
-     (model.dtype = \"bf16\"), or run on a larger device (model.device)"
+     (model.dtype = \"bf16\"), run the activations in bf16 (model.activations = \"bf16\"), or run on a larger \
+     device (model.device)"
 )]
 pub struct DoesNotFit {
     /// What was planned (`a FocusDPO step at 4 264 tokens`, …).
@@ -374,6 +378,7 @@ mod tests {
             text_tokens: 0,
             checkpoint_blocks: checkpoint,
             on_cpu: true,
+            activations: WeightDtype::F32,
         }
     }
 
@@ -398,6 +403,14 @@ mod tests {
         assert_eq!(chunked.attention, 4 * (512 << 20));
         // … and the GPU's measured allowance, per sequence's tokens.
         assert_eq!(chunked.activations, ckpt.activations + 220 * unit / 2);
+        // bf16 activations halve every activation unit, the GPU allowance included; the scores are planned f32.
+        let narrow = Workload {
+            activations: WeightDtype::Bf16,
+            ..gpu(2, 4264)
+        };
+        let half = estimate(&cfg, WeightDtype::F32, none, &narrow);
+        assert_eq!(2 * half.activations, chunked.activations);
+        assert_eq!(half.attention, chunked.attention);
         let forward = estimate(&cfg, WeightDtype::F32, none, &gpu(0, 4264));
         assert_eq!(forward.attention, 2 * (512 << 20));
         let smaller = estimate(&cfg, WeightDtype::F32, none, &gpu(2, 3000));

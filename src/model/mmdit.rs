@@ -472,6 +472,8 @@ pub struct Mmdit {
     double_blocks: Vec<DoubleStreamBlock>,
     single_blocks: Vec<SingleStreamBlock>,
     final_layer: LastLayer,
+    /// The dtype of the activations between the layers ([`Mmdit::set_activation_dtype`]).
+    activations: DType,
 }
 
 impl Mmdit {
@@ -501,6 +503,7 @@ impl Mmdit {
             double_blocks,
             single_blocks,
             final_layer: LastLayer::load(cfg, vb.pp("final_layer"))?,
+            activations: DType::F32,
         })
     }
 
@@ -594,13 +597,10 @@ impl Mmdit {
         work: super::memory::Workload,
     ) -> std::result::Result<super::memory::MemoryEstimate, super::memory::DoesNotFit> {
         use super::memory::{Resident, Workload, check, device_available, device_name, estimate};
-        let dtype = match self.weight_dtype() {
-            DType::BF16 => super::weights::WeightDtype::Bf16,
-            DType::F16 => super::weights::WeightDtype::F16,
-            _ => super::weights::WeightDtype::F32,
-        };
+        let dtype = super::weights::WeightDtype::of(self.weight_dtype());
         let work = Workload {
             on_cpu: self.device().is_cpu(),
+            activations: super::weights::WeightDtype::of(self.activations),
             ..work
         };
         let resident = Resident {
@@ -627,6 +627,20 @@ impl Mmdit {
     /// The dtype the linear weights are held in.
     pub fn weight_dtype(&self) -> DType {
         self.img_in.weight().dtype()
+    }
+
+    /// Runs the layers with activations in `dtype` (`model.activations`), as PyTorch's autocast does: the token
+    /// streams, the linear products (LoRA adapters cast to it, their weights and gradients staying f32) and the
+    /// attention in `dtype`; the norms and an explicit attention's softmax computed in f32 and cast back; the
+    /// conditioning vector computed in f32; the prediction and the captured hidden states returned in f32. bf16
+    /// or f16 halve the activations a training step keeps for backward.
+    pub fn set_activation_dtype(&mut self, dtype: DType) {
+        self.activations = dtype;
+    }
+
+    /// The dtype of the activations between the layers.
+    pub fn activation_dtype(&self) -> DType {
+        self.activations
     }
 
     /// Merges frozen low-rank updates (a base LoRA such as UNO's, [`super::xflux_lora`]) into the weights they
@@ -716,9 +730,10 @@ impl Mmdit {
         )?;
 
         let ad = opts.adapters;
-        let mut img = self.img_in.forward(&img_tokens, ad)?;
-        let mut txt = self.txt_in.forward(input.txt, ad)?;
-        let vec = self.conditioning(input, ad)?;
+        let act = self.activations;
+        let mut img = self.img_in.forward(&img_tokens.to_dtype(act)?, ad)?;
+        let mut txt = self.txt_in.forward(&input.txt.to_dtype(act)?, ad)?;
+        let vec = self.conditioning(input, ad)?.to_dtype(act)?;
 
         // Checkpointing only matters where there is something to train (adapters on).
         let sink = opts.checkpoint.clone().filter(|_| ad == Adapters::On);
@@ -752,7 +767,7 @@ impl Mmdit {
                 _ => block.forward(&img, &txt, &vec, &rope, ad)?,
             };
             if opts.capture_hidden {
-                hidden.push(split_image_stream(&img, n_target, &ref_lens)?);
+                hidden.push(split_image_stream(&img.to_dtype(DType::F32)?, n_target, &ref_lens)?);
             }
         }
         let mut x = Tensor::cat(&[&txt, &img], 1)?;
@@ -776,7 +791,7 @@ impl Mmdit {
             };
         }
         let target = x.narrow(1, n_txt, n_target)?;
-        let out = self.final_layer.forward(&target, &vec, ad)?;
+        let out = self.final_layer.forward(&target, &vec, ad)?.to_dtype(DType::F32)?;
         let prediction = match self.cfg.prediction {
             Prediction::Velocity => out,
             Prediction::Sample => velocity_from_sample(input.img, &out, input.timesteps)?,
@@ -1353,6 +1368,61 @@ mod tests {
             target_ids(2, 2),
             vec![[0., 0., 0.], [0., 0., 1.], [0., 1., 0.], [0., 1., 1.]]
         );
+    }
+
+    /// Narrow activations (`model.activations`, autocast) forward like f32 within their precision, with f32
+    /// outputs and hidden states, and give the f32 LoRA adapters gradients that point the same way as f32's.
+    #[test]
+    fn narrow_activations_forward_like_f32_and_train_their_adapters() -> Result<()> {
+        let cfg = Config::tiny();
+        let dev = Device::Cpu;
+        let weights = crate::model::testing::random_weights(&cfg, 5, &dev)?;
+        let mut f32_model = Mmdit::new(&cfg, VarBuilder::from_tensors(weights, DType::F32, &dev)).expect("model");
+        let lora = crate::model::lora::LoraSet::for_model(crate::model::lora::LoraConfig::default(), &cfg, &dev)
+            .expect("lora");
+        for (i, (_, ad)) in lora.iter().enumerate() {
+            ad.b.set(&random_tensor(ad.b.dims(), 0.05, 3000 + i as u64, &dev)?)?;
+        }
+        f32_model.attach_lora(&lora)?;
+        let inputs = Inputs::new(&cfg, 1, 8, 1, SEED)?;
+        let opts = ForwardOptions {
+            capture_hidden: true,
+            ..ForwardOptions::default()
+        };
+        let want = inputs.run(&f32_model, &inputs.img, opts.clone())?;
+        let want_grads = want.prediction.sqr()?.sum_all()?.backward()?;
+        let flat = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>());
+        // bf16 keeps 8 significant bits, f16 11: errors of a few 2^-8 and 2^-11 after nine blocks.
+        for (dtype, tolerance) in [(DType::BF16, 2e-2), (DType::F16, 3e-3)] {
+            let mut narrow = f32_model.clone();
+            narrow.set_activation_dtype(dtype);
+            narrow.narrow_weights(dtype)?;
+            let got = inputs.run(&narrow, &inputs.img, opts.clone())?;
+            assert_eq!(got.prediction.dtype(), DType::F32, "the prediction comes back in f32");
+            let err = max_rel_diff(&got.prediction, &want.prediction)?;
+            eprintln!("{dtype:?} activations vs f32: max relative error {err:e}");
+            assert!(err <= tolerance, "{dtype:?}: {err}");
+            assert_eq!(got.hidden.len(), want.hidden.len());
+            for (g, w) in got.hidden.iter().zip(&want.hidden) {
+                let pairs = std::iter::once((&g.target, &w.target)).chain(g.references.iter().zip(&w.references));
+                for (g, w) in pairs {
+                    assert_eq!(g.dtype(), DType::F32, "hidden states come back in f32");
+                    assert!(max_rel_diff(g, w)? <= tolerance, "{dtype:?} hidden states");
+                }
+            }
+            let grads = got.prediction.sqr()?.sum_all()?.backward()?;
+            for (path, ad) in lora.iter() {
+                let g = grads.get(ad.b.as_tensor()).expect("a gradient for every adapter");
+                assert_eq!(g.dtype(), DType::F32, "{path}");
+                let w = want_grads.get(ad.b.as_tensor()).expect("f32 gradient");
+                let (g, w) = (flat(g)?, flat(w)?);
+                let dot: f64 = g.iter().zip(&w).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
+                let norm = |v: &[f32]| v.iter().map(|a| f64::from(*a).powi(2)).sum::<f64>().sqrt();
+                let cosine = dot / (norm(&g) * norm(&w)).max(1e-30);
+                assert!(cosine > 0.99, "{dtype:?} {path}: gradient cosine {cosine}");
+            }
+        }
+        Ok(())
     }
 
     /// A base held in bf16 / f16 (`model.dtype`) forwards like the f32 one within the precision of its weights

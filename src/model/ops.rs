@@ -116,6 +116,11 @@ fn fast_path(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
 }
 
+/// A half-width float (bf16, f16: `model.activations`), which norms and softmax compute in f32.
+pub fn is_narrow(x: &Tensor) -> bool {
+    matches!(x.dtype(), DType::BF16 | DType::F16)
+}
+
 fn same_shape(l1: &Layout, l2: &Layout, op: &str) -> Result<()> {
     if l1.shape() != l2.shape() {
         candle_core::bail!("{op}: shapes {:?} and {:?} differ", l1.shape(), l2.shape());
@@ -584,6 +589,9 @@ pub fn layer_norm_reference(x: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// LayerNorm over the last axis without affine parameters (FLUX's `elementwise_affine=False`), fused.
 pub fn layer_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
+    if is_narrow(x) {
+        return layer_norm(&x.to_dtype(DType::F32)?, eps)?.to_dtype(x.dtype());
+    }
     if fast_path(x) {
         x.contiguous()?.apply_op1(LayerNorm { eps: eps as f32 })
     } else {
@@ -758,6 +766,9 @@ impl CustomOp2 for RmsNormScaleGrad {
 /// FLUX's RMSNorm (`x / rms(x) · scale`) over the last axis: one fused op on CPU f32, with the scale's gradient
 /// when it is trained.
 pub fn rms_norm(x: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
+    if is_narrow(x) {
+        return rms_norm(&x.to_dtype(DType::F32)?, scale, eps)?.to_dtype(x.dtype());
+    }
     if !fast_path(x) || scale.rank() != 1 {
         return rms_norm_reference(x, scale, eps);
     }

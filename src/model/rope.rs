@@ -57,8 +57,14 @@ impl Rope {
         let pairs = x.reshape((b, h, n, d / 2, 2))?;
         let x0 = pairs.narrow(D::Minus1, 0, 1)?;
         let x1 = pairs.narrow(D::Minus1, 1, 1)?;
-        let out0 = (x0.broadcast_mul(&self.cos)? - x1.broadcast_mul(&self.sin)?)?;
-        let out1 = (x0.broadcast_mul(&self.sin)? + x1.broadcast_mul(&self.cos)?)?;
+        // The angles are f32; narrow activations (`model.activations`) rotate by them cast to their dtype.
+        let (cos, sin) = if self.cos.dtype() == x.dtype() {
+            (self.cos.clone(), self.sin.clone())
+        } else {
+            (self.cos.to_dtype(x.dtype())?, self.sin.to_dtype(x.dtype())?)
+        };
+        let out0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
+        let out1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
         Tensor::cat(&[out0, out1], D::Minus1)?.reshape((b, h, n, d))
     }
 }

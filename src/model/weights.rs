@@ -13,7 +13,7 @@ use candle_nn::VarBuilder;
 use candle_nn::var_builder::SimpleBackend;
 
 /// The dtype a frozen base is held in (`model.dtype`): f32 (the tiny default), or bf16 / f16, which halve the
-/// memory of the weights. LoRA weights, optimiser state, activations, masks and the loss stay f32.
+/// memory of the weights. LoRA weights, optimiser state, masks and the loss stay f32 (activations: `model.activations`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WeightDtype {
@@ -33,6 +33,15 @@ impl WeightDtype {
             Self::F32 => DType::F32,
             Self::Bf16 => DType::BF16,
             Self::F16 => DType::F16,
+        }
+    }
+
+    /// The candle dtype's name here (any dtype other than bf16 and f16 reads as f32).
+    pub fn of(dtype: DType) -> Self {
+        match dtype {
+            DType::BF16 => Self::Bf16,
+            DType::F16 => Self::F16,
+            _ => Self::F32,
         }
     }
 

@@ -128,8 +128,12 @@ pub struct ModelSettings {
     /// `cpu`, `cuda` or `cuda:N` (CUDA needs a build with the `cuda` feature).
     pub device: String,
     /// The dtype the transformer's frozen weights are held in: `f32` (default), `bf16` or `f16` (half the
-    /// memory; LoRA, optimiser state, activations, masks and the loss stay f32).
+    /// memory; LoRA, optimiser state, masks and the loss stay f32).
     pub dtype: crate::model::weights::WeightDtype,
+    /// The dtype of the transformer's activations, as autocast / accelerate's `mixed_precision`: `f32`
+    /// (default), `bf16` or `f16` (half the activation memory of a training step; norms and softmax in f32; LoRA
+    /// weights, optimiser state, masks and the loss stay f32). [`crate::model::Mmdit::set_activation_dtype`].
+    pub activations: crate::model::weights::WeightDtype,
     /// FLUX autoencoder `ae.safetensors` (BFL naming): images are encoded with it instead of pixel-unshuffled.
     pub autoencoder: Option<PathBuf>,
     /// T5 encoder for FLUX's `txt`: a safetensors file (T5 v1.1 XXL sizes) or a folder with `config.json` and
@@ -157,6 +161,7 @@ impl Default for ModelSettings {
             reference_px: 32,
             device: "cpu".into(),
             dtype: crate::model::weights::WeightDtype::F32,
+            activations: crate::model::weights::WeightDtype::F32,
             autoencoder: None,
             t5: None,
             t5_tokenizer: None,
@@ -243,6 +248,7 @@ impl ModelSettings {
         }
         loading_part("transformer");
         let mut base = BaseModel::load_as(&self.base, device, self.dtype)?;
+        base.mmdit.set_activation_dtype(self.activations.dtype());
         for lora in &self.base_loras {
             loading_part(&format!("base LoRA {}", lora.path.display()));
             base = base.with_base_lora(&lora.path, lora.scale)?;

@@ -121,6 +121,7 @@ impl PreparedItem {
             text_tokens: self.txt.dims().get(1).copied().unwrap_or(0),
             checkpoint_blocks,
             on_cpu: true,
+            activations: crate::model::weights::WeightDtype::F32,
         }
     }
 

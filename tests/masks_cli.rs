@@ -319,6 +319,12 @@ fn a_1024_px_item_is_planned_not_aborted() {
     };
     let (plain, ckpt) = (activations(&[]), activations(&["--checkpoint-blocks"]));
     assert!(ckpt * 3.0 < plain, "checkpointing: {plain} GB → {ckpt} GB");
+    // bf16 activations (`model.activations`) are planned at half the bytes (rounded to the printed 0.01 GB).
+    let narrow = activations(&["--checkpoint-blocks", "--activations", "bf16"]);
+    assert!(
+        (2.0 * narrow - ckpt).abs() <= 0.02,
+        "bf16 activations: {ckpt} GB → {narrow} GB"
+    );
 }
 
 fn common_str(p: &std::path::Path) -> &str {

@@ -817,9 +817,24 @@ pub fn apply_overrides<T: Serialize + serde::de::DeserializeOwned>(
         arg: overrides.join(" "),
         message: e.to_string(),
     })?;
-    toml::from_str(&text).map_err(|e: toml::de::Error| ConfigError::Override {
-        arg: overrides.join(" "),
-        message: e.message().to_string(),
+    toml::from_str(&text).map_err(|e: toml::de::Error| {
+        let mut message = e.message().to_string();
+        // A tagged section (`timesteps.kind`) switched to another kind keeps the old kind's fields, which the new
+        // one refuses: say how to replace the section whole.
+        let switched = overrides
+            .iter()
+            .filter_map(|o| o.split_once('=').map(|(k, _)| k.trim()))
+            .find_map(|k| k.strip_suffix(".kind"));
+        if let Some(section) = switched.filter(|_| message.contains("unknown field")) {
+            message.push_str(&format!(
+                "; `{section}.kind` switched to another kind keeps the old kind's fields: set the section whole, \
+                 e.g. --set '{section}={{kind=\"…\", …}}'"
+            ));
+        }
+        ConfigError::Override {
+            arg: overrides.join(" "),
+            message,
+        }
     })
 }
 

@@ -1055,6 +1055,24 @@ mod tests {
             .map(|c| c.timesteps)
             .ok();
         assert_eq!(shifted, Some(TimestepSampling::Shifted { shift: 3.0 }));
+        // Switching a run's logit-normal timesteps to another kind: field by field the old kind's fields remain,
+        // and the error says how to set the section whole; whole, it works.
+        let logit = micro()
+            .with_overrides(&["timesteps={kind=\"logit-normal\",mean=0.8,std=0.8}".into()])
+            .expect("logit-normal");
+        let e = logit
+            .with_overrides(&["timesteps.kind=shifted".into(), "timesteps.shift=3".into()])
+            .expect_err("the old fields remain")
+            .to_string();
+        assert!(
+            e.contains("unknown field") && e.contains("--set 'timesteps={kind="),
+            "{e}"
+        );
+        let whole = logit
+            .with_overrides(&["timesteps={kind=\"shifted\",shift=3.0}".into()])
+            .map(|c| c.timesteps)
+            .ok();
+        assert_eq!(whole, Some(TimestepSampling::Shifted { shift: 3.0 }));
     }
 
     /// A learning-rate decay set by `--set` reaches the optimiser: the records' rates follow `lr_at` (peak until

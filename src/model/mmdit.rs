@@ -1370,21 +1370,27 @@ mod tests {
         );
     }
 
-    /// Narrow activations (`model.activations`, autocast) forward like f32 within their precision, with f32
-    /// outputs and hidden states, and give the f32 LoRA adapters gradients that point the same way as f32's.
-    #[test]
-    fn narrow_activations_forward_like_f32_and_train_their_adapters() -> Result<()> {
+    /// The tiny config with random weights (f32) and a LoRA whose `B` is random (so it changes the output), and one
+    /// batch of inputs with a reference.
+    fn tiny_with_lora() -> Result<(Mmdit, crate::model::lora::LoraSet, Inputs)> {
         let cfg = Config::tiny();
         let dev = Device::Cpu;
         let weights = crate::model::testing::random_weights(&cfg, 5, &dev)?;
-        let mut f32_model = Mmdit::new(&cfg, VarBuilder::from_tensors(weights, DType::F32, &dev)).expect("model");
+        let mut model = Mmdit::new(&cfg, VarBuilder::from_tensors(weights, DType::F32, &dev)).expect("model");
         let lora = crate::model::lora::LoraSet::for_model(crate::model::lora::LoraConfig::default(), &cfg, &dev)
             .expect("lora");
         for (i, (_, ad)) in lora.iter().enumerate() {
             ad.b.set(&random_tensor(ad.b.dims(), 0.05, 3000 + i as u64, &dev)?)?;
         }
-        f32_model.attach_lora(&lora)?;
-        let inputs = Inputs::new(&cfg, 1, 8, 1, SEED)?;
+        model.attach_lora(&lora)?;
+        Ok((model, lora, Inputs::new(&cfg, 1, 8, 1, SEED)?))
+    }
+
+    /// Narrow activations (`model.activations`, autocast) forward like f32 within their precision, with f32
+    /// outputs and hidden states, and give the f32 LoRA adapters gradients that point the same way as f32's.
+    #[test]
+    fn narrow_activations_forward_like_f32_and_train_their_adapters() -> Result<()> {
+        let (f32_model, lora, inputs) = tiny_with_lora()?;
         let opts = ForwardOptions {
             capture_hidden: true,
             ..ForwardOptions::default()
@@ -1429,17 +1435,7 @@ mod tests {
     /// (documented in docs/training.md), with adapters on; gradients still reach every adapter.
     #[test]
     fn narrow_weight_dtypes_forward_like_f32_and_train_their_adapters() -> Result<()> {
-        let cfg = Config::tiny();
-        let dev = Device::Cpu;
-        let weights = crate::model::testing::random_weights(&cfg, 5, &dev)?;
-        let mut f32_model = Mmdit::new(&cfg, VarBuilder::from_tensors(weights, DType::F32, &dev)).expect("model");
-        let lora = crate::model::lora::LoraSet::for_model(crate::model::lora::LoraConfig::default(), &cfg, &dev)
-            .expect("lora");
-        for (i, (_, ad)) in lora.iter().enumerate() {
-            ad.b.set(&random_tensor(ad.b.dims(), 0.05, 3000 + i as u64, &dev)?)?;
-        }
-        f32_model.attach_lora(&lora)?;
-        let inputs = Inputs::new(&cfg, 1, 8, 1, SEED)?;
+        let (f32_model, lora, inputs) = tiny_with_lora()?;
         let want = inputs
             .run(&f32_model, &inputs.img, ForwardOptions::default())?
             .prediction;

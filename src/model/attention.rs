@@ -206,12 +206,7 @@ impl CustomOp3 for ChunkedAttention {
 fn explicit(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     // Scaling q (B·H·L·D values) instead of the scores (B·H·L·L) is the same product, cheaper.
     let scores = (q * scale)?.matmul(&k.t()?)?;
-    // Narrow activations: the softmax in f32, as fused attention kernels accumulate it.
-    let probs = if super::ops::is_narrow(&scores) {
-        super::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(scores.dtype())?
-    } else {
-        super::ops::softmax_last_dim(&scores)?
-    };
+    let probs = super::ops::softmax_last_dim(&scores)?;
     probs.matmul(v)
 }
 

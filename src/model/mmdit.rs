@@ -723,14 +723,15 @@ impl Mmdit {
             }
             (Tensor::cat(&tokens, 1)?, Tensor::cat(&ids, 1)?)
         };
+        let act = self.activations;
         let rope = Rope::new(
             &Tensor::cat(&[input.txt_ids, &img_ids], 1)?,
             &self.cfg.axes_dim,
             self.cfg.theta,
-        )?;
+        )?
+        .in_dtype(act)?;
 
         let ad = opts.adapters;
-        let act = self.activations;
         let mut img = self.img_in.forward(&img_tokens.to_dtype(act)?, ad)?;
         let mut txt = self.txt_in.forward(&input.txt.to_dtype(act)?, ad)?;
         let vec = self.conditioning(input, ad)?.to_dtype(act)?;

@@ -505,8 +505,12 @@ pub fn softmax_reference(x: &Tensor) -> Result<Tensor> {
     candle_nn::ops::softmax(x, D::Minus1)
 }
 
-/// Softmax over the last axis, fused with its backward.
+/// Softmax over the last axis, fused with its backward; narrow (bf16/f16) scores are normalised in f32, as fused
+/// attention kernels accumulate them.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if is_narrow(x) {
+        return softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype());
+    }
     if fast_path(x) {
         x.contiguous()?.apply_op1(Softmax)
     } else {

@@ -48,6 +48,14 @@ impl Rope {
         })
     }
 
+    /// The same angles for rotating activations of `dtype` (`model.activations`): the elementary path's cos/sin
+    /// cast once, here, rather than at every rotation; the fused CPU f32 path keeps its f32 angles.
+    pub fn in_dtype(mut self, dtype: DType) -> Result<Self> {
+        self.cos = self.cos.to_dtype(dtype)?;
+        self.sin = self.sin.to_dtype(dtype)?;
+        Ok(self)
+    }
+
     /// Rotates `x` [B, H, N, head_dim] (queries or keys) by the angles of its N tokens.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(rotated) = self.fused.apply(x) {
@@ -57,14 +65,8 @@ impl Rope {
         let pairs = x.reshape((b, h, n, d / 2, 2))?;
         let x0 = pairs.narrow(D::Minus1, 0, 1)?;
         let x1 = pairs.narrow(D::Minus1, 1, 1)?;
-        // The angles are f32; narrow activations (`model.activations`) rotate by them cast to their dtype.
-        let (cos, sin) = if self.cos.dtype() == x.dtype() {
-            (self.cos.clone(), self.sin.clone())
-        } else {
-            (self.cos.to_dtype(x.dtype())?, self.sin.to_dtype(x.dtype())?)
-        };
-        let out0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
-        let out1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
+        let out0 = (x0.broadcast_mul(&self.cos)? - x1.broadcast_mul(&self.sin)?)?;
+        let out1 = (x0.broadcast_mul(&self.sin)? + x1.broadcast_mul(&self.cos)?)?;
         Tensor::cat(&[out0, out1], D::Minus1)?.reshape((b, h, n, d))
     }
 }

@@ -28,6 +28,8 @@ fn sample_writes_a_sheet_and_rejects_bad_input() {
         "32",
         "--out",
         out_png.to_str().expect("utf-8"),
+        "--trajectory",
+        dir.path().join("steps.png").to_str().expect("utf-8"),
     ]);
     assert!(out.status.success(), "{}", text(&out));
     let sheet = image::open(&out_png).expect("sheet").to_rgb8();
@@ -37,6 +39,14 @@ fn sample_writes_a_sheet_and_rejects_bad_input() {
         "{:?}",
         sheet.dimensions()
     );
+    // The trajectory: per seed a row of inputs and a row of predictions, two steps and the image in each.
+    let steps = image::open(dir.path().join("steps.png")).expect("trajectory").to_rgb8();
+    assert!(
+        (3 * 32..4 * 32).contains(&steps.width()) && (4 * 32..5 * 32).contains(&steps.height()),
+        "{:?}",
+        steps.dimensions()
+    );
+    assert!(text(&out).contains("2 step(s), t = 1.000, 0.500"), "{}", text(&out));
 
     // A size that is not a multiple of the patch, and a reference that is not an image: errors, no panic.
     let out = focusdpo(&[

@@ -9,7 +9,7 @@ use clap::Args;
 use focusdpo::eval::benchmark::{BenchmarkConfig, ExtraEmbedders, SubjectCrop, report_markdown, run_benchmark};
 use focusdpo::eval::dreambench::{DreamBenchConfig, dreambench_markdown, read_dreambench, run_dreambench};
 use focusdpo::eval::pretrained::{ClipEmbedder, ClipModelConfig, DinoV2Config, DinoV2Embedder};
-use focusdpo::eval::sampler::{InitImage, SampleRequest, SampleSettings, sample_from};
+use focusdpo::eval::sampler::{InitImage, SampleRequest, SampleSettings, TrajectoryStep, sample_from, sample_observed};
 use focusdpo::eval::study::{RunMetrics, aggregate, benchmark_values, comparison_markdown, group_of, training_values};
 use focusdpo::eval::{ImageEmbedder, TextEmbedder};
 use focusdpo::model::{Adapters, BaseModel};
@@ -149,6 +149,23 @@ pub fn load_model(args: &ModelArgs) -> anyhow::Result<(BaseModel, String)> {
 /// A sheet: one row per item (references, ideal target, generated images), 2 px gaps on white.
 fn sheet(rows: &[(Vec<RgbImage>, Vec<RgbImage>)]) -> RgbImage {
     let rows: Vec<Vec<RgbImage>> = rows.iter().map(|(a, b)| a.iter().chain(b).cloned().collect()).collect();
+    focusdpo::train::samples::compose(&rows)
+}
+
+/// The trajectory sheet: per seed, a row of the steps' inputs `x_t` and a row of their predictions `x̂₀`, each row
+/// ending with the sampled image.
+fn trajectory_sheet(steps: &[TrajectoryStep], images: &[RgbImage]) -> RgbImage {
+    let mut rows = Vec::new();
+    for (k, image) in images.iter().enumerate() {
+        for predicted in [false, true] {
+            let mut row: Vec<RgbImage> = steps
+                .iter()
+                .filter_map(|s| if predicted { &s.x0 } else { &s.x_t }.get(k).cloned())
+                .collect();
+            row.push(image.clone());
+            rows.push(row);
+        }
+    }
     focusdpo::train::samples::compose(&rows)
 }
 
@@ -324,6 +341,10 @@ pub struct SampleArgs {
     /// values keep the image.
     #[arg(long, requires = "init")]
     strength: Option<f32>,
+    /// Also write each step to this PNG: for every seed a row of the model's inputs `x_t` and below it a row of its
+    /// predictions `x̂₀`, one column per step from the first (noise) to the last (the times are printed).
+    #[arg(long)]
+    trajectory: Option<PathBuf>,
 }
 
 /// An image file as RGB; the error names the file and what it was for (`what`: "reference", "init").
@@ -363,14 +384,25 @@ pub fn run_sample(args: &SampleArgs) -> anyhow::Result<()> {
         .zip(args.strength)
         .map(|(image, strength)| InitImage { image, strength });
     let started = std::time::Instant::now();
-    let images = sample_from(
-        &base,
-        &req,
-        &args.sampler.settings(&base),
-        &args.seeds,
-        Adapters::On,
-        init,
-    )?;
+    let settings = args.sampler.settings(&base);
+    let mut steps: Vec<TrajectoryStep> = Vec::new();
+    let images = match &args.trajectory {
+        None => sample_from(&base, &req, &settings, &args.seeds, Adapters::On, init)?,
+        Some(_) => {
+            let mut keep = |step: TrajectoryStep| steps.push(step);
+            sample_observed(&base, &req, &settings, &args.seeds, Adapters::On, init, Some(&mut keep))?
+        }
+    };
+    if let Some(path) = &args.trajectory {
+        write_png(path, &trajectory_sheet(&steps, &images))?;
+        let times: Vec<String> = steps.iter().map(|s| format!("{:.3}", s.t)).collect();
+        println!(
+            "trajectory: {} step(s), t = {} → {} (rows per seed: x_t, x̂₀; the last column is the image)",
+            steps.len(),
+            times.join(", "),
+            path.display()
+        );
+    }
     write_png(&args.out, &sheet(&[(references, images)]))?;
     println!(
         "{} image(s) from {name} for \"{prompt}\" in {:.1} s → {}",

@@ -318,6 +318,33 @@ pub fn sample_from(
     adapters: Adapters,
     init: Option<InitImage<'_>>,
 ) -> Result<Vec<RgbImage>, EvalError> {
+    sample_observed(base, request, settings, seeds, adapters, init, None)
+}
+
+/// One step of a sampling run, decoded, as [`sample_observed`] reports it: what the model saw and what it predicted
+/// (diffusers' `callback_on_step_end`, decoded for viewing).
+#[derive(Clone, Debug)]
+pub struct TrajectoryStep {
+    /// The step's time (rectified flow: `t ∈ (0, 1]`, 1 = pure noise; DDIM: the DDPM timestep / 1000).
+    pub t: f32,
+    /// The model's input `x_t`, one image per seed.
+    pub x_t: Vec<RgbImage>,
+    /// The (guided) prediction of the clean image, `x̂₀ = x_t − t·v̂` (rectified flow) or
+    /// `(x_t − √(1 − ᾱ)·ε̂) / √ᾱ` (DDIM), one image per seed.
+    pub x0: Vec<RgbImage>,
+}
+
+/// [`sample_from`], calling `observe` after each step's prediction with that step decoded (a decode per seed and
+/// step: for looking at a few images, not for benchmarks). The images are those of [`sample_from`] exactly.
+pub fn sample_observed(
+    base: &BaseModel,
+    request: &SampleRequest<'_>,
+    settings: &SampleSettings,
+    seeds: &[u64],
+    adapters: Adapters,
+    init: Option<InitImage<'_>>,
+    mut observe: Option<&mut dyn FnMut(TrajectoryStep)>,
+) -> Result<Vec<RgbImage>, EvalError> {
     settings.validate()?;
     base.check_parameterisation(settings.parameterisation)
         .map_err(EvalError::Invalid)?;
@@ -421,12 +448,32 @@ pub fn sample_from(
         //   = text_guided + (s_ref − 1)·(v(∅,refs) − v(∅,∅))
         Ok((text_guided + ((uncond - none)? * f64::from(settings.reference_cfg_scale - 1.0))?)?)
     };
+    let decode_all = |x: &Tensor| -> Result<Vec<RgbImage>, EvalError> {
+        (0..b)
+            .map(|k| {
+                base.codec
+                    .decode(&x.narrow(0, k, 1)?, cond.grid)
+                    .map_err(|e| EvalError::Invalid(e.to_string()))
+            })
+            .collect()
+    };
+    let mut report = |t: f64, x: &Tensor, x0: &Tensor| -> Result<(), EvalError> {
+        if let Some(observe) = observe.as_mut() {
+            observe(TrajectoryStep {
+                t: t as f32,
+                x_t: decode_all(x)?,
+                x0: decode_all(x0)?,
+            });
+        }
+        Ok(())
+    };
     match settings.parameterisation {
         Parameterisation::RectifiedFlow => {
             let eta = f64::from(settings.stochasticity);
             for (i, w) in ts.windows(2).enumerate() {
                 let v = predict(&x, w[0])?;
                 let (t, next) = (f64::from(w[0]), f64::from(w[1]));
+                report(t, &x, &(&x - (&v * t)?)?)?;
                 if eta == 0.0 || next == 0.0 {
                     // dx/dt = v = ε − x0, integrated from t = 1 (noise) to 0 (image).
                     x = (x + (v * (next - t))?)?;
@@ -447,17 +494,12 @@ pub fn sample_from(
                 let a = abar[t];
                 let a_prev = steps.get(i + 1).map_or(1.0, |&p| abar[p]);
                 let x0 = ((&x - (&eps * (1.0 - a).sqrt())?)? / a.sqrt())?;
+                report(t as f64 / 1000.0, &x, &x0)?;
                 x = ((x0 * a_prev.sqrt())? + (eps * (1.0 - a_prev).sqrt())?)?;
             }
         }
     }
-    (0..b)
-        .map(|k| {
-            base.codec
-                .decode(&x.narrow(0, k, 1)?, cond.grid)
-                .map_err(|e| EvalError::Invalid(e.to_string()))
-        })
-        .collect()
+    decode_all(&x)
 }
 
 #[cfg(test)]
@@ -555,6 +597,65 @@ mod tests {
             ..settings
         };
         assert!(sample(&base, &req, &bad, &[5], Adapters::Off).is_err());
+        Ok(())
+    }
+
+    /// The observed run is the plain run: the same images, one report per step at the grid's times, the first input
+    /// the seed's start noise, and each step's input the previous step's Euler update `x_t + (t' − t)·v̂` with
+    /// `v̂ = (x_t − x̂₀) / t`; with a single step from t = 1 the image is that step's `x̂₀` exactly.
+    #[test]
+    fn observed_sampling_reports_every_step_of_the_same_run() -> Result<(), EvalError> {
+        let base = base_of(&Config::micro());
+        let refs = [gradient_reference()];
+        let req = request("a red ball", &refs);
+        let dev = Device::Cpu;
+        for steps in [1usize, 3] {
+            let settings = SampleSettings {
+                steps,
+                cfg_scale: 2.0,
+                ..SampleSettings::default()
+            };
+            let mut seen = Vec::new();
+            let mut keep = |s: TrajectoryStep| seen.push(s);
+            let observed = sample_observed(&base, &req, &settings, &[5, 6], Adapters::Off, None, Some(&mut keep))?;
+            assert_eq!(observed, sample(&base, &req, &settings, &[5, 6], Adapters::Off)?);
+            let grid = flow_time_grid(steps, 1.0);
+            assert_eq!(seen.iter().map(|s| s.t).collect::<Vec<_>>(), grid[..steps]);
+            assert!(seen.iter().all(|s| s.x_t.len() == 2 && s.x0.len() == 2));
+            let (g, n, c) = token_grid(&base, 32)?;
+            let noise = Tensor::from_vec(normal_vec(&mut stream_rng(5, STREAM_SAMPLE, 0), n * c), (1, n, c), &dev)?;
+            let decoded = base
+                .codec
+                .decode(&noise, g)
+                .map_err(|e| EvalError::Invalid(e.to_string()))?;
+            assert_eq!(seen[0].x_t[0], decoded);
+            if steps == 1 {
+                assert_eq!(seen[0].x0, observed);
+            } else {
+                // In pixels (8-bit, so to rounding): x_{t'} = x_t + (t' − t)·(x_t − x̂₀)/t.
+                for k in 0..steps - 1 {
+                    let (t, next) = (grid[k], grid[k + 1]);
+                    let (x, x0, x1) = (&seen[k].x_t[1], &seen[k].x0[1], &seen[k + 1].x_t[1]);
+                    let errors: Vec<f32> = (0..x.as_raw().len())
+                        .filter_map(|i| {
+                            let (a, p) = (f32::from(x.as_raw()[i]), f32::from(x0.as_raw()[i]));
+                            let want = a + (next - t) * (a - p) / t;
+                            // Pixels clipped to 0 or 255 by the decode do not follow.
+                            let clipped = |v: u8| v == 0 || v == 255;
+                            let skip = clipped(x.as_raw()[i]) || clipped(x0.as_raw()[i]);
+                            (!skip && (0.0..=255.0).contains(&want)).then(|| (want - f32::from(x1.as_raw()[i])).abs())
+                        })
+                        .collect();
+                    assert!(
+                        errors.len() > x.as_raw().len() / 4,
+                        "step {k}: {} pixels compared",
+                        errors.len()
+                    );
+                    let worst = errors.iter().fold(0f32, |m, &e| m.max(e));
+                    assert!(worst <= 2.0, "step {k}: {worst}");
+                }
+            }
+        }
         Ok(())
     }
 

@@ -53,6 +53,7 @@ pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 const STREAM_DATA: u64 = 0x5052_4554_0001;
 const STREAM_NOISE: u64 = 0x5052_4554_0002;
 const STREAM_REFERENCE_DROPOUT: u64 = 0x5052_4554_0003;
+const STREAM_TIMESTEP_TAIL: u64 = 0x5052_4554_0004;
 
 /// How many subjects the pretraining items have.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,6 +128,47 @@ impl TimestepSampling {
     }
 }
 
+/// A share of the training times drawn uniformly from `(from, 1]`, next to pure noise, in place of
+/// [`TimestepSampling`]'s draw: what a sampler starting at `t = 1` needs and logit-normal or uniform times barely
+/// train. There `x_t` carries almost nothing and `x̂₀` must come from the prompt and references alone (at `t = 1`
+/// it is `E[x₀ | prompt, references]`); logit-normal(0.8, 0.8) draws `t > 0.97` 0.04 % of the time, and on the tiny
+/// base the prompt then barely moved `x̂₀` at `t = 1` (`docs/pretraining.md`). Like SD3's heavy-tailed
+/// "mode sampling" it keeps density at the ends; unlike it, the share and the range are explicit.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TimestepTail {
+    /// Probability that a sample's time comes from the tail (0 = off, the default).
+    pub fraction: f32,
+    /// Lower end of the tail's range `(from, 1]`.
+    pub from: f32,
+}
+
+impl Default for TimestepTail {
+    fn default() -> Self {
+        Self {
+            fraction: 0.0,
+            from: 0.95,
+        }
+    }
+}
+
+impl TimestepTail {
+    /// `t` itself, or with probability `fraction` a time uniform in `(from, 1]`; `rng` is the tail's own stream, read
+    /// only when the tail is on, so a run without it draws exactly what it drew before the tail existed.
+    pub fn apply(self, t: f32, rng: &mut rand_chacha::ChaCha8Rng) -> f32 {
+        if self.fraction <= 0.0 {
+            return t;
+        }
+        let pick: f32 = rand::RngExt::random(rng);
+        let u: f32 = rand::RngExt::random(rng);
+        if pick < self.fraction {
+            1.0 - (1.0 - self.from) * u
+        } else {
+            t
+        }
+    }
+}
+
 /// A pretraining run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -171,6 +213,10 @@ pub struct PretrainConfig {
     pub subject_weight_max_t: f32,
     /// Timestep distribution.
     pub timesteps: TimestepSampling,
+    /// A share of the times drawn next to pure noise instead (`timestep_tail = { fraction = 0.2, from = 0.9 }`);
+    /// off by default, and in configs written before it existed.
+    #[serde(default)]
+    pub timestep_tail: TimestepTail,
     /// Checkpoint every N steps (and at the end).
     pub checkpoint_every: u64,
     /// Checkpoints kept: the newest `keep_last` (0 = all), plus every one whose step is a multiple of `keep_every`
@@ -217,6 +263,7 @@ impl Default for PretrainConfig {
             // anywhere else, and logit-normal(0, 1) trains there 1.4 % of the time. On the tiny base the first 500
             // logit-normal steps left x̂₀ at t ≥ 0.9 pure noise (docs/pretraining.md).
             timesteps: TimestepSampling::Uniform,
+            timestep_tail: TimestepTail::default(),
             checkpoint_every: 100,
             keep_last: 0,
             keep_every: 0,
@@ -306,6 +353,16 @@ impl PretrainConfig {
             && !(shift.is_finite() && shift > 0.0)
         {
             return Err(invalid("timesteps", "shifted needs a positive, finite shift"));
+        }
+        let tail = self.timestep_tail;
+        if !(0.0..=1.0).contains(&tail.fraction) {
+            return Err(invalid("timestep_tail.fraction", "must be in [0, 1] (0 = no tail)"));
+        }
+        if !(0.0..1.0).contains(&tail.from) {
+            return Err(invalid(
+                "timestep_tail.from",
+                "must be in [0, 1): the tail draws t uniformly from (from, 1]",
+            ));
         }
         SynthConfig {
             items: 1,
@@ -645,7 +702,13 @@ impl Pretrainer {
         }
         let mut rng = stream_rng(self.cfg.seed, STREAM_NOISE, step);
         let b = items.len();
-        let ts: Vec<f32> = (0..b).map(|_| self.cfg.timesteps.draw(&mut rng)).collect();
+        let mut tail_rng = stream_rng(self.cfg.seed, STREAM_TIMESTEP_TAIL, step);
+        let ts: Vec<f32> = (0..b)
+            .map(|_| {
+                let t = self.cfg.timesteps.draw(&mut rng);
+                self.cfg.timestep_tail.apply(t, &mut tail_rng)
+            })
+            .collect();
         if let Some(w) = batch.weights.take() {
             let max_t = self.cfg.subject_weight_max_t;
             batch.weights = Some(if ts.iter().all(|&t| t <= max_t) {
@@ -1166,6 +1229,83 @@ mod tests {
         assert!(shifted.iter().all(|t| (0.0..=1.0).contains(t)));
         assert!((above(&uniform) - 0.1).abs() < 0.01, "{}", above(&uniform));
         assert!((above(&shifted) - 0.25).abs() < 0.01, "{}", above(&shifted));
+    }
+
+    /// The tail: off, it returns the draw untouched (so runs without it draw what they drew); at fraction 0.2 from
+    /// 0.9, logit-normal(0.8, 0.8)'s share above t = 0.97 (P(z > (logit 0.97 − 0.8) / 0.8) = 0.041 %) becomes
+    /// 0.8 · 0.041 % + 0.2 · 0.3 = 6.03 %, every tail draw lies in (0.9, 1], and bad fields are named.
+    #[test]
+    fn timestep_tail_trains_next_to_pure_noise() {
+        let kind = TimestepSampling::LogitNormal { mean: 0.8, std: 0.8 };
+        let draws = |tail: TimestepTail| {
+            let mut rng = stream_rng(5, STREAM_NOISE, 1);
+            let mut tail_rng = stream_rng(5, STREAM_TIMESTEP_TAIL, 1);
+            (0..40_000)
+                .map(|_| tail.apply(kind.draw(&mut rng), &mut tail_rng))
+                .collect::<Vec<f32>>()
+        };
+        let plain = {
+            let mut rng = stream_rng(5, STREAM_NOISE, 1);
+            (0..40_000).map(|_| kind.draw(&mut rng)).collect::<Vec<f32>>()
+        };
+        assert_eq!(draws(TimestepTail::default()), plain);
+        let tailed = draws(TimestepTail {
+            fraction: 0.2,
+            from: 0.9,
+        });
+        let above = |v: &[f32], x: f32| v.iter().filter(|&&t| t > x).count() as f64 / v.len() as f64;
+        assert!(
+            (above(&plain, 0.97) - 0.00041).abs() < 0.0003,
+            "{}",
+            above(&plain, 0.97)
+        );
+        assert!(
+            (above(&tailed, 0.97) - 0.0603).abs() < 0.004,
+            "{}",
+            above(&tailed, 0.97)
+        );
+        assert!(tailed.iter().all(|t| (0.0..=1.0).contains(t)));
+        // Each draw is its own or lies in the tail's range.
+        let moved: Vec<f32> = tailed
+            .iter()
+            .zip(&plain)
+            .filter(|(a, b)| a != b)
+            .map(|(a, _)| *a)
+            .collect();
+        assert!(moved.iter().all(|&t| t > 0.9 && t <= 1.0));
+        assert!((moved.len() as f64 / 40_000.0 - 0.2).abs() < 0.01, "{}", moved.len());
+        for (tail, field) in [
+            (
+                TimestepTail {
+                    fraction: 1.5,
+                    from: 0.9,
+                },
+                "timestep_tail.fraction",
+            ),
+            (
+                TimestepTail {
+                    fraction: 0.2,
+                    from: 1.0,
+                },
+                "timestep_tail.from",
+            ),
+        ] {
+            let bad = PretrainConfig {
+                timestep_tail: tail,
+                ..PretrainConfig::default()
+            };
+            assert!(bad.validate().is_err_and(|e| e.to_string().contains(field)), "{field}");
+        }
+        let set = PretrainConfig::default()
+            .with_overrides(&["timestep_tail.fraction=0.2".into(), "timestep_tail.from=0.9".into()])
+            .map(|c| c.timestep_tail);
+        assert_eq!(
+            set.ok(),
+            Some(TimestepTail {
+                fraction: 0.2,
+                from: 0.9
+            })
+        );
     }
 
     /// The weighted loss on hand-computed numbers: errors 1, 2, 3, 4 with weights 1, 1, 3, 3 give

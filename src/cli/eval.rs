@@ -26,6 +26,10 @@ pub struct ModelArgs {
     /// A base alone (default: the bundled tiny base).
     #[command(flatten)]
     backbone: BackboneArgs,
+    /// Autoguidance's guide model: a weaker base of the same kind (an earlier checkpoint's export, a smaller
+    /// model), loaded beside the model; used when --guide-scale ≠ 1 (docs/eval.md).
+    #[arg(long, value_name = "FILE")]
+    guide: Option<PathBuf>,
 }
 
 /// Sampler options shared by eval and sample. Each one not given is what the base file recommends
@@ -51,6 +55,10 @@ pub struct SamplerArgs {
     /// Fresh noise put back at each step, 0–1 (0 = the Euler ODE; 1 = diffusers' stochastic_sampling).
     #[arg(long, default_value_t = SampleSettings::default().stochasticity)]
     stochastic: f32,
+    /// Autoguidance scale, 1 = off: the prediction pushed away from the --guide model's by this factor (one more
+    /// forward a step) [default: 1].
+    #[arg(long)]
+    guide_scale: Option<f32>,
 }
 
 impl SamplerArgs {
@@ -67,6 +75,7 @@ impl SamplerArgs {
             cfg_scale: self.cfg.unwrap_or(s.cfg_scale),
             shift: self.shift.unwrap_or(s.shift),
             reference_cfg_scale: self.ref_cfg.unwrap_or(s.reference_cfg_scale),
+            autoguidance_scale: self.guide_scale.unwrap_or(s.autoguidance_scale),
             ..s
         }
     }
@@ -129,6 +138,19 @@ pub struct EvalArgs {
 
 /// Loads the model named by `args` on the device its settings name, and a name for reports.
 pub fn load_model(args: &ModelArgs) -> anyhow::Result<(BaseModel, String)> {
+    let (base, name) = load_main_model(args)?;
+    let Some(path) = &args.guide else {
+        return Ok((base, name));
+    };
+    let guide = BaseModel::load_file(path, base.mmdit.device())
+        .with_context(|| format!("--guide {}: cannot load the guide model", path.display()))?;
+    let base = base
+        .with_guide(guide)
+        .with_context(|| format!("--guide {}", path.display()))?;
+    Ok((base, format!("{name}, guided by {}", path.display())))
+}
+
+fn load_main_model(args: &ModelArgs) -> anyhow::Result<(BaseModel, String)> {
     if let Some(run) = &args.run {
         let cfg: focusdpo::train::RunConfig = focusdpo::train::run_store::read_config(run)?;
         let device = cfg.model.device()?;

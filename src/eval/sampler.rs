@@ -51,6 +51,12 @@ pub struct SampleSettings {
     /// `FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)`, which re-noises `x̂₀` to the next level.
     #[serde(default)]
     pub stochasticity: f32,
+    /// Autoguidance (Karras et al. 2024): `v ← v + (w − 1)·(v_main(c) − v_guide(c))`, the main model's conditional
+    /// prediction pushed away from a weaker model's ([`BaseModel::guide`]) under the same prompt and references, on
+    /// top of whatever CFG makes of `v`. With CFG and reference CFG at 1 it is the paper's
+    /// `v_guide + w·(v_main − v_guide)`. 1 = off (no extra forward); ≠ 1 needs a guide.
+    #[serde(default = "no_reference_guidance")]
+    pub autoguidance_scale: f32,
 }
 
 fn no_reference_guidance() -> f32 {
@@ -72,6 +78,7 @@ impl Default for SampleSettings {
             distilled_guidance: default_distilled_guidance(),
             reference_cfg_scale: no_reference_guidance(),
             stochasticity: 0.0,
+            autoguidance_scale: no_reference_guidance(),
         }
     }
 }
@@ -105,6 +112,12 @@ impl SampleSettings {
             return Err(EvalError::Invalid(format!(
                 "reference cfg scale {} must be ≥ 0",
                 self.reference_cfg_scale
+            )));
+        }
+        if !(self.autoguidance_scale.is_finite() && self.autoguidance_scale >= 0.0) {
+            return Err(EvalError::Invalid(format!(
+                "autoguidance scale {} must be ≥ 0",
+                self.autoguidance_scale
             )));
         }
         if !(self.shift.is_finite() && self.shift > 0.0) {
@@ -373,6 +386,21 @@ pub fn sample_observed(
     } else {
         None
     };
+    // Autoguidance's guide, conditioned as the main model's conditional branch (its own prompt tables).
+    let guide = if settings.autoguidance_scale != 1.0 {
+        let g = base.guide.as_deref().ok_or_else(|| {
+            EvalError::Invalid(format!(
+                "autoguidance scale {} needs a guide model (`--guide FILE`: a weaker base of the same kind); \
+                 1 turns autoguidance off",
+                settings.autoguidance_scale
+            ))
+        })?;
+        g.check_parameterisation(settings.parameterisation)
+            .map_err(|e| EvalError::Invalid(format!("guide model: {e}")))?;
+        Some((g, conditioning(g, request, settings, b, false, &device)?))
+    } else {
+        None
+    };
     let n = cond.grid.0 * cond.grid.1;
     base.mmdit
         .check_memory(
@@ -380,7 +408,7 @@ pub fn sample_observed(
             0,
             crate::model::memory::Workload {
                 with_grad: 0,
-                without_grad: if guided { 2 * b } else { b },
+                without_grad: if guided { 2 * b } else { b } + if guide.is_some() { b } else { 0 },
                 target_tokens: n,
                 reference_tokens: cond
                     .refs
@@ -433,20 +461,30 @@ pub fn sample_observed(
         let x_in = if guided { Tensor::cat(&[x, x], 0)? } else { x.clone() };
         let timesteps = Tensor::from_vec(vec![model_t; rows], rows, &device)?;
         let pred = forward(base, &cond, settings, &x_in, &timesteps, adapters)?;
-        if !guided {
-            return Ok(pred);
-        }
-        let cond_pred = pred.narrow(0, 0, b)?;
-        let uncond = pred.narrow(0, b, b)?;
-        let text_guided = (&uncond + ((cond_pred - &uncond)? * f64::from(settings.cfg_scale))?)?;
-        let Some(bare) = &bare else {
-            return Ok(text_guided);
+        let cond_pred = if guided { pred.narrow(0, 0, b)? } else { pred.clone() };
+        let mut v = if guided {
+            let uncond = pred.narrow(0, b, b)?;
+            let text_guided = (&uncond + ((&cond_pred - &uncond)? * f64::from(settings.cfg_scale))?)?;
+            match &bare {
+                Some(bare) => {
+                    let timesteps = Tensor::from_vec(vec![model_t; b], b, &device)?;
+                    let none = forward(base, bare, settings, x, &timesteps, adapters)?;
+                    // v(∅,∅) + s_ref·(v(∅,refs) − v(∅,∅)) + s_txt·(v(prompt,refs) − v(∅,refs))
+                    //   = text_guided + (s_ref − 1)·(v(∅,refs) − v(∅,∅))
+                    (text_guided + ((uncond - none)? * f64::from(settings.reference_cfg_scale - 1.0))?)?
+                }
+                None => text_guided,
+            }
+        } else {
+            pred
         };
-        let timesteps = Tensor::from_vec(vec![model_t; b], b, &device)?;
-        let none = forward(base, bare, settings, x, &timesteps, adapters)?;
-        // v(∅,∅) + s_ref·(v(∅,refs) − v(∅,∅)) + s_txt·(v(prompt,refs) − v(∅,refs))
-        //   = text_guided + (s_ref − 1)·(v(∅,refs) − v(∅,∅))
-        Ok((text_guided + ((uncond - none)? * f64::from(settings.reference_cfg_scale - 1.0))?)?)
+        if let Some((g, g_cond)) = &guide {
+            let timesteps = Tensor::from_vec(vec![model_t; b], b, &device)?;
+            // The guide is a plain base: no LoRA of the run is attached to it.
+            let weak = forward(g, g_cond, settings, x, &timesteps, Adapters::Off)?;
+            v = (v + ((cond_pred - weak)? * f64::from(settings.autoguidance_scale - 1.0))?)?;
+        }
+        Ok(v)
     };
     let decode_all = |x: &Tensor| -> Result<Vec<RgbImage>, EvalError> {
         (0..b)
@@ -597,6 +635,78 @@ mod tests {
             ..settings
         };
         assert!(sample(&base, &req, &bad, &[5], Adapters::Off).is_err());
+        Ok(())
+    }
+
+    /// Autoguidance by hand: one Euler step from t = 1 with prompt CFG 2 and guide scale 3 is
+    /// `v = v(∅) + 2·(v(c) − v(∅)) + (3 − 1)·(v(c) − v_guide(c))`; without CFG it is the paper's
+    /// `v_guide + 3·(v − v_guide)`. A guide identical to the model changes nothing, a scale without a guide is refused
+    /// naming the flag, and a guide of another token size is refused when attached.
+    #[test]
+    fn autoguidance_pushes_away_from_the_guide() -> Result<(), EvalError> {
+        let guide = BaseModel::random(&Config::micro(), 4, 11, &Device::Cpu).expect("guide");
+        let base = tiny_base()
+            .with_guide(guide.clone())
+            .map_err(|e| EvalError::Invalid(e.to_string()))?;
+        let refs = [gradient_reference()];
+        let req = request("a red ball", &refs);
+        let dev = Device::Cpu;
+        let (grid, n, c) = token_grid(&base, 32)?;
+        let noise = Tensor::from_vec(normal_vec(&mut stream_rng(5, STREAM_SAMPLE, 0), n * c), (1, n, c), &dev)?;
+        let t = Tensor::new(&[1f32], &dev)?;
+        let settings = SampleSettings {
+            steps: 1,
+            cfg_scale: 2.0,
+            autoguidance_scale: 3.0,
+            ..SampleSettings::default()
+        };
+        let branch = |model: &BaseModel, prompt: &str| {
+            let r = SampleRequest {
+                prompt,
+                references: &refs,
+                size_px: (32, 32),
+            };
+            predict_conditioned(model, &r, &settings, &noise, &t, Adapters::Off)
+        };
+        let (full, no_prompt, weak) = (
+            branch(&base, "a red ball")?,
+            branch(&base, "")?,
+            branch(&guide, "a red ball")?,
+        );
+        let image_of = |v: Tensor| -> Result<RgbImage, EvalError> {
+            base.codec
+                .decode(&(&noise - v)?, grid)
+                .map_err(|e| EvalError::Invalid(e.to_string()))
+        };
+        let close = |a: &RgbImage, b: &RgbImage| a.as_raw().iter().zip(b.as_raw()).all(|(x, y)| x.abs_diff(*y) <= 1);
+        let with_cfg = ((&no_prompt + ((&full - &no_prompt)? * 2.0)?)? + ((&full - &weak)? * 2.0)?)?;
+        let guided = sample(&base, &req, &settings, &[5], Adapters::Off)?;
+        assert!(close(&guided[0], &image_of(with_cfg)?));
+        let pure = SampleSettings {
+            cfg_scale: 1.0,
+            ..settings
+        };
+        let expected = (&weak + ((&full - &weak)? * 3.0)?)?;
+        let pure_images = sample(&base, &req, &pure, &[5], Adapters::Off)?;
+        assert!(close(&pure_images[0], &image_of(expected)?));
+        let unguided = SampleSettings {
+            autoguidance_scale: 1.0,
+            ..pure
+        };
+        assert_ne!(pure_images, sample(&base, &req, &unguided, &[5], Adapters::Off)?);
+        // A guide equal to the model: v(c) − v_guide(c) = 0.
+        let itself = tiny_base()
+            .with_guide(tiny_base())
+            .map_err(|e| EvalError::Invalid(e.to_string()))?;
+        assert_eq!(
+            sample(&itself, &req, &pure, &[5], Adapters::Off)?,
+            sample(&itself, &req, &unguided, &[5], Adapters::Off)?
+        );
+        let err = sample(&tiny_base(), &req, &pure, &[5], Adapters::Off).expect_err("no guide");
+        assert!(err.to_string().contains("--guide"), "{err}");
+        let other_patch = BaseModel::random(&Config::micro(), 2, 3, &Device::Cpu).expect("2 px a token");
+        let err = tiny_base().with_guide(other_patch).expect_err("another token size");
+        assert!(err.to_string().contains("px per token"), "{err}");
         Ok(())
     }
 

@@ -233,6 +233,9 @@ pub enum BaseError {
     /// A FLUX text encoder cannot be loaded or does not fit the MMDiT.
     #[error("text encoder: {0}")]
     TextEncoder(Box<LoadError>),
+    /// An autoguidance guide that does not fit the main model (what differs is named).
+    #[error("guide model: {0}")]
+    Guide(String),
 }
 
 impl From<CodecError> for BaseError {
@@ -269,6 +272,10 @@ pub struct BaseModel {
     pub train_guidance: f32,
     /// The sampler settings the file recommends (`focusdpo.sampling` in its metadata; empty without).
     pub sampling: RecommendedSampling,
+    /// Autoguidance's guide (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself"): a weaker
+    /// model of the same kind (fewer steps, smaller), used by the sampler when
+    /// [`crate::eval::sampler::SampleSettings::autoguidance_scale`] ≠ 1. Attached with [`Self::with_guide`].
+    pub guide: Option<std::sync::Arc<BaseModel>>,
 }
 
 /// Reads a base LoRA file (x-flux naming, UNO's `dit_lora.safetensors`) for a model of config `cfg`: its updates,
@@ -505,6 +512,7 @@ impl BaseModel {
             source,
             train_guidance: 1.0,
             sampling: RecommendedSampling::default(),
+            guide: None,
         })
     }
 
@@ -573,6 +581,38 @@ impl BaseModel {
             );
         }
         Ok(())
+    }
+
+    /// Attaches `guide` as autoguidance's guide model ([`Self::guide`]). It must read and write the same tokens:
+    /// the same pixels per token and channels, and a device of the same kind. Its width, depth, training and
+    /// `model.prediction` may differ (both return a velocity).
+    pub fn with_guide(mut self, guide: BaseModel) -> Result<Self, BaseError> {
+        let (main, g) = (self.config(), guide.config());
+        if guide.pixels_per_token() != self.pixels_per_token() {
+            return Err(BaseError::Guide(format!(
+                "{} px per token, the model {}: both must tokenise images alike",
+                guide.pixels_per_token(),
+                self.pixels_per_token()
+            )));
+        }
+        if g.in_channels != main.in_channels {
+            return Err(BaseError::Guide(format!(
+                "{} channels per token, the model {}",
+                g.in_channels, main.in_channels
+            )));
+        }
+        if guide.text_conditioner().is_none() {
+            return Err(BaseError::Guide(
+                "it has no text encoder (prompt tables or T5/CLIP)".into(),
+            ));
+        }
+        if !guide.mmdit.device().same_device(self.mmdit.device()) {
+            return Err(BaseError::Guide(
+                "it was loaded on another device than the model".into(),
+            ));
+        }
+        self.guide = Some(std::sync::Arc::new(guide));
+        Ok(self)
     }
 
     /// Image pixels per token side: the token stride of every mask (4 for the tiny base, 16 for FLUX).

@@ -182,6 +182,37 @@ fn eval_then_report_compares_a_base_with_a_run() {
     assert!(md.contains("| metric | base (n=1) | dpo (n=2) |"), "{md}");
     assert!(md.contains("single: identity sim ↑"), "{md}");
     assert!(md.contains("implicit acc."), "{md}");
+    // Without a FocusDPO group there is no claim to check.
+    assert!(!md.contains("The paper's claim"), "{md}");
+
+    // FocusDPO "runs" that are copies of the DPO runs: every FocusDPO − DPO difference is 0, so the strict link
+    // (FocusDPO > DPO) holds nowhere and no metric's claim is reproduced; the groups can be renamed.
+    let mut argv = vec!["report", base_eval.to_str().expect("utf-8")];
+    let mut copies = Vec::new();
+    for (k, run) in runs.iter().enumerate() {
+        let copy = dir.path().join(format!("mine-s{}", k + 1));
+        std::fs::create_dir_all(copy.join("eval")).expect("mkdir");
+        let run = std::path::Path::new(run);
+        std::fs::copy(run.join("eval/eval.json"), copy.join("eval/eval.json")).expect("copy eval.json");
+        std::fs::copy(run.join("metrics.jsonl"), copy.join("metrics.jsonl")).expect("copy metrics");
+        copies.push(copy.to_str().expect("utf-8").to_string());
+    }
+    argv.extend(runs.iter().map(String::as_str));
+    argv.extend(copies.iter().map(String::as_str));
+    argv.extend(["--out", table.to_str().expect("utf-8"), "--claim", "base,sft,dpo,mine"]);
+    let out = focusdpo(&argv);
+    assert!(out.status.success(), "{}", text(&out));
+    let md = std::fs::read_to_string(&table).expect("table");
+    assert!(md.contains("### The paper's claim: mine > dpo ≥ sft ≥ base"), "{md}");
+    let row = md
+        .lines()
+        .find(|l| l.starts_with("| single: identity sim ↑ | +0.0"))
+        .unwrap_or_else(|| panic!("{md}"));
+    assert!(row.ends_with("(not worse) | – | – | not shown |"), "{row}");
+    assert!(md.contains("Reproduced on 0 of "), "{md}");
+    let out = focusdpo(&["report", base_eval.to_str().expect("utf-8"), "--claim", "base,dpo"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("give four group names"), "{}", text(&out));
 
     // A folder with neither an eval nor metrics is an error naming it.
     let empty = dir.path().join("empty");

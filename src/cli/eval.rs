@@ -7,6 +7,7 @@ use anyhow::{Context, bail};
 use candle_core::Device;
 use clap::Args;
 use focusdpo::eval::benchmark::{BenchmarkConfig, ExtraEmbedders, SubjectCrop, report_markdown, run_benchmark};
+use focusdpo::eval::claim::{ClaimGroups, check_claim, claim_markdown};
 use focusdpo::eval::dreambench::{DreamBenchConfig, dreambench_markdown, read_dreambench, run_dreambench};
 use focusdpo::eval::pretrained::{ClipEmbedder, ClipModelConfig, DinoV2Config, DinoV2Embedder};
 use focusdpo::eval::sampler::{InitImage, SampleRequest, SampleSettings, TrajectoryStep, sample_from, sample_observed};
@@ -447,6 +448,24 @@ pub struct ReportArgs {
     /// Also write every run's metrics and the group summaries as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// The groups the paper's claim (FocusDPO > DPO ≥ SFT ≥ base, larger gain multi-subject) is checked on, in
+    /// that order: BASE,SFT,DPO,FOCUS. The check is added when the DPO and FocusDPO groups are present.
+    #[arg(long, value_name = "BASE,SFT,DPO,FOCUS", default_value = "base,sft,dpo,focus-dpo", value_parser = parse_claim_groups)]
+    claim: ClaimGroups,
+}
+
+fn parse_claim_groups(text: &str) -> Result<ClaimGroups, String> {
+    match text.split(',').map(str::trim).collect::<Vec<_>>()[..] {
+        [base, sft, dpo, focus] if [base, sft, dpo, focus].iter().all(|g| !g.is_empty()) => Ok(ClaimGroups {
+            base: base.into(),
+            sft: sft.into(),
+            dpo: dpo.into(),
+            focus: focus.into(),
+        }),
+        _ => Err(format!(
+            "`{text}`: give four group names, BASE,SFT,DPO,FOCUS (e.g. base,sft,dpo,focus-dpo)"
+        )),
+    }
 }
 
 /// One path's metrics: benchmark values if an eval.json is there (or in eval/), training values if a
@@ -499,18 +518,23 @@ pub fn run_report(args: &ReportArgs) -> anyhow::Result<()> {
         .map(|p| run_metrics(p))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let groups = aggregate(&runs);
-    let md = format!(
+    let claim = check_claim(&runs, &args.claim);
+    let mut md = format!(
         "{}\nmean ± 95 % CI half-width over the runs of each group (Student t); **bold** = best mean. Training \
          columns: the last 20 % of steps.\n",
         comparison_markdown(&groups)
     );
+    if let Some(claim) = &claim {
+        md.push('\n');
+        md.push_str(&claim_markdown(claim));
+    }
     println!("{md}");
     if let Some(out) = &args.out {
         focusdpo::store::write_atomic(out, md.as_bytes())
             .with_context(|| format!("{}: cannot write", out.display()))?;
     }
     if let Some(out) = &args.json {
-        let json = serde_json::to_vec_pretty(&serde_json::json!({ "runs": runs, "groups": groups }))?;
+        let json = serde_json::to_vec_pretty(&serde_json::json!({ "runs": runs, "groups": groups, "claim": claim }))?;
         focusdpo::store::write_atomic(out, &json).with_context(|| format!("{}: cannot write", out.display()))?;
     }
     Ok(())

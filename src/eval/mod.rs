@@ -2,6 +2,7 @@
 //! DINOv2 / CLIP from user-given weights) and the metrics of the paper and of the synthetic benchmark.
 
 pub mod benchmark;
+pub mod claim;
 pub mod denoise;
 pub mod dinov2;
 pub mod dreambench;

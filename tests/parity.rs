@@ -86,6 +86,7 @@ fn the_mmdit_equals_diffusers_flux_transformer_with_uno_references() {
             y: &t["input.y"],
             guidance: Some(&t["input.guidance"]),
             references: &refs,
+            self_condition: None,
         };
         let pred = model
             .forward_with(&input, ForwardOptions::default())

@@ -218,10 +218,11 @@ pub fn predict_conditioned(
 ) -> Result<Tensor, EvalError> {
     let device = base.mmdit.device().clone();
     let cond = conditioning(base, request, settings, x_t.dim(0)?, false, &device)?;
-    forward(base, &cond, settings, x_t, model_t, adapters)
+    forward(base, &cond, settings, x_t, model_t, adapters, None)
 }
 
 /// One forward on `x` (as many rows as `cond` was built for) at per-row model times; the detached prediction.
+/// `estimate` is the previous step's `x̂₀` for a self-conditioned base (ignored by one without it; `None` = 0).
 fn forward(
     base: &BaseModel,
     cond: &Conditioning,
@@ -229,6 +230,7 @@ fn forward(
     x: &Tensor,
     model_t: &Tensor,
     adapters: Adapters,
+    estimate: Option<&Tensor>,
 ) -> Result<Tensor, EvalError> {
     let guidance = base.guidance_tensor(settings.distilled_guidance, x.dim(0)?)?;
     let references: Vec<Reference<'_>> = cond
@@ -245,6 +247,7 @@ fn forward(
         y: &cond.y,
         guidance: guidance.as_ref(),
         references: &references,
+        self_condition: estimate.filter(|_| base.config().self_condition),
     };
     let out = base.mmdit.forward_with(
         &input,
@@ -456,11 +459,17 @@ pub fn sample_observed(
         let t = f64::from(ts[0]);
         x = ((x0 * (1.0 - t))? + (x * t)?)?;
     }
-    let predict = |x: &Tensor, model_t: f32| -> Result<Tensor, EvalError> {
+    // Self-conditioning (a base with `self_condition`): every branch of a step gets the previous step's guided
+    // `x̂₀`, the first step none.
+    let predict = |x: &Tensor, model_t: f32, estimate: Option<&Tensor>| -> Result<Tensor, EvalError> {
         let rows = if guided { 2 * b } else { b };
         let x_in = if guided { Tensor::cat(&[x, x], 0)? } else { x.clone() };
+        let estimate_in = match estimate {
+            Some(e) if guided => Some(Tensor::cat(&[e, e], 0)?),
+            other => other.cloned(),
+        };
         let timesteps = Tensor::from_vec(vec![model_t; rows], rows, &device)?;
-        let pred = forward(base, &cond, settings, &x_in, &timesteps, adapters)?;
+        let pred = forward(base, &cond, settings, &x_in, &timesteps, adapters, estimate_in.as_ref())?;
         let cond_pred = if guided { pred.narrow(0, 0, b)? } else { pred.clone() };
         let mut v = if guided {
             let uncond = pred.narrow(0, b, b)?;
@@ -468,7 +477,7 @@ pub fn sample_observed(
             match &bare {
                 Some(bare) => {
                     let timesteps = Tensor::from_vec(vec![model_t; b], b, &device)?;
-                    let none = forward(base, bare, settings, x, &timesteps, adapters)?;
+                    let none = forward(base, bare, settings, x, &timesteps, adapters, estimate)?;
                     // v(∅,∅) + s_ref·(v(∅,refs) − v(∅,∅)) + s_txt·(v(prompt,refs) − v(∅,refs))
                     //   = text_guided + (s_ref − 1)·(v(∅,refs) − v(∅,∅))
                     (text_guided + ((uncond - none)? * f64::from(settings.reference_cfg_scale - 1.0))?)?
@@ -481,7 +490,7 @@ pub fn sample_observed(
         if let Some((g, g_cond)) = &guide {
             let timesteps = Tensor::from_vec(vec![model_t; b], b, &device)?;
             // The guide is a plain base: no LoRA of the run is attached to it.
-            let weak = forward(g, g_cond, settings, x, &timesteps, Adapters::Off)?;
+            let weak = forward(g, g_cond, settings, x, &timesteps, Adapters::Off, estimate)?;
             v = (v + ((cond_pred - weak)? * f64::from(settings.autoguidance_scale - 1.0))?)?;
         }
         Ok(v)
@@ -505,19 +514,24 @@ pub fn sample_observed(
         }
         Ok(())
     };
+    let self_conditioned = base.config().self_condition;
+    let mut estimate: Option<Tensor> = None;
     match settings.parameterisation {
         Parameterisation::RectifiedFlow => {
             let eta = f64::from(settings.stochasticity);
             for (i, w) in ts.windows(2).enumerate() {
-                let v = predict(&x, w[0])?;
+                let v = predict(&x, w[0], estimate.as_ref())?;
                 let (t, next) = (f64::from(w[0]), f64::from(w[1]));
-                report(t, &x, &(&x - (&v * t)?)?)?;
+                let x0 = (&x - (&v * t)?)?;
+                report(t, &x, &x0)?;
+                if self_conditioned {
+                    estimate = Some(x0.clone());
+                }
                 if eta == 0.0 || next == 0.0 {
                     // dx/dt = v = ε − x0, integrated from t = 1 (noise) to 0 (image).
                     x = (x + (v * (next - t))?)?;
                     continue;
                 }
-                let x0 = (&x - (&v * t)?)?;
                 let eps = (&x + (&v * (1.0 - t))?)?;
                 let mixed = ((eps * (1.0 - eta * eta).sqrt())? + (noise(i as u64 + 1)? * eta)?)?;
                 x = ((x0 * (1.0 - next))? + (mixed * next)?)?;
@@ -528,11 +542,14 @@ pub fn sample_observed(
             let steps = ddim_steps(settings.steps);
             for (i, &t) in steps.iter().enumerate() {
                 let mt = model_time(Parameterisation::Epsilon, &[t as f32], &device)?.to_vec1::<f32>()?[0];
-                let eps = predict(&x, mt)?;
+                let eps = predict(&x, mt, estimate.as_ref())?;
                 let a = abar[t];
                 let a_prev = steps.get(i + 1).map_or(1.0, |&p| abar[p]);
                 let x0 = ((&x - (&eps * (1.0 - a).sqrt())?)? / a.sqrt())?;
                 report(t as f64 / 1000.0, &x, &x0)?;
+                if self_conditioned {
+                    estimate = Some(x0.clone());
+                }
                 x = ((x0 * a_prev.sqrt())? + (eps * (1.0 - a_prev).sqrt())?)?;
             }
         }
@@ -635,6 +652,44 @@ mod tests {
             ..settings
         };
         assert!(sample(&base, &req, &bad, &[5], Adapters::Off).is_err());
+        Ok(())
+    }
+
+    /// Self-conditioning by hand, two Euler steps: the first forward gets no estimate, the second the first's
+    /// `x̂₀ = x − t·v`; leaving the estimate out of the second gives another image.
+    #[test]
+    fn a_self_conditioned_base_gets_the_previous_steps_estimate() -> Result<(), EvalError> {
+        let cfg = Config {
+            self_condition: true,
+            ..Config::micro()
+        };
+        let base = base_of(&cfg);
+        let req = request("a red ball", &[]);
+        let settings = SampleSettings {
+            steps: 2,
+            cfg_scale: 1.0,
+            ..SampleSettings::default()
+        };
+        let dev = Device::Cpu;
+        let (grid, n, c) = token_grid(&base, 32)?;
+        let noise = Tensor::from_vec(normal_vec(&mut stream_rng(5, STREAM_SAMPLE, 0), n * c), (1, n, c), &dev)?;
+        let ts = flow_time_grid(2, settings.shift);
+        let cond = conditioning(&base, &req, &settings, 1, false, &dev)?;
+        let at = |t: f32| Tensor::from_vec(vec![t], 1, &dev);
+        let v1 = forward(&base, &cond, &settings, &noise, &at(ts[0])?, Adapters::Off, None)?;
+        let x0 = (&noise - (&v1 * f64::from(ts[0]))?)?;
+        let x1 = (&noise + (&v1 * f64::from(ts[1] - ts[0]))?)?;
+        let end = |estimate: Option<&Tensor>| -> Result<RgbImage, EvalError> {
+            let v2 = forward(&base, &cond, &settings, &x1, &at(ts[1])?, Adapters::Off, estimate)?;
+            let x = (&x1 + (v2 * f64::from(ts[2] - ts[1]))?)?;
+            base.codec
+                .decode(&x, grid)
+                .map_err(|e| EvalError::Invalid(e.to_string()))
+        };
+        let close = |a: &RgbImage, b: &RgbImage| a.as_raw().iter().zip(b.as_raw()).all(|(x, y)| x.abs_diff(*y) <= 1);
+        let got = sample(&base, &req, &settings, &[5], Adapters::Off)?;
+        assert!(close(&got[0], &end(Some(&x0))?));
+        assert!(!close(&got[0], &end(None)?), "the estimate changes the image");
         Ok(())
     }
 

@@ -38,6 +38,12 @@ pub struct Config {
     /// from FLUX's parameters and from files written before it existed: velocity.
     #[serde(default, skip_serializing_if = "Prediction::is_velocity")]
     pub prediction: Prediction,
+    /// Self-conditioning (Chen, Zhang & Hinton, "Analog Bits", 2022): the target tokens also receive the model's
+    /// previous estimate of the clean image through `self_cond_in` (`[H, C]`, no bias, zero-initialised so that
+    /// adding it to a trained base changes nothing). Not part of FLUX or UNO; absent from files written before it
+    /// existed: off.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub self_condition: bool,
 }
 
 /// Smallest `t` that [`Prediction::Sample`] divides by: `v̂ = (x_t − x̂₀) / max(t, SAMPLE_PREDICTION_T_MIN)`
@@ -131,6 +137,7 @@ impl Config {
             qkv_bias: true,
             guidance_embed: true,
             prediction: Prediction::Velocity,
+            self_condition: false,
         }
     }
 
@@ -151,6 +158,7 @@ impl Config {
             qkv_bias: true,
             guidance_embed: false,
             prediction: Prediction::Velocity,
+            self_condition: false,
         }
     }
 
@@ -266,8 +274,15 @@ pub fn expected_tensor_shapes(cfg: &Config) -> Vec<(String, Vec<usize>)> {
     linear("final_layer.linear", h, cfg.in_channels, true);
     linear("final_layer.adaLN_modulation.1", h, 2 * h, true);
     out.extend(norms.into_iter().map(|name| (name, vec![dh])));
+    // Last, so that the other tensors of a random init are drawn as they are without it.
+    if cfg.self_condition {
+        out.push((format!("{SELF_COND_IN}.weight"), vec![h, cfg.in_channels]));
+    }
     out
 }
+
+/// The projection of the self-conditioning estimate ([`Config::self_condition`]).
+pub const SELF_COND_IN: &str = "self_cond_in";
 
 /// Total number of parameters of a model with config `cfg`.
 pub fn parameter_count(cfg: &Config) -> usize {

@@ -138,6 +138,7 @@ pub fn flux_layout_from_shapes(shapes: &HashMap<String, Vec<usize>>) -> Result<F
         qkv_bias: shapes.contains_key(&format!("{prefix}double_blocks.0.img_attn.qkv.bias")) || depth == 0,
         guidance_embed: shapes.contains_key(&format!("{prefix}guidance_in.in_layer.weight")),
         prediction: super::Prediction::Velocity,
+        self_condition: shapes.contains_key(&format!("{prefix}{}.weight", super::config::SELF_COND_IN)),
     };
     config.validate().map_err(|e| FluxShapeError::Sizes(e.to_string()))?;
     if config.mlp_hidden_dim() != mlp_hidden {
@@ -255,6 +256,7 @@ mod tests {
             qkv_bias: false,
             guidance_embed: true,
             prediction: crate::model::Prediction::Velocity,
+            self_condition: false,
         };
         assert_eq!(flux_axes_dim(32), [4, 14, 14]);
         assert_eq!(flux_axes_dim(128), [16, 56, 56]);

@@ -13,7 +13,7 @@ use candle_nn::VarBuilder;
 use thiserror::Error;
 
 use super::checkpoint;
-use super::config::{Config, ConfigError, Prediction, SAMPLE_PREDICTION_T_MIN, TIMESTEP_EMBED_DIM};
+use super::config::{Config, ConfigError, Prediction, SAMPLE_PREDICTION_T_MIN, SELF_COND_IN, TIMESTEP_EMBED_DIM};
 use super::linear::{Adapters, Linear};
 use super::rope::Rope;
 
@@ -427,6 +427,9 @@ pub struct MmditInput<'a> {
     /// In-context references, concatenated after the target tokens in this order. Each must have the target's
     /// batch size (UNO repeats a batch-1 reference; callers do that here, e.g. with `repeat`).
     pub references: &'a [Reference<'a>],
+    /// The previous estimate of the clean target `x̂₀` [B, N, in_channels] for a self-conditioned model
+    /// ([`Config::self_condition`]); `None` is the estimate 0 (the first sampling step, or a model without it).
+    pub self_condition: Option<&'a Tensor>,
 }
 
 /// Options of [`Mmdit::forward_with`].
@@ -465,6 +468,8 @@ pub struct ForwardOutput {
 pub struct Mmdit {
     cfg: Config,
     img_in: Linear,
+    /// [`Config::self_condition`]'s projection of `x̂₀`, added to the target tokens after `img_in`.
+    self_cond_in: Option<Linear>,
     txt_in: Linear,
     time_in: MlpEmbedder,
     vector_in: MlpEmbedder,
@@ -496,6 +501,11 @@ impl Mmdit {
         Ok(Self {
             cfg: cfg.clone(),
             img_in: Linear::load(cfg.in_channels, h, true, vb.pp("img_in"))?,
+            self_cond_in: if cfg.self_condition {
+                Some(Linear::load(cfg.in_channels, h, false, vb.pp(SELF_COND_IN))?)
+            } else {
+                None
+            },
             txt_in: Linear::load(cfg.context_in_dim, h, true, vb.pp("txt_in"))?,
             time_in: MlpEmbedder::load(TIMESTEP_EMBED_DIM, h, vb.pp("time_in"))?,
             vector_in: MlpEmbedder::load(cfg.vec_in_dim, h, vb.pp("vector_in"))?,
@@ -535,6 +545,7 @@ impl Mmdit {
             out.extend([&b.modulation.lin, &b.linear1, &b.linear2]);
         }
         out.extend([&self.final_layer.ada_ln, &self.final_layer.linear]);
+        out.extend(self.self_cond_in.as_ref());
         out
     }
 
@@ -584,6 +595,7 @@ impl Mmdit {
             out.extend([&mut b.modulation.lin, &mut b.linear1, &mut b.linear2]);
         }
         out.extend([&mut self.final_layer.ada_ln, &mut self.final_layer.linear]);
+        out.extend(self.self_cond_in.as_mut());
         out
     }
 
@@ -733,6 +745,32 @@ impl Mmdit {
 
         let ad = opts.adapters;
         let mut img = self.img_in.forward(&img_tokens.to_dtype(act)?, ad)?;
+        match (&self.self_cond_in, input.self_condition) {
+            (Some(sc_in), Some(x0)) => {
+                if x0.dims() != input.img.dims() {
+                    candle_core::bail!(
+                        "self-conditioning estimate has shape {:?}, the target tokens {:?}",
+                        x0.dims(),
+                        input.img.dims()
+                    );
+                }
+                // Only the target tokens carry the estimate; the references keep `img_in` alone.
+                let sc = sc_in.forward(&x0.to_dtype(act)?, ad)?;
+                img = if img.dim(1)? == n_target {
+                    (img + sc)?
+                } else {
+                    let rest = img.dim(1)? - n_target;
+                    Tensor::cat(
+                        &[(img.narrow(1, 0, n_target)? + sc)?, img.narrow(1, n_target, rest)?],
+                        1,
+                    )?
+                };
+            }
+            (None, Some(_)) => candle_core::bail!(
+                "a self-conditioning estimate was passed to a model without `self_condition` in its config"
+            ),
+            (_, None) => {}
+        }
         let mut txt = self.txt_in.forward(&input.txt.to_dtype(act)?, ad)?;
         let vec = self.conditioning(input, ad)?.to_dtype(act)?;
 
@@ -972,6 +1010,7 @@ mod tests {
                 y: &self.y,
                 guidance: None,
                 references: &references,
+                self_condition: None,
             };
             model.forward_with(&input, opts)
         }
@@ -1013,6 +1052,101 @@ mod tests {
                 assert!(max_abs(&out.prediction)? > 0.0);
             }
         }
+        Ok(())
+    }
+
+    /// Self-conditioning: with its projection at zero (a warm start) the model predicts what the same weights
+    /// without it do, estimate or not; with a projection `W` a constant estimate row `e` is `img_in`'s bias shifted
+    /// by `W·e` for the target tokens and not for the references. A model without it refuses an estimate, and one
+    /// of the wrong shape is refused.
+    #[test]
+    fn self_conditioning_adds_the_projected_estimate_to_the_target_tokens_only() -> Result<()> {
+        let plain_cfg = Config::micro();
+        let cfg = Config {
+            self_condition: true,
+            ..plain_cfg.clone()
+        };
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut weights = random_weights(&cfg, SEED, &Device::Cpu)?;
+        let plain_weights = random_weights(&plain_cfg, SEED, &Device::Cpu)?;
+        for (name, t) in &plain_weights {
+            assert_eq!(
+                weights[name].flatten_all()?.to_vec1::<f32>()?,
+                t.flatten_all()?.to_vec1::<f32>()?,
+                "{name}: drawn as without it"
+            );
+        }
+        let sc_name = format!("{SELF_COND_IN}.weight");
+        let projection = weights[&sc_name].clone();
+        weights.insert(sc_name.clone(), projection.zeros_like()?);
+        let zeroed = load_mmapped(&cfg, &weights, dir.path()).expect("loads");
+        let plain_dir = tempfile::tempdir().expect("temp dir");
+        let plain = load_mmapped(&plain_cfg, &plain_weights, plain_dir.path()).expect("loads");
+        let inputs = Inputs::new(&cfg, 2, 4, 1, SEED)?;
+        let refs = inputs.references();
+        let estimate = random_tensor(inputs.img.dims(), 1.0, SEED + 7, &Device::Cpu)?;
+        let with = |model: &Mmdit, e: Option<&Tensor>| -> Result<Tensor> {
+            let input = MmditInput {
+                img: &inputs.img,
+                img_ids: &inputs.img_ids,
+                txt: &inputs.txt,
+                txt_ids: &inputs.txt_ids,
+                timesteps: &inputs.t,
+                y: &inputs.y,
+                guidance: None,
+                references: &refs,
+                self_condition: e,
+            };
+            model.forward(&input)
+        };
+        let base = with(&plain, None)?;
+        assert_eq!(max_abs(&(with(&zeroed, Some(&estimate))? - &base)?)?, 0.0);
+        assert_eq!(max_abs(&(with(&zeroed, None)? - &base)?)?, 0.0);
+        assert!(
+            with(&plain, Some(&estimate)).is_err(),
+            "an estimate for a model without self-conditioning"
+        );
+        let bad = estimate.narrow(1, 0, 3)?;
+        assert!(with(&zeroed, Some(&bad)).is_err(), "an estimate of the wrong shape");
+
+        // A constant estimate row `e` adds `W·e` to every target token: without references, the same as the
+        // plain model with `img_in`'s bias shifted by `W·e`.
+        let dir2 = tempfile::tempdir().expect("temp dir");
+        weights.insert(sc_name, projection.clone());
+        let active = load_mmapped(&cfg, &weights, dir2.path()).expect("loads");
+        let row = random_tensor(&[cfg.in_channels], 1.0, SEED + 8, &Device::Cpu)?;
+        let constant = row
+            .reshape((1, 1, cfg.in_channels))?
+            .broadcast_as(inputs.img.dims())?
+            .contiguous()?;
+        let shift = projection.matmul(&row.reshape((cfg.in_channels, 1))?)?.flatten_all()?;
+        let mut shifted_weights = plain_weights.clone();
+        let bias = (&plain_weights["img_in.bias"] + shift)?;
+        shifted_weights.insert("img_in.bias".into(), bias);
+        let dir3 = tempfile::tempdir().expect("temp dir");
+        let shifted = load_mmapped(&plain_cfg, &shifted_weights, dir3.path()).expect("loads");
+        let bare = |model: &Mmdit, e: Option<&Tensor>| -> Result<Tensor> {
+            model.forward(&MmditInput {
+                img: &inputs.img,
+                img_ids: &inputs.img_ids,
+                txt: &inputs.txt,
+                txt_ids: &inputs.txt_ids,
+                timesteps: &inputs.t,
+                y: &inputs.y,
+                guidance: None,
+                references: &[],
+                self_condition: e,
+            })
+        };
+        let got = bare(&active, Some(&constant))?;
+        assert!(
+            max_abs(&(&got - bare(&plain, None)?)?)? > 1e-4,
+            "the estimate changes the prediction"
+        );
+        assert!(max_abs(&(&got - bare(&shifted, None)?)?)? < 1e-5);
+        // With references the shifted bias would reach them too; the estimate does not.
+        let with_refs = with(&active, Some(&constant))?;
+        assert!(max_abs(&(&with_refs - with(&shifted, None)?)?)? > 1e-4);
         Ok(())
     }
 
@@ -1669,6 +1803,7 @@ mod tests {
             y: &inputs.y,
             guidance: Some(&g),
             references: &[],
+            self_condition: None,
         };
         assert_eq!(model.forward(&input)?.dims(), inputs.img.dims());
         Ok(())

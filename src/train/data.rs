@@ -159,6 +159,7 @@ impl PreparedItem {
             y: &y,
             guidance: guidance.as_ref(),
             references: &references,
+            self_condition: None,
         };
         model.forward_with(&input, opts)
     }

@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dip::synth::{NegativeSource, SubjectCount, SynthConfig, SynthItem, synthesize_item};
 use crate::model::base::{META_CONFIG, META_PATCH, RecommendedSampling};
+use crate::model::config::SELF_COND_IN;
 use crate::model::encoder::{image_to_tensor, patchify, reference_at};
 use crate::model::schedule::{Parameterisation, add_noise, model_time, shift_time};
 use crate::model::testing::random_weights;
@@ -54,6 +55,7 @@ const STREAM_DATA: u64 = 0x5052_4554_0001;
 const STREAM_NOISE: u64 = 0x5052_4554_0002;
 const STREAM_REFERENCE_DROPOUT: u64 = 0x5052_4554_0003;
 const STREAM_TIMESTEP_TAIL: u64 = 0x5052_4554_0004;
+const STREAM_SELF_CONDITION: u64 = 0x5052_4554_0005;
 
 /// How many subjects the pretraining items have.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -217,6 +219,11 @@ pub struct PretrainConfig {
     /// off by default, and in configs written before it existed.
     #[serde(default)]
     pub timestep_tail: TimestepTail,
+    /// With `model.self_condition`: the share of steps that first run the model without an estimate (no
+    /// gradient) and train it given that step's own `x̂₀ = x_t − t·v̂`; the other steps train with the estimate 0,
+    /// as the first sampling step sees it. 0.5 as in Chen et al. (Analog Bits, 2022); a seeded coin per step.
+    #[serde(default = "half")]
+    pub self_condition_rate: f32,
     /// Checkpoint every N steps (and at the end).
     pub checkpoint_every: u64,
     /// Checkpoints kept: the newest `keep_last` (0 = all), plus every one whose step is a multiple of `keep_every`
@@ -264,6 +271,7 @@ impl Default for PretrainConfig {
             // logit-normal steps left x̂₀ at t ≥ 0.9 pure noise (docs/pretraining.md).
             timesteps: TimestepSampling::Uniform,
             timestep_tail: TimestepTail::default(),
+            self_condition_rate: 0.5,
             checkpoint_every: 100,
             keep_last: 0,
             keep_every: 0,
@@ -329,6 +337,11 @@ impl PretrainConfig {
                 !(0.0..=1.0).contains(&self.subject_weight_max_t),
                 "subject_weight_max_t",
                 "must be in [0, 1] (1 = every sample weighted)",
+            ),
+            (
+                !(0.0..=1.0).contains(&self.self_condition_rate),
+                "self_condition_rate",
+                "must be in [0, 1] (the share of steps trained on the model's own estimate)",
             ),
             (
                 !(self.optim.adamw.lr.is_finite() && self.optim.adamw.lr > 0.0),
@@ -409,6 +422,9 @@ pub struct PretrainRecord {
     /// The step trained without references (`reference_dropout`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub references_dropped: bool,
+    /// The step trained on the model's own estimate (`self_condition_rate`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub self_conditioned: bool,
     /// Mean `t` of the batch.
     pub t_mean: f32,
     /// Gradient norm before clipping.
@@ -424,6 +440,10 @@ pub struct PretrainRecord {
 
 fn one() -> f32 {
     1.0
+}
+
+fn half() -> f32 {
+    0.5
 }
 
 /// One step's batch as model inputs.
@@ -449,7 +469,8 @@ pub struct Pretrainer {
 }
 
 fn is_zero_init(name: &str) -> bool {
-    name.contains("_mod.lin.")
+    name.starts_with(SELF_COND_IN)
+        || name.contains("_mod.lin.")
         || name.contains("modulation.lin.")
         || name.starts_with("final_layer.adaLN_modulation.")
         || name.starts_with("final_layer.linear.")
@@ -510,6 +531,13 @@ fn velocity_loss(error: &Tensor, weights: Option<&Tensor>) -> candle_core::Resul
     }
 }
 
+/// The rectified-flow estimate of the clean image from a velocity prediction, `x̂₀ = x_t − t·v̂` with per-row `t`
+/// (what a self-conditioned model is given; the sampler reports the same).
+pub fn clean_estimate(x_t: &Tensor, v: &Tensor, ts: &[f32]) -> candle_core::Result<Tensor> {
+    let t = Tensor::from_vec(ts.to_vec(), (ts.len(), 1, 1), x_t.device())?;
+    x_t - v.broadcast_mul(&t)?
+}
+
 /// The weights of the base file `path` in place of `init`'s, every tensor of the same name and shape (F32).
 fn warm_start(
     path: &Path,
@@ -523,6 +551,12 @@ fn warm_start(
     let mut file = candle_core::safetensors::load(path, device).map_err(|e| bad(e.to_string()))?;
     let mut weights = HashMap::with_capacity(init.len());
     for (name, fresh) in init {
+        // A base without self-conditioning starts one with it: the projection keeps its zero init, so the warm
+        // start predicts exactly what the base did.
+        if name.starts_with(SELF_COND_IN) && !file.contains_key(&name) {
+            weights.insert(name, fresh);
+            continue;
+        }
         let t = file.remove(&name).ok_or_else(|| bad(format!("no tensor `{name}`")))?;
         if t.dims() != fresh.dims() {
             return Err(bad(format!(
@@ -752,7 +786,7 @@ impl Pretrainer {
             .collect();
         // A guidance-distilled config is pretrained at guidance 1.0, the value fine-tuning feeds it.
         let guidance = self.base.guidance_tensor(self.base.train_guidance, b)?;
-        let input = MmditInput {
+        let mut input = MmditInput {
             img: &noised.x_t,
             img_ids: &batch.img_ids,
             txt: &enc.txt,
@@ -761,15 +795,26 @@ impl Pretrainer {
             y: &enc.y,
             guidance: guidance.as_ref(),
             references: &references,
+            self_condition: None,
         };
-        let out = self.base.mmdit.forward_with(
-            &input,
-            ForwardOptions {
-                capture_hidden: false,
-                adapters: Adapters::Off,
-                ..Default::default()
-            },
-        )?;
+        let options = || ForwardOptions {
+            capture_hidden: false,
+            adapters: Adapters::Off,
+            ..Default::default()
+        };
+        // Its own stream, so that runs without self-conditioning draw exactly what they drew before it existed.
+        let self_conditioned = self.cfg.model.self_condition
+            && rand::RngExt::random::<f32>(&mut stream_rng(self.cfg.seed, STREAM_SELF_CONDITION, step))
+                < self.cfg.self_condition_rate;
+        let estimate = if self_conditioned {
+            // The first pass's graph goes with `first`; only the detached estimate is kept.
+            let first = self.base.mmdit.forward_with(&input, options())?.prediction;
+            Some(clean_estimate(&noised.x_t, &first, &ts)?.detach())
+        } else {
+            None
+        };
+        input.self_condition = estimate.as_ref();
+        let out = self.base.mmdit.forward_with(&input, options())?;
         let loss = velocity_loss(&(out.prediction - &noised.target)?, batch.weights.as_ref())?;
         let loss_value = loss.to_scalar::<f32>()?;
         if !loss_value.is_finite() {
@@ -801,6 +846,7 @@ impl Pretrainer {
             loss: loss_value,
             subjects: batch.subjects,
             references_dropped: dropped,
+            self_conditioned,
             t_mean: ts.iter().sum::<f32>() / b as f32,
             grad_norm,
             lr,
@@ -1092,6 +1138,75 @@ mod tests {
         };
         assert!(Pretrainer::new(gone.clone(), &dev).is_err());
         assert!(Pretrainer::for_resume(gone, &dev).is_ok());
+        Ok(())
+    }
+
+    /// Self-conditioning starts from a base without it: the projection is zero, so the first step's loss is the
+    /// plain warm start's to the bit (the estimate goes in and changes nothing), and that step then trains the
+    /// projection. At rate 0 no step runs the first pass; the rate is validated and read as 0.5 when absent.
+    #[test]
+    fn self_conditioning_warm_starts_from_a_base_without_it() -> Result<(), TrainError> {
+        let dev = Device::Cpu;
+        let mut donor = Pretrainer::new(micro(), &dev)?;
+        donor.step()?;
+        let dir = tempfile::tempdir().map_err(|e| TrainError::Data(e.to_string()))?;
+        let path = dir.path().join("donor.safetensors");
+        std::fs::write(&path, donor.export_bytes(DType::F16)?).map_err(|e| TrainError::Data(e.to_string()))?;
+        let warm = |self_condition: bool, rate: f32| {
+            Pretrainer::new(
+                PretrainConfig {
+                    init: Some(path.clone()),
+                    model: Config {
+                        self_condition,
+                        ..Config::micro()
+                    },
+                    self_condition_rate: rate,
+                    ..micro()
+                },
+                &dev,
+            )
+        };
+        let name = format!("{SELF_COND_IN}.weight");
+        let projection = |t: &Pretrainer| -> Result<Vec<f32>, TrainError> {
+            let (_, v) = t
+                .vars
+                .iter()
+                .find(|(n, _)| *n == name)
+                .ok_or_else(|| TrainError::Data(name.clone()))?;
+            Ok(v.as_tensor().flatten_all()?.to_vec1::<f32>()?)
+        };
+        let mut plain = warm(false, 0.5)?;
+        let mut always = warm(true, 1.0)?;
+        let mut never = warm(true, 0.0)?;
+        assert!(projection(&always)?.iter().all(|&w| w == 0.0));
+        let (p, a, n) = (plain.step()?, always.step()?, never.step()?);
+        assert!(a.self_conditioned && !n.self_conditioned && !p.self_conditioned);
+        assert_eq!(a.loss, p.loss, "a zero projection changes nothing");
+        assert_eq!(n.loss, p.loss);
+        assert!(
+            projection(&always)?.iter().any(|&w| w != 0.0),
+            "the step trained the projection"
+        );
+        assert!(
+            projection(&never)?.iter().all(|&w| w == 0.0),
+            "no estimate, no gradient"
+        );
+        // The export carries the projection and loads as a self-conditioned base.
+        let out = dir.path().join("sc.safetensors");
+        std::fs::write(&out, always.export_bytes(DType::F16)?).map_err(|e| TrainError::Data(e.to_string()))?;
+        let base = crate::model::BaseModel::load(&crate::model::BaseSource::File(out.clone()), &dev)
+            .map_err(|e| TrainError::Data(e.to_string()))?;
+        assert!(base.config().self_condition);
+
+        let bad = PretrainConfig {
+            self_condition_rate: 1.5,
+            ..micro()
+        };
+        assert!(
+            bad.validate()
+                .is_err_and(|e| e.to_string().contains("self_condition_rate"))
+        );
+        assert_eq!(micro_without("self_condition_rate").self_condition_rate, 0.5);
         Ok(())
     }
 

@@ -1001,7 +1001,17 @@ mod tests {
 
         fn run(&self, model: &Mmdit, img: &Tensor, opts: ForwardOptions) -> Result<ForwardOutput> {
             let references = self.references();
-            let input = MmditInput {
+            model.forward_with(&self.input(img, &references, None), opts)
+        }
+
+        /// These inputs with `img` for the target tokens, the given references and self-conditioning estimate.
+        fn input<'a>(
+            &'a self,
+            img: &'a Tensor,
+            references: &'a [Reference<'a>],
+            self_condition: Option<&'a Tensor>,
+        ) -> MmditInput<'a> {
+            MmditInput {
                 img,
                 img_ids: &self.img_ids,
                 txt: &self.txt,
@@ -1009,10 +1019,9 @@ mod tests {
                 timesteps: &self.t,
                 y: &self.y,
                 guidance: None,
-                references: &references,
-                self_condition: None,
-            };
-            model.forward_with(&input, opts)
+                references,
+                self_condition,
+            }
         }
     }
 
@@ -1085,20 +1094,7 @@ mod tests {
         let inputs = Inputs::new(&cfg, 2, 4, 1, SEED)?;
         let refs = inputs.references();
         let estimate = random_tensor(inputs.img.dims(), 1.0, SEED + 7, &Device::Cpu)?;
-        let with = |model: &Mmdit, e: Option<&Tensor>| -> Result<Tensor> {
-            let input = MmditInput {
-                img: &inputs.img,
-                img_ids: &inputs.img_ids,
-                txt: &inputs.txt,
-                txt_ids: &inputs.txt_ids,
-                timesteps: &inputs.t,
-                y: &inputs.y,
-                guidance: None,
-                references: &refs,
-                self_condition: e,
-            };
-            model.forward(&input)
-        };
+        let with = |model: &Mmdit, e: Option<&Tensor>| model.forward(&inputs.input(&inputs.img, &refs, e));
         let base = with(&plain, None)?;
         assert_eq!(max_abs(&(with(&zeroed, Some(&estimate))? - &base)?)?, 0.0);
         assert_eq!(max_abs(&(with(&zeroed, None)? - &base)?)?, 0.0);
@@ -1125,19 +1121,7 @@ mod tests {
         shifted_weights.insert("img_in.bias".into(), bias);
         let dir3 = tempfile::tempdir().expect("temp dir");
         let shifted = load_mmapped(&plain_cfg, &shifted_weights, dir3.path()).expect("loads");
-        let bare = |model: &Mmdit, e: Option<&Tensor>| -> Result<Tensor> {
-            model.forward(&MmditInput {
-                img: &inputs.img,
-                img_ids: &inputs.img_ids,
-                txt: &inputs.txt,
-                txt_ids: &inputs.txt_ids,
-                timesteps: &inputs.t,
-                y: &inputs.y,
-                guidance: None,
-                references: &[],
-                self_condition: e,
-            })
-        };
+        let bare = |model: &Mmdit, e: Option<&Tensor>| model.forward(&inputs.input(&inputs.img, &[], e));
         let got = bare(&active, Some(&constant))?;
         assert!(
             max_abs(&(&got - bare(&plain, None)?)?)? > 1e-4,
@@ -1795,15 +1779,8 @@ mod tests {
         assert!(inputs.run(&model, &inputs.img, ForwardOptions::default()).is_err());
         let g = Tensor::new(&[3.5f32], &Device::Cpu)?;
         let input = MmditInput {
-            img: &inputs.img,
-            img_ids: &inputs.img_ids,
-            txt: &inputs.txt,
-            txt_ids: &inputs.txt_ids,
-            timesteps: &inputs.t,
-            y: &inputs.y,
             guidance: Some(&g),
-            references: &[],
-            self_condition: None,
+            ..inputs.input(&inputs.img, &[], None)
         };
         assert_eq!(model.forward(&input)?.dims(), inputs.img.dims());
         Ok(())

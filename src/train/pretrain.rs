@@ -1077,16 +1077,22 @@ mod tests {
         Ok(())
     }
 
+    /// A micro run after one step and its EMA exported (f16) to `donor.safetensors` in a fresh folder.
+    fn donor_file(dev: &Device) -> Result<(tempfile::TempDir, Pretrainer, PathBuf), TrainError> {
+        let mut donor = Pretrainer::new(micro(), dev)?;
+        donor.step()?;
+        let dir = tempfile::tempdir().map_err(|e| TrainError::Data(e.to_string()))?;
+        let path = dir.path().join("donor.safetensors");
+        std::fs::write(&path, donor.export_bytes(DType::F16)?).map_err(|e| TrainError::Data(e.to_string()))?;
+        Ok((dir, donor, path))
+    }
+
     /// A warm start takes the base file's weights (F16 rounding aside) and continues from them; a file of another
     /// model config is refused, naming the file and the tensor.
     #[test]
     fn init_from_a_base_file() -> Result<(), TrainError> {
         let dev = Device::Cpu;
-        let mut donor = Pretrainer::new(micro(), &dev)?;
-        donor.step()?;
-        let dir = tempfile::tempdir().map_err(|e| TrainError::Data(e.to_string()))?;
-        let path = dir.path().join("donor.safetensors");
-        std::fs::write(&path, donor.export_bytes(DType::F16)?).map_err(|e| TrainError::Data(e.to_string()))?;
+        let (dir, donor, path) = donor_file(&dev)?;
         let warm = Pretrainer::new(
             PretrainConfig {
                 init: Some(path.clone()),
@@ -1147,11 +1153,7 @@ mod tests {
     #[test]
     fn self_conditioning_warm_starts_from_a_base_without_it() -> Result<(), TrainError> {
         let dev = Device::Cpu;
-        let mut donor = Pretrainer::new(micro(), &dev)?;
-        donor.step()?;
-        let dir = tempfile::tempdir().map_err(|e| TrainError::Data(e.to_string()))?;
-        let path = dir.path().join("donor.safetensors");
-        std::fs::write(&path, donor.export_bytes(DType::F16)?).map_err(|e| TrainError::Data(e.to_string()))?;
+        let (dir, _, path) = donor_file(&dev)?;
         let warm = |self_condition: bool, rate: f32| {
             Pretrainer::new(
                 PretrainConfig {

@@ -19,8 +19,8 @@
 //! Pure functions over [`RunMetrics`]; `focusdpo report` prints the tables.
 
 use serde::{Deserialize, Serialize};
-use statrs::distribution::{ContinuousCDF, StudentsT};
 
+use super::metrics::t975;
 use super::study::{BENCHMARK_METRICS, Better, RunMetrics, SPLITS};
 
 /// The group labels of the four arms (`scripts/reproduce.sh` names its folders so).
@@ -108,11 +108,6 @@ fn mean_var(v: &[f64]) -> (f64, f64) {
         0.0
     };
     (mean, var)
-}
-
-/// The two-sided 95 % quantile of Student's t with `df` (fractional) degrees of freedom.
-pub fn t975(df: f64) -> f64 {
-    StudentsT::new(0.0, 1.0, df).map_or(f64::NAN, |t| t.inverse_cdf(0.975))
 }
 
 /// `a − b` (oriented by `better`) with its 95 % Welch interval; `None` when a side is empty. A side of one value

@@ -414,13 +414,13 @@ pub fn mean_ci95(values: &[f64]) -> (f64, f64) {
         return (mean, f64::NAN);
     }
     let sd = (values.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt();
-    // Two-sided 97.5 % quantiles of Student's t for 1..=30 degrees of freedom; 1.96 beyond.
-    const T975: [f64; 30] = [
-        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
-    ];
-    let t = T975.get(n - 2).copied().unwrap_or(1.96);
-    (mean, t * sd / (n as f64).sqrt())
+    (mean, t975((n - 1) as f64) * sd / (n as f64).sqrt())
+}
+
+/// The two-sided 95 % quantile of Student's t with `df` (fractional) degrees of freedom (statrs).
+pub fn t975(df: f64) -> f64 {
+    use statrs::distribution::{ContinuousCDF, StudentsT};
+    StudentsT::new(0.0, 1.0, df).map_or(f64::NAN, |t| t.inverse_cdf(0.975))
 }
 
 #[cfg(test)]
@@ -589,7 +589,13 @@ mod tests {
         assert_eq!(steps_to_fraction(&[], 5, 0.9), None);
         // An accuracy that never leaves 0 did not converge at step 1.
         assert_eq!(steps_to_fraction(&[0.0, 0.0, 0.0], 1, 0.9), None);
+        // t(2) = 4.303 (tables); sd 1.
         let (m, h) = mean_ci95(&[1.0, 2.0, 3.0]);
-        assert!((m - 2.0).abs() < 1e-12 && (h - 4.303 / 3f64.sqrt()).abs() < 1e-9);
+        assert!((m - 2.0).abs() < 1e-12 && (h - 4.303 / 3f64.sqrt()).abs() < 1e-3, "{h}");
+        // 41 values ±1 alternating around 0 (sd √(41/40)): t(40) = 2.021, not the normal 1.96.
+        let v: Vec<f64> = (0..41).map(|i| if i % 2 == 0 { 1.0 } else { -1.0 }).collect();
+        let (m, h) = mean_ci95(&v);
+        let sd = (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / 40.0).sqrt();
+        assert!((h - 2.021 * sd / 41f64.sqrt()).abs() < 1e-3, "{h}");
     }
 }

@@ -464,8 +464,8 @@ mod tests {
         assert_eq!(groups[0].group, "dpo");
         let (m, ci, n) = groups[1].metrics["single.identity_sim"];
         assert!((m - 0.8).abs() < 1e-12);
-        // sd = √0.02, t(1) = 12.706: half-width 12.706 · √0.02 / √2 = 1.2706.
-        assert!((ci - 1.2706).abs() < 1e-9, "{ci}");
+        // sd = √0.02, t(1) = 12.7062: half-width 12.7062 · √0.02 / √2 = 1.27062.
+        assert!((ci - 1.27062).abs() < 1e-5, "{ci}");
         assert_eq!(n, 2);
         let md = comparison_markdown(&groups);
         assert!(

@@ -754,17 +754,9 @@ impl Mmdit {
                         input.img.dims()
                     );
                 }
-                // Only the target tokens carry the estimate; the references keep `img_in` alone.
+                // Only the target tokens carry the estimate: zeros where the references follow them.
                 let sc = sc_in.forward(&x0.to_dtype(act)?, ad)?;
-                img = if img.dim(1)? == n_target {
-                    (img + sc)?
-                } else {
-                    let rest = img.dim(1)? - n_target;
-                    Tensor::cat(
-                        &[(img.narrow(1, 0, n_target)? + sc)?, img.narrow(1, n_target, rest)?],
-                        1,
-                    )?
-                };
+                img = (&img + sc.pad_with_zeros(1, 0, img.dim(1)? - n_target)?)?;
             }
             (None, Some(_)) => candle_core::bail!(
                 "a self-conditioning estimate was passed to a model without `self_condition` in its config"

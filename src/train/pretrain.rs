@@ -533,7 +533,7 @@ fn velocity_loss(error: &Tensor, weights: Option<&Tensor>) -> candle_core::Resul
 
 /// The rectified-flow estimate of the clean image from a velocity prediction, `x̂₀ = x_t − t·v̂` with per-row `t`
 /// (what a self-conditioned model is given; the sampler reports the same).
-pub fn clean_estimate(x_t: &Tensor, v: &Tensor, ts: &[f32]) -> candle_core::Result<Tensor> {
+fn clean_estimate(x_t: &Tensor, v: &Tensor, ts: &[f32]) -> candle_core::Result<Tensor> {
     let t = Tensor::from_vec(ts.to_vec(), (ts.len(), 1, 1), x_t.device())?;
     x_t - v.broadcast_mul(&t)?
 }

@@ -459,7 +459,11 @@ fn pretrain_forks_and_resumes_with_changed_settings() {
         assert!(out.status.success(), "{}", text(&out));
         let json: serde_json::Value =
             serde_json::from_slice(&std::fs::read(ev.join("eval.json")).expect("eval.json")).expect("json");
-        json["config"]["sampler"].clone()
+        // What was asked (`config.sampler`: only the flags given, and the two flags with clap defaults) and what was
+        // used (`sampler`: resolved against the base).
+        let asked = &json["config"]["sampler"];
+        assert!(asked.get("steps").is_none(), "no --steps given: {asked}");
+        json["sampler"].clone()
     };
     let recommended = sampler_of(&[]);
     assert_eq!(recommended["reference_cfg_scale"], 2.5, "{recommended}");

@@ -14,10 +14,10 @@ use super::backbone::BackboneArgs;
 use anyhow::Context;
 use clap::Args;
 use focusdpo::eval::benchmark::BenchmarkConfig;
-use focusdpo::eval::sampler::SampleSettings;
+use focusdpo::eval::sampler::SamplerChoices;
 use focusdpo::experiment::grid::{BASELINE, Cell, build_grid, unique_ids};
 use focusdpo::experiment::resolve::{Override, Resolution, model_overrides, resolve_plan};
-use focusdpo::experiment::runner::{Progress, Sharing, cell_benchmark, run_grid};
+use focusdpo::experiment::runner::{CELL_EVAL_STEPS, Progress, Sharing, cell_benchmark, run_grid};
 use focusdpo::experiment::slurm::{SlurmJob, SlurmResources, sbatch_script};
 use focusdpo::experiment::store::{CellActivity, GRID_FILE, PLAN_COPY, ResultStore};
 use focusdpo::experiment::{read_plan_file, read_plan_file_bytes};
@@ -55,7 +55,7 @@ pub struct AblateArgs {
     #[arg(long, default_value_t = cell_benchmark().samples_per_item)]
     eval_samples: usize,
     /// Sampler steps of the benchmark.
-    #[arg(long, default_value_t = cell_benchmark().sampler.steps)]
+    #[arg(long, default_value_t = CELL_EVAL_STEPS)]
     eval_steps: usize,
     /// Train only: no benchmark (results hold the training metrics only).
     #[arg(long)]
@@ -221,8 +221,8 @@ fn eval_config(args: &AblateArgs) -> anyhow::Result<Option<BenchmarkConfig>> {
         single_items: args.eval_single,
         multi_items: args.eval_multi,
         samples_per_item: args.eval_samples,
-        sampler: SampleSettings {
-            steps: args.eval_steps,
+        sampler: SamplerChoices {
+            steps: Some(args.eval_steps),
             ..default.sampler
         },
         ..default

@@ -10,7 +10,9 @@ use focusdpo::eval::benchmark::{BenchmarkConfig, ExtraEmbedders, SubjectCrop, re
 use focusdpo::eval::claim::{ClaimGroups, check_claim, claim_markdown};
 use focusdpo::eval::dreambench::{DreamBenchConfig, dreambench_markdown, read_dreambench, run_dreambench};
 use focusdpo::eval::pretrained::{ClipEmbedder, ClipModelConfig, DinoV2Config, DinoV2Embedder};
-use focusdpo::eval::sampler::{InitImage, SampleRequest, SampleSettings, TrajectoryStep, sample_from, sample_observed};
+use focusdpo::eval::sampler::{
+    InitImage, SampleRequest, SampleSettings, SamplerChoices, TrajectoryStep, sample_from, sample_observed,
+};
 use focusdpo::eval::study::{RunMetrics, aggregate, benchmark_values, comparison_markdown, group_of, training_values};
 use focusdpo::eval::{ImageEmbedder, TextEmbedder};
 use focusdpo::model::{Adapters, BaseModel};
@@ -63,22 +65,23 @@ pub struct SamplerArgs {
 }
 
 impl SamplerArgs {
+    /// The flags given (each one left out is the base's recommendation, then the sampler's default).
+    fn choices(&self) -> SamplerChoices {
+        SamplerChoices {
+            steps: self.steps,
+            cfg_scale: self.cfg,
+            shift: self.shift,
+            distilled_guidance: Some(self.guidance),
+            reference_cfg_scale: self.ref_cfg,
+            stochasticity: Some(self.stochastic),
+            autoguidance_scale: self.guide_scale,
+            ..SamplerChoices::default()
+        }
+    }
+
     /// The settings for `base`: the flags given, then the base's recommendation, then the sampler's defaults.
     fn settings(&self, base: &BaseModel) -> SampleSettings {
-        let s = SampleSettings {
-            distilled_guidance: self.guidance,
-            stochasticity: self.stochastic,
-            ..SampleSettings::default()
-        }
-        .recommended_by(base);
-        SampleSettings {
-            steps: self.steps.unwrap_or(s.steps),
-            cfg_scale: self.cfg.unwrap_or(s.cfg_scale),
-            shift: self.shift.unwrap_or(s.shift),
-            reference_cfg_scale: self.ref_cfg.unwrap_or(s.reference_cfg_scale),
-            autoguidance_scale: self.guide_scale.unwrap_or(s.autoguidance_scale),
-            ..s
-        }
+        self.choices().resolve(base)
     }
 }
 
@@ -284,10 +287,7 @@ pub fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
         samples_per_item: args.samples,
         crop: args.crop,
         from_ideal: args.from_ideal,
-        sampler: SampleSettings {
-            reference_px: BenchmarkConfig::default().sampler.reference_px,
-            ..args.sampler.settings(&base)
-        },
+        sampler: args.sampler.choices(),
         ..BenchmarkConfig::default()
     };
     if cfg.samples_per_item == 0 || cfg.single_items + cfg.multi_items == 0 {

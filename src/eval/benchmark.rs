@@ -36,7 +36,7 @@ use super::metrics::{
     IDENTITY_CLASSIFIER_TEMPERATURE, Verification, cmmd, cosine, frechet_distance, identity_inception_score, psnr,
     top1_identification, verification,
 };
-use super::sampler::{InitImage, SampleRequest, SampleSettings, sample_from};
+use super::sampler::{InitImage, SampleRequest, SampleSettings, SamplerChoices, sample_from};
 use super::{EvalError, ImageEmbedder, TextEmbedder};
 use crate::dip::synth::{NegativeSource, SubjectCount, SynthConfig, SynthItem, scale_range, synthesize_item};
 use crate::model::{Adapters, BaseModel};
@@ -58,8 +58,9 @@ pub struct BenchmarkConfig {
     pub split_seed: u64,
     /// Image side.
     pub size_px: u32,
-    /// Sampler.
-    pub sampler: SampleSettings,
+    /// Sampler: what is chosen here, then what the base recommends, then the sampler's defaults (the settings
+    /// used are [`BenchmarkReport::sampler`]).
+    pub sampler: SamplerChoices,
     /// Where a subject is looked for in a generated image. Reports written before this existed used the ideal box.
     #[serde(default = "SubjectCrop::ideal_box")]
     pub crop: SubjectCrop,
@@ -100,7 +101,7 @@ impl Default for BenchmarkConfig {
             samples_per_item: 2,
             split_seed: EVAL_SPLIT_SEED,
             size_px: 64,
-            sampler: SampleSettings::default(),
+            sampler: SamplerChoices::default(),
             crop: SubjectCrop::default(),
             from_ideal: None,
         }
@@ -171,8 +172,12 @@ pub struct BenchmarkReport {
     pub model: String,
     /// Embedder behind `identity_sim`, `fd_identity`, `cmmd_identity`.
     pub identity_embedder: String,
-    /// Settings.
+    /// Settings, as asked.
     pub config: BenchmarkConfig,
+    /// The sampler settings used: `config.sampler` resolved against the model (`None` in reports written before
+    /// the two were apart, whose `config.sampler` names every setting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampler: Option<SampleSettings>,
     /// `single` and `multi`.
     pub splits: BTreeMap<String, SplitScores>,
 }
@@ -454,6 +459,7 @@ pub fn generate_split(
     cfg: &BenchmarkConfig,
     mut progress: impl FnMut(usize),
 ) -> Result<Vec<Vec<RgbImage>>, EvalError> {
+    let settings = cfg.sampler.resolve(base);
     items
         .iter()
         .enumerate()
@@ -469,7 +475,7 @@ pub fn generate_split(
                 strength,
             });
             // Progress counts items done: a failed item ends the split with its error, not another tick.
-            let out = sample_from(base, &req, &cfg.sampler, &seeds, Adapters::On, init)?;
+            let out = sample_from(base, &req, &settings, &seeds, Adapters::On, init)?;
             progress(k + 1);
             Ok(out)
         })
@@ -487,6 +493,8 @@ pub fn run_benchmark(
     extra: &ExtraEmbedders<'_>,
     mut progress: impl FnMut(&str, usize, usize),
 ) -> Result<(BenchmarkReport, SplitImages), EvalError> {
+    let sampler = cfg.sampler.resolve(base);
+    sampler.validate()?;
     let mut splits = BTreeMap::new();
     let mut all_images = BTreeMap::new();
     for (name, multi) in [("single", false), ("multi", true)] {
@@ -497,7 +505,7 @@ pub fn run_benchmark(
         let n = items.len();
         let images = generate_split(base, &items, cfg, |k| progress(name, k, n))?;
         let mut scores = score_split(&items, &images, cfg.crop, extra)?;
-        scores.denoise = Some(denoise_split(base, &items, &cfg.sampler)?);
+        scores.denoise = Some(denoise_split(base, &items, &sampler)?);
         splits.insert(name.to_string(), scores);
         all_images.insert(name.to_string(), images);
     }
@@ -506,6 +514,7 @@ pub fn run_benchmark(
             model: model_name.to_string(),
             identity_embedder: IDENTITY_EMBEDDER.to_string(),
             config: *cfg,
+            sampler: Some(sampler),
             splits,
         },
         all_images,
@@ -532,6 +541,9 @@ fn unless_default(name: &str, value: f32, off: f32) -> String {
 
 /// The report as a markdown table: one row per metric, one column per split.
 pub fn report_markdown(r: &BenchmarkReport) -> String {
+    let sampler = r
+        .sampler
+        .unwrap_or_else(|| r.config.sampler.over(SampleSettings::default()));
     let names: Vec<&String> = r.splits.keys().rev().collect();
     let mut out = format!(
         "# Synthetic benchmark: {}\n\nIdentity embedder: `{}`, subjects {}; {} images per item{}, sampler {} steps, CFG {}{}{}{}.\n\n| metric |",
@@ -545,11 +557,11 @@ pub fn report_markdown(r: &BenchmarkReport) -> String {
         r.config.from_ideal.map_or_else(String::new, |s| format!(
             " **from the ideal target at img2img strength {s}**"
         )),
-        r.config.sampler.steps,
-        r.config.sampler.cfg_scale,
-        unless_default("reference CFG", r.config.sampler.reference_cfg_scale, 1.0),
-        unless_default("shift", r.config.sampler.shift, 1.0),
-        unless_default("stochasticity", r.config.sampler.stochasticity, 0.0),
+        sampler.steps,
+        sampler.cfg_scale,
+        unless_default("reference CFG", sampler.reference_cfg_scale, 1.0),
+        unless_default("shift", sampler.shift, 1.0),
+        unless_default("stochasticity", sampler.stochasticity, 0.0),
     );
     for n in &names {
         out.push_str(&format!(" {n} |"));
@@ -694,6 +706,7 @@ mod tests {
             model: "ideal".into(),
             identity_embedder: IDENTITY_EMBEDDER.into(),
             config: cfg,
+            sampler: None,
             splits: BTreeMap::from([("single".to_string(), good)]),
         };
         let md = report_markdown(&report);

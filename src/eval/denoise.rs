@@ -240,13 +240,13 @@ mod tests {
             ..BenchmarkConfig::default()
         };
         let items = eval_items(&cfg, false)?;
-        let a = denoise_split(&base, &items, &cfg.sampler)?;
+        let a = denoise_split(&base, &items, &cfg.sampler.resolve(&base))?;
         assert_eq!(a.preference_accuracy, 0.5);
         assert_eq!(a.preference_margin, 0.0);
         assert_eq!(a.subject_preference_accuracy, 0.5);
         assert_eq!(a.subject_preference_margin, 0.0);
         assert!(a.psnr.is_finite() && a.subject_psnr.is_finite(), "{a:?}");
-        assert_eq!(a, denoise_split(&base, &items, &cfg.sampler)?);
+        assert_eq!(a, denoise_split(&base, &items, &cfg.sampler.resolve(&base))?);
         Ok(())
     }
 }

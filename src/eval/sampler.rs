@@ -133,6 +133,95 @@ impl SampleSettings {
     }
 }
 
+/// Sampler settings as a config or a command line gives them: each one left out (`None`) is what the base
+/// recommends ([`crate::model::base::RecommendedSampling`], from its file), else the sampler's default
+/// ([`SampleSettings::default`]). So a config that names nothing samples every base the way its evaluation found
+/// best (the bundled base wants reference guidance), and a value it names always wins. A config written with every
+/// value (as older runs' `config.toml` files are) samples exactly as before.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SamplerChoices {
+    /// [`SampleSettings::steps`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steps: Option<usize>,
+    /// [`SampleSettings::cfg_scale`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cfg_scale: Option<f32>,
+    /// [`SampleSettings::shift`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shift: Option<f32>,
+    /// [`SampleSettings::parameterisation`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parameterisation: Option<Parameterisation>,
+    /// [`SampleSettings::reference_px`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference_px: Option<u32>,
+    /// [`SampleSettings::distilled_guidance`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub distilled_guidance: Option<f32>,
+    /// [`SampleSettings::reference_cfg_scale`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference_cfg_scale: Option<f32>,
+    /// [`SampleSettings::stochasticity`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stochasticity: Option<f32>,
+    /// [`SampleSettings::autoguidance_scale`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub autoguidance_scale: Option<f32>,
+}
+
+impl SamplerChoices {
+    /// Only the number of steps chosen.
+    pub fn steps(steps: usize) -> Self {
+        Self {
+            steps: Some(steps),
+            ..Self::default()
+        }
+    }
+
+    /// `under` with each setting chosen here in place of its own.
+    pub fn over(&self, under: SampleSettings) -> SampleSettings {
+        SampleSettings {
+            steps: self.steps.unwrap_or(under.steps),
+            cfg_scale: self.cfg_scale.unwrap_or(under.cfg_scale),
+            shift: self.shift.unwrap_or(under.shift),
+            parameterisation: self.parameterisation.unwrap_or(under.parameterisation),
+            reference_px: self.reference_px.unwrap_or(under.reference_px),
+            distilled_guidance: self.distilled_guidance.unwrap_or(under.distilled_guidance),
+            reference_cfg_scale: self.reference_cfg_scale.unwrap_or(under.reference_cfg_scale),
+            stochasticity: self.stochasticity.unwrap_or(under.stochasticity),
+            autoguidance_scale: self.autoguidance_scale.unwrap_or(under.autoguidance_scale),
+        }
+    }
+
+    /// The settings `base` is sampled with: these choices, then its recommendation, then the defaults.
+    pub fn resolve(&self, base: &BaseModel) -> SampleSettings {
+        self.over(SampleSettings::default().recommended_by(base))
+    }
+
+    /// Checks the chosen values' ranges (those left out are checked once resolved).
+    pub fn validate(&self) -> Result<(), EvalError> {
+        self.over(SampleSettings::default()).validate()
+    }
+}
+
+impl From<SampleSettings> for SamplerChoices {
+    /// Every setting chosen: samples exactly so whatever the base recommends.
+    fn from(s: SampleSettings) -> Self {
+        Self {
+            steps: Some(s.steps),
+            cfg_scale: Some(s.cfg_scale),
+            shift: Some(s.shift),
+            parameterisation: Some(s.parameterisation),
+            reference_px: Some(s.reference_px),
+            distilled_guidance: Some(s.distilled_guidance),
+            reference_cfg_scale: Some(s.reference_cfg_scale),
+            stochasticity: Some(s.stochasticity),
+            autoguidance_scale: Some(s.autoguidance_scale),
+        }
+    }
+}
+
 /// What to generate: one prompt, its references, an image size.
 #[derive(Clone, Debug)]
 pub struct SampleRequest<'a> {
@@ -1053,5 +1142,49 @@ mod tests {
             ..SampleSettings::default()
         };
         assert!(zero.validate().is_err());
+    }
+
+    /// A setting chosen wins; one left out is the base's recommendation, else the sampler's default; a config
+    /// written with every setting (an older run's) samples as it says whatever the base recommends.
+    #[test]
+    fn choices_win_over_the_base_which_wins_over_the_defaults() {
+        let mut base = tiny_base();
+        base.sampling = crate::model::base::RecommendedSampling {
+            reference_cfg_scale: Some(3.0),
+            steps: Some(30),
+            ..Default::default()
+        };
+        let d = SampleSettings::default();
+        let none = SamplerChoices::default().resolve(&base);
+        assert_eq!(
+            (none.reference_cfg_scale, none.steps, none.cfg_scale),
+            (3.0, 30, d.cfg_scale)
+        );
+        let some = SamplerChoices {
+            steps: Some(16),
+            stochasticity: Some(0.5),
+            ..SamplerChoices::default()
+        }
+        .resolve(&base);
+        assert_eq!(
+            (some.steps, some.stochasticity, some.reference_cfg_scale),
+            (16, 0.5, 3.0)
+        );
+        assert_eq!(SamplerChoices::from(d).resolve(&base), d, "every setting chosen");
+        assert_eq!(
+            SamplerChoices::default().resolve(&tiny_base()),
+            d,
+            "a base that recommends nothing"
+        );
+
+        // TOML: an older run's full `[samples.sampler]` table reads as every setting chosen; a new one writes only
+        // what it chooses; a typo is refused.
+        let full: SamplerChoices = toml::from_str(&toml::to_string(&d).expect("toml")).expect("full table");
+        assert_eq!(full, SamplerChoices::from(d));
+        let steps = toml::to_string(&SamplerChoices::steps(16)).expect("toml");
+        assert_eq!(steps.trim(), "steps = 16");
+        let e = toml::from_str::<SamplerChoices>("ref_cfg = 3").expect_err("unknown field");
+        assert!(e.to_string().contains("ref_cfg"), "{e}");
+        assert!(SamplerChoices::steps(0).validate().is_err());
     }
 }

@@ -102,6 +102,9 @@ pub enum Progress<'a> {
     },
 }
 
+/// Sampler steps of a cell's benchmark by default.
+pub const CELL_EVAL_STEPS: usize = 12;
+
 /// The benchmark each cell gets by default: 4 single- and 4 multi-subject held-out items, one image each, 12
 /// sampler steps (about a minute per cell on 2 cores with the tiny base); `focusdpo ablate --eval-*` and the
 /// Studio's Experiments tab start from it.
@@ -111,8 +114,8 @@ pub fn cell_benchmark() -> BenchmarkConfig {
         single_items: 4,
         multi_items: 4,
         samples_per_item: 1,
-        sampler: crate::eval::sampler::SampleSettings {
-            steps: 12,
+        sampler: crate::eval::sampler::SamplerChoices {
+            steps: Some(CELL_EVAL_STEPS),
             ..default.sampler
         },
         ..default

@@ -425,6 +425,7 @@ mod tests {
             model: "m".into(),
             identity_embedder: "e".into(),
             config: crate::eval::benchmark::BenchmarkConfig::default(),
+            sampler: None,
             splits: std::collections::BTreeMap::new(),
         };
         store.write_eval(&c.id, &report).expect("writes eval");

@@ -369,7 +369,8 @@ pub fn base_negative_seed(run_seed: u64, dataset_index: usize) -> u64 {
     rand::RngExt::random(&mut stream_rng(run_seed, STREAM_BASE_SEED, dataset_index as u64))
 }
 
-/// Samples the base (adapters off) for `item`'s prompt and references at the winner's size.
+/// Samples the base (adapters off) for `item`'s prompt and references at the winner's size, with `cfg`'s steps,
+/// CFG and shift and, for the rest, what the base recommends (its reference guidance).
 pub fn base_loser(
     base: &BaseModel,
     item: &LoadedItem,
@@ -384,7 +385,8 @@ pub fn base_loser(
         shift: cfg.shift,
         parameterisation,
         reference_px,
-        ..SampleSettings::default()
+        // What the config does not set (reference guidance) as the base recommends it.
+        ..SampleSettings::default().recommended_by(base)
     };
     let request = SampleRequest {
         prompt: &item.record.prompt,

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::dip::synth::SynthItem;
 use crate::eval::EvalError;
 use crate::eval::benchmark::{BenchmarkConfig, eval_items};
-use crate::eval::sampler::{SampleRequest, SampleSettings, sample};
+use crate::eval::sampler::{SampleRequest, SamplerChoices, sample};
 use crate::model::{Adapters, BaseModel};
 
 /// Folder of the sheets inside a run folder.
@@ -31,8 +31,8 @@ pub struct SampleSheetConfig {
     pub images: usize,
     /// Image side of the synthetic items.
     pub size_px: u32,
-    /// Sampler.
-    pub sampler: SampleSettings,
+    /// Sampler: what is chosen here, then what the base recommends, then the sampler's defaults.
+    pub sampler: SamplerChoices,
 }
 
 impl Default for SampleSheetConfig {
@@ -41,10 +41,7 @@ impl Default for SampleSheetConfig {
             items: 0,
             images: 1,
             size_px: 64,
-            sampler: SampleSettings {
-                steps: 16,
-                ..SampleSettings::default()
-            },
+            sampler: SamplerChoices::steps(16),
         }
     }
 }
@@ -109,6 +106,7 @@ pub fn sheets(run_dir: &Path) -> Vec<(u64, PathBuf)> {
 /// policy (adapters on: `base` carries the run's LoRA), from the same seeds, and the references.
 pub fn sheet(base: &BaseModel, cfg: &SampleSheetConfig, items: &[SynthItem]) -> Result<RgbImage, EvalError> {
     let seeds: Vec<u64> = (0..cfg.images as u64).collect();
+    let settings = cfg.sampler.resolve(base);
     let mut rows = Vec::with_capacity(items.len());
     for item in items {
         let req = SampleRequest {
@@ -117,8 +115,8 @@ pub fn sheet(base: &BaseModel, cfg: &SampleSheetConfig, items: &[SynthItem]) -> 
             size_px: item.winner.dimensions(),
         };
         let mut row = vec![item.winner.clone()];
-        row.extend(sample(base, &req, &cfg.sampler, &seeds, Adapters::Off)?);
-        row.extend(sample(base, &req, &cfg.sampler, &seeds, Adapters::On)?);
+        row.extend(sample(base, &req, &settings, &seeds, Adapters::Off)?);
+        row.extend(sample(base, &req, &settings, &seeds, Adapters::On)?);
         row.extend(item.references.iter().cloned());
         rows.push(row);
     }
@@ -196,6 +194,49 @@ mod tests {
             }
             .check()
             .is_err()
+        );
+    }
+
+    /// A sheet samples the base as it recommends (the bundled one wants reference guidance) unless the config
+    /// chooses otherwise: a base recommending reference CFG 3 draws the sheet a base without a recommendation
+    /// draws when the config asks for it.
+    #[test]
+    fn a_sheet_samples_the_base_as_it_recommends() {
+        let cfg = SampleSheetConfig {
+            items: 1,
+            sampler: SamplerChoices::steps(2),
+            size_px: 32,
+            ..SampleSheetConfig::default()
+        };
+        let items = cfg.items().expect("items");
+        let random = || BaseModel::random(&crate::model::Config::micro(), 4, 3, &candle_core::Device::Cpu);
+        let plain = random().expect("base");
+        let mut guided = random().expect("base");
+        guided.sampling.reference_cfg_scale = Some(3.0);
+        let asked = SampleSheetConfig {
+            sampler: SamplerChoices {
+                reference_cfg_scale: Some(3.0),
+                ..cfg.sampler
+            },
+            ..cfg
+        };
+        let recommended = sheet(&guided, &cfg, &items).expect("sheet");
+        assert_eq!(recommended, sheet(&plain, &asked, &items).expect("sheet"));
+        assert_ne!(
+            recommended,
+            sheet(&plain, &cfg, &items).expect("sheet"),
+            "guidance changes the samples"
+        );
+        let overruled = SampleSheetConfig {
+            sampler: SamplerChoices {
+                reference_cfg_scale: Some(1.0),
+                ..cfg.sampler
+            },
+            ..cfg
+        };
+        assert_eq!(
+            sheet(&guided, &overruled, &items).expect("sheet"),
+            sheet(&plain, &cfg, &items).expect("sheet")
         );
     }
 

@@ -645,11 +645,13 @@ fn a_bf16_base_trains_on_the_cpu_like_the_f32_one() {
             run.iter().map(|r| r.grad_norm).collect::<Vec<_>>()
         );
     }
-    // bf16 weights: losses within 5e-3 of f32. bf16 activations too: the DPO loss reads a difference of
-    // policy and reference errors scaled by β, in which the rounding of two bf16 forwards does not cancel once the
-    // LoRA has moved (measured 0.016 and 0.025 at steps 2 and 3), while the gradient norms agree within 3 % (measured 0.4, 1.2 and 2.7 %).
+    // bf16 weights: losses within 5e-3 of f32 and gradient norms within 3 % (measured on the v2 base: 0.2, 0.2 and
+    // 0.9 %). bf16 activations too: the DPO loss reads a difference of policy and reference errors scaled by β, in
+    // which the rounding of two bf16 forwards does not cancel once the LoRA has moved (measured 0.040 and 0.016 at
+    // steps 2 and 3), and the base predicts x̂₀, whose rounding the velocity divides by t (measured gradient norms
+    // 0.3, 4.0 and 0.8 % apart; 0.4, 1.2 and 2.7 % on the velocity-predicting v1).
     let f32_run = &runs[0];
-    for (run, loss_tol) in runs[1..].iter().zip([5e-3, 5e-2]) {
+    for (run, (loss_tol, grad_tol)) in runs[1..].iter().zip([(5e-3, 0.03), (5e-2, 0.06)]) {
         assert!((run[0].stats.loss - std::f32::consts::LN_2).abs() < 1e-6);
         for (a, b) in f32_run.iter().zip(run) {
             assert!(b.stats.loss.is_finite() && b.grad_norm.is_finite());
@@ -662,7 +664,7 @@ fn a_bf16_base_trains_on_the_cpu_like_the_f32_one() {
             );
             let rel = (a.grad_norm - b.grad_norm).abs() / a.grad_norm;
             assert!(
-                rel < 0.03,
+                rel < grad_tol,
                 "step {}: gradient norms {} vs {}",
                 a.step,
                 a.grad_norm,

@@ -21,6 +21,8 @@ use crate::model::{
 };
 use crate::rng::{normal_vec, stream_rng};
 
+pub use crate::model::base::SamplerChoices;
+
 const STREAM_SAMPLE: u64 = 0x5341_4D50_0001;
 
 /// Sampler settings.
@@ -84,17 +86,10 @@ impl Default for SampleSettings {
 }
 
 impl SampleSettings {
-    /// These settings with what `base` recommends ([`crate::model::base::RecommendedSampling`], from its file)
-    /// in place of theirs: the defaults a base is sampled with when nothing else is asked for.
+    /// These settings with what `base` recommends ([`BaseModel::sampling`], from its file) in place of theirs:
+    /// the defaults a base is sampled with when nothing else is asked for.
     pub fn recommended_by(self, base: &BaseModel) -> Self {
-        let r = base.sampling;
-        Self {
-            steps: r.steps.unwrap_or(self.steps),
-            cfg_scale: r.cfg_scale.unwrap_or(self.cfg_scale),
-            shift: r.shift.unwrap_or(self.shift),
-            reference_cfg_scale: r.reference_cfg_scale.unwrap_or(self.reference_cfg_scale),
-            ..self
-        }
+        base.sampling.over(self)
     }
 
     /// Checks ranges.
@@ -133,43 +128,7 @@ impl SampleSettings {
     }
 }
 
-/// Sampler settings as a config or a command line gives them: each one left out (`None`) is what the base
-/// recommends ([`crate::model::base::RecommendedSampling`], from its file), else the sampler's default
-/// ([`SampleSettings::default`]). So a config that names nothing samples every base the way its evaluation found
-/// best (the bundled base wants reference guidance), and a value it names always wins. A config written with every
-/// value (as older runs' `config.toml` files are) samples exactly as before.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct SamplerChoices {
-    /// [`SampleSettings::steps`].
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub steps: Option<usize>,
-    /// [`SampleSettings::cfg_scale`].
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cfg_scale: Option<f32>,
-    /// [`SampleSettings::shift`].
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub shift: Option<f32>,
-    /// [`SampleSettings::parameterisation`].
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub parameterisation: Option<Parameterisation>,
-    /// [`SampleSettings::reference_px`].
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reference_px: Option<u32>,
-    /// [`SampleSettings::distilled_guidance`].
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub distilled_guidance: Option<f32>,
-    /// [`SampleSettings::reference_cfg_scale`].
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reference_cfg_scale: Option<f32>,
-    /// [`SampleSettings::stochasticity`].
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub stochasticity: Option<f32>,
-    /// [`SampleSettings::autoguidance_scale`].
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub autoguidance_scale: Option<f32>,
-}
-
+/// What a [`SamplerChoices`] does with the settings it leaves out.
 impl SamplerChoices {
     /// Only the number of steps chosen.
     pub fn steps(steps: usize) -> Self {
@@ -1149,7 +1108,7 @@ mod tests {
     #[test]
     fn choices_win_over_the_base_which_wins_over_the_defaults() {
         let mut base = tiny_base();
-        base.sampling = crate::model::base::RecommendedSampling {
+        base.sampling = SamplerChoices {
             reference_cfg_scale: Some(3.0),
             steps: Some(30),
             ..Default::default()

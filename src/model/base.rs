@@ -32,15 +32,19 @@ pub const META_CONFIG: &str = "focusdpo.config";
 /// Metadata key of the patch size.
 pub const META_PATCH: &str = "focusdpo.patch";
 
-/// Metadata key of the sampler settings the base recommends ([`RecommendedSampling`] as JSON).
+/// Metadata key of the sampler settings the base recommends ([`SamplerChoices`] as JSON).
 pub const META_SAMPLING: &str = "focusdpo.sampling";
 
-/// Sampler settings a base file recommends, found by evaluating it (a diffusers pipeline ships its scheduler
-/// config beside the weights the same way). Each one left out is the sampler's own default; flags given on the
-/// command line override them.
+/// Sampler settings as a base file recommends them (found by evaluating it: a diffusers pipeline ships its
+/// scheduler config beside the weights the same way), a config or a command line chooses them: each one left
+/// out (`None`) is decided further down — a choice wins over the base's recommendation, which wins over the
+/// sampler's defaults (`eval::sampler::SampleSettings`; the rule is `SamplerChoices::resolve` there). So a config
+/// that names nothing samples every base the way its evaluation found best (the bundled base wants reference
+/// guidance), and a value it names always wins. A config written with every value (as older runs' `config.toml`
+/// files are) samples exactly as before. Each field is the `SampleSettings` field of the same name.
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct RecommendedSampling {
+pub struct SamplerChoices {
     /// Denoising steps.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub steps: Option<usize>,
@@ -50,12 +54,27 @@ pub struct RecommendedSampling {
     /// Rectified-flow time shift of the sampler's grid.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shift: Option<f32>,
+    /// Euler (rectified flow) or DDIM (ε-prediction).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parameterisation: Option<Parameterisation>,
+    /// Side the references are resized to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference_px: Option<u32>,
+    /// Guidance strength fed to a guidance-distilled base.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub distilled_guidance: Option<f32>,
     /// Guidance scale on the references (only meaningful for a base pretrained with reference dropout).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reference_cfg_scale: Option<f32>,
+    /// Fresh noise put back at each step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stochasticity: Option<f32>,
+    /// Autoguidance scale.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub autoguidance_scale: Option<f32>,
 }
 
-impl RecommendedSampling {
+impl SamplerChoices {
     /// True when it recommends nothing (and is then left out of a file's metadata).
     pub fn is_empty(&self) -> bool {
         *self == Self::default()
@@ -271,7 +290,7 @@ pub struct BaseModel {
     /// takes its own value ([`crate::eval::sampler::SampleSettings::distilled_guidance`]).
     pub train_guidance: f32,
     /// The sampler settings the file recommends (`focusdpo.sampling` in its metadata; empty without).
-    pub sampling: RecommendedSampling,
+    pub sampling: SamplerChoices,
     /// Autoguidance's guide (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself"): a weaker
     /// model of the same kind (fewer steps, smaller), used by the sampler when
     /// [`crate::eval::sampler::SampleSettings::autoguidance_scale`] ≠ 1. Attached with [`Self::with_guide`].
@@ -312,7 +331,7 @@ pub struct FileLayout {
     /// Pixels per side of a token on the codec's input (2 on VAE latents without our metadata).
     pub patch: usize,
     /// The sampler settings the file recommends.
-    pub sampling: RecommendedSampling,
+    pub sampling: SamplerChoices,
 }
 
 /// Reads a transformer file's [`FileLayout`] from its header.
@@ -339,7 +358,7 @@ pub fn read_file_layout(path: &Path) -> Result<FileLayout, BaseError> {
             .map_err(|_| fmt_err(format!("metadata `{META_PATCH}` = `{p}` is not a positive integer")))?,
         None => 2,
     };
-    let sampling = RecommendedSampling::from_metadata(&meta).map_err(fmt_err)?;
+    let sampling = SamplerChoices::from_metadata(&meta).map_err(fmt_err)?;
     Ok(FileLayout {
         config,
         prefix,
@@ -511,7 +530,7 @@ impl BaseModel {
             flux_text: None,
             source,
             train_guidance: 1.0,
-            sampling: RecommendedSampling::default(),
+            sampling: SamplerChoices::default(),
             guide: None,
         })
     }
@@ -813,10 +832,10 @@ mod tests {
     fn a_base_keeps_its_recommended_sampler_settings() -> anyhow::Result<()> {
         let dev = Device::Cpu;
         let mut base = BaseModel::random(&Config::micro(), 4, 3, &dev)?;
-        base.sampling = RecommendedSampling {
+        base.sampling = SamplerChoices {
             reference_cfg_scale: Some(3.0),
             shift: Some(2.0),
-            ..RecommendedSampling::default()
+            ..SamplerChoices::default()
         };
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("b.safetensors");

@@ -28,7 +28,7 @@ use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
 use crate::dip::synth::{NegativeSource, SubjectCount, SynthConfig, SynthItem, synthesize_item};
-use crate::model::base::{META_CONFIG, META_PATCH, RecommendedSampling};
+use crate::model::base::{META_CONFIG, META_PATCH, SamplerChoices};
 use crate::model::config::SELF_COND_IN;
 use crate::model::encoder::{image_to_tensor, patchify, reference_at};
 use crate::model::schedule::{Parameterisation, add_noise, model_time, shift_time};
@@ -239,7 +239,7 @@ pub struct PretrainConfig {
     /// sample`/`eval` and the Studio when no flag overrides them): what evaluating the run found best, e.g.
     /// `--resume --set sampling.reference_cfg_scale=3` before `--export`. Empty by default.
     #[serde(default)]
-    pub sampling: RecommendedSampling,
+    pub sampling: SamplerChoices,
 }
 
 impl Default for PretrainConfig {
@@ -276,7 +276,7 @@ impl Default for PretrainConfig {
             keep_last: 0,
             keep_every: 0,
             init: None,
-            sampling: RecommendedSampling::default(),
+            sampling: SamplerChoices::default(),
         }
     }
 }
